@@ -1,0 +1,333 @@
+//! A small blocking client for the agent's socket: AWS JSON 1.1 over HTTP/1.1 on a Unix
+//! stream, one keep-alive connection per client. `kmsctl`, `kmsfs` and the tests use it;
+//! AWS SDKs speak the same protocol over their own transports.
+//!
+//! `connect_or_start` implements agent discovery: an explicit socket, then `KMSD_SOCKET`,
+//! then the system agent, then a per-user agent it starts on demand (as gpg-agent does).
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::error::KmsError;
+use crate::paths;
+
+/// Responses larger than this are refused rather than buffered.
+const MAX_RESPONSE: usize = 16 << 20;
+
+/// What can go wrong talking to the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the agent at {path}: {source}")]
+    Connect { path: PathBuf, source: io::Error },
+    #[error("connection to the agent failed: {0}")]
+    Io(#[from] io::Error),
+    #[error("the agent sent a malformed response: {0}")]
+    Protocol(String),
+    #[error("{0}")]
+    Service(KmsError),
+}
+
+impl ClientError {
+    /// The service error, if the agent answered with one.
+    pub fn service(&self) -> Option<&KmsError> {
+        match self {
+            ClientError::Service(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// A raw HTTP response from the agent.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+/// A connection to one agent socket.
+pub struct AgentClient {
+    path: PathBuf,
+    stream: Option<BufReader<UnixStream>>,
+}
+
+impl AgentClient {
+    /// Connects to the agent listening on `path`.
+    pub fn connect(path: impl AsRef<Path>) -> Result<AgentClient, ClientError> {
+        let path = path.as_ref().to_path_buf();
+        let stream = UnixStream::connect(&path)
+            .map_err(|source| ClientError::Connect { path: path.clone(), source })?;
+        Ok(AgentClient { path, stream: Some(BufReader::new(stream)) })
+    }
+
+    /// Finds the agent as `kmsctl` and `kmsfs` do, starting a per-user agent if none answers.
+    pub fn connect_or_start(explicit: Option<&Path>) -> Result<AgentClient, ClientError> {
+        if let Some(path) = explicit {
+            return AgentClient::connect(path);
+        }
+        if let Some(path) = std::env::var_os("KMSD_SOCKET").filter(|v| !v.is_empty()) {
+            return AgentClient::connect(PathBuf::from(path));
+        }
+        if let Ok(client) = AgentClient::connect(paths::SYSTEM_SOCKET) {
+            return Ok(client);
+        }
+        let socket = paths::default_socket();
+        if let Ok(client) = AgentClient::connect(&socket) {
+            return Ok(client);
+        }
+        start_agent(&socket, &paths::default_state_dir())?;
+        AgentClient::connect(&socket)
+    }
+
+    /// The socket this client talks to.
+    pub fn socket_path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Calls `action` with a JSON request and returns the JSON response, or the service's
+    /// error.
+    pub fn call(
+        &mut self,
+        action: &str,
+        request: &serde_json::Value,
+    ) -> Result<serde_json::Value, ClientError> {
+        let body = serde_json::to_vec(request).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let response = self.call_raw(action, &body)?;
+        let value: serde_json::Value = if response.body.is_empty() {
+            serde_json::Value::Object(Default::default())
+        } else {
+            serde_json::from_slice(&response.body)
+                .map_err(|e| ClientError::Protocol(format!("response is not JSON: {e}")))?
+        };
+        if response.status == 200 {
+            return Ok(value);
+        }
+        match KmsError::from_wire(&value) {
+            Some(e) => Err(ClientError::Service(e)),
+            None => Err(ClientError::Protocol(format!("HTTP {} without an error body", response.status))),
+        }
+    }
+
+    /// Sends a request body as-is and returns the status and body. Retries once on a fresh
+    /// connection when a kept-alive connection turns out to have been closed before the
+    /// agent read anything.
+    pub fn call_raw(&mut self, action: &str, body: &[u8]) -> Result<RawResponse, ClientError> {
+        let reused = self.stream.is_some();
+        match self.exchange(action, body) {
+            Ok(r) => Ok(r),
+            Err(ExchangeError::ClosedBeforeReply(_)) if reused => {
+                self.stream = None;
+                self.exchange(action, body).map_err(ExchangeError::into_client)
+            }
+            Err(e) => {
+                self.stream = None;
+                Err(e.into_client())
+            }
+        }
+    }
+
+    fn exchange(&mut self, action: &str, body: &[u8]) -> Result<RawResponse, ExchangeError> {
+        if self.stream.is_none() {
+            let s = UnixStream::connect(&self.path).map_err(|source| {
+                ExchangeError::Fatal(ClientError::Connect { path: self.path.clone(), source })
+            })?;
+            self.stream = Some(BufReader::new(s));
+        }
+        let Some(reader) = self.stream.as_mut() else {
+            return Err(ExchangeError::Fatal(ClientError::Protocol("no connection".into())));
+        };
+        let head = format!(
+            "POST / HTTP/1.1\r\nHost: kmsd\r\nContent-Type: application/x-amz-json-1.1\r\n\
+             X-Amz-Target: TrentService.{action}\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        let stream = reader.get_mut();
+        let mut message = Vec::with_capacity(head.len() + body.len());
+        message.extend_from_slice(head.as_bytes());
+        message.extend_from_slice(body);
+        stream.write_all(&message).map_err(ExchangeError::ClosedBeforeReply)?;
+        let response = read_response(reader)?;
+        if response.close {
+            self.stream = None;
+        }
+        Ok(RawResponse { status: response.status, body: response.body })
+    }
+}
+
+enum ExchangeError {
+    /// The connection died before any byte of a reply: safe to retry on a new one.
+    ClosedBeforeReply(io::Error),
+    Fatal(ClientError),
+}
+
+impl ExchangeError {
+    fn into_client(self) -> ClientError {
+        match self {
+            ExchangeError::ClosedBeforeReply(e) => ClientError::Io(e),
+            ExchangeError::Fatal(e) => e,
+        }
+    }
+}
+
+struct Response {
+    status: u16,
+    body: Vec<u8>,
+    close: bool,
+}
+
+fn read_response(reader: &mut BufReader<UnixStream>) -> Result<Response, ExchangeError> {
+    let protocol = |m: &str| ExchangeError::Fatal(ClientError::Protocol(m.to_string()));
+    let mut line = String::new();
+    match reader.read_line(&mut line) {
+        Ok(0) => {
+            return Err(ExchangeError::ClosedBeforeReply(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the agent closed the connection",
+            )))
+        }
+        Ok(_) => {}
+        Err(e) => return Err(ExchangeError::ClosedBeforeReply(e)),
+    }
+    let status: u16 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| protocol("bad status line"))?;
+    let mut content_length: Option<usize> = None;
+    let mut close = false;
+    let mut chunked = false;
+    loop {
+        line.clear();
+        let n = reader.read_line(&mut line).map_err(|e| ExchangeError::Fatal(e.into()))?;
+        if n == 0 {
+            return Err(protocol("connection closed inside the response headers"));
+        }
+        let header = line.trim_end();
+        if header.is_empty() {
+            break;
+        }
+        let Some((name, value)) = header.split_once(':') else {
+            return Err(protocol("bad header line"));
+        };
+        let value = value.trim();
+        if name.eq_ignore_ascii_case("content-length") {
+            content_length = Some(value.parse().map_err(|_| protocol("bad Content-Length"))?);
+        } else if name.eq_ignore_ascii_case("connection") && value.eq_ignore_ascii_case("close") {
+            close = true;
+        } else if name.eq_ignore_ascii_case("transfer-encoding") && value.eq_ignore_ascii_case("chunked") {
+            chunked = true;
+        }
+    }
+    let body = if chunked {
+        read_chunked(reader).map_err(ExchangeError::Fatal)?
+    } else if let Some(len) = content_length {
+        if len > MAX_RESPONSE {
+            return Err(protocol("response too large"));
+        }
+        let mut body = vec![0u8; len];
+        reader.read_exact(&mut body).map_err(|e| ExchangeError::Fatal(e.into()))?;
+        body
+    } else {
+        close = true;
+        let mut body = Vec::new();
+        reader
+            .take(MAX_RESPONSE as u64)
+            .read_to_end(&mut body)
+            .map_err(|e| ExchangeError::Fatal(e.into()))?;
+        body
+    };
+    Ok(Response { status, body, close })
+}
+
+fn read_chunked(reader: &mut BufReader<UnixStream>) -> Result<Vec<u8>, ClientError> {
+    let mut body = Vec::new();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        reader.read_line(&mut line)?;
+        let size_field = line.trim_end().split(';').next().unwrap_or("");
+        let size = usize::from_str_radix(size_field, 16)
+            .map_err(|_| ClientError::Protocol("bad chunk size".into()))?;
+        if body.len() + size > MAX_RESPONSE {
+            return Err(ClientError::Protocol("response too large".into()));
+        }
+        if size == 0 {
+            // Trailers, then the blank line.
+            loop {
+                line.clear();
+                if reader.read_line(&mut line)? == 0 || line.trim_end().is_empty() {
+                    return Ok(body);
+                }
+            }
+        }
+        let start = body.len();
+        body.resize(start + size, 0);
+        reader.read_exact(&mut body[start..])?;
+        let mut crlf = [0u8; 2];
+        reader.read_exact(&mut crlf)?;
+    }
+}
+
+/// The `kmsd` binary to start: `KMSD_BIN`, else the one beside the running executable,
+/// else `kmsd` on `PATH`.
+pub fn kmsd_binary() -> PathBuf {
+    if let Some(bin) = std::env::var_os("KMSD_BIN").filter(|v| !v.is_empty()) {
+        return PathBuf::from(bin);
+    }
+    if let Some(sibling) = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join("kmsd")))
+        .filter(|p| p.is_file())
+    {
+        return sibling;
+    }
+    PathBuf::from("kmsd")
+}
+
+/// Starts a detached per-user `kmsd` on `socket` and waits until it accepts connections.
+/// Its output goes to `kmsd.log` in its state directory.
+pub fn start_agent(socket: &Path, state_dir: &Path) -> Result<(), ClientError> {
+    let fail = |source: io::Error| ClientError::Connect { path: socket.to_path_buf(), source };
+    std::fs::create_dir_all(state_dir).map_err(fail)?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(state_dir.join("kmsd.log"))
+        .map_err(fail)?;
+    let log_err = log.try_clone().map_err(fail)?;
+    let binary = kmsd_binary();
+    let mut child = {
+        use std::os::unix::process::CommandExt;
+        Command::new(&binary)
+            .arg("--socket")
+            .arg(socket)
+            .arg("--state-dir")
+            .arg(state_dir)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .process_group(0)
+            .spawn()
+            .map_err(|e| {
+                fail(io::Error::new(e.kind(), format!("cannot start {}: {e}", binary.display())))
+            })?
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if UnixStream::connect(socket).is_ok() {
+            return Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(fail(io::Error::other(format!(
+                "kmsd exited with {status}; see {}",
+                state_dir.join("kmsd.log").display()
+            ))));
+        }
+        if Instant::now() > deadline {
+            return Err(fail(io::Error::new(io::ErrorKind::TimedOut, "kmsd did not start within 15 s")));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

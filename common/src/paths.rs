@@ -1,0 +1,39 @@
+//! Where the agent lives by default. Root runs the system agent (`/run/kmsd/kmsd.sock`,
+//! state in `/var/lib/kmsd`); other users get a per-user agent under their XDG runtime and
+//! data directories, as gpg-agent does.
+
+use std::path::PathBuf;
+
+/// The system agent's socket.
+pub const SYSTEM_SOCKET: &str = "/run/kmsd/kmsd.sock";
+/// The system agent's state directory.
+pub const SYSTEM_STATE_DIR: &str = "/var/lib/kmsd";
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// The default socket for an agent run by the current user.
+pub fn default_socket() -> PathBuf {
+    if is_root() {
+        return PathBuf::from(SYSTEM_SOCKET);
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR").filter(|v| !v.is_empty()) {
+        Some(dir) => PathBuf::from(dir).join("kmsd/kmsd.sock"),
+        None => PathBuf::from(format!("/tmp/kmsd-{}/kmsd.sock", nix::unistd::geteuid())),
+    }
+}
+
+/// The default state directory for an agent run by the current user.
+pub fn default_state_dir() -> PathBuf {
+    if is_root() {
+        return PathBuf::from(SYSTEM_STATE_DIR);
+    }
+    if let Some(dir) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(dir).join("kmsd");
+    }
+    match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+        Some(home) => PathBuf::from(home).join(".local/share/kmsd"),
+        None => PathBuf::from(format!("/tmp/kmsd-{}/state", nix::unistd::geteuid())),
+    }
+}
