@@ -1,1 +1,60 @@
-fn main() {}
+//! `kmsd`: the key management agent daemon. See the crate documentation and README.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use kmsfs_agent::daemon::{self, DaemonConfig};
+
+/// The kmsfs key management agent: AWS KMS's API on a Unix socket.
+#[derive(Parser)]
+#[command(version, about)]
+struct Args {
+    /// Socket to listen on (default /run/kmsd/kmsd.sock as root, else
+    /// $XDG_RUNTIME_DIR/kmsd/kmsd.sock). Ignored when systemd passes a socket.
+    #[arg(long, env = "KMSD_SOCKET")]
+    socket: Option<PathBuf>,
+    /// State directory: database and root key (default /var/lib/kmsd as root, else
+    /// $XDG_DATA_HOME/kmsd).
+    #[arg(long, env = "KMSD_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// The 12-digit account ID in ARNs (default: derived from /etc/machine-id).
+    #[arg(long, env = "KMSD_ACCOUNT_ID")]
+    account_id: Option<String>,
+    /// The region in ARNs.
+    #[arg(long, env = "KMSD_REGION", default_value = "local")]
+    region: String,
+    /// The `file` root of trust's key file (default STATE_DIR/root.key, created 0600).
+    #[arg(long)]
+    root_key_file: Option<PathBuf>,
+    /// Derive the `file` root key from the passphrase in this file (Argon2id) instead of
+    /// keeping it in a key file.
+    #[arg(long, conflicts_with = "root_key_file")]
+    passphrase_file: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KMSD_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let args = Args::parse();
+    let config = DaemonConfig {
+        socket: args.socket.unwrap_or_else(kmsfs_common::paths::default_socket),
+        state_dir: args.state_dir.unwrap_or_else(kmsfs_common::paths::default_state_dir),
+        account_id: args.account_id,
+        region: args.region,
+        root_key_file: args.root_key_file,
+        passphrase_file: args.passphrase_file,
+    };
+    match daemon::run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kmsd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! The agent's state: its keys and aliases in memory, backed by the metadata store and
+//! the root of trust.
+//!
+//! Reads (every cryptographic operation) take a read lock on in-memory maps and never
+//! touch SQLite. Mutations are serialized by the store's mutex: each commits its
+//! transaction first and only then changes memory, so an acknowledged change is durable
+//! and a failed commit leaves no trace.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use kmsfs_common::ids::{ArnScope, KeyId, KeyRef};
+use kmsfs_common::KmsError;
+
+use crate::rot::{KeyMaterial, RootOfTrust};
+use crate::store::{AliasRow, KeyRow, KeyState, Store};
+
+/// One usable version of a key's material.
+#[derive(Clone)]
+pub struct Material {
+    /// AWS's `KeyMaterialId`: 64 hex digits naming this version.
+    pub material_id: String,
+    pub key: Arc<dyn KeyMaterial>,
+}
+
+/// A key as the handlers see it: metadata, tags and loaded material.
+#[derive(Clone)]
+pub struct KeyRecord {
+    pub row: KeyRow,
+    pub tags: BTreeMap<String, String>,
+    pub materials: BTreeMap<u32, Material>,
+}
+
+impl KeyRecord {
+    /// The material new ciphertexts are made with.
+    pub fn current(&self) -> Result<&Material, KmsError> {
+        self.materials
+            .get(&self.row.current_version)
+            .ok_or_else(|| KmsError::internal(format!("key {} lacks its current material", self.row.id)))
+    }
+}
+
+/// Where the agent keeps its state and who it is.
+pub struct AgentConfig {
+    pub state_dir: PathBuf,
+    pub scope: ArnScope,
+}
+
+/// The agent: configuration, root of trust, store and in-memory maps.
+pub struct Agent {
+    pub scope: ArnScope,
+    root: Box<dyn RootOfTrust>,
+    store: Mutex<Store>,
+    keys: RwLock<HashMap<KeyId, Arc<KeyRecord>>>,
+    aliases: RwLock<BTreeMap<String, AliasRow>>,
+}
+
+/// Stored under `meta.root_check`: material made for a reserved key ID when the state
+/// directory was created. If it does not load, the root of trust is not the one that
+/// made this directory (a wrong passphrase, another machine's TPM), and starting would
+/// only make every Decrypt fail.
+const ROOT_CHECK: &str = "root_check";
+const ROOT_CHECK_ID: [u8; 16] = [0; 16];
+
+impl Agent {
+    /// Opens the state directory's store with `root`, checks that `root` is the one that
+    /// created it, and loads every key's material.
+    pub fn open(config: AgentConfig, root: Box<dyn RootOfTrust>) -> Result<Agent, String> {
+        let mut store = Store::open(&config.state_dir.join("kmsd.db"))?;
+        let check_id = KeyId::from_bytes(ROOT_CHECK_ID);
+        match store.meta(ROOT_CHECK).map_err(|e| e.message)? {
+            Some(stored) => {
+                root.load(&check_id, 0, &stored).map_err(|_| {
+                    format!(
+                        "the root of trust ({}) is not the one that created {} (wrong root key or passphrase?)",
+                        root.describe(),
+                        config.state_dir.display()
+                    )
+                })?;
+            }
+            None => {
+                let (_, stored) = root.generate(&check_id, 0).map_err(|e| e.message)?;
+                store.set_meta(ROOT_CHECK, &stored).map_err(|e| e.message)?;
+            }
+        }
+        let snapshot = store.snapshot().map_err(|e| e.message)?;
+        let mut records: HashMap<KeyId, KeyRecord> = snapshot
+            .keys
+            .into_iter()
+            .map(|row| (row.id, KeyRecord { row, tags: BTreeMap::new(), materials: BTreeMap::new() }))
+            .collect();
+        for m in snapshot.materials {
+            let key = root.load(&m.key_id, m.version, &m.stored).map_err(|e| e.message)?;
+            if let Some(record) = records.get_mut(&m.key_id) {
+                record.materials.insert(m.version, Material { material_id: m.material_id, key });
+            }
+        }
+        for (id, k, v) in snapshot.tags {
+            if let Some(record) = records.get_mut(&id) {
+                record.tags.insert(k, v);
+            }
+        }
+        let aliases = snapshot.aliases.into_iter().map(|a| (a.name.clone(), a)).collect();
+        tracing::info!(keys = records.len(), root = %root.describe(), "state loaded");
+        Ok(Agent {
+            scope: config.scope,
+            root,
+            store: Mutex::new(store),
+            keys: RwLock::new(records.into_iter().map(|(id, r)| (id, Arc::new(r))).collect()),
+            aliases: RwLock::new(aliases),
+        })
+    }
+
+    pub fn root(&self) -> &dyn RootOfTrust {
+        &*self.root
+    }
+
+    pub fn key_arn(&self, id: &KeyId) -> String {
+        self.scope.key_arn(id)
+    }
+
+    /// The key with ID `id`, if it exists.
+    pub fn key(&self, id: &KeyId) -> Option<Arc<KeyRecord>> {
+        read(&self.keys).get(id).cloned()
+    }
+
+    /// Resolves a `KeyId` field. Aliases are accepted only where the API accepts them
+    /// (cryptographic operations and DescribeKey); elsewhere they are an invalid key ID.
+    pub fn resolve(&self, key_id: &str, allow_alias: bool) -> Result<Arc<KeyRecord>, KmsError> {
+        let reference = KeyRef::parse(key_id)?;
+        if reference.is_alias() && !allow_alias {
+            return Err(KmsError::not_found(format!("Invalid keyId '{key_id}': use a key ID or key ARN")));
+        }
+        let id = match &reference {
+            KeyRef::Id(id) => *id,
+            KeyRef::KeyArn { scope, id } if *scope == self.scope => *id,
+            KeyRef::Alias(name) => self.alias_target(name)?,
+            KeyRef::AliasArn { scope, name } if *scope == self.scope => self.alias_target(name)?,
+            _ => return Err(KmsError::not_found(format!("Key '{key_id}' does not exist"))),
+        };
+        self.key(&id)
+            .ok_or_else(|| KmsError::not_found(format!("Key '{}' does not exist", self.key_arn(&id))))
+    }
+
+    fn alias_target(&self, name: &str) -> Result<KeyId, KmsError> {
+        read(&self.aliases)
+            .get(name)
+            .map(|a| a.key_id)
+            .ok_or_else(|| KmsError::not_found(format!("Alias '{}' is not found.", self.scope.alias_arn(name))))
+    }
+
+    /// Every key, ordered by key ID.
+    pub fn keys_sorted(&self) -> Vec<Arc<KeyRecord>> {
+        let mut keys: Vec<_> = read(&self.keys).values().cloned().collect();
+        keys.sort_by_key(|k| k.row.id.to_string());
+        keys
+    }
+
+    /// Every alias, ordered by name.
+    pub fn aliases(&self) -> Vec<AliasRow> {
+        read(&self.aliases).values().cloned().collect()
+    }
+
+    pub fn alias(&self, name: &str) -> Option<AliasRow> {
+        read(&self.aliases).get(name).cloned()
+    }
+
+    /// Serializes a mutation: `f` gets the store and must commit before returning; the
+    /// returned records then replace the in-memory ones.
+    pub fn mutate<T>(
+        &self,
+        f: impl FnOnce(&mut Store) -> Result<(T, Vec<Change>), KmsError>,
+    ) -> Result<T, KmsError> {
+        let mut store = lock(&self.store);
+        let (out, changes) = f(&mut store)?;
+        for change in changes {
+            match change {
+                Change::Key(record) => {
+                    write(&self.keys).insert(record.row.id, Arc::new(record));
+                }
+                Change::Alias(alias) => {
+                    write(&self.aliases).insert(alias.name.clone(), alias);
+                }
+                Change::AliasDeleted(name) => {
+                    write(&self.aliases).remove(&name);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// An in-memory change that follows a committed transaction.
+pub enum Change {
+    Key(KeyRecord),
+    Alias(AliasRow),
+    AliasDeleted(String),
+}
+
+/// The checks AWS applies to a key's state before an operation.
+pub fn require_usable(agent: &Agent, key: &KeyRecord) -> Result<(), KmsError> {
+    match key.row.state {
+        KeyState::Enabled => Ok(()),
+        KeyState::Disabled => Err(KmsError::new(
+            kmsfs_common::ErrorKind::DisabledException,
+            format!("{} is disabled.", agent.key_arn(&key.row.id)),
+        )),
+        KeyState::PendingDeletion => {
+            Err(KmsError::invalid_state(format!("{} is pending deletion.", agent.key_arn(&key.row.id))))
+        }
+    }
+}
+
+// A poisoned lock means a thread panicked mid-update of plain maps whose every update is
+// a single insert or remove; the maps are still consistent, so keep serving.
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|p| p.into_inner())
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -1,0 +1,143 @@
+//! Starting the agent: configuration, the state directory and its lock, the root of
+//! trust, the listening socket (our own, or one passed by systemd), readiness and
+//! shutdown notifications.
+
+use std::fs;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use kmsfs_common::ids::ArnScope;
+use zeroize::Zeroizing;
+
+use crate::agent::{Agent, AgentConfig};
+use crate::rot::file::{self, FileRootSource};
+use crate::server::{self, AccessRule};
+
+/// How kmsd was asked to run.
+pub struct DaemonConfig {
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub account_id: Option<String>,
+    pub region: String,
+    /// Root key file for the `file` backend; default `root.key` in the state directory.
+    pub root_key_file: Option<PathBuf>,
+    /// A file holding the passphrase the `file` backend derives its root key from.
+    pub passphrase_file: Option<PathBuf>,
+}
+
+/// The account ID when none is configured: twelve digits derived from the machine ID, so
+/// that ARNs are stable on a host and differ between hosts.
+pub fn default_account_id() -> String {
+    let machine_id = fs::read_to_string("/etc/machine-id").unwrap_or_default();
+    let hex: String = machine_id.trim().chars().filter(char::is_ascii_hexdigit).take(15).collect();
+    match u64::from_str_radix(&hex, 16) {
+        Ok(n) if !hex.is_empty() => format!("{:012}", n % 1_000_000_000_000),
+        _ => "111122223333".to_string(),
+    }
+}
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub fn run(config: DaemonConfig) -> Result<(), String> {
+    crate::secmem::harden_process();
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&config.state_dir)
+        .map_err(|e| format!("cannot create state directory {}: {e}", config.state_dir.display()))?;
+    let _lock = lock_state_dir(&config.state_dir)?;
+
+    let root = match &config.passphrase_file {
+        Some(path) => {
+            let text = Zeroizing::new(
+                fs::read_to_string(path).map_err(|e| format!("cannot read passphrase file {}: {e}", path.display()))?,
+            );
+            let passphrase = Zeroizing::new(text.trim_end_matches(['\n', '\r']).to_string());
+            FileRootSource::Passphrase { kdf_file: config.state_dir.join("root.kdf"), passphrase }
+        }
+        None => FileRootSource::KeyFile(config.root_key_file.clone().unwrap_or_else(|| config.state_dir.join("root.key"))),
+    };
+    let root = file::open(root)?;
+    let account = config.account_id.clone().unwrap_or_else(default_account_id);
+    if account.len() != 12 || !account.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("account ID '{account}' must be 12 digits"));
+    }
+    let scope = ArnScope { region: config.region.clone(), account };
+    let agent = Arc::new(Agent::open(AgentConfig { state_dir: config.state_dir.clone(), scope }, Box::new(root))?);
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("kmsd")
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    runtime.block_on(async move {
+        let (listener, bound) = listen(&config.socket)?;
+        let rule = AccessRule { owner_uid: nix::unistd::geteuid().as_raw() };
+        tracing::info!(socket = %config.socket.display(), "kmsd ready");
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+        server::serve(agent, rule, listener, shutdown_signal()).await;
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+        if bound {
+            let _ = fs::remove_file(&config.socket);
+        }
+        tracing::info!("kmsd stopped");
+        Ok(())
+    })
+}
+
+/// One agent per state directory: a second one would race the first on the database.
+fn lock_state_dir(dir: &Path) -> Result<nix::fcntl::Flock<fs::File>, String> {
+    let path = dir.join("kmsd.lock");
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|_| format!("another kmsd is already using {}", dir.display()))
+}
+
+/// The listening socket: the one systemd passed (socket activation), else a new one at
+/// `path`. Returns whether we bound it (and so should remove it on exit).
+fn listen(path: &Path) -> Result<(tokio::net::UnixListener, bool), String> {
+    let mut fds = listenfd::ListenFd::from_env();
+    if let Ok(Some(std_listener)) = fds.take_unix_listener(0) {
+        std_listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let listener = tokio::net::UnixListener::from_std(std_listener).map_err(|e| e.to_string())?;
+        tracing::info!("using the socket passed by systemd");
+        return Ok((listener, false));
+    }
+    if let Some(parent) = path.parent() {
+        let mode = if nix::unistd::geteuid().is_root() { 0o755 } else { 0o700 };
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(mode)
+            .create(parent)
+            .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(format!("another agent is already listening on {}", path.display()));
+        }
+        fs::remove_file(path).map_err(|e| format!("cannot remove stale socket {}: {e}", path.display()))?;
+    }
+    let listener =
+        tokio::net::UnixListener::bind(path).map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
+    // Anyone may connect; what they may do is decided per request from their credentials.
+    fs::set_permissions(path, fs::Permissions::from_mode(0o666))
+        .map_err(|e| format!("cannot set the mode of {}: {e}", path.display()))?;
+    Ok((listener, true))
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; stop kmsd with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}

@@ -1,0 +1,17 @@
+//! `kmsd`, the key management agent: AWS KMS's API on a Unix socket, keys sealed by a
+//! root of trust, metadata in SQLite.
+//!
+//! - [`server`]: HTTP/1.1 transport, caller identity, request limits.
+//! - [`service`]: the API's actions, validated against AWS's service model.
+//! - [`agent`]: in-memory keys and aliases over the [`store`].
+//! - [`rot`]: roots of trust (the embedded `file` backend today).
+//! - [`secmem`]: memory locking and process hardening (the crate's only `unsafe`).
+//! - [`daemon`]: start-up: configuration, listening socket, systemd integration.
+
+pub mod agent;
+pub mod daemon;
+pub mod rot;
+pub mod secmem;
+pub mod server;
+pub mod service;
+pub mod store;

@@ -1,0 +1,156 @@
+//! Roots of trust: where key material comes from and what protects it at rest.
+//!
+//! The handlers see only two traits. A [`RootOfTrust`] creates material for a new key
+//! version and turns its stored form back into usable material; a [`KeyMaterial`] seals
+//! and opens ciphertext blobs. Backends that keep a root key in the agent's memory (the
+//! embedded `file` backend, and a TPM-sealed root) wrap each key's material under it
+//! ([`WrappingRoot`]); a PKCS#11 backend will instead return handles to objects in the
+//! token, whose `seal`/`open` run inside the token — the handlers do not change.
+
+pub mod file;
+
+use std::sync::Arc;
+
+use kmsfs_common::aead::{random_bytes, KeyBytes, XaesKey, KEY_LEN, TAG_LEN, XAES_NONCE_LEN};
+use kmsfs_common::blob::{self, CiphertextBlob};
+use kmsfs_common::context::EncryptionContext;
+use kmsfs_common::ids::KeyId;
+use kmsfs_common::KmsError;
+use zeroize::Zeroizing;
+
+/// A source of key material and its protection at rest.
+pub trait RootOfTrust: Send + Sync {
+    /// A short description for logs (`file (/var/lib/kmsd/root.key)`).
+    fn describe(&self) -> String;
+
+    /// Creates material for version `version` of key `key_id`. Returns the usable material
+    /// and the bytes to store; the stored form is useless without this root.
+    fn generate(&self, key_id: &KeyId, version: u32) -> Result<(Arc<dyn KeyMaterial>, Vec<u8>), KmsError>;
+
+    /// Turns stored bytes (from `generate`) back into usable material. Fails if they were
+    /// altered, or stored for another key or version.
+    fn load(&self, key_id: &KeyId, version: u32, stored: &[u8]) -> Result<Arc<dyn KeyMaterial>, KmsError>;
+}
+
+/// Usable material of one key version.
+pub trait KeyMaterial: Send + Sync {
+    /// Seals `plaintext` into a ciphertext blob naming `key_id` and `version`.
+    fn seal(&self, key_id: &KeyId, version: u32, context: &EncryptionContext, plaintext: &[u8]) -> Vec<u8>;
+
+    /// Opens a blob this material sealed; `None` if it does not authenticate.
+    fn open(&self, blob: &CiphertextBlob<'_>, context: &EncryptionContext) -> Option<Zeroizing<Vec<u8>>>;
+}
+
+/// Material held in the agent's memory: an XAES-256-GCM key, locked in RAM, zeroized
+/// on drop.
+pub struct SoftwareKey {
+    xaes: XaesKey,
+}
+
+impl SoftwareKey {
+    fn new(bytes: &KeyBytes) -> Arc<SoftwareKey> {
+        let key = Arc::new(SoftwareKey { xaes: XaesKey::new(bytes) });
+        crate::secmem::lock(&*key);
+        key
+    }
+}
+
+impl KeyMaterial for SoftwareKey {
+    fn seal(&self, key_id: &KeyId, version: u32, context: &EncryptionContext, plaintext: &[u8]) -> Vec<u8> {
+        blob::seal(&self.xaes, key_id, version, context, plaintext)
+    }
+
+    fn open(&self, blob: &CiphertextBlob<'_>, context: &EncryptionContext) -> Option<Zeroizing<Vec<u8>>> {
+        blob.open(&self.xaes, context).ok()
+    }
+}
+
+/// A root key in the agent's memory that wraps every key's material:
+/// stored = nonce(24) ‖ XAES-256-GCM(material) ‖ tag(16), with the key ID and version
+/// as AAD so that stored material cannot be moved to another key or version.
+pub struct WrappingRoot {
+    root: Box<XaesKey>,
+    description: String,
+}
+
+const WRAP_LABEL: &[u8] = b"kmsfs key material v1\0";
+const WRAPPED_LEN: usize = XAES_NONCE_LEN + KEY_LEN + TAG_LEN;
+
+impl WrappingRoot {
+    pub fn new(root_key: &KeyBytes, description: String) -> WrappingRoot {
+        let root = Box::new(XaesKey::new(root_key));
+        crate::secmem::lock(&*root);
+        WrappingRoot { root, description }
+    }
+
+    fn aad(key_id: &KeyId, version: u32) -> Vec<u8> {
+        let mut aad = WRAP_LABEL.to_vec();
+        aad.extend_from_slice(key_id.as_bytes());
+        aad.extend_from_slice(&version.to_be_bytes());
+        aad
+    }
+}
+
+impl RootOfTrust for WrappingRoot {
+    fn describe(&self) -> String {
+        self.description.clone()
+    }
+
+    fn generate(&self, key_id: &KeyId, version: u32) -> Result<(Arc<dyn KeyMaterial>, Vec<u8>), KmsError> {
+        let material = KeyBytes::random();
+        let mut nonce = [0u8; XAES_NONCE_LEN];
+        random_bytes(&mut nonce);
+        let mut sealed = Zeroizing::new(material.expose().to_vec());
+        let tag = self.root.seal_in_place(&nonce, &Self::aad(key_id, version), &mut sealed);
+        let mut stored = Vec::with_capacity(WRAPPED_LEN);
+        stored.extend_from_slice(&nonce);
+        stored.extend_from_slice(&sealed);
+        stored.extend_from_slice(&tag);
+        Ok((SoftwareKey::new(&material), stored))
+    }
+
+    fn load(&self, key_id: &KeyId, version: u32, stored: &[u8]) -> Result<Arc<dyn KeyMaterial>, KmsError> {
+        let damaged = || {
+            KmsError::internal(format!(
+                "stored material of key {key_id} version {version} does not authenticate under the root of trust"
+            ))
+        };
+        if stored.len() != WRAPPED_LEN {
+            return Err(damaged());
+        }
+        let (nonce, rest) = stored.split_at(XAES_NONCE_LEN);
+        let (sealed, tag) = rest.split_at(KEY_LEN);
+        let nonce: [u8; XAES_NONCE_LEN] = nonce.try_into().map_err(|_| damaged())?;
+        let tag: [u8; TAG_LEN] = tag.try_into().map_err(|_| damaged())?;
+        let mut material = Zeroizing::new([0u8; KEY_LEN]);
+        material.copy_from_slice(sealed);
+        self.root
+            .open_in_place(&nonce, &Self::aad(key_id, version), &mut material[..], &tag)
+            .map_err(|_| damaged())?;
+        Ok(SoftwareKey::new(&KeyBytes::from_array(*material)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrapped_material_is_bound_to_key_and_version() {
+        let root = WrappingRoot::new(&KeyBytes::random(), "test".into());
+        let id = KeyId::random();
+        let (material, stored) = root.generate(&id, 1).unwrap();
+        let loaded = root.load(&id, 1, &stored).unwrap();
+        let ctx = EncryptionContext::default();
+        let sealed = material.seal(&id, 1, &ctx, b"hello");
+        let parsed = CiphertextBlob::parse(&sealed).unwrap();
+        assert_eq!(&loaded.open(&parsed, &ctx).unwrap()[..], b"hello");
+        assert!(root.load(&KeyId::random(), 1, &stored).is_err());
+        assert!(root.load(&id, 2, &stored).is_err());
+        let other = WrappingRoot::new(&KeyBytes::random(), "other".into());
+        assert!(other.load(&id, 1, &stored).is_err());
+        let mut flipped = stored.clone();
+        flipped[30] ^= 1;
+        assert!(root.load(&id, 1, &flipped).is_err());
+    }
+}

@@ -1,0 +1,234 @@
+//! Cryptographic operations: Encrypt, Decrypt, ReEncrypt, GenerateDataKey,
+//! GenerateDataKeyWithoutPlaintext and GenerateRandom.
+//!
+//! Plaintexts and data keys live in zeroizing buffers from the request body to the
+//! response body, and never appear in an error or a log line.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use kmsfs_common::aead::random_bytes;
+use kmsfs_common::blob::CiphertextBlob;
+use kmsfs_common::context::EncryptionContext;
+use kmsfs_common::{ErrorKind, KmsError};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use zeroize::Zeroizing;
+
+use super::wire::{b64, b64_secret, context, dry_run, parse, require_symmetric_algorithm, Blob};
+use super::Reply;
+use crate::agent::{require_usable, Agent, KeyRecord};
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct EncryptRequest {
+    key_id: String,
+    plaintext: Blob,
+    encryption_context: Option<BTreeMap<String, String>>,
+    encryption_algorithm: Option<String>,
+    dry_run: Option<bool>,
+}
+
+/// Seals `plaintext` under the key's current material.
+fn seal(key: &KeyRecord, context: &EncryptionContext, plaintext: &[u8]) -> Result<(Vec<u8>, String), KmsError> {
+    let current = key.current()?;
+    let blob = current.key.seal(&key.row.id, key.row.current_version, context, plaintext);
+    Ok((blob, current.material_id.clone()))
+}
+
+pub fn encrypt(agent: &Agent, request: Value) -> Result<Reply, KmsError> {
+    let req: EncryptRequest = parse(request)?;
+    let key = agent.resolve(&req.key_id, true)?;
+    let arn = agent.key_arn(&key.row.id);
+    require_usable(agent, &key)?;
+    require_symmetric_algorithm(req.encryption_algorithm.as_deref(), &arn)?;
+    if req.dry_run == Some(true) {
+        return Err(dry_run());
+    }
+    let (blob, _) = seal(&key, &context(req.encryption_context), &req.plaintext.0)?;
+    Ok(json!({
+        "CiphertextBlob": b64(&blob),
+        "KeyId": arn,
+        "EncryptionAlgorithm": "SYMMETRIC_DEFAULT",
+    })
+    .into())
+}
+
+/// Opens a ciphertext blob: the key it names must exist and be usable, match
+/// `expected_key` when the caller named one, and the blob must authenticate under the
+/// material version it names with `context`.
+fn open(
+    agent: &Agent,
+    blob: &[u8],
+    context: &EncryptionContext,
+    expected_key: Option<&str>,
+) -> Result<(Arc<KeyRecord>, String, Zeroizing<Vec<u8>>), KmsError> {
+    let parsed = CiphertextBlob::parse(blob).map_err(|_| KmsError::invalid_ciphertext())?;
+    if let Some(expected) = expected_key {
+        let named = agent.resolve(expected, true)?;
+        if named.row.id != parsed.key_id {
+            return Err(KmsError::new(
+                ErrorKind::IncorrectKeyException,
+                "The key ID in the request does not identify the KMS key that encrypted the ciphertext",
+            ));
+        }
+    }
+    let key = agent.key(&parsed.key_id).ok_or_else(KmsError::invalid_ciphertext)?;
+    require_usable(agent, &key)?;
+    let material = key.materials.get(&parsed.material_version).ok_or_else(KmsError::invalid_ciphertext)?;
+    let plaintext = material.key.open(&parsed, context).ok_or_else(KmsError::invalid_ciphertext)?;
+    let material_id = material.material_id.clone();
+    Ok((key, material_id, plaintext))
+}
+
+fn no_recipient(recipient: &Option<Value>) -> Result<(), KmsError> {
+    if recipient.is_some() {
+        return Err(KmsError::new(
+            ErrorKind::UnsupportedOperationException,
+            "Recipient (attested enclave) requests are not supported",
+        ));
+    }
+    Ok(())
+}
+
+fn required_blob(blob: Option<Blob>, member: &str) -> Result<Blob, KmsError> {
+    blob.ok_or_else(|| {
+        KmsError::validation(format!(
+            "1 validation error detected: Value null at '{member}' failed to satisfy constraint: Member must not be null"
+        ))
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct DecryptRequest {
+    ciphertext_blob: Option<Blob>,
+    encryption_context: Option<BTreeMap<String, String>>,
+    key_id: Option<String>,
+    encryption_algorithm: Option<String>,
+    recipient: Option<Value>,
+    dry_run: Option<bool>,
+}
+
+pub fn decrypt(agent: &Agent, request: Value) -> Result<Reply, KmsError> {
+    let req: DecryptRequest = parse(request)?;
+    let blob = required_blob(req.ciphertext_blob, "ciphertextBlob")?;
+    no_recipient(&req.recipient)?;
+    let (key, material_id, plaintext) =
+        open(agent, &blob.0, &context(req.encryption_context), req.key_id.as_deref())?;
+    let arn = agent.key_arn(&key.row.id);
+    require_symmetric_algorithm(req.encryption_algorithm.as_deref(), &arn)?;
+    if req.dry_run == Some(true) {
+        return Err(dry_run());
+    }
+    Ok(Reply::with_secret(
+        json!({ "KeyId": arn, "EncryptionAlgorithm": "SYMMETRIC_DEFAULT", "KeyMaterialId": material_id }),
+        "Plaintext",
+        b64_secret(&plaintext),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ReEncryptRequest {
+    ciphertext_blob: Option<Blob>,
+    source_encryption_context: Option<BTreeMap<String, String>>,
+    source_key_id: Option<String>,
+    destination_key_id: String,
+    destination_encryption_context: Option<BTreeMap<String, String>>,
+    source_encryption_algorithm: Option<String>,
+    destination_encryption_algorithm: Option<String>,
+    dry_run: Option<bool>,
+}
+
+pub fn re_encrypt(agent: &Agent, request: Value) -> Result<Reply, KmsError> {
+    let req: ReEncryptRequest = parse(request)?;
+    let blob = required_blob(req.ciphertext_blob, "ciphertextBlob")?;
+    let (source, source_material_id, plaintext) =
+        open(agent, &blob.0, &context(req.source_encryption_context), req.source_key_id.as_deref())?;
+    let source_arn = agent.key_arn(&source.row.id);
+    require_symmetric_algorithm(req.source_encryption_algorithm.as_deref(), &source_arn)?;
+    let destination = agent.resolve(&req.destination_key_id, true)?;
+    let destination_arn = agent.key_arn(&destination.row.id);
+    require_usable(agent, &destination)?;
+    require_symmetric_algorithm(req.destination_encryption_algorithm.as_deref(), &destination_arn)?;
+    if req.dry_run == Some(true) {
+        return Err(dry_run());
+    }
+    let (new_blob, destination_material_id) =
+        seal(&destination, &context(req.destination_encryption_context), &plaintext)?;
+    Ok(json!({
+        "CiphertextBlob": b64(&new_blob),
+        "SourceKeyId": source_arn,
+        "KeyId": destination_arn,
+        "SourceEncryptionAlgorithm": "SYMMETRIC_DEFAULT",
+        "DestinationEncryptionAlgorithm": "SYMMETRIC_DEFAULT",
+        "SourceKeyMaterialId": source_material_id,
+        "DestinationKeyMaterialId": destination_material_id,
+    })
+    .into())
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct GenerateDataKeyRequest {
+    key_id: String,
+    encryption_context: Option<BTreeMap<String, String>>,
+    number_of_bytes: Option<i64>,
+    key_spec: Option<String>,
+    recipient: Option<Value>,
+    dry_run: Option<bool>,
+}
+
+/// GenerateDataKey (`with_plaintext`) and GenerateDataKeyWithoutPlaintext.
+pub fn generate_data_key(agent: &Agent, request: Value, with_plaintext: bool) -> Result<Reply, KmsError> {
+    let req: GenerateDataKeyRequest = parse(request)?;
+    let length = match (req.key_spec.as_deref(), req.number_of_bytes) {
+        (Some("AES_128"), None) => 16,
+        (Some(_), None) => 32,
+        (None, Some(n)) => n as usize,
+        (Some(_), Some(_)) => {
+            return Err(KmsError::validation("Specify either KeySpec or NumberOfBytes, not both"));
+        }
+        (None, None) => return Err(KmsError::validation("Specify either KeySpec or NumberOfBytes")),
+    };
+    no_recipient(&req.recipient)?;
+    let key = agent.resolve(&req.key_id, true)?;
+    require_usable(agent, &key)?;
+    if req.dry_run == Some(true) {
+        return Err(dry_run());
+    }
+    let mut data_key = Zeroizing::new(vec![0u8; length]);
+    random_bytes(&mut data_key);
+    let (blob, material_id) = seal(&key, &context(req.encryption_context), &data_key)?;
+    let body = json!({
+        "CiphertextBlob": b64(&blob),
+        "KeyId": agent.key_arn(&key.row.id),
+        "KeyMaterialId": material_id,
+    });
+    Ok(if with_plaintext { Reply::with_secret(body, "Plaintext", b64_secret(&data_key)) } else { body.into() })
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct GenerateRandomRequest {
+    number_of_bytes: Option<i64>,
+    custom_key_store_id: Option<String>,
+    recipient: Option<Value>,
+}
+
+pub fn generate_random(request: Value) -> Result<Reply, KmsError> {
+    let req: GenerateRandomRequest = parse(request)?;
+    if req.custom_key_store_id.is_some() {
+        return Err(KmsError::new(ErrorKind::UnsupportedOperationException, "Custom key stores are not supported yet"));
+    }
+    no_recipient(&req.recipient)?;
+    let n = req.number_of_bytes.ok_or_else(|| {
+        KmsError::validation(
+            "1 validation error detected: Value null at 'numberOfBytes' failed to satisfy constraint: Member must not be null",
+        )
+    })?;
+    let mut bytes = Zeroizing::new(vec![0u8; n as usize]);
+    random_bytes(&mut bytes);
+    Ok(Reply::with_secret(json!({}), "Plaintext", b64_secret(&bytes)))
+}

@@ -1,0 +1,284 @@
+//! Key lifecycle: CreateKey, DescribeKey, ListKeys, EnableKey, DisableKey,
+//! UpdateKeyDescription, ScheduleKeyDeletion and CancelKeyDeletion.
+//!
+//! Only `SYMMETRIC_DEFAULT` keys with origin `AWS_KMS` exist so far; other specs, origins,
+//! custom key stores and multi-Region keys are refused with UnsupportedOperationException.
+//! ScheduleKeyDeletion moves a key to PendingDeletion; destroying its material when the
+//! window ends is the scheduler's job.
+
+use std::collections::BTreeMap;
+
+use kmsfs_common::aead::random_bytes;
+use kmsfs_common::ids::KeyId;
+use kmsfs_common::time::{millis_to_wire, now_millis};
+use kmsfs_common::{ErrorKind, KmsError};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::tags::{validate_new_tags, Tag};
+use super::wire::{paginate, parse, with_page_info};
+use crate::agent::{Agent, Change, KeyRecord, Material};
+use crate::store::{KeyRow, KeyState, MaterialRow};
+
+const DAY_MS: i64 = 86_400_000;
+
+/// The KeyMetadata structure of a key.
+pub fn key_metadata(agent: &Agent, key: &KeyRecord) -> Value {
+    let row = &key.row;
+    let mut meta = json!({
+        "AWSAccountId": agent.scope.account,
+        "KeyId": row.id.to_string(),
+        "Arn": agent.key_arn(&row.id),
+        "CreationDate": millis_to_wire(row.created_ms),
+        "Enabled": row.state == KeyState::Enabled,
+        "Description": row.description,
+        "KeyUsage": row.key_usage,
+        "KeyState": row.state.as_str(),
+        "Origin": row.origin,
+        "KeyManager": "CUSTOMER",
+        "CustomerMasterKeySpec": row.key_spec,
+        "KeySpec": row.key_spec,
+        "EncryptionAlgorithms": ["SYMMETRIC_DEFAULT"],
+        "MultiRegion": false,
+    });
+    if let Ok(current) = key.current() {
+        meta["CurrentKeyMaterialId"] = json!(current.material_id);
+    }
+    if let Some(deletion) = row.deletion_ms {
+        meta["DeletionDate"] = json!(millis_to_wire(deletion));
+    }
+    if let Some(days) = row.pending_days {
+        meta["PendingDeletionWindowInDays"] = json!(days);
+    }
+    meta
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct CreateKeyRequest {
+    policy: Option<String>,
+    description: Option<String>,
+    key_usage: Option<String>,
+    customer_master_key_spec: Option<String>,
+    key_spec: Option<String>,
+    origin: Option<String>,
+    custom_key_store_id: Option<String>,
+    tags: Option<Vec<Tag>>,
+    multi_region: Option<bool>,
+    xks_key_id: Option<String>,
+}
+
+pub fn create_key(agent: &Agent, request: Value) -> Result<Value, KmsError> {
+    let req: CreateKeyRequest = parse(request)?;
+    let unsupported = |what: &str| KmsError::new(ErrorKind::UnsupportedOperationException, what.to_string());
+    if req.key_spec.is_some() && req.customer_master_key_spec.is_some() {
+        return Err(KmsError::validation(
+            "KeySpec and CustomerMasterKeySpec cannot both be specified; use KeySpec",
+        ));
+    }
+    let key_spec = req.key_spec.or(req.customer_master_key_spec).unwrap_or_else(|| "SYMMETRIC_DEFAULT".into());
+    if key_spec != "SYMMETRIC_DEFAULT" {
+        return Err(unsupported(&format!("KeySpec {key_spec} is not supported yet; only SYMMETRIC_DEFAULT")));
+    }
+    let key_usage = req.key_usage.unwrap_or_else(|| "ENCRYPT_DECRYPT".into());
+    if key_usage != "ENCRYPT_DECRYPT" {
+        return Err(KmsError::validation(format!(
+            "KeyUsage {key_usage} is not compatible with KeySpec SYMMETRIC_DEFAULT"
+        )));
+    }
+    let origin = req.origin.unwrap_or_else(|| "AWS_KMS".into());
+    if origin != "AWS_KMS" {
+        return Err(unsupported(&format!("Origin {origin} is not supported yet; only AWS_KMS")));
+    }
+    if req.custom_key_store_id.is_some() || req.xks_key_id.is_some() {
+        return Err(unsupported("Custom key stores are not supported yet"));
+    }
+    if req.multi_region == Some(true) {
+        return Err(unsupported("Multi-Region keys are not supported yet"));
+    }
+    if req.policy.is_some() {
+        return Err(unsupported(
+            "Key policies are not supported yet: until access control arrives only the agent's own user and root may call it",
+        ));
+    }
+    let tags = validate_new_tags(&BTreeMap::new(), req.tags.unwrap_or_default())?;
+
+    let id = KeyId::random();
+    let now = now_millis();
+    let (key, stored) = agent.root().generate(&id, 1)?;
+    let mut material_id = [0u8; 32];
+    random_bytes(&mut material_id);
+    let material_id: String = material_id.iter().map(|b| format!("{b:02x}")).collect();
+    let row = KeyRow {
+        id,
+        created_ms: now,
+        description: req.description.unwrap_or_default(),
+        key_usage,
+        key_spec,
+        origin,
+        state: KeyState::Enabled,
+        deletion_ms: None,
+        pending_days: None,
+        current_version: 1,
+    };
+    let material_row =
+        MaterialRow { key_id: id, version: 1, material_id: material_id.clone(), stored, created_ms: now };
+    let record = KeyRecord {
+        row: row.clone(),
+        tags: tags.clone(),
+        materials: BTreeMap::from([(1, Material { material_id, key })]),
+    };
+    let metadata = key_metadata(agent, &record);
+    agent.mutate(|store| {
+        store.create_key(&row, &material_row, &tags)?;
+        Ok(((), vec![Change::Key(record)]))
+    })?;
+    tracing::info!(key_id = %id, "created key");
+    Ok(json!({ "KeyMetadata": metadata }))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct KeyIdRequest {
+    key_id: String,
+}
+
+pub fn describe_key(agent: &Agent, request: Value) -> Result<Value, KmsError> {
+    let req: KeyIdRequest = parse(request)?;
+    let key = agent.resolve(&req.key_id, true)?;
+    Ok(json!({ "KeyMetadata": key_metadata(agent, &key) }))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ListKeysRequest {
+    limit: Option<i64>,
+    marker: Option<String>,
+}
+
+pub fn list_keys(agent: &Agent, request: Value) -> Result<Value, KmsError> {
+    let req: ListKeysRequest = parse(request)?;
+    let (page, next) =
+        paginate(agent.keys_sorted(), |k| k.row.id.to_string(), req.limit, 100, 1000, req.marker.as_deref())?;
+    let keys: Vec<Value> = page
+        .iter()
+        .map(|k| json!({ "KeyId": k.row.id.to_string(), "KeyArn": agent.key_arn(&k.row.id) }))
+        .collect();
+    Ok(with_page_info(json!({ "Keys": keys }), next))
+}
+
+/// Applies `change` to a key's row under the mutation lock, re-reading the key there so
+/// that concurrent mutations of one key serialize.
+fn update_row(
+    agent: &Agent,
+    key_id: &str,
+    change: impl FnOnce(&Agent, &mut KeyRow) -> Result<(), KmsError>,
+) -> Result<KeyRecord, KmsError> {
+    let id = agent.resolve(key_id, false)?.row.id;
+    agent.mutate(|store| {
+        let current = agent
+            .key(&id)
+            .ok_or_else(|| KmsError::not_found(format!("Key '{}' does not exist", agent.key_arn(&id))))?;
+        let mut record = (*current).clone();
+        change(agent, &mut record.row)?;
+        if record.row != current.row {
+            store.update_key(&record.row)?;
+        }
+        Ok((record.clone(), vec![Change::Key(record)]))
+    })
+}
+
+fn pending_deletion(agent: &Agent, row: &KeyRow) -> KmsError {
+    KmsError::invalid_state(format!("{} is pending deletion.", agent.key_arn(&row.id)))
+}
+
+pub fn enable_key(agent: &Agent, request: Value) -> Result<Value, KmsError> {
+    let req: KeyIdRequest = parse(request)?;
+    update_row(agent, &req.key_id, |agent, row| match row.state {
+        KeyState::PendingDeletion => Err(pending_deletion(agent, row)),
+        _ => {
+            row.state = KeyState::Enabled;
+            Ok(())
+        }
+    })?;
+    Ok(json!({}))
+}
+
+pub fn disable_key(agent: &Agent, request: Value) -> Result<Value, KmsError> {
+    let req: KeyIdRequest = parse(request)?;
+    update_row(agent, &req.key_id, |agent, row| match row.state {
+        KeyState::PendingDeletion => Err(pending_deletion(agent, row)),
+        _ => {
+            row.state = KeyState::Disabled;
+            Ok(())
+        }
+    })?;
+    Ok(json!({}))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct UpdateKeyDescriptionRequest {
+    key_id: String,
+    description: String,
+}
+
+pub fn update_key_description(agent: &Agent, request: Value) -> Result<Value, KmsError> {
+    let req: UpdateKeyDescriptionRequest = parse(request)?;
+    update_row(agent, &req.key_id, |agent, row| match row.state {
+        KeyState::PendingDeletion => Err(pending_deletion(agent, row)),
+        _ => {
+            row.description = req.description;
+            Ok(())
+        }
+    })?;
+    Ok(json!({}))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ScheduleKeyDeletionRequest {
+    key_id: String,
+    pending_window_in_days: Option<i64>,
+}
+
+pub fn schedule_key_deletion(agent: &Agent, request: Value) -> Result<Value, KmsError> {
+    let req: ScheduleKeyDeletionRequest = parse(request)?;
+    let days = req.pending_window_in_days.unwrap_or(30);
+    if !(7..=30).contains(&days) {
+        return Err(KmsError::validation(format!(
+            "PendingWindowInDays must be between 7 and 30 days; {days} was given"
+        )));
+    }
+    let record = update_row(agent, &req.key_id, |agent, row| match row.state {
+        KeyState::PendingDeletion => Err(pending_deletion(agent, row)),
+        _ => {
+            row.state = KeyState::PendingDeletion;
+            row.deletion_ms = Some(now_millis() + days * DAY_MS);
+            row.pending_days = Some(days as u32);
+            Ok(())
+        }
+    })?;
+    tracing::info!(key_id = %record.row.id, days, "scheduled key deletion");
+    Ok(json!({
+        "KeyId": agent.key_arn(&record.row.id),
+        "DeletionDate": record.row.deletion_ms.map(millis_to_wire),
+        "KeyState": record.row.state.as_str(),
+        "PendingWindowInDays": days,
+    }))
+}
+
+pub fn cancel_key_deletion(agent: &Agent, request: Value) -> Result<Value, KmsError> {
+    let req: KeyIdRequest = parse(request)?;
+    let record = update_row(agent, &req.key_id, |agent, row| match row.state {
+        KeyState::PendingDeletion => {
+            // As in AWS, a key whose deletion is cancelled comes back disabled.
+            row.state = KeyState::Disabled;
+            row.deletion_ms = None;
+            row.pending_days = None;
+            Ok(())
+        }
+        _ => Err(KmsError::invalid_state(format!("{} is not pending deletion.", agent.key_arn(&row.id)))),
+    })?;
+    Ok(json!({ "KeyId": agent.key_arn(&record.row.id) }))
+}

@@ -1,0 +1,337 @@
+//! The AWS KMS service model (botocore's `kms-2014-11-01`, documentation stripped, in
+//! `agent/model/`) and a validator driven by it.
+//!
+//! Every request is checked against its operation's input shape before a handler sees
+//! it: JSON types (a mismatch is a `SerializationException`, as AWS reports it), required
+//! members, string and blob lengths, integer ranges, list sizes, enumerations and patterns
+//! (violations are one `ValidationException` listing each, in AWS's wording). The limits
+//! are thus exactly the model's, for every operation, without copying them by hand.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::LazyLock;
+
+use base64::Engine;
+use kmsfs_common::{ErrorKind, KmsError};
+use regex::Regex;
+use serde::Deserialize;
+use serde_json::Value;
+
+const MODEL_JSON: &str = include_str!("../../model/kms-2014-11-01.min.json");
+
+#[derive(Deserialize)]
+struct RawModel {
+    operations: HashMap<String, Operation>,
+    shapes: HashMap<String, Shape>,
+}
+
+#[derive(Deserialize)]
+struct Operation {
+    input: Option<ShapeRef>,
+}
+
+#[derive(Deserialize)]
+struct ShapeRef {
+    shape: String,
+}
+
+#[derive(Deserialize)]
+struct Shape {
+    #[serde(rename = "type")]
+    ty: String,
+    #[serde(default)]
+    members: BTreeMap<String, ShapeRef>,
+    #[serde(default)]
+    required: Vec<String>,
+    min: Option<f64>,
+    max: Option<f64>,
+    pattern: Option<String>,
+    #[serde(rename = "enum")]
+    enumeration: Option<Vec<String>>,
+    member: Option<ShapeRef>,
+    key: Option<ShapeRef>,
+    value: Option<ShapeRef>,
+    #[serde(default)]
+    sensitive: bool,
+}
+
+/// The loaded model with its patterns compiled.
+pub struct Model {
+    raw: RawModel,
+    patterns: HashMap<String, Regex>,
+}
+
+static MODEL: LazyLock<Model> = LazyLock::new(|| {
+    #[allow(clippy::expect_used)] // the model is compiled into the binary and tested
+    let raw: RawModel = serde_json::from_str(MODEL_JSON).expect("embedded service model parses");
+    let patterns = raw
+        .shapes
+        .iter()
+        .filter_map(|(name, shape)| {
+            let pattern = shape.pattern.as_ref()?;
+            // The model's patterns are Java regexes matched against the whole value.
+            let anchored = format!("^(?:{})$", pattern.trim_start_matches('^').trim_end_matches('$'));
+            Regex::new(&anchored).ok().map(|re| (name.clone(), re))
+        })
+        .collect();
+    Model { raw, patterns }
+});
+
+/// The model, loaded on first use.
+pub fn model() -> &'static Model {
+    &MODEL
+}
+
+/// Lenient base64: AWS accepts padded and unpadded standard base64.
+pub const BASE64: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    base64::engine::GeneralPurposeConfig::new()
+        .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+);
+
+impl Model {
+    /// True if the model defines `action`.
+    pub fn has_operation(&self, action: &str) -> bool {
+        self.raw.operations.contains_key(action)
+    }
+
+    /// Checks `request` against the input shape of `action`.
+    pub fn validate(&self, action: &str, request: &Value) -> Result<(), KmsError> {
+        let op = self.raw.operations.get(action).ok_or_else(|| {
+            KmsError::new(ErrorKind::UnknownOperationException, format!("Unknown operation {action}"))
+        })?;
+        let Some(input) = &op.input else { return Ok(()) };
+        let mut violations = Vec::new();
+        self.check(&input.shape, request, "", &mut violations)?;
+        match violations.len() {
+            0 => Ok(()),
+            1 => Err(KmsError::validation(format!("1 validation error detected: {}", violations[0]))),
+            n => Err(KmsError::validation(format!(
+                "{n} validation errors detected: {}",
+                violations.join("; ")
+            ))),
+        }
+    }
+
+    fn check(
+        &self,
+        shape_name: &str,
+        value: &Value,
+        path: &str,
+        violations: &mut Vec<String>,
+    ) -> Result<(), KmsError> {
+        let Some(shape) = self.raw.shapes.get(shape_name) else {
+            return Err(KmsError::internal(format!("service model lacks shape {shape_name}")));
+        };
+        let wrong_type = |expected: &str| {
+            KmsError::new(
+                ErrorKind::SerializationException,
+                format!("Expected {expected} at '{}'", if path.is_empty() { "request" } else { path }),
+            )
+        };
+        let shown = |v: &str| -> String {
+            if shape.sensitive {
+                return "(sensitive)".to_string();
+            }
+            let short: String = v.chars().take(100).collect();
+            format!("'{short}'")
+        };
+        match shape.ty.as_str() {
+            "structure" => {
+                let Value::Object(map) = value else { return Err(wrong_type("a JSON object")) };
+                for name in &shape.required {
+                    if map.get(name).is_none_or(Value::is_null) {
+                        violations.push(format!(
+                            "Value null at '{}' failed to satisfy constraint: Member must not be null",
+                            join(path, name)
+                        ));
+                    }
+                }
+                for (name, member) in &shape.members {
+                    if let Some(v) = map.get(name).filter(|v| !v.is_null()) {
+                        self.check(&member.shape, v, &join(path, name), violations)?;
+                    }
+                }
+            }
+            "string" => {
+                let Value::String(s) = value else { return Err(wrong_type("a string")) };
+                let len = s.chars().count() as f64;
+                if let Some(min) = shape.min.filter(|m| len < *m) {
+                    violations.push(format!(
+                        "Value {} at '{path}' failed to satisfy constraint: Member must have length greater than or equal to {min}",
+                        shown(s)
+                    ));
+                }
+                if let Some(max) = shape.max.filter(|m| len > *m) {
+                    violations.push(format!(
+                        "Value {} at '{path}' failed to satisfy constraint: Member must have length less than or equal to {max}",
+                        shown(s)
+                    ));
+                }
+                if let Some(allowed) = &shape.enumeration {
+                    if !allowed.iter().any(|a| a == s) {
+                        violations.push(format!(
+                            "Value {} at '{path}' failed to satisfy constraint: Member must satisfy enum value set: [{}]",
+                            shown(s),
+                            allowed.join(", ")
+                        ));
+                    }
+                }
+                if let Some(re) = self.patterns.get(shape_name) {
+                    if !re.is_match(s) {
+                        violations.push(format!(
+                            "Value {} at '{path}' failed to satisfy constraint: Member must satisfy regular expression pattern: {}",
+                            shown(s),
+                            shape.pattern.as_deref().unwrap_or("")
+                        ));
+                    }
+                }
+            }
+            "blob" => {
+                let Value::String(s) = value else { return Err(wrong_type("a base64 string")) };
+                let len = BASE64
+                    .decode(s)
+                    .map_err(|_| {
+                        KmsError::new(
+                            ErrorKind::SerializationException,
+                            format!("Value at '{path}' is not valid base64"),
+                        )
+                    })?
+                    .len() as f64;
+                if let Some(min) = shape.min.filter(|m| len < *m) {
+                    violations.push(format!(
+                        "Value at '{path}' failed to satisfy constraint: Member must have length greater than or equal to {min}"
+                    ));
+                }
+                if let Some(max) = shape.max.filter(|m| len > *m) {
+                    violations.push(format!(
+                        "Value at '{path}' failed to satisfy constraint: Member must have length less than or equal to {max}"
+                    ));
+                }
+            }
+            "integer" | "long" => {
+                let Some(n) = value.as_i64() else { return Err(wrong_type("an integer")) };
+                let n = n as f64;
+                if let Some(min) = shape.min.filter(|m| n < *m) {
+                    violations.push(format!(
+                        "Value '{n}' at '{path}' failed to satisfy constraint: Member must have value greater than or equal to {min}"
+                    ));
+                }
+                if let Some(max) = shape.max.filter(|m| n > *m) {
+                    violations.push(format!(
+                        "Value '{n}' at '{path}' failed to satisfy constraint: Member must have value less than or equal to {max}"
+                    ));
+                }
+            }
+            "boolean" => {
+                if !value.is_boolean() {
+                    return Err(wrong_type("a boolean"));
+                }
+            }
+            "timestamp" => {
+                if !value.is_number() && !value.is_string() {
+                    return Err(wrong_type("a timestamp"));
+                }
+            }
+            "list" => {
+                let Value::Array(items) = value else { return Err(wrong_type("a JSON array")) };
+                let len = items.len() as f64;
+                if let Some(min) = shape.min.filter(|m| len < *m) {
+                    violations.push(format!(
+                        "Value at '{path}' failed to satisfy constraint: Member must have length greater than or equal to {min}"
+                    ));
+                }
+                if let Some(max) = shape.max.filter(|m| len > *m) {
+                    violations.push(format!(
+                        "Value at '{path}' failed to satisfy constraint: Member must have length less than or equal to {max}"
+                    ));
+                }
+                if let Some(member) = &shape.member {
+                    for (i, item) in items.iter().enumerate() {
+                        let item_path = format!("{path}.{}.member", i + 1);
+                        self.check(&member.shape, item, &item_path, violations)?;
+                    }
+                }
+            }
+            "map" => {
+                let Value::Object(map) = value else { return Err(wrong_type("a JSON object")) };
+                for (k, v) in map {
+                    if let Some(key) = &shape.key {
+                        self.check(&key.shape, &Value::String(k.clone()), &format!("{path}.key"), violations)?;
+                    }
+                    if let Some(val) = &shape.value {
+                        self.check(&val.shape, v, &format!("{path}.{k}"), violations)?;
+                    }
+                }
+            }
+            other => return Err(KmsError::internal(format!("service model shape type {other} unknown"))),
+        }
+        Ok(())
+    }
+}
+
+/// AWS names members in lowerCamelCase in validation messages: `keyId`, `tags.1.member.tagKey`.
+fn join(path: &str, member: &str) -> String {
+    let mut chars = member.chars();
+    let camel: String = match chars.next() {
+        Some(first) => first.to_lowercase().chain(chars).collect(),
+        None => String::new(),
+    };
+    if path.is_empty() {
+        camel
+    } else {
+        format!("{path}.{camel}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn err(action: &str, v: Value) -> KmsError {
+        model().validate(action, &v).unwrap_err()
+    }
+
+    #[test]
+    fn the_model_has_all_54_operations_and_compiles_every_pattern() {
+        let m = model();
+        assert_eq!(m.raw.operations.len(), 54);
+        let with_patterns = m.raw.shapes.values().filter(|s| s.pattern.is_some()).count();
+        assert_eq!(m.patterns.len(), with_patterns);
+    }
+
+    #[test]
+    fn required_members_and_types() {
+        let e = err("DescribeKey", json!({}));
+        assert_eq!(e.kind, ErrorKind::ValidationException);
+        assert!(e.message.contains("'keyId' failed to satisfy constraint: Member must not be null"), "{e}");
+        assert_eq!(err("DescribeKey", json!({"KeyId": 5})).kind, ErrorKind::SerializationException);
+        assert_eq!(err("DescribeKey", json!([])).kind, ErrorKind::SerializationException);
+        assert_eq!(err("Encrypt", json!({"KeyId": "k", "Plaintext": "%%%"})).kind, ErrorKind::SerializationException);
+        assert!(model().validate("DescribeKey", &json!({"KeyId": "k", "Extra": 1})).is_ok());
+    }
+
+    #[test]
+    fn limits_enums_and_patterns_come_from_the_model() {
+        let big = BASE64.encode(vec![0u8; 4097]);
+        let e = err("Encrypt", json!({"KeyId": "k", "Plaintext": big}));
+        assert!(e.message.contains("less than or equal to 4096"), "{e}");
+        assert!(!e.message.contains("AAAA"), "sensitive values are not echoed: {e}");
+        assert!(model().validate("Encrypt", &json!({"KeyId": "k", "Plaintext": BASE64.encode([0u8; 4096])})).is_ok());
+        let e = err("GenerateDataKey", json!({"KeyId": "k", "NumberOfBytes": 1025, "KeySpec": "AES_512"}));
+        assert!(e.message.starts_with("2 validation errors detected"), "{e}");
+        assert!(e.message.contains("enum value set: [AES_256, AES_128]"), "{e}");
+        let e = err("CreateAlias", json!({"AliasName": "alias/bad name", "TargetKeyId": "k"}));
+        assert!(e.message.contains("regular expression pattern"), "{e}");
+        let e = err("Encrypt", json!({"KeyId": "k", "Plaintext": "AA==", "GrantTokens": vec!["t"; 11]}));
+        assert!(e.message.contains("'grantTokens'"), "{e}");
+        let e = err("TagResource", json!({"KeyId": "k", "Tags": [{"TagKey": ""}]}));
+        assert!(e.message.contains("tags.1.member.tagKey"), "{e}");
+        assert!(e.message.contains("tags.1.member.tagValue"), "{e}");
+    }
+
+    #[test]
+    fn unknown_operations() {
+        assert_eq!(err("Nope", json!({})).kind, ErrorKind::UnknownOperationException);
+    }
+}
