@@ -9,6 +9,7 @@
 mod args;
 mod cli;
 mod commands;
+mod model;
 mod output;
 
 use std::io::{self, IsTerminal, Read, Write};
@@ -128,7 +129,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
     };
     let bytes = match mode {
         Mode::Pipe { output, .. } => raw_blob(&response, output)?,
-        Mode::Single | Mode::Paginate { .. } => output::render(&response, cli.output).into_bytes(),
+        Mode::Single | Mode::Paginate { .. } => {
+            output::render(action, &response, cli.output).into_bytes()
+        }
     };
     let mut stdout = stdout.lock();
     stdout

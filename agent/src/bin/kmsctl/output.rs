@@ -1,12 +1,13 @@
-//! Rendering responses as the aws CLI does: JSON pretty-printed with four-space indentation,
-//! or its tab-separated text format; timestamps (epoch seconds on the wire) as ISO 8601.
+//! Rendering responses as the aws CLI does: JSON pretty-printed with four-space indentation
+//! and members in the service model's order, or its tab-separated text format; timestamps
+//! (epoch seconds on the wire) as ISO 8601.
 
-use serde::Serialize;
 use serde_json::{Map, Value};
 
 use kmsfs_common::time::iso8601;
 
 use crate::cli::OutputFormat;
+use crate::model;
 
 /// Members of timestamp type anywhere in the KMS service model.
 const TIMESTAMP_MEMBERS: &[&str] = &[
@@ -23,15 +24,16 @@ const TIMESTAMP_MEMBERS: &[&str] = &[
     "ValidTo",
 ];
 
-/// The text to print for a response. Empty responses print nothing, as with the aws CLI.
-pub fn render(response: &Value, format: OutputFormat) -> String {
+/// The text to print for `action`'s response. Empty responses print nothing, as with the
+/// aws CLI.
+pub fn render(action: &str, response: &Value, format: OutputFormat) -> String {
     if response.as_object().is_some_and(Map::is_empty) || response.is_null() {
         return String::new();
     }
     let mut response = response.clone();
     convert_timestamps(&mut response);
     match format {
-        OutputFormat::Json => json(&response),
+        OutputFormat::Json => json(&response, model::output_members(action)),
         OutputFormat::Text => {
             let mut out = String::new();
             text(&mut out, &response, None, None);
@@ -58,20 +60,65 @@ fn convert_timestamps(value: &mut Value) {
     }
 }
 
-fn json(value: &Value) -> String {
-    let mut out = Vec::new();
-    let mut serializer = serde_json::Serializer::with_formatter(
-        &mut out,
-        serde_json::ser::PrettyFormatter::with_indent(b"    "),
-    );
-    // Serializing a `Value` into memory cannot fail: its keys are strings and it holds no
-    // non-finite numbers.
-    if value.serialize(&mut serializer).is_err() {
-        return value.to_string();
-    }
-    let mut out = String::from_utf8_lossy(&out).into_owned();
+/// JSON as Python's `json.dumps(indent=4)` writes it, members of known structures in
+/// `order` (then any others, sorted).
+fn json(value: &Value, order: &[&str]) -> String {
+    let mut out = String::new();
+    write_json(&mut out, value, order, 0);
     out.push('\n');
     out
+}
+
+fn write_json(out: &mut String, value: &Value, order: &[&str], depth: usize) {
+    match value {
+        Value::Object(members) if !members.is_empty() => {
+            out.push('{');
+            for (i, (name, member)) in in_order(members, order).into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                new_line(out, depth + 1);
+                out.push_str(&Value::String(name.clone()).to_string());
+                out.push_str(": ");
+                write_json(out, member, model::nested_members(name), depth + 1);
+            }
+            new_line(out, depth);
+            out.push('}');
+        }
+        Value::Array(items) if !items.is_empty() => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                new_line(out, depth + 1);
+                write_json(out, item, order, depth + 1);
+            }
+            new_line(out, depth);
+            out.push(']');
+        }
+        // Scalars, `{}` and `[]`; `Value`'s `Display` escapes strings as JSON.
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+fn new_line(out: &mut String, depth: usize) {
+    out.push('\n');
+    out.extend(std::iter::repeat_n("    ", depth));
+}
+
+/// An object's members: those named in `order` first, in that order, then the rest sorted.
+fn in_order<'a>(members: &'a Map<String, Value>, order: &[&str]) -> Vec<(&'a String, &'a Value)> {
+    let mut ordered: Vec<_> = order
+        .iter()
+        .filter_map(|name| members.get_key_value(*name))
+        .collect();
+    ordered.extend(
+        members
+            .iter()
+            .filter(|(name, _)| !order.contains(&name.as_str())),
+    );
+    ordered
 }
 
 /// The aws CLI's text format (awscli `text.py`): a structure's scalar members on one line,
@@ -199,7 +246,7 @@ mod tests {
             },
             "Aliases": [{"AliasName": "alias/a", "LastUpdatedDate": 1_700_000_000}],
         });
-        let out = render(&response, OutputFormat::Json);
+        let out = render("UnknownAction", &response, OutputFormat::Json);
         let expected = r#"{
     "Aliases": [
         {
@@ -208,11 +255,11 @@ mod tests {
         }
     ],
     "KeyMetadata": {
+        "KeyId": "k",
         "CreationDate": "2023-11-14T22:13:20.123000+00:00",
         "DeletionDate": "1970-01-01T00:00:00.000000+00:00",
-        "KeyId": "k",
-        "PendingDeletionWindowInDays": 7,
-        "ValidTo": "2000-02-29T00:00:00.500000+00:00"
+        "ValidTo": "2000-02-29T00:00:00.500000+00:00",
+        "PendingDeletionWindowInDays": 7
     }
 }
 "#;
@@ -220,15 +267,42 @@ mod tests {
     }
 
     #[test]
+    fn json_members_follow_the_model_then_sort() {
+        let response = json!({
+            "KeyId": "arn:k",
+            "Zeta": {"b": [], "a": {}},
+            "EncryptionAlgorithm": "SYMMETRIC_DEFAULT",
+            "CiphertextBlob": "AQID",
+            "Extra": "x\"y",
+        });
+        let expected = r#"{
+    "CiphertextBlob": "AQID",
+    "KeyId": "arn:k",
+    "EncryptionAlgorithm": "SYMMETRIC_DEFAULT",
+    "Extra": "x\"y",
+    "Zeta": {
+        "a": {},
+        "b": []
+    }
+}
+"#;
+        assert_eq!(render("Encrypt", &response, OutputFormat::Json), expected);
+    }
+
+    #[test]
     fn timestamps_already_strings_are_left_alone() {
-        let out = render(&json!({"CreationDate": "yesterday"}), OutputFormat::Json);
+        let out = render(
+            "ListAliases",
+            &json!({"CreationDate": "yesterday"}),
+            OutputFormat::Json,
+        );
         assert!(out.contains("\"yesterday\""), "{out}");
     }
 
     #[test]
     fn empty_responses_print_nothing() {
-        assert_eq!(render(&json!({}), OutputFormat::Json), "");
-        assert_eq!(render(&json!({}), OutputFormat::Text), "");
+        assert_eq!(render("EnableKey", &json!({}), OutputFormat::Json), "");
+        assert_eq!(render("EnableKey", &json!({}), OutputFormat::Text), "");
     }
 
     #[test]
@@ -240,7 +314,7 @@ mod tests {
             ],
         });
         assert_eq!(
-            render(&response, OutputFormat::Text),
+            render("ListKeys", &response, OutputFormat::Text),
             "KEYS\tarn:1\t1\nKEYS\tarn:2\t2\n"
         );
     }
@@ -254,7 +328,7 @@ mod tests {
             ],
         });
         assert_eq!(
-            render(&response, OutputFormat::Text),
+            render("ListKeys", &response, OutputFormat::Text),
             "ALIASES\talias/a\tk\nALIASES\talias/aws/s3\t\n"
         );
     }
@@ -271,7 +345,7 @@ mod tests {
             "Truncated": false,
         });
         assert_eq!(
-            render(&response, OutputFormat::Text),
+            render("ListKeys", &response, OutputFormat::Text),
             "False\n\
              KEYMETADATA\t1970-01-01T00:00:00.000000+00:00\tTrue\tk\n\
              ENCRYPTIONALGORITHMS\tSYMMETRIC_DEFAULT\n\
@@ -287,9 +361,12 @@ mod tests {
             "EncryptionAlgorithm": "SYMMETRIC_DEFAULT",
         });
         assert_eq!(
-            render(&response, OutputFormat::Text),
+            render("ListKeys", &response, OutputFormat::Text),
             "AQID\tSYMMETRIC_DEFAULT\tarn:k\n"
         );
-        assert_eq!(render(&json!(["a", "b"]), OutputFormat::Text), "a\tb\n");
+        assert_eq!(
+            render("X", &json!(["a", "b"]), OutputFormat::Text),
+            "a\tb\n"
+        );
     }
 }
