@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use clap::builder::{OsStringValueParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::args::{self, Blob, Context, TagKeys, TagList};
@@ -33,8 +34,17 @@ Exit codes: 0 success, 252 usage error, 254 error returned by the service, 255 a
 )]
 pub struct Cli {
     /// The agent's socket. Without it, kmsctl finds the system or per-user agent and starts
-    /// a per-user agent if none answers.
-    #[arg(long, global = true, env = "KMSD_SOCKET", value_name = "PATH", help_heading = GLOBAL)]
+    /// a per-user agent if none answers. An empty value counts as none.
+    #[arg(
+        long,
+        global = true,
+        env = "KMSD_SOCKET",
+        value_name = "PATH",
+        help_heading = GLOBAL,
+        // Unlike clap's `PathBuf` parser, accept an empty value: an exported but empty
+        // `KMSD_SOCKET` must not make every command a usage error.
+        value_parser = OsStringValueParser::new().map(PathBuf::from)
+    )]
     pub socket: Option<PathBuf>,
 
     /// Output format.

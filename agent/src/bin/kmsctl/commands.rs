@@ -268,12 +268,16 @@ pub fn paginate(
                 "the agent returned NextMarker {marker:?} twice"
             )));
         }
-        request["Marker"] = Value::String(marker.to_string());
+        if let Value::Object(members) = &mut request {
+            members.insert("Marker".into(), Value::String(marker.to_string()));
+        }
         page = call(&request)?;
-        if let Some(Value::Array(items)) = page.get(list) {
-            match merged.get_mut(list) {
-                Some(Value::Array(all)) => all.extend(items.iter().cloned()),
-                _ => merged[list] = Value::Array(items.clone()),
+        if let (Value::Object(all), Some(Value::Array(items))) = (&mut merged, page.get(list)) {
+            match all.get_mut(list) {
+                Some(Value::Array(merged_items)) => merged_items.extend(items.iter().cloned()),
+                _ => {
+                    all.insert(list.to_string(), Value::Array(items.clone()));
+                }
             }
         }
     }
@@ -529,6 +533,25 @@ mod tests {
             json!({"Keys": [{"KeyId": "1"}, {"KeyId": "2"}, {"KeyId": "3"}]})
         );
         assert_eq!(markers, vec![None, Some(json!("m1")), Some(json!("m2"))]);
+    }
+
+    #[test]
+    fn paginate_survives_odd_responses() {
+        let pages = [
+            json!({"Truncated": true, "NextMarker": "m"}),
+            json!("not an object"),
+        ];
+        let mut n = 0;
+        let merged = paginate(
+            |_| {
+                n += 1;
+                Ok(pages[n - 1].clone())
+            },
+            json!({}),
+            "Keys",
+        )
+        .unwrap();
+        assert_eq!(merged, json!({}));
     }
 
     #[test]

@@ -58,24 +58,23 @@ impl Failure {
         }
     }
 
+    /// Prints the failure to stderr as the aws CLI would and returns its exit code. A
+    /// closed stderr is no reason to panic, so write errors are ignored.
     fn report(&self) -> ExitCode {
-        match self {
-            Failure::Usage(message) => {
-                eprintln!("kmsctl: {message}");
-                ExitCode::from(EXIT_USAGE)
-            }
-            Failure::Service { operation, error } => {
-                eprintln!(
+        let mut stderr = io::stderr().lock();
+        let (message, code) = match self {
+            Failure::Usage(message) => (format!("kmsctl: {message}"), EXIT_USAGE),
+            Failure::Service { operation, error } => (
+                format!(
                     "\nAn error occurred ({}) when calling the {operation} operation: {}",
                     error.kind, error.message
-                );
-                ExitCode::from(EXIT_SERVICE)
-            }
-            Failure::Other(message) => {
-                eprintln!("kmsctl: {message}");
-                ExitCode::from(EXIT_OTHER)
-            }
-        }
+                ),
+                EXIT_SERVICE,
+            ),
+            Failure::Other(message) => (format!("kmsctl: {message}"), EXIT_OTHER),
+        };
+        let _ = writeln!(stderr, "{message}");
+        ExitCode::from(code)
     }
 }
 
@@ -113,7 +112,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 flag_name(input)
             )));
         }
-        request[input] = Value::String(STANDARD.encode(read_stdin()?));
+        let blob = Value::String(STANDARD.encode(read_stdin()?));
+        if let Value::Object(members) = &mut request {
+            members.insert(input.to_string(), blob);
+        }
     }
     let socket = cli.socket.filter(|path| !path.as_os_str().is_empty());
     let mut client = AgentClient::connect_or_start(socket.as_deref())
