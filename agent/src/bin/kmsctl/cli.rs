@@ -366,3 +366,27 @@ pub struct GenerateRandom {
     #[arg(long, value_name = "N")]
     pub number_of_bytes: Option<u32>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn usage_errors_are_errors_not_panics() {
+        for argv in [
+            &["kmsctl", "describe-key"][..],
+            &["kmsctl", "encrypt", "-k", "k", "--plaintext", "%%%"],
+            &["kmsctl", "list-keys", "--limit", "-1"],
+            &["kmsctl", "tag-resource", "-k", "k", "--tags", "TagKey=a"],
+            &["kmsctl", "--output", "yaml", "list-keys"],
+        ] {
+            assert!(Cli::try_parse_from(argv).is_err(), "{argv:?}");
+        }
+    }
+}
