@@ -1,0 +1,332 @@
+//! Parsers for kmsctl's structured arguments, in the aws CLI's conventions: binary blobs
+//! (`fileb://`, `file://`, or base64), encryption contexts (`k1=v1,k2=v2` shorthand or a JSON
+//! object), tags (`TagKey=k,TagValue=v` shorthand or JSON), tag-key lists, and `file://`
+//! string parameters. Each is a clap value parser, so a bad value is a usage error that names
+//! the flag.
+
+use std::collections::BTreeMap;
+use std::fs;
+
+use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+use base64::Engine;
+use kmsfs_common::context::EncryptionContext;
+use serde_json::Value;
+
+/// Standard-alphabet base64 that accepts input with or without `=` padding.
+const LENIENT_BASE64: GeneralPurpose = GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
+
+/// Parameter files larger than this are refused rather than read whole.
+const MAX_PARAM_FILE: u64 = 16 << 20;
+
+/// Raw bytes given on the command line (`--plaintext`, `--ciphertext-blob`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Blob(pub Vec<u8>);
+
+/// One `{"TagKey", "TagValue"}` pair.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tag {
+    pub key: String,
+    pub value: String,
+}
+
+/// The tags one `--tags` value names: a shorthand value is one tag, a JSON list many.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagList(pub Vec<Tag>);
+
+/// The tag keys one `--tag-keys` value names: a plain value is one key, a JSON list many.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagKeys(pub Vec<String>);
+
+/// A parsed `--encryption-context` (or `--source-`/`--destination-encryption-context`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Context(pub EncryptionContext);
+
+/// A blob argument: `fileb://PATH` or `file://PATH` is the file's raw bytes; anything else
+/// is base64, the aws CLI v2's default binary format.
+pub fn blob(arg: &str) -> Result<Blob, String> {
+    if let Some(path) = arg
+        .strip_prefix("fileb://")
+        .or_else(|| arg.strip_prefix("file://"))
+    {
+        return read_file(path).map(Blob);
+    }
+    let trimmed = arg.trim();
+    LENIENT_BASE64.decode(trimmed).map(Blob).map_err(|e| {
+        format!("not valid base64 ({e}); give the bytes base64-encoded, or as fileb://PATH to read them from a file")
+    })
+}
+
+/// A string parameter that may be `file://PATH`, read as UTF-8 text (as the aws CLI does
+/// for `--policy` documents).
+pub fn text(arg: &str) -> Result<String, String> {
+    match arg.strip_prefix("file://") {
+        Some(path) => {
+            String::from_utf8(read_file(path)?).map_err(|_| format!("{path} is not UTF-8 text"))
+        }
+        None => Ok(arg.to_string()),
+    }
+}
+
+/// An encryption context: `k1=v1,k2=v2`, a JSON object of strings, or `file://PATH`
+/// holding either.
+pub fn context(arg: &str) -> Result<Context, String> {
+    let arg = text(arg)?;
+    let arg = arg.trim();
+    let pairs = if arg.starts_with('{') {
+        let value: Value =
+            serde_json::from_str(arg).map_err(|e| format!("not a valid JSON object: {e}"))?;
+        let Value::Object(object) = value else {
+            return Err("expected a JSON object of strings".into());
+        };
+        let mut pairs = BTreeMap::new();
+        for (k, v) in object {
+            let Value::String(v) = v else {
+                return Err(format!("the value of {k:?} must be a string, found {v}"));
+            };
+            pairs.insert(k, v);
+        }
+        pairs
+    } else {
+        let mut pairs = BTreeMap::new();
+        for (k, v) in shorthand(arg)? {
+            if pairs.insert(k.clone(), v).is_some() {
+                return Err(format!("the key {k:?} is given twice"));
+            }
+        }
+        pairs
+    };
+    Ok(Context(EncryptionContext(pairs)))
+}
+
+/// One `--tags` value: `TagKey=k,TagValue=v`, a JSON object `{"TagKey": .., "TagValue": ..}`,
+/// a JSON list of them, or `file://PATH` holding any of these.
+pub fn tags(arg: &str) -> Result<TagList, String> {
+    let arg = text(arg)?;
+    let arg = arg.trim();
+    if arg.starts_with('[') || arg.starts_with('{') {
+        let value: Value = serde_json::from_str(arg).map_err(|e| format!("not valid JSON: {e}"))?;
+        return match value {
+            Value::Array(items) => items
+                .iter()
+                .map(json_tag)
+                .collect::<Result<_, _>>()
+                .map(TagList),
+            other => json_tag(&other).map(|tag| TagList(vec![tag])),
+        };
+    }
+    let mut key = None;
+    let mut value = None;
+    for (member, v) in shorthand(arg)? {
+        let slot = match member.as_str() {
+            "TagKey" => &mut key,
+            "TagValue" => &mut value,
+            _ => {
+                return Err(format!(
+                    "unknown member {member:?}; expected TagKey=KEY,TagValue=VALUE"
+                ))
+            }
+        };
+        if slot.replace(v).is_some() {
+            return Err(format!("{member} is given twice"));
+        }
+    }
+    match (key, value) {
+        (Some(key), Some(value)) => Ok(TagList(vec![Tag { key, value }])),
+        _ => Err("expected TagKey=KEY,TagValue=VALUE".into()),
+    }
+}
+
+/// One `--tag-keys` value: a key, or a JSON list of keys.
+pub fn tag_keys(arg: &str) -> Result<TagKeys, String> {
+    if !arg.trim_start().starts_with('[') {
+        return Ok(TagKeys(vec![arg.to_string()]));
+    }
+    let keys: Vec<String> =
+        serde_json::from_str(arg).map_err(|e| format!("not a JSON list of strings: {e}"))?;
+    Ok(TagKeys(keys))
+}
+
+fn json_tag(value: &Value) -> Result<Tag, String> {
+    let member = |name: &str| match value.get(name) {
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(other) => Err(format!("{name} must be a string, found {other}")),
+        None => Err(format!(
+            "each tag needs {name}; expected {{\"TagKey\": .., \"TagValue\": ..}}"
+        )),
+    };
+    if !value.is_object() {
+        return Err(format!(
+            "expected a tag object {{\"TagKey\": .., \"TagValue\": ..}}, found {value}"
+        ));
+    }
+    Ok(Tag {
+        key: member("TagKey")?,
+        value: member("TagValue")?,
+    })
+}
+
+/// Splits aws-style shorthand `k1=v1,k2=v2` into pairs, trimming blanks around keys and
+/// values as the aws CLI does. Values may be empty; use JSON for values holding commas.
+fn shorthand(arg: &str) -> Result<Vec<(String, String)>, String> {
+    if arg.is_empty() {
+        return Err("expected KEY=VALUE pairs separated by commas, or a JSON object".into());
+    }
+    arg.split(',')
+        .map(|pair| match pair.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => {
+                Ok((k.trim().to_string(), v.trim().to_string()))
+            }
+            _ => Err(format!(
+                "{pair:?} is not KEY=VALUE; expected KEY=VALUE pairs separated by commas, or JSON"
+            )),
+        })
+        .collect()
+}
+
+fn read_file(path: &str) -> Result<Vec<u8>, String> {
+    let file = fs::File::open(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    let mut bytes = Vec::new();
+    use std::io::Read;
+    file.take(MAX_PARAM_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read {path}: {e}"))?;
+    if bytes.len() as u64 > MAX_PARAM_FILE {
+        return Err(format!("{path} is larger than {MAX_PARAM_FILE} bytes"));
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn ctx(pairs: &[(&str, &str)]) -> Context {
+        Context(EncryptionContext(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        ))
+    }
+
+    #[test]
+    fn blob_reads_base64_and_files() {
+        assert_eq!(blob("aGVsbG8=").unwrap(), Blob(b"hello".to_vec()));
+        assert_eq!(
+            blob("aGVsbG8").unwrap(),
+            Blob(b"hello".to_vec()),
+            "padding optional"
+        );
+        assert_eq!(blob("aGVsbG8=\n").unwrap(), Blob(b"hello".to_vec()));
+
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(&[0, 159, 146, 150, b'\n']).unwrap();
+        let path = file.path().display();
+        assert_eq!(
+            blob(&format!("fileb://{path}")).unwrap().0,
+            vec![0, 159, 146, 150, b'\n']
+        );
+        assert_eq!(
+            blob(&format!("file://{path}")).unwrap().0,
+            vec![0, 159, 146, 150, b'\n']
+        );
+    }
+
+    #[test]
+    fn blob_rejects_bad_base64_and_missing_files() {
+        let err = blob("hello world!").unwrap_err();
+        assert!(err.contains("base64") && err.contains("fileb://"), "{err}");
+        let err = blob("fileb:///nonexistent/kmsctl-test").unwrap_err();
+        assert!(
+            err.contains("cannot read /nonexistent/kmsctl-test"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn context_shorthand() {
+        assert_eq!(context("a=1,b=2").unwrap(), ctx(&[("a", "1"), ("b", "2")]));
+        assert_eq!(
+            context(" a = 1 , b=").unwrap(),
+            ctx(&[("a", "1"), ("b", "")])
+        );
+        assert_eq!(context("url=x=y").unwrap(), ctx(&[("url", "x=y")]));
+        assert!(context("a=1,a=2").unwrap_err().contains("twice"));
+        assert!(context("a").unwrap_err().contains("KEY=VALUE"));
+        assert!(context("=1").unwrap_err().contains("KEY=VALUE"));
+        assert!(context("").is_err());
+    }
+
+    #[test]
+    fn context_json_and_file() {
+        assert_eq!(
+            context(r#"{"purpose": "a,b=c", "Dept": "IT"}"#).unwrap(),
+            ctx(&[("purpose", "a,b=c"), ("Dept", "IT")])
+        );
+        assert!(context(r#"{"n": 1}"#)
+            .unwrap_err()
+            .contains("must be a string"));
+        assert!(context(r#"{"n": "#).unwrap_err().contains("JSON"));
+
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(br#"{"k": "v"}"#).unwrap();
+        let arg = format!("file://{}", file.path().display());
+        assert_eq!(context(&arg).unwrap(), ctx(&[("k", "v")]));
+    }
+
+    #[test]
+    fn tags_shorthand_and_json() {
+        let tag = |k: &str, v: &str| Tag {
+            key: k.into(),
+            value: v.into(),
+        };
+        assert_eq!(
+            tags("TagKey=env,TagValue=prod").unwrap(),
+            TagList(vec![tag("env", "prod")])
+        );
+        assert_eq!(
+            tags("TagValue=,TagKey=empty").unwrap(),
+            TagList(vec![tag("empty", "")])
+        );
+        assert_eq!(
+            tags(r#"[{"TagKey":"a","TagValue":"1"},{"TagKey":"b","TagValue":"2"}]"#).unwrap(),
+            TagList(vec![tag("a", "1"), tag("b", "2")])
+        );
+        assert_eq!(
+            tags(r#"{"TagKey":"a","TagValue":"1"}"#).unwrap(),
+            TagList(vec![tag("a", "1")])
+        );
+        assert!(tags("TagKey=a").unwrap_err().contains("TagValue"));
+        assert!(tags("Key=a,Value=b")
+            .unwrap_err()
+            .contains("unknown member"));
+        assert!(tags(r#"[{"TagKey":"a"}]"#)
+            .unwrap_err()
+            .contains("TagValue"));
+        assert!(tags(r#"[1]"#).is_err());
+    }
+
+    #[test]
+    fn tag_keys_plain_and_json() {
+        assert_eq!(tag_keys("env").unwrap(), TagKeys(vec!["env".into()]));
+        assert_eq!(
+            tag_keys(r#"["a", "b"]"#).unwrap(),
+            TagKeys(vec!["a".into(), "b".into()])
+        );
+        assert!(tag_keys("[1]").is_err());
+    }
+
+    #[test]
+    fn text_reads_files() {
+        assert_eq!(text("plain").unwrap(), "plain");
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(b"{\"Version\": \"2012-10-17\"}").unwrap();
+        let arg = format!("file://{}", file.path().display());
+        assert_eq!(text(&arg).unwrap(), "{\"Version\": \"2012-10-17\"}");
+    }
+}

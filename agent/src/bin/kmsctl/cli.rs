@@ -1,0 +1,392 @@
+//! kmsctl's command line: global flags and one subcommand per KMS action, named and flagged
+//! as `aws kms` names them, so that `aws kms` habits and scripts carry over.
+
+use std::path::PathBuf;
+
+use clap::builder::{OsStringValueParser, TypedValueParser};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::args::{self, Blob, Context, TagKeys, TagList};
+
+/// The help heading of the flags every subcommand takes.
+const GLOBAL: &str = "Global options";
+
+/// Examples and exit codes, shown after the subcommand list.
+const AFTER_HELP: &str = "\
+Blob arguments (--plaintext, --ciphertext-blob) are base64, or fileb://PATH for a file's raw
+bytes. Without them, encrypt, decrypt and re-encrypt read raw bytes from stdin and write the raw
+result to stdout:
+
+  kmsctl encrypt -k alias/app < secret > secret.enc
+  kmsctl decrypt < secret.enc > secret
+
+Exit codes: 0 success, 252 usage error, 254 error returned by the service, 255 any other error.";
+
+/// Command-line client of kmsd, the local key management daemon speaking AWS KMS's API.
+/// Subcommands and flags follow `aws kms`.
+#[derive(Debug, Parser)]
+#[command(
+    name = "kmsctl",
+    version,
+    subcommand_required = true,
+    arg_required_else_help = true,
+    after_help = AFTER_HELP
+)]
+pub struct Cli {
+    /// The agent's socket. Without it, kmsctl finds the system or per-user agent and starts
+    /// a per-user agent if none answers. An empty value counts as none.
+    #[arg(
+        long,
+        global = true,
+        env = "KMSD_SOCKET",
+        value_name = "PATH",
+        help_heading = GLOBAL,
+        // Unlike clap's `PathBuf` parser, accept an empty value: an exported but empty
+        // `KMSD_SOCKET` must not make every command a usage error.
+        value_parser = OsStringValueParser::new().map(PathBuf::from)
+    )]
+    pub socket: Option<PathBuf>,
+
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Json, help_heading = GLOBAL)]
+    pub output: OutputFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How responses are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// Pretty-printed JSON, as `aws --output json`.
+    Json,
+    /// Tab-separated lines, as `aws --output text`.
+    Text,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Creates a KMS key.
+    CreateKey(CreateKey),
+    /// Shows a KMS key's metadata.
+    DescribeKey(DescribeKey),
+    /// Lists the KMS keys.
+    ListKeys(Pages),
+    /// Enables a KMS key.
+    EnableKey(KeyIdArg),
+    /// Disables a KMS key, so that it cannot be used in cryptographic operations.
+    DisableKey(KeyIdArg),
+    /// Replaces a KMS key's description.
+    UpdateKeyDescription(UpdateKeyDescription),
+    /// Schedules a KMS key for deletion after a waiting period.
+    ScheduleKeyDeletion(ScheduleKeyDeletion),
+    /// Cancels a KMS key's scheduled deletion; the key is left disabled.
+    CancelKeyDeletion(KeyIdArg),
+    /// Creates an alias for a KMS key.
+    CreateAlias(AliasTarget),
+    /// Points an existing alias at another KMS key.
+    UpdateAlias(AliasTarget),
+    /// Deletes an alias.
+    DeleteAlias(AliasNameArg),
+    /// Lists aliases, all of them or a KMS key's.
+    ListAliases(ListAliases),
+    /// Adds or overwrites tags on a KMS key.
+    TagResource(TagResource),
+    /// Removes tags from a KMS key.
+    UntagResource(UntagResource),
+    /// Lists a KMS key's tags.
+    ListResourceTags(ListResourceTags),
+    /// Encrypts plaintext (from --plaintext, or raw from stdin) under a KMS key.
+    Encrypt(Encrypt),
+    /// Decrypts a ciphertext blob (from --ciphertext-blob, or raw from stdin).
+    Decrypt(Decrypt),
+    /// Decrypts a ciphertext blob and encrypts the plaintext again under another key.
+    ReEncrypt(ReEncrypt),
+    /// Generates a data key: its plaintext and its ciphertext under a KMS key.
+    GenerateDataKey(GenerateDataKey),
+    /// Generates a data key and returns only its ciphertext under a KMS key.
+    GenerateDataKeyWithoutPlaintext(GenerateDataKey),
+    /// Returns random bytes.
+    GenerateRandom(GenerateRandom),
+}
+
+#[derive(Debug, Args)]
+pub struct KeyIdArg {
+    /// The key: key ID, key ARN, alias name (alias/...) or alias ARN.
+    #[arg(short = 'k', long, value_name = "KEY_ID")]
+    pub key_id: String,
+}
+
+#[derive(Debug, Args)]
+pub struct GrantTokensArg {
+    /// Grant tokens to present with the request.
+    #[arg(long, num_args = 1.., value_name = "TOKEN")]
+    pub grant_tokens: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct DryRunArg {
+    /// Check permissions and parameters without performing the operation; the service
+    /// answers with DryRunOperationException when the call would have succeeded.
+    #[arg(long, overrides_with = "no_dry_run")]
+    pub dry_run: bool,
+    /// Perform the operation (the default).
+    #[arg(long, overrides_with = "dry_run")]
+    pub no_dry_run: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PageArgs {
+    /// The most items to return in one page; implies --no-paginate.
+    #[arg(long, value_name = "N")]
+    pub limit: Option<u32>,
+    /// Start after this NextMarker from a previous page; implies --no-paginate.
+    #[arg(long, value_name = "MARKER")]
+    pub marker: Option<String>,
+    /// Send one request and print that page, NextMarker and Truncated included, rather than
+    /// following NextMarker through every page.
+    #[arg(long)]
+    pub no_paginate: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct Pages {
+    #[command(flatten)]
+    pub page: PageArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct CreateKey {
+    /// The key's policy document (JSON, or file://PATH).
+    #[arg(long, value_parser = args::text, value_name = "POLICY")]
+    pub policy: Option<String>,
+    /// A description of the key.
+    #[arg(long, value_parser = args::text)]
+    pub description: Option<String>,
+    /// What the key is for: ENCRYPT_DECRYPT, SIGN_VERIFY, GENERATE_VERIFY_MAC, KEY_AGREEMENT.
+    #[arg(long, value_name = "KEY_USAGE")]
+    pub key_usage: Option<String>,
+    /// The key's type, e.g. SYMMETRIC_DEFAULT (the default), HMAC_256, RSA_2048.
+    #[arg(long, value_name = "KEY_SPEC")]
+    pub key_spec: Option<String>,
+    /// Deprecated name of --key-spec.
+    #[arg(long, value_name = "KEY_SPEC")]
+    pub customer_master_key_spec: Option<String>,
+    /// Where the key material comes from: AWS_KMS (the default) or EXTERNAL.
+    #[arg(long, value_name = "ORIGIN")]
+    pub origin: Option<String>,
+    /// Skip the check that the policy does not lock the caller out.
+    #[arg(long, overrides_with = "no_bypass_policy_lockout_safety_check")]
+    pub bypass_policy_lockout_safety_check: bool,
+    /// Keep the policy lockout safety check (the default).
+    #[arg(long, overrides_with = "bypass_policy_lockout_safety_check")]
+    pub no_bypass_policy_lockout_safety_check: bool,
+    /// Tags: TagKey=KEY,TagValue=VALUE (repeatable) or a JSON list of {"TagKey","TagValue"}.
+    #[arg(long, num_args = 1.., value_parser = args::tags, value_name = "TAG")]
+    pub tags: Vec<TagList>,
+    /// Create a multi-Region primary key.
+    #[arg(long, overrides_with = "no_multi_region")]
+    pub multi_region: bool,
+    /// Create a single-Region key (the default).
+    #[arg(long, overrides_with = "multi_region")]
+    pub no_multi_region: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DescribeKey {
+    #[command(flatten)]
+    pub key: KeyIdArg,
+    #[command(flatten)]
+    pub grant_tokens: GrantTokensArg,
+}
+
+#[derive(Debug, Args)]
+pub struct UpdateKeyDescription {
+    #[command(flatten)]
+    pub key: KeyIdArg,
+    /// The new description.
+    #[arg(long, value_parser = args::text)]
+    pub description: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ScheduleKeyDeletion {
+    #[command(flatten)]
+    pub key: KeyIdArg,
+    /// Days to wait before deleting the key, 7 to 30 (default 30).
+    #[arg(long, value_name = "DAYS")]
+    pub pending_window_in_days: Option<u32>,
+}
+
+#[derive(Debug, Args)]
+pub struct AliasTarget {
+    /// The alias name, alias/NAME.
+    #[arg(long, value_name = "ALIAS_NAME")]
+    pub alias_name: String,
+    /// The key the alias points to: key ID or key ARN.
+    #[arg(long, value_name = "KEY_ID")]
+    pub target_key_id: String,
+}
+
+#[derive(Debug, Args)]
+pub struct AliasNameArg {
+    /// The alias name, alias/NAME.
+    #[arg(long, value_name = "ALIAS_NAME")]
+    pub alias_name: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ListAliases {
+    /// List only the aliases of this key (key ID or key ARN).
+    #[arg(short = 'k', long, value_name = "KEY_ID")]
+    pub key_id: Option<String>,
+    #[command(flatten)]
+    pub page: PageArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct TagResource {
+    #[command(flatten)]
+    pub key: KeyIdArg,
+    /// Tags: TagKey=KEY,TagValue=VALUE (repeatable) or a JSON list of {"TagKey","TagValue"}.
+    #[arg(long, required = true, num_args = 1.., value_parser = args::tags, value_name = "TAG")]
+    pub tags: Vec<TagList>,
+}
+
+#[derive(Debug, Args)]
+pub struct UntagResource {
+    #[command(flatten)]
+    pub key: KeyIdArg,
+    /// The keys of the tags to remove (or a JSON list of them).
+    #[arg(long, required = true, num_args = 1.., value_parser = args::tag_keys, value_name = "TAG_KEY")]
+    pub tag_keys: Vec<TagKeys>,
+}
+
+#[derive(Debug, Args)]
+pub struct ListResourceTags {
+    #[command(flatten)]
+    pub key: KeyIdArg,
+    #[command(flatten)]
+    pub page: PageArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct Encrypt {
+    #[command(flatten)]
+    pub key: KeyIdArg,
+    /// The plaintext: base64, or fileb://PATH. Without it, raw plaintext is read from stdin
+    /// and the raw ciphertext blob is written to stdout.
+    #[arg(long, value_parser = args::blob, value_name = "BLOB")]
+    pub plaintext: Option<Blob>,
+    /// Encryption context: KEY=VALUE,... or a JSON object (or file://PATH).
+    #[arg(long, value_parser = args::context, value_name = "CONTEXT")]
+    pub encryption_context: Option<Context>,
+    #[command(flatten)]
+    pub grant_tokens: GrantTokensArg,
+    /// The algorithm: SYMMETRIC_DEFAULT (the default), RSAES_OAEP_SHA_1, RSAES_OAEP_SHA_256.
+    #[arg(long, value_name = "ALGORITHM")]
+    pub encryption_algorithm: Option<String>,
+    #[command(flatten)]
+    pub dry_run: DryRunArg,
+}
+
+#[derive(Debug, Args)]
+pub struct Decrypt {
+    /// The ciphertext blob: base64, or fileb://PATH. Without it, the raw blob is read from
+    /// stdin and the raw plaintext is written to stdout.
+    #[arg(long, value_parser = args::blob, value_name = "BLOB")]
+    pub ciphertext_blob: Option<Blob>,
+    /// The encryption context the blob was encrypted with: KEY=VALUE,... or a JSON object.
+    #[arg(long, value_parser = args::context, value_name = "CONTEXT")]
+    pub encryption_context: Option<Context>,
+    #[command(flatten)]
+    pub grant_tokens: GrantTokensArg,
+    /// Require the blob to be under this key.
+    #[arg(short = 'k', long, value_name = "KEY_ID")]
+    pub key_id: Option<String>,
+    /// The algorithm the blob was encrypted with.
+    #[arg(long, value_name = "ALGORITHM")]
+    pub encryption_algorithm: Option<String>,
+    #[command(flatten)]
+    pub dry_run: DryRunArg,
+}
+
+#[derive(Debug, Args)]
+pub struct ReEncrypt {
+    /// The ciphertext blob: base64, or fileb://PATH. Without it, the raw blob is read from
+    /// stdin and the raw new blob is written to stdout.
+    #[arg(long, value_parser = args::blob, value_name = "BLOB")]
+    pub ciphertext_blob: Option<Blob>,
+    /// The encryption context the blob was encrypted with.
+    #[arg(long, value_parser = args::context, value_name = "CONTEXT")]
+    pub source_encryption_context: Option<Context>,
+    /// Require the blob to be under this key.
+    #[arg(long, value_name = "KEY_ID")]
+    pub source_key_id: Option<String>,
+    /// The key to encrypt under.
+    #[arg(short = 'k', long, value_name = "KEY_ID")]
+    pub destination_key_id: String,
+    /// The encryption context for the new blob.
+    #[arg(long, value_parser = args::context, value_name = "CONTEXT")]
+    pub destination_encryption_context: Option<Context>,
+    /// The algorithm the blob was encrypted with.
+    #[arg(long, value_name = "ALGORITHM")]
+    pub source_encryption_algorithm: Option<String>,
+    /// The algorithm to encrypt with.
+    #[arg(long, value_name = "ALGORITHM")]
+    pub destination_encryption_algorithm: Option<String>,
+    #[command(flatten)]
+    pub grant_tokens: GrantTokensArg,
+    #[command(flatten)]
+    pub dry_run: DryRunArg,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateDataKey {
+    #[command(flatten)]
+    pub key: KeyIdArg,
+    /// Encryption context: KEY=VALUE,... or a JSON object (or file://PATH).
+    #[arg(long, value_parser = args::context, value_name = "CONTEXT")]
+    pub encryption_context: Option<Context>,
+    /// The data key's length in bytes (or give --key-spec).
+    #[arg(long, value_name = "N")]
+    pub number_of_bytes: Option<u32>,
+    /// The data key's type: AES_256 or AES_128.
+    #[arg(long, value_name = "KEY_SPEC")]
+    pub key_spec: Option<String>,
+    #[command(flatten)]
+    pub grant_tokens: GrantTokensArg,
+    #[command(flatten)]
+    pub dry_run: DryRunArg,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateRandom {
+    /// How many random bytes to return.
+    #[arg(long, value_name = "N")]
+    pub number_of_bytes: Option<u32>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn usage_errors_are_errors_not_panics() {
+        for argv in [
+            &["kmsctl", "describe-key"][..],
+            &["kmsctl", "encrypt", "-k", "k", "--plaintext", "%%%"],
+            &["kmsctl", "list-keys", "--limit", "-1"],
+            &["kmsctl", "tag-resource", "-k", "k", "--tags", "TagKey=a"],
+            &["kmsctl", "--output", "yaml", "list-keys"],
+        ] {
+            assert!(Cli::try_parse_from(argv).is_err(), "{argv:?}");
+        }
+    }
+}

@@ -1,0 +1,563 @@
+//! What each subcommand asks of the agent: the action, its JSON 1.1 request (the API's
+//! PascalCase members, blobs as base64) and how the response is handled. Planning is pure;
+//! `paginate` follows `NextMarker` through a list action's pages, as the aws CLI does.
+
+use std::collections::HashSet;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use serde_json::{Map, Value};
+
+use crate::args::{Blob, Context, TagKeys, TagList};
+use crate::cli::{Command, DryRunArg, GrantTokensArg, PageArgs};
+use crate::Failure;
+
+/// One call to the agent.
+#[derive(Debug, PartialEq)]
+pub struct Call {
+    /// The API action, e.g. `Encrypt`.
+    pub action: &'static str,
+    pub request: Value,
+    pub mode: Mode,
+}
+
+/// How a call's input and output are handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Send the request once and print the response.
+    Single,
+    /// Follow `NextMarker` through every page, merging the pages' `list` member.
+    Paginate { list: &'static str },
+    /// Pipe mode: the raw bytes of stdin become the blob member `input`, and the raw bytes of
+    /// the response's blob member `output` are written to stdout.
+    Pipe {
+        input: &'static str,
+        output: &'static str,
+    },
+}
+
+/// The call `command` stands for.
+pub fn plan(command: &Command) -> Call {
+    use Command as C;
+    let single = |action, request: Request| Call {
+        action,
+        request: request.into(),
+        mode: Mode::Single,
+    };
+    let list = |action, request: Request, page: &PageArgs, list| {
+        let one_page = page.no_paginate || page.limit.is_some() || page.marker.is_some();
+        let request = request
+            .opt("Limit", page.limit)
+            .opt("Marker", page.marker.clone());
+        let mode = if one_page {
+            Mode::Single
+        } else {
+            Mode::Paginate { list }
+        };
+        Call {
+            action,
+            request: request.into(),
+            mode,
+        }
+    };
+    let key = |key_id: &str| Request::new().set("KeyId", key_id);
+    match command {
+        C::CreateKey(a) => single(
+            "CreateKey",
+            Request::new()
+                .opt("Policy", a.policy.clone())
+                .opt("Description", a.description.clone())
+                .opt("KeyUsage", a.key_usage.clone())
+                .opt("KeySpec", a.key_spec.clone())
+                .opt("CustomerMasterKeySpec", a.customer_master_key_spec.clone())
+                .opt("Origin", a.origin.clone())
+                .opt(
+                    "BypassPolicyLockoutSafetyCheck",
+                    flag(
+                        a.bypass_policy_lockout_safety_check,
+                        a.no_bypass_policy_lockout_safety_check,
+                    ),
+                )
+                .opt("Tags", tags(&a.tags))
+                .opt("MultiRegion", flag(a.multi_region, a.no_multi_region)),
+        ),
+        C::DescribeKey(a) => single(
+            "DescribeKey",
+            key(&a.key.key_id).opt("GrantTokens", grant_tokens(&a.grant_tokens)),
+        ),
+        C::ListKeys(a) => list("ListKeys", Request::new(), &a.page, "Keys"),
+        C::EnableKey(a) => single("EnableKey", key(&a.key_id)),
+        C::DisableKey(a) => single("DisableKey", key(&a.key_id)),
+        C::UpdateKeyDescription(a) => single(
+            "UpdateKeyDescription",
+            key(&a.key.key_id).set("Description", a.description.as_str()),
+        ),
+        C::ScheduleKeyDeletion(a) => single(
+            "ScheduleKeyDeletion",
+            key(&a.key.key_id).opt("PendingWindowInDays", a.pending_window_in_days),
+        ),
+        C::CancelKeyDeletion(a) => single("CancelKeyDeletion", key(&a.key_id)),
+        C::CreateAlias(a) => single(
+            "CreateAlias",
+            Request::new()
+                .set("AliasName", a.alias_name.as_str())
+                .set("TargetKeyId", a.target_key_id.as_str()),
+        ),
+        C::UpdateAlias(a) => single(
+            "UpdateAlias",
+            Request::new()
+                .set("AliasName", a.alias_name.as_str())
+                .set("TargetKeyId", a.target_key_id.as_str()),
+        ),
+        C::DeleteAlias(a) => single(
+            "DeleteAlias",
+            Request::new().set("AliasName", a.alias_name.as_str()),
+        ),
+        C::ListAliases(a) => list(
+            "ListAliases",
+            Request::new().opt("KeyId", a.key_id.clone()),
+            &a.page,
+            "Aliases",
+        ),
+        C::TagResource(a) => single(
+            "TagResource",
+            key(&a.key.key_id).set(
+                "Tags",
+                tags(&a.tags).unwrap_or_else(|| Value::Array(vec![])),
+            ),
+        ),
+        C::UntagResource(a) => single(
+            "UntagResource",
+            key(&a.key.key_id).set("TagKeys", tag_keys(&a.tag_keys)),
+        ),
+        C::ListResourceTags(a) => list("ListResourceTags", key(&a.key.key_id), &a.page, "Tags"),
+        C::Encrypt(a) => {
+            let request = key(&a.key.key_id)
+                .opt("Plaintext", a.plaintext.as_ref().map(blob))
+                .opt(
+                    "EncryptionContext",
+                    a.encryption_context.as_ref().map(context),
+                )
+                .opt("GrantTokens", grant_tokens(&a.grant_tokens))
+                .opt("EncryptionAlgorithm", a.encryption_algorithm.clone())
+                .opt("DryRun", dry_run(&a.dry_run));
+            let mode = match a.plaintext {
+                Some(_) => Mode::Single,
+                None => Mode::Pipe {
+                    input: "Plaintext",
+                    output: "CiphertextBlob",
+                },
+            };
+            Call {
+                action: "Encrypt",
+                request: request.into(),
+                mode,
+            }
+        }
+        C::Decrypt(a) => {
+            let request = Request::new()
+                .opt("CiphertextBlob", a.ciphertext_blob.as_ref().map(blob))
+                .opt(
+                    "EncryptionContext",
+                    a.encryption_context.as_ref().map(context),
+                )
+                .opt("GrantTokens", grant_tokens(&a.grant_tokens))
+                .opt("KeyId", a.key_id.clone())
+                .opt("EncryptionAlgorithm", a.encryption_algorithm.clone())
+                .opt("DryRun", dry_run(&a.dry_run));
+            let mode = match a.ciphertext_blob {
+                Some(_) => Mode::Single,
+                None => Mode::Pipe {
+                    input: "CiphertextBlob",
+                    output: "Plaintext",
+                },
+            };
+            Call {
+                action: "Decrypt",
+                request: request.into(),
+                mode,
+            }
+        }
+        C::ReEncrypt(a) => {
+            let request = Request::new()
+                .opt("CiphertextBlob", a.ciphertext_blob.as_ref().map(blob))
+                .opt(
+                    "SourceEncryptionContext",
+                    a.source_encryption_context.as_ref().map(context),
+                )
+                .opt("SourceKeyId", a.source_key_id.clone())
+                .set("DestinationKeyId", a.destination_key_id.as_str())
+                .opt(
+                    "DestinationEncryptionContext",
+                    a.destination_encryption_context.as_ref().map(context),
+                )
+                .opt(
+                    "SourceEncryptionAlgorithm",
+                    a.source_encryption_algorithm.clone(),
+                )
+                .opt(
+                    "DestinationEncryptionAlgorithm",
+                    a.destination_encryption_algorithm.clone(),
+                )
+                .opt("GrantTokens", grant_tokens(&a.grant_tokens))
+                .opt("DryRun", dry_run(&a.dry_run));
+            let mode = match a.ciphertext_blob {
+                Some(_) => Mode::Single,
+                None => Mode::Pipe {
+                    input: "CiphertextBlob",
+                    output: "CiphertextBlob",
+                },
+            };
+            Call {
+                action: "ReEncrypt",
+                request: request.into(),
+                mode,
+            }
+        }
+        C::GenerateDataKey(a) | C::GenerateDataKeyWithoutPlaintext(a) => {
+            let action = match command {
+                C::GenerateDataKey(_) => "GenerateDataKey",
+                _ => "GenerateDataKeyWithoutPlaintext",
+            };
+            single(
+                action,
+                key(&a.key.key_id)
+                    .opt(
+                        "EncryptionContext",
+                        a.encryption_context.as_ref().map(context),
+                    )
+                    .opt("NumberOfBytes", a.number_of_bytes)
+                    .opt("KeySpec", a.key_spec.clone())
+                    .opt("GrantTokens", grant_tokens(&a.grant_tokens))
+                    .opt("DryRun", dry_run(&a.dry_run)),
+            )
+        }
+        C::GenerateRandom(a) => single(
+            "GenerateRandom",
+            Request::new().opt("NumberOfBytes", a.number_of_bytes),
+        ),
+    }
+}
+
+/// Calls a list action page after page, following `NextMarker` while `Truncated` is true,
+/// and returns the first page with every page's `list` appended to its own and the
+/// pagination members removed, as the aws CLI prints it.
+pub fn paginate(
+    mut call: impl FnMut(&Value) -> Result<Value, Failure>,
+    mut request: Value,
+    list: &str,
+) -> Result<Value, Failure> {
+    let mut merged = call(&request)?;
+    let mut seen = HashSet::new();
+    let mut page = merged.clone();
+    loop {
+        if page.get("Truncated") != Some(&Value::Bool(true)) {
+            break;
+        }
+        let Some(marker) = page
+            .get("NextMarker")
+            .and_then(Value::as_str)
+            .filter(|m| !m.is_empty())
+        else {
+            return Err(Failure::Other(
+                "the agent reported a truncated page without NextMarker".into(),
+            ));
+        };
+        if !seen.insert(marker.to_string()) {
+            return Err(Failure::Other(format!(
+                "the agent returned NextMarker {marker:?} twice"
+            )));
+        }
+        if let Value::Object(members) = &mut request {
+            members.insert("Marker".into(), Value::String(marker.to_string()));
+        }
+        page = call(&request)?;
+        if let (Value::Object(all), Some(Value::Array(items))) = (&mut merged, page.get(list)) {
+            match all.get_mut(list) {
+                Some(Value::Array(merged_items)) => merged_items.extend(items.iter().cloned()),
+                _ => {
+                    all.insert(list.to_string(), Value::Array(items.clone()));
+                }
+            }
+        }
+    }
+    if let Value::Object(members) = &mut merged {
+        members.remove("NextMarker");
+        members.remove("Truncated");
+    }
+    Ok(merged)
+}
+
+/// A JSON object under construction; absent optional members are left out of the request.
+struct Request(Map<String, Value>);
+
+impl Request {
+    fn new() -> Request {
+        Request(Map::new())
+    }
+
+    fn set(mut self, name: &str, value: impl Into<Value>) -> Request {
+        self.0.insert(name.to_string(), value.into());
+        self
+    }
+
+    fn opt(self, name: &str, value: Option<impl Into<Value>>) -> Request {
+        match value {
+            Some(value) => self.set(name, value),
+            None => self,
+        }
+    }
+}
+
+impl From<Request> for Value {
+    fn from(request: Request) -> Value {
+        Value::Object(request.0)
+    }
+}
+
+/// A `--flag`/`--no-flag` pair: `Some` only when one of them was given.
+fn flag(yes: bool, no: bool) -> Option<bool> {
+    match (yes, no) {
+        (true, _) => Some(true),
+        (_, true) => Some(false),
+        _ => None,
+    }
+}
+
+fn dry_run(arg: &DryRunArg) -> Option<bool> {
+    flag(arg.dry_run, arg.no_dry_run)
+}
+
+fn grant_tokens(arg: &GrantTokensArg) -> Option<Value> {
+    (!arg.grant_tokens.is_empty()).then(|| arg.grant_tokens.clone().into())
+}
+
+fn blob(blob: &Blob) -> Value {
+    Value::String(STANDARD.encode(&blob.0))
+}
+
+fn context(context: &Context) -> Value {
+    Value::Object(
+        context
+            .0
+             .0
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+            .collect(),
+    )
+}
+
+fn tags(lists: &[TagList]) -> Option<Value> {
+    if lists.is_empty() {
+        return None;
+    }
+    let tags = lists
+        .iter()
+        .flat_map(|list| &list.0)
+        .map(|tag| serde_json::json!({ "TagKey": tag.key, "TagValue": tag.value }))
+        .collect();
+    Some(Value::Array(tags))
+}
+
+fn tag_keys(lists: &[TagKeys]) -> Value {
+    lists
+        .iter()
+        .flat_map(|list| list.0.iter().cloned())
+        .map(Value::String)
+        .collect()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::cli::Cli;
+    use clap::Parser;
+    use serde_json::json;
+
+    fn plan_for(argv: &[&str]) -> Call {
+        let cli =
+            Cli::try_parse_from(std::iter::once("kmsctl").chain(argv.iter().copied())).unwrap();
+        plan(&cli.command)
+    }
+
+    #[test]
+    fn encrypt_builds_pascal_case_request_with_base64_blob() {
+        let call = plan_for(&[
+            "encrypt",
+            "--key-id",
+            "alias/app",
+            "--plaintext",
+            "aGVsbG8=",
+            "--encryption-context",
+            "purpose=test,user=me",
+            "--grant-tokens",
+            "t1",
+            "t2",
+        ]);
+        assert_eq!(call.action, "Encrypt");
+        assert_eq!(call.mode, Mode::Single);
+        assert_eq!(
+            call.request,
+            json!({
+                "KeyId": "alias/app",
+                "Plaintext": "aGVsbG8=",
+                "EncryptionContext": {"purpose": "test", "user": "me"},
+                "GrantTokens": ["t1", "t2"],
+            })
+        );
+    }
+
+    #[test]
+    fn blob_commands_without_blob_use_pipe_mode() {
+        let call = plan_for(&[
+            "encrypt",
+            "-k",
+            "k1",
+            "--encryption-context",
+            r#"{"a":"b"}"#,
+        ]);
+        assert_eq!(
+            call.mode,
+            Mode::Pipe {
+                input: "Plaintext",
+                output: "CiphertextBlob"
+            }
+        );
+        assert_eq!(
+            call.request,
+            json!({"KeyId": "k1", "EncryptionContext": {"a": "b"}})
+        );
+
+        let call = plan_for(&["decrypt"]);
+        assert_eq!(
+            call.mode,
+            Mode::Pipe {
+                input: "CiphertextBlob",
+                output: "Plaintext"
+            }
+        );
+        assert_eq!(call.request, json!({}));
+
+        let call = plan_for(&["re-encrypt", "-k", "k2"]);
+        assert_eq!(
+            call.mode,
+            Mode::Pipe {
+                input: "CiphertextBlob",
+                output: "CiphertextBlob"
+            }
+        );
+        assert_eq!(call.request, json!({"DestinationKeyId": "k2"}));
+    }
+
+    #[test]
+    fn create_key_tags_and_flags() {
+        let call = plan_for(&[
+            "create-key",
+            "--description",
+            "d",
+            "--tags",
+            "TagKey=a,TagValue=1",
+            "TagKey=b,TagValue=2",
+            "--tags",
+            r#"[{"TagKey":"c","TagValue":"3"}]"#,
+            "--multi-region",
+            "--no-bypass-policy-lockout-safety-check",
+        ]);
+        assert_eq!(
+            call.request,
+            json!({
+                "Description": "d",
+                "Tags": [
+                    {"TagKey": "a", "TagValue": "1"},
+                    {"TagKey": "b", "TagValue": "2"},
+                    {"TagKey": "c", "TagValue": "3"},
+                ],
+                "MultiRegion": true,
+                "BypassPolicyLockoutSafetyCheck": false,
+            })
+        );
+    }
+
+    #[test]
+    fn untag_resource_collects_keys() {
+        let call = plan_for(&[
+            "untag-resource",
+            "-k",
+            "k",
+            "--tag-keys",
+            "a",
+            "b",
+            "--tag-keys",
+            r#"["c"]"#,
+        ]);
+        assert_eq!(
+            call.request,
+            json!({"KeyId": "k", "TagKeys": ["a", "b", "c"]})
+        );
+    }
+
+    #[test]
+    fn list_commands_paginate_unless_asked_for_one_page() {
+        assert_eq!(
+            plan_for(&["list-keys"]).mode,
+            Mode::Paginate { list: "Keys" }
+        );
+        assert_eq!(plan_for(&["list-keys", "--no-paginate"]).mode, Mode::Single);
+        let call = plan_for(&["list-aliases", "--limit", "5", "--marker", "m"]);
+        assert_eq!(call.mode, Mode::Single);
+        assert_eq!(call.request, json!({"Limit": 5, "Marker": "m"}));
+        let call = plan_for(&["list-resource-tags", "-k", "k"]);
+        assert_eq!(call.mode, Mode::Paginate { list: "Tags" });
+    }
+
+    #[test]
+    fn paginate_follows_markers_and_merges() {
+        let pages = [
+            json!({"Keys": [{"KeyId": "1"}], "NextMarker": "m1", "Truncated": true}),
+            json!({"Keys": [{"KeyId": "2"}], "NextMarker": "m2", "Truncated": true}),
+            json!({"Keys": [{"KeyId": "3"}], "Truncated": false}),
+        ];
+        let mut markers = Vec::new();
+        let merged = paginate(
+            |req| {
+                markers.push(req.get("Marker").cloned());
+                Ok(pages[markers.len() - 1].clone())
+            },
+            json!({}),
+            "Keys",
+        )
+        .unwrap();
+        assert_eq!(
+            merged,
+            json!({"Keys": [{"KeyId": "1"}, {"KeyId": "2"}, {"KeyId": "3"}]})
+        );
+        assert_eq!(markers, vec![None, Some(json!("m1")), Some(json!("m2"))]);
+    }
+
+    #[test]
+    fn paginate_survives_odd_responses() {
+        let pages = [
+            json!({"Truncated": true, "NextMarker": "m"}),
+            json!("not an object"),
+        ];
+        let mut n = 0;
+        let merged = paginate(
+            |_| {
+                n += 1;
+                Ok(pages[n - 1].clone())
+            },
+            json!({}),
+            "Keys",
+        )
+        .unwrap();
+        assert_eq!(merged, json!({}));
+    }
+
+    #[test]
+    fn paginate_stops_on_a_repeated_marker() {
+        let page = json!({"Keys": [], "NextMarker": "same", "Truncated": true});
+        let err = paginate(|_| Ok(page.clone()), json!({}), "Keys").unwrap_err();
+        assert!(matches!(err, Failure::Other(m) if m.contains("twice")));
+    }
+}

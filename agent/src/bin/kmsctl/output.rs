@@ -1,0 +1,372 @@
+//! Rendering responses as the aws CLI does: JSON pretty-printed with four-space indentation
+//! and members in the service model's order, or its tab-separated text format; timestamps
+//! (epoch seconds on the wire) as ISO 8601.
+
+use serde_json::{Map, Value};
+
+use kmsfs_common::time::iso8601;
+
+use crate::cli::OutputFormat;
+use crate::model;
+
+/// Members of timestamp type anywhere in the KMS service model.
+const TIMESTAMP_MEMBERS: &[&str] = &[
+    "CreationDate",
+    "DeletionDate",
+    "KeyCreationDate",
+    "LastUpdatedDate",
+    "NextRotationDate",
+    "OnDemandRotationStartDate",
+    "ParametersValidTo",
+    "RotationDate",
+    "Timestamp",
+    "TrackingStartDate",
+    "ValidTo",
+];
+
+/// The text to print for `action`'s response. Empty responses print nothing, as with the
+/// aws CLI.
+pub fn render(action: &str, response: &Value, format: OutputFormat) -> String {
+    if response.as_object().is_some_and(Map::is_empty) || response.is_null() {
+        return String::new();
+    }
+    let mut response = response.clone();
+    convert_timestamps(&mut response);
+    match format {
+        OutputFormat::Json => json(&response, model::output_members(action)),
+        OutputFormat::Text => {
+            let mut out = String::new();
+            text(&mut out, &response, None, None);
+            out
+        }
+    }
+}
+
+/// Replaces numeric timestamp members, at any depth, by their ISO 8601 form.
+fn convert_timestamps(value: &mut Value) {
+    match value {
+        Value::Object(members) => {
+            for (name, member) in members.iter_mut() {
+                match member.as_f64() {
+                    Some(seconds) if TIMESTAMP_MEMBERS.contains(&name.as_str()) => {
+                        *member = Value::String(iso8601(seconds));
+                    }
+                    _ => convert_timestamps(member),
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(convert_timestamps),
+        _ => {}
+    }
+}
+
+/// JSON as Python's `json.dumps(indent=4)` writes it, members of known structures in
+/// `order` (then any others, sorted).
+fn json(value: &Value, order: &[&str]) -> String {
+    let mut out = String::new();
+    write_json(&mut out, value, order, 0);
+    out.push('\n');
+    out
+}
+
+fn write_json(out: &mut String, value: &Value, order: &[&str], depth: usize) {
+    match value {
+        Value::Object(members) if !members.is_empty() => {
+            out.push('{');
+            for (i, (name, member)) in in_order(members, order).into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                new_line(out, depth + 1);
+                out.push_str(&Value::String(name.clone()).to_string());
+                out.push_str(": ");
+                write_json(out, member, model::nested_members(name), depth + 1);
+            }
+            new_line(out, depth);
+            out.push('}');
+        }
+        Value::Array(items) if !items.is_empty() => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                new_line(out, depth + 1);
+                write_json(out, item, order, depth + 1);
+            }
+            new_line(out, depth);
+            out.push(']');
+        }
+        // Scalars, `{}` and `[]`; `Value`'s `Display` escapes strings as JSON.
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+fn new_line(out: &mut String, depth: usize) {
+    out.push('\n');
+    out.extend(std::iter::repeat_n("    ", depth));
+}
+
+/// An object's members: those named in `order` first, in that order, then the rest sorted.
+fn in_order<'a>(members: &'a Map<String, Value>, order: &[&str]) -> Vec<(&'a String, &'a Value)> {
+    let mut ordered: Vec<_> = order
+        .iter()
+        .filter_map(|name| members.get_key_value(*name))
+        .collect();
+    ordered.extend(
+        members
+            .iter()
+            .filter(|(name, _)| !order.contains(&name.as_str())),
+    );
+    ordered
+}
+
+/// The aws CLI's text format (awscli `text.py`): a structure's scalar members on one line,
+/// tab-separated in key order and prefixed by the upper-cased member name it came from;
+/// its nested structures and lists on following lines, each under its own member name.
+/// Objects in one list share their columns: the union of their scalar keys.
+fn text(out: &mut String, value: &Value, identifier: Option<&str>, columns: Option<&[String]>) {
+    match value {
+        Value::Object(members) => text_object(out, members, identifier, columns),
+        Value::Array(items) => text_list(out, items, identifier),
+        scalar => {
+            out.push_str(&scalar_text(scalar));
+            out.push('\n');
+        }
+    }
+}
+
+fn text_object(
+    out: &mut String,
+    members: &Map<String, Value>,
+    identifier: Option<&str>,
+    columns: Option<&[String]>,
+) {
+    let mut scalars = Vec::new();
+    let mut nested = Vec::new();
+    match columns {
+        None => {
+            for (name, member) in members {
+                if is_scalar(member) {
+                    scalars.push(scalar_text(member));
+                } else {
+                    nested.push((name, member));
+                }
+            }
+        }
+        Some(columns) => {
+            for name in columns {
+                scalars.push(members.get(name).map(scalar_text).unwrap_or_default());
+            }
+            nested.extend(members.iter().filter(|(name, _)| !columns.contains(name)));
+        }
+    }
+    if !scalars.is_empty() {
+        if let Some(identifier) = identifier {
+            scalars.insert(0, identifier.to_uppercase());
+        }
+        out.push_str(&scalars.join("\t"));
+        out.push('\n');
+    }
+    for (name, member) in nested {
+        text(out, member, Some(name), None);
+    }
+}
+
+fn text_list(out: &mut String, items: &[Value], identifier: Option<&str>) {
+    if items.iter().any(Value::is_object) {
+        let mut columns: Vec<String> = items
+            .iter()
+            .filter_map(Value::as_object)
+            .flat_map(|members| {
+                members
+                    .iter()
+                    .filter(|(_, v)| is_scalar(v))
+                    .map(|(k, _)| k.clone())
+            })
+            .collect();
+        columns.sort();
+        columns.dedup();
+        for item in items {
+            text(out, item, identifier, Some(&columns));
+        }
+    } else {
+        let (scalars, nested): (Vec<&Value>, Vec<&Value>) =
+            items.iter().partition(|v| is_scalar(v));
+        if !scalars.is_empty() {
+            match identifier {
+                Some(identifier) => {
+                    let identifier = identifier.to_uppercase();
+                    for item in scalars {
+                        out.push_str(&format!("{identifier}\t{}\n", scalar_text(item)));
+                    }
+                }
+                None => {
+                    let line: Vec<String> = scalars.into_iter().map(scalar_text).collect();
+                    out.push_str(&line.join("\t"));
+                    out.push('\n');
+                }
+            }
+        }
+        for item in nested {
+            text(out, item, identifier, None);
+        }
+    }
+}
+
+fn is_scalar(value: &Value) -> bool {
+    !(value.is_object() || value.is_array())
+}
+
+/// A scalar as Python's `str()` prints it, which is what the aws CLI's text output shows.
+fn scalar_text(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        Value::Bool(true) => "True".into(),
+        Value::Bool(false) => "False".into(),
+        Value::Null => "None".into(),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn json_converts_timestamps_at_any_depth_and_indents_by_four() {
+        let response = json!({
+            "KeyMetadata": {
+                "KeyId": "k",
+                "CreationDate": 1_700_000_000.123,
+                "DeletionDate": 0,
+                "ValidTo": 951_782_400.5,
+                "PendingDeletionWindowInDays": 7,
+            },
+            "Aliases": [{"AliasName": "alias/a", "LastUpdatedDate": 1_700_000_000}],
+        });
+        let out = render("UnknownAction", &response, OutputFormat::Json);
+        let expected = r#"{
+    "Aliases": [
+        {
+            "AliasName": "alias/a",
+            "LastUpdatedDate": "2023-11-14T22:13:20.000000+00:00"
+        }
+    ],
+    "KeyMetadata": {
+        "KeyId": "k",
+        "CreationDate": "2023-11-14T22:13:20.123000+00:00",
+        "DeletionDate": "1970-01-01T00:00:00.000000+00:00",
+        "ValidTo": "2000-02-29T00:00:00.500000+00:00",
+        "PendingDeletionWindowInDays": 7
+    }
+}
+"#;
+        assert_eq!(out, expected);
+    }
+
+    #[test]
+    fn json_members_follow_the_model_then_sort() {
+        let response = json!({
+            "KeyId": "arn:k",
+            "Zeta": {"b": [], "a": {}},
+            "EncryptionAlgorithm": "SYMMETRIC_DEFAULT",
+            "CiphertextBlob": "AQID",
+            "Extra": "x\"y",
+        });
+        let expected = r#"{
+    "CiphertextBlob": "AQID",
+    "KeyId": "arn:k",
+    "EncryptionAlgorithm": "SYMMETRIC_DEFAULT",
+    "Extra": "x\"y",
+    "Zeta": {
+        "a": {},
+        "b": []
+    }
+}
+"#;
+        assert_eq!(render("Encrypt", &response, OutputFormat::Json), expected);
+    }
+
+    #[test]
+    fn timestamps_already_strings_are_left_alone() {
+        let out = render(
+            "ListAliases",
+            &json!({"CreationDate": "yesterday"}),
+            OutputFormat::Json,
+        );
+        assert!(out.contains("\"yesterday\""), "{out}");
+    }
+
+    #[test]
+    fn empty_responses_print_nothing() {
+        assert_eq!(render("EnableKey", &json!({}), OutputFormat::Json), "");
+        assert_eq!(render("EnableKey", &json!({}), OutputFormat::Text), "");
+    }
+
+    #[test]
+    fn text_lists_of_objects_are_prefixed_rows() {
+        let response = json!({
+            "Keys": [
+                {"KeyId": "1", "KeyArn": "arn:1"},
+                {"KeyId": "2", "KeyArn": "arn:2"},
+            ],
+        });
+        assert_eq!(
+            render("ListKeys", &response, OutputFormat::Text),
+            "KEYS\tarn:1\t1\nKEYS\tarn:2\t2\n"
+        );
+    }
+
+    #[test]
+    fn text_rows_share_columns_across_a_list() {
+        let response = json!({
+            "Aliases": [
+                {"AliasName": "alias/a", "TargetKeyId": "k"},
+                {"AliasName": "alias/aws/s3"},
+            ],
+        });
+        assert_eq!(
+            render("ListKeys", &response, OutputFormat::Text),
+            "ALIASES\talias/a\tk\nALIASES\talias/aws/s3\t\n"
+        );
+    }
+
+    #[test]
+    fn text_nested_structures_and_scalar_lists() {
+        let response = json!({
+            "KeyMetadata": {
+                "KeyId": "k",
+                "Enabled": true,
+                "CreationDate": 0,
+                "EncryptionAlgorithms": ["SYMMETRIC_DEFAULT", "X"],
+            },
+            "Truncated": false,
+        });
+        assert_eq!(
+            render("ListKeys", &response, OutputFormat::Text),
+            "False\n\
+             KEYMETADATA\t1970-01-01T00:00:00.000000+00:00\tTrue\tk\n\
+             ENCRYPTIONALGORITHMS\tSYMMETRIC_DEFAULT\n\
+             ENCRYPTIONALGORITHMS\tX\n"
+        );
+    }
+
+    #[test]
+    fn text_top_level_scalars_and_blobs() {
+        let response = json!({
+            "CiphertextBlob": "AQID",
+            "KeyId": "arn:k",
+            "EncryptionAlgorithm": "SYMMETRIC_DEFAULT",
+        });
+        assert_eq!(
+            render("ListKeys", &response, OutputFormat::Text),
+            "AQID\tSYMMETRIC_DEFAULT\tarn:k\n"
+        );
+        assert_eq!(
+            render("X", &json!(["a", "b"]), OutputFormat::Text),
+            "a\tb\n"
+        );
+    }
+}
