@@ -139,8 +139,7 @@ impl Agent {
             KeyRef::AliasArn { scope, name } if *scope == self.scope => self.alias_target(name)?,
             _ => return Err(KmsError::not_found(format!("Key '{key_id}' does not exist"))),
         };
-        self.key(&id)
-            .ok_or_else(|| KmsError::not_found(format!("Key '{}' does not exist", self.key_arn(&id))))
+        self.key(&id).ok_or_else(|| KmsError::not_found(format!("Key '{}' does not exist", self.key_arn(&id))))
     }
 
     fn alias_target(&self, name: &str) -> Result<KeyId, KmsError> {
@@ -168,10 +167,7 @@ impl Agent {
 
     /// Serializes a mutation: `f` gets the store and must commit before returning; the
     /// returned records then replace the in-memory ones.
-    pub fn mutate<T>(
-        &self,
-        f: impl FnOnce(&mut Store) -> Result<(T, Vec<Change>), KmsError>,
-    ) -> Result<T, KmsError> {
+    pub fn mutate<T>(&self, f: impl FnOnce(&mut Store) -> Result<(T, Vec<Change>), KmsError>) -> Result<T, KmsError> {
         let mut store = lock(&self.store);
         let (out, changes) = f(&mut store)?;
         for change in changes {

@@ -55,7 +55,9 @@ pub fn run(config: DaemonConfig) -> Result<(), String> {
             let passphrase = Zeroizing::new(text.trim_end_matches(['\n', '\r']).to_string());
             FileRootSource::Passphrase { kdf_file: config.state_dir.join("root.kdf"), passphrase }
         }
-        None => FileRootSource::KeyFile(config.root_key_file.clone().unwrap_or_else(|| config.state_dir.join("root.key"))),
+        None => {
+            FileRootSource::KeyFile(config.root_key_file.clone().unwrap_or_else(|| config.state_dir.join("root.key")))
+        }
     };
     let root = file::open(root)?;
     let account = config.account_id.clone().unwrap_or_else(default_account_id);

@@ -72,9 +72,7 @@ pub async fn serve(
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
-    http.keep_alive(true)
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30));
+    http.keep_alive(true).timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
     tokio::pin!(shutdown);
     loop {
         let stream = tokio::select! {
@@ -192,11 +190,7 @@ async fn read_request(req: Request<Incoming>) -> Result<(String, Bytes), Early> 
         ));
     };
     let action = action.to_string();
-    let declared = req
-        .headers()
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     let too_large = || Early {
         error: KmsError::validation(format!("The request body exceeds the {MAX_BODY}-byte limit")),
         close: true,
@@ -212,7 +206,10 @@ async fn read_request(req: Request<Incoming>) -> Result<(String, Bytes), Early> 
                 too_large()
             } else {
                 Early {
-                    error: KmsError::new(ErrorKind::SerializationException, format!("cannot read the request body: {e}")),
+                    error: KmsError::new(
+                        ErrorKind::SerializationException,
+                        format!("cannot read the request body: {e}"),
+                    ),
                     close: true,
                 }
             }

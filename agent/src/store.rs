@@ -164,10 +164,7 @@ impl Store {
     }
 
     pub fn meta(&self, name: &str) -> Result<Option<Vec<u8>>, KmsError> {
-        self.conn
-            .query_row("SELECT value FROM meta WHERE name = ?1", [name], |r| r.get(0))
-            .optional()
-            .map_err(db_error)
+        self.conn.query_row("SELECT value FROM meta WHERE name = ?1", [name], |r| r.get(0)).optional().map_err(db_error)
     }
 
     pub fn set_meta(&mut self, name: &str, value: &[u8]) -> Result<(), KmsError> {
@@ -396,9 +393,7 @@ mod tests {
             changed.deletion_ms = Some(99);
             changed.pending_days = Some(7);
             store.update_key(&changed).unwrap();
-            store
-                .insert_alias(&AliasRow { name: "alias/a".into(), key_id: id, created_ms: 2, updated_ms: 2 })
-                .unwrap();
+            store.insert_alias(&AliasRow { name: "alias/a".into(), key_id: id, created_ms: 2, updated_ms: 2 }).unwrap();
             store.set_meta("x", b"y").unwrap();
         }
         let store = Store::open(&path).unwrap();

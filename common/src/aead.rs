@@ -102,12 +102,7 @@ impl XaesKey {
     }
 
     /// Encrypts `buf` in place under `nonce`, returning the tag.
-    pub fn seal_in_place(
-        &self,
-        nonce: &[u8; XAES_NONCE_LEN],
-        aad: &[u8],
-        buf: &mut [u8],
-    ) -> [u8; TAG_LEN] {
+    pub fn seal_in_place(&self, nonce: &[u8; XAES_NONCE_LEN], aad: &[u8], buf: &mut [u8]) -> [u8; TAG_LEN] {
         let gcm = self.derive(nonce);
         let gcm_nonce = Array::try_from(&nonce[12..]).unwrap_or_default();
         match gcm.encrypt_inout_detached(&gcm_nonce, aad, buf.into()) {
@@ -127,8 +122,7 @@ impl XaesKey {
     ) -> Result<(), AeadError> {
         let gcm = self.derive(nonce);
         let gcm_nonce = Array::try_from(&nonce[12..]).unwrap_or_default();
-        gcm.decrypt_inout_detached(&gcm_nonce, aad, buf.into(), &Array::from(*tag))
-            .map_err(|_| AeadError)
+        gcm.decrypt_inout_detached(&gcm_nonce, aad, buf.into(), &Array::from(*tag)).map_err(|_| AeadError)
     }
 }
 
@@ -146,11 +140,7 @@ mod tests {
         let nonce: [u8; 24] = *b"ABCDEFGHIJKLMNOPQRSTUVWX";
         for (key_byte, aad, expected) in [
             (0x01u8, &b""[..], "ce546ef63c9cc60765923609b33a9a1974e96e52daf2fcf7075e2271"),
-            (
-                0x03u8,
-                &b"c2sp.org/XAES-256-GCM"[..],
-                "986ec1832593df5443a179437fd083bf3fdb41abd740a21f71eb769d",
-            ),
+            (0x03u8, &b"c2sp.org/XAES-256-GCM"[..], "986ec1832593df5443a179437fd083bf3fdb41abd740a21f71eb769d"),
         ] {
             let key = XaesKey::new(&KeyBytes::from_array([key_byte; 32]));
             let mut buf = b"XAES-256-GCM".to_vec();

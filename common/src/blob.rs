@@ -63,8 +63,7 @@ impl<'a> CiphertextBlob<'a> {
         let (nonce, rest) = rest.split_at(XAES_NONCE_LEN);
         let (ciphertext, tag) = rest.split_at(rest.len() - TAG_LEN);
         let key_id = KeyId::from_bytes(header[1..17].try_into().map_err(|_| BlobError::TooShort)?);
-        let material_version =
-            u32::from_be_bytes(header[17..21].try_into().map_err(|_| BlobError::TooShort)?);
+        let material_version = u32::from_be_bytes(header[17..21].try_into().map_err(|_| BlobError::TooShort)?);
         Ok(CiphertextBlob {
             key_id,
             material_version,
@@ -76,11 +75,7 @@ impl<'a> CiphertextBlob<'a> {
     }
 
     /// Authenticates and decrypts the blob with the material it names.
-    pub fn open(
-        &self,
-        key: &XaesKey,
-        context: &EncryptionContext,
-    ) -> Result<zeroize::Zeroizing<Vec<u8>>, AeadError> {
+    pub fn open(&self, key: &XaesKey, context: &EncryptionContext) -> Result<zeroize::Zeroizing<Vec<u8>>, AeadError> {
         let aad = aad(self.header, context);
         let mut plaintext = zeroize::Zeroizing::new(self.ciphertext.to_vec());
         key.open_in_place(self.nonce, &aad, &mut plaintext, self.tag)?;
@@ -170,9 +165,8 @@ mod tests {
             for bit in 0..8 {
                 let mut tampered = blob.clone();
                 tampered[byte] ^= 1 << bit;
-                let verdict = CiphertextBlob::parse(&tampered)
-                    .map_err(|_| ())
-                    .and_then(|b| b.open(&key, &ctx).map_err(|_| ()));
+                let verdict =
+                    CiphertextBlob::parse(&tampered).map_err(|_| ()).and_then(|b| b.open(&key, &ctx).map_err(|_| ()));
                 assert!(verdict.is_err(), "flip of bit {bit} in byte {byte} went unnoticed");
             }
         }

@@ -57,8 +57,8 @@ impl AgentClient {
     /// Connects to the agent listening on `path`.
     pub fn connect(path: impl AsRef<Path>) -> Result<AgentClient, ClientError> {
         let path = path.as_ref().to_path_buf();
-        let stream = UnixStream::connect(&path)
-            .map_err(|source| ClientError::Connect { path: path.clone(), source })?;
+        let stream =
+            UnixStream::connect(&path).map_err(|source| ClientError::Connect { path: path.clone(), source })?;
         Ok(AgentClient { path, stream: Some(BufReader::new(stream)) })
     }
 
@@ -88,11 +88,7 @@ impl AgentClient {
 
     /// Calls `action` with a JSON request and returns the JSON response, or the service's
     /// error.
-    pub fn call(
-        &mut self,
-        action: &str,
-        request: &serde_json::Value,
-    ) -> Result<serde_json::Value, ClientError> {
+    pub fn call(&mut self, action: &str, request: &serde_json::Value) -> Result<serde_json::Value, ClientError> {
         let body = serde_json::to_vec(request).map_err(|e| ClientError::Protocol(e.to_string()))?;
         let response = self.call_raw(action, &body)?;
         let value: serde_json::Value = if response.body.is_empty() {
@@ -130,9 +126,8 @@ impl AgentClient {
 
     fn exchange(&mut self, action: &str, body: &[u8]) -> Result<RawResponse, ExchangeError> {
         if self.stream.is_none() {
-            let s = UnixStream::connect(&self.path).map_err(|source| {
-                ExchangeError::Fatal(ClientError::Connect { path: self.path.clone(), source })
-            })?;
+            let s = UnixStream::connect(&self.path)
+                .map_err(|source| ExchangeError::Fatal(ClientError::Connect { path: self.path.clone(), source }))?;
             self.stream = Some(BufReader::new(s));
         }
         let Some(reader) = self.stream.as_mut() else {
@@ -190,11 +185,8 @@ fn read_response(reader: &mut BufReader<UnixStream>) -> Result<Response, Exchang
         Ok(_) => {}
         Err(e) => return Err(ExchangeError::ClosedBeforeReply(e)),
     }
-    let status: u16 = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| protocol("bad status line"))?;
+    let status: u16 =
+        line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| protocol("bad status line"))?;
     let mut content_length: Option<usize> = None;
     let mut close = false;
     let mut chunked = false;
@@ -232,10 +224,7 @@ fn read_response(reader: &mut BufReader<UnixStream>) -> Result<Response, Exchang
     } else {
         close = true;
         let mut body = Vec::new();
-        reader
-            .take(MAX_RESPONSE as u64)
-            .read_to_end(&mut body)
-            .map_err(|e| ExchangeError::Fatal(e.into()))?;
+        reader.take(MAX_RESPONSE as u64).read_to_end(&mut body).map_err(|e| ExchangeError::Fatal(e.into()))?;
         body
     };
     Ok(Response { status, body, close })
@@ -248,8 +237,7 @@ fn read_chunked(reader: &mut BufReader<UnixStream>) -> Result<Vec<u8>, ClientErr
         line.clear();
         reader.read_line(&mut line)?;
         let size_field = line.trim_end().split(';').next().unwrap_or("");
-        let size = usize::from_str_radix(size_field, 16)
-            .map_err(|_| ClientError::Protocol("bad chunk size".into()))?;
+        let size = usize::from_str_radix(size_field, 16).map_err(|_| ClientError::Protocol("bad chunk size".into()))?;
         if body.len() + size > MAX_RESPONSE {
             return Err(ClientError::Protocol("response too large".into()));
         }
@@ -276,10 +264,8 @@ pub fn kmsd_binary() -> PathBuf {
     if let Some(bin) = std::env::var_os("KMSD_BIN").filter(|v| !v.is_empty()) {
         return PathBuf::from(bin);
     }
-    if let Some(sibling) = std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.parent().map(|dir| dir.join("kmsd")))
-        .filter(|p| p.is_file())
+    if let Some(sibling) =
+        std::env::current_exe().ok().and_then(|exe| exe.parent().map(|dir| dir.join("kmsd"))).filter(|p| p.is_file())
     {
         return sibling;
     }
@@ -291,11 +277,7 @@ pub fn kmsd_binary() -> PathBuf {
 pub fn start_agent(socket: &Path, state_dir: &Path) -> Result<(), ClientError> {
     let fail = |source: io::Error| ClientError::Connect { path: socket.to_path_buf(), source };
     std::fs::create_dir_all(state_dir).map_err(fail)?;
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(state_dir.join("kmsd.log"))
-        .map_err(fail)?;
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(state_dir.join("kmsd.log")).map_err(fail)?;
     let log_err = log.try_clone().map_err(fail)?;
     let binary = kmsd_binary();
     let mut child = {
@@ -310,9 +292,7 @@ pub fn start_agent(socket: &Path, state_dir: &Path) -> Result<(), ClientError> {
             .stderr(log_err)
             .process_group(0)
             .spawn()
-            .map_err(|e| {
-                fail(io::Error::new(e.kind(), format!("cannot start {}: {e}", binary.display())))
-            })?
+            .map_err(|e| fail(io::Error::new(e.kind(), format!("cannot start {}: {e}", binary.display()))))?
     };
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {

@@ -103,12 +103,8 @@ impl KmsError {
     /// Reads an error body sent by the agent (or by AWS).
     pub fn from_wire(body: &serde_json::Value) -> Option<KmsError> {
         let ty = body.get("__type")?.as_str()?;
-        let message = body
-            .get("message")
-            .or_else(|| body.get("Message"))
-            .and_then(|m| m.as_str())
-            .unwrap_or("")
-            .to_string();
+        let message =
+            body.get("message").or_else(|| body.get("Message")).and_then(|m| m.as_str()).unwrap_or("").to_string();
         match ErrorKind::from_wire(ty) {
             Some(kind) => Some(KmsError { kind, message }),
             None => Some(KmsError::internal(format!("{ty}: {message}"))),
@@ -132,10 +128,7 @@ mod tests {
     fn wire_round_trip_and_namespaced_names() {
         let e = KmsError::not_found("no such key");
         assert_eq!(KmsError::from_wire(&e.to_wire()), Some(e));
-        assert_eq!(
-            ErrorKind::from_wire("com.amazonaws.kms#DisabledException"),
-            Some(ErrorKind::DisabledException)
-        );
+        assert_eq!(ErrorKind::from_wire("com.amazonaws.kms#DisabledException"), Some(ErrorKind::DisabledException));
         assert_eq!(ErrorKind::from_wire("Nope"), None);
     }
 }

@@ -64,10 +64,16 @@ impl ArnScope {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeyRef {
     Id(KeyId),
-    KeyArn { scope: ArnScope, id: KeyId },
+    KeyArn {
+        scope: ArnScope,
+        id: KeyId,
+    },
     /// `alias/name`.
     Alias(String),
-    AliasArn { scope: ArnScope, name: String },
+    AliasArn {
+        scope: ArnScope,
+        name: String,
+    },
 }
 
 impl KeyRef {
@@ -81,9 +87,7 @@ impl KeyRef {
         if s.starts_with("alias/") {
             return Ok(KeyRef::Alias(s.to_string()));
         }
-        KeyId::parse(s)
-            .map(KeyRef::Id)
-            .ok_or_else(|| KmsError::not_found(format!("Invalid keyId '{s}'")))
+        KeyId::parse(s).map(KeyRef::Id).ok_or_else(|| KmsError::not_found(format!("Invalid keyId '{s}'")))
     }
 
     /// True for alias names and alias ARNs.
@@ -128,10 +132,7 @@ mod tests {
         let id = KeyId::random();
         assert_eq!(KeyRef::parse(&id.to_string()).unwrap(), KeyRef::Id(id));
         let scope = ArnScope { region: "local".into(), account: "123456789012".into() };
-        assert_eq!(
-            KeyRef::parse(&scope.key_arn(&id)).unwrap(),
-            KeyRef::KeyArn { scope: scope.clone(), id }
-        );
+        assert_eq!(KeyRef::parse(&scope.key_arn(&id)).unwrap(), KeyRef::KeyArn { scope: scope.clone(), id });
         assert_eq!(KeyRef::parse("alias/app").unwrap(), KeyRef::Alias("alias/app".into()));
         assert_eq!(
             KeyRef::parse(&scope.alias_arn("alias/app")).unwrap(),

@@ -49,18 +49,13 @@ impl TestAgent {
     /// Starts a fresh agent with extra `kmsd` arguments.
     pub fn start_with(args: &[&str]) -> TestAgent {
         let dir = tempfile::Builder::new().prefix("kmsfs-test-").tempdir().expect("tempdir");
-        let mut agent =
-            TestAgent { dir, child: None, extra_args: args.iter().map(|s| s.to_string()).collect() };
+        let mut agent = TestAgent { dir, child: None, extra_args: args.iter().map(|s| s.to_string()).collect() };
         agent.launch();
         agent
     }
 
     fn launch(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .expect("agent log");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).expect("agent log");
         let child = Command::new(bin("kmsd"))
             .arg("--socket")
             .arg(self.socket())
@@ -185,7 +180,5 @@ pub fn b64(bytes: &[u8]) -> String {
 /// Bytes of a base64 response field.
 pub fn unb64(value: &Value) -> Vec<u8> {
     use base64::Engine;
-    base64::engine::general_purpose::STANDARD
-        .decode(value.as_str().expect("a base64 string"))
-        .expect("valid base64")
+    base64::engine::general_purpose::STANDARD.decode(value.as_str().expect("a base64 string")).expect("valid base64")
 }

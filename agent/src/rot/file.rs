@@ -66,8 +66,7 @@ fn read_key_file(path: &Path) -> Result<KeyBytes, String> {
         .take(KEY_LEN as u64 + 1)
         .read_to_end(&mut bytes)
         .map_err(|e| format!("cannot read root key {}: {e}", path.display()))?;
-    KeyBytes::from_slice(&bytes)
-        .ok_or_else(|| format!("root key {} is not {KEY_LEN} bytes long", path.display()))
+    KeyBytes::from_slice(&bytes).ok_or_else(|| format!("root key {} is not {KEY_LEN} bytes long", path.display()))
 }
 
 fn create_key_file(path: &Path) -> Result<KeyBytes, String> {
@@ -79,8 +78,7 @@ fn create_key_file(path: &Path) -> Result<KeyBytes, String> {
 
 fn read_kdf(path: &Path) -> Result<KdfParams, String> {
     let text = fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let params: KdfParams =
-        serde_json::from_str(&text).map_err(|e| format!("{} is malformed: {e}", path.display()))?;
+    let params: KdfParams = serde_json::from_str(&text).map_err(|e| format!("{} is malformed: {e}", path.display()))?;
     if params.algorithm != "argon2id" || params.version != 0x13 {
         return Err(format!("{}: unsupported KDF {} v{}", path.display(), params.algorithm, params.version));
     }

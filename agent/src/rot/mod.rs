@@ -124,9 +124,7 @@ impl RootOfTrust for WrappingRoot {
         let tag: [u8; TAG_LEN] = tag.try_into().map_err(|_| damaged())?;
         let mut material = Zeroizing::new([0u8; KEY_LEN]);
         material.copy_from_slice(sealed);
-        self.root
-            .open_in_place(&nonce, &Self::aad(key_id, version), &mut material[..], &tag)
-            .map_err(|_| damaged())?;
+        self.root.open_in_place(&nonce, &Self::aad(key_id, version), &mut material[..], &tag).map_err(|_| damaged())?;
         Ok(SoftwareKey::new(&KeyBytes::from_array(*material)))
     }
 }

@@ -97,10 +97,7 @@ pub fn delete_alias(agent: &Agent, request: Value) -> Result<Value, KmsError> {
     check_alias_name(&req.alias_name)?;
     agent.mutate(|store| {
         if agent.alias(&req.alias_name).is_none() {
-            return Err(KmsError::not_found(format!(
-                "Alias {} is not found.",
-                agent.scope.alias_arn(&req.alias_name)
-            )));
+            return Err(KmsError::not_found(format!("Alias {} is not found.", agent.scope.alias_arn(&req.alias_name))));
         }
         store.delete_alias(&req.alias_name)?;
         Ok(((), vec![Change::AliasDeleted(req.alias_name.clone())]))

@@ -54,6 +54,10 @@ pub fn encrypt(agent: &Agent, request: Value) -> Result<Reply, KmsError> {
     .into())
 }
 
+/// What opening a blob yields: the key that made it, the material version's ID, and the
+/// plaintext.
+type Opened = (Arc<KeyRecord>, String, Zeroizing<Vec<u8>>);
+
 /// Opens a ciphertext blob: the key it names must exist and be usable, match
 /// `expected_key` when the caller named one, and the blob must authenticate under the
 /// material version it names with `context`.
@@ -62,7 +66,7 @@ fn open(
     blob: &[u8],
     context: &EncryptionContext,
     expected_key: Option<&str>,
-) -> Result<(Arc<KeyRecord>, String, Zeroizing<Vec<u8>>), KmsError> {
+) -> Result<Opened, KmsError> {
     let parsed = CiphertextBlob::parse(blob).map_err(|_| KmsError::invalid_ciphertext())?;
     if let Some(expected) = expected_key {
         let named = agent.resolve(expected, true)?;
@@ -114,8 +118,7 @@ pub fn decrypt(agent: &Agent, request: Value) -> Result<Reply, KmsError> {
     let req: DecryptRequest = parse(request)?;
     let blob = required_blob(req.ciphertext_blob, "ciphertextBlob")?;
     no_recipient(&req.recipient)?;
-    let (key, material_id, plaintext) =
-        open(agent, &blob.0, &context(req.encryption_context), req.key_id.as_deref())?;
+    let (key, material_id, plaintext) = open(agent, &blob.0, &context(req.encryption_context), req.key_id.as_deref())?;
     let arn = agent.key_arn(&key.row.id);
     require_symmetric_algorithm(req.encryption_algorithm.as_deref(), &arn)?;
     if req.dry_run == Some(true) {

@@ -72,9 +72,7 @@ pub fn create_key(agent: &Agent, request: Value) -> Result<Value, KmsError> {
     let req: CreateKeyRequest = parse(request)?;
     let unsupported = |what: &str| KmsError::new(ErrorKind::UnsupportedOperationException, what.to_string());
     if req.key_spec.is_some() && req.customer_master_key_spec.is_some() {
-        return Err(KmsError::validation(
-            "KeySpec and CustomerMasterKeySpec cannot both be specified; use KeySpec",
-        ));
+        return Err(KmsError::validation("KeySpec and CustomerMasterKeySpec cannot both be specified; use KeySpec"));
     }
     let key_spec = req.key_spec.or(req.customer_master_key_spec).unwrap_or_else(|| "SYMMETRIC_DEFAULT".into());
     if key_spec != "SYMMETRIC_DEFAULT" {
@@ -160,10 +158,8 @@ pub fn list_keys(agent: &Agent, request: Value) -> Result<Value, KmsError> {
     let req: ListKeysRequest = parse(request)?;
     let (page, next) =
         paginate(agent.keys_sorted(), |k| k.row.id.to_string(), req.limit, 100, 1000, req.marker.as_deref())?;
-    let keys: Vec<Value> = page
-        .iter()
-        .map(|k| json!({ "KeyId": k.row.id.to_string(), "KeyArn": agent.key_arn(&k.row.id) }))
-        .collect();
+    let keys: Vec<Value> =
+        page.iter().map(|k| json!({ "KeyId": k.row.id.to_string(), "KeyArn": agent.key_arn(&k.row.id) })).collect();
     Ok(with_page_info(json!({ "Keys": keys }), next))
 }
 

@@ -105,20 +105,11 @@ impl Model {
         match violations.len() {
             0 => Ok(()),
             1 => Err(KmsError::validation(format!("1 validation error detected: {}", violations[0]))),
-            n => Err(KmsError::validation(format!(
-                "{n} validation errors detected: {}",
-                violations.join("; ")
-            ))),
+            n => Err(KmsError::validation(format!("{n} validation errors detected: {}", violations.join("; ")))),
         }
     }
 
-    fn check(
-        &self,
-        shape_name: &str,
-        value: &Value,
-        path: &str,
-        violations: &mut Vec<String>,
-    ) -> Result<(), KmsError> {
+    fn check(&self, shape_name: &str, value: &Value, path: &str, violations: &mut Vec<String>) -> Result<(), KmsError> {
         let Some(shape) = self.raw.shapes.get(shape_name) else {
             return Err(KmsError::internal(format!("service model lacks shape {shape_name}")));
         };

@@ -88,11 +88,8 @@ pub fn paginate<T>(
         ),
     };
     let limit = limit.map_or(default_limit, |l| (l.max(1) as usize).min(max_limit));
-    let mut page: Vec<T> = items
-        .into_iter()
-        .filter(|item| after.as_ref().is_none_or(|a| sort_key(item) > *a))
-        .take(limit + 1)
-        .collect();
+    let mut page: Vec<T> =
+        items.into_iter().filter(|item| after.as_ref().is_none_or(|a| sort_key(item) > *a)).take(limit + 1).collect();
     let next = if page.len() > limit {
         page.truncate(limit);
         page.last().map(|last| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sort_key(last)))

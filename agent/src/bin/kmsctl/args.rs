@@ -47,10 +47,7 @@ pub struct Context(pub EncryptionContext);
 /// A blob argument: `fileb://PATH` or `file://PATH` is the file's raw bytes; anything else
 /// is base64, the aws CLI v2's default binary format.
 pub fn blob(arg: &str) -> Result<Blob, String> {
-    if let Some(path) = arg
-        .strip_prefix("fileb://")
-        .or_else(|| arg.strip_prefix("file://"))
-    {
+    if let Some(path) = arg.strip_prefix("fileb://").or_else(|| arg.strip_prefix("file://")) {
         return read_file(path).map(Blob);
     }
     let trimmed = arg.trim();
@@ -63,9 +60,7 @@ pub fn blob(arg: &str) -> Result<Blob, String> {
 /// for `--policy` documents).
 pub fn text(arg: &str) -> Result<String, String> {
     match arg.strip_prefix("file://") {
-        Some(path) => {
-            String::from_utf8(read_file(path)?).map_err(|_| format!("{path} is not UTF-8 text"))
-        }
+        Some(path) => String::from_utf8(read_file(path)?).map_err(|_| format!("{path} is not UTF-8 text")),
         None => Ok(arg.to_string()),
     }
 }
@@ -76,8 +71,7 @@ pub fn context(arg: &str) -> Result<Context, String> {
     let arg = text(arg)?;
     let arg = arg.trim();
     let pairs = if arg.starts_with('{') {
-        let value: Value =
-            serde_json::from_str(arg).map_err(|e| format!("not a valid JSON object: {e}"))?;
+        let value: Value = serde_json::from_str(arg).map_err(|e| format!("not a valid JSON object: {e}"))?;
         let Value::Object(object) = value else {
             return Err("expected a JSON object of strings".into());
         };
@@ -109,11 +103,7 @@ pub fn tags(arg: &str) -> Result<TagList, String> {
     if arg.starts_with('[') || arg.starts_with('{') {
         let value: Value = serde_json::from_str(arg).map_err(|e| format!("not valid JSON: {e}"))?;
         return match value {
-            Value::Array(items) => items
-                .iter()
-                .map(json_tag)
-                .collect::<Result<_, _>>()
-                .map(TagList),
+            Value::Array(items) => items.iter().map(json_tag).collect::<Result<_, _>>().map(TagList),
             other => json_tag(&other).map(|tag| TagList(vec![tag])),
         };
     }
@@ -123,11 +113,7 @@ pub fn tags(arg: &str) -> Result<TagList, String> {
         let slot = match member.as_str() {
             "TagKey" => &mut key,
             "TagValue" => &mut value,
-            _ => {
-                return Err(format!(
-                    "unknown member {member:?}; expected TagKey=KEY,TagValue=VALUE"
-                ))
-            }
+            _ => return Err(format!("unknown member {member:?}; expected TagKey=KEY,TagValue=VALUE")),
         };
         if slot.replace(v).is_some() {
             return Err(format!("{member} is given twice"));
@@ -144,8 +130,7 @@ pub fn tag_keys(arg: &str) -> Result<TagKeys, String> {
     if !arg.trim_start().starts_with('[') {
         return Ok(TagKeys(vec![arg.to_string()]));
     }
-    let keys: Vec<String> =
-        serde_json::from_str(arg).map_err(|e| format!("not a JSON list of strings: {e}"))?;
+    let keys: Vec<String> = serde_json::from_str(arg).map_err(|e| format!("not a JSON list of strings: {e}"))?;
     Ok(TagKeys(keys))
 }
 
@@ -153,19 +138,12 @@ fn json_tag(value: &Value) -> Result<Tag, String> {
     let member = |name: &str| match value.get(name) {
         Some(Value::String(s)) => Ok(s.clone()),
         Some(other) => Err(format!("{name} must be a string, found {other}")),
-        None => Err(format!(
-            "each tag needs {name}; expected {{\"TagKey\": .., \"TagValue\": ..}}"
-        )),
+        None => Err(format!("each tag needs {name}; expected {{\"TagKey\": .., \"TagValue\": ..}}")),
     };
     if !value.is_object() {
-        return Err(format!(
-            "expected a tag object {{\"TagKey\": .., \"TagValue\": ..}}, found {value}"
-        ));
+        return Err(format!("expected a tag object {{\"TagKey\": .., \"TagValue\": ..}}, found {value}"));
     }
-    Ok(Tag {
-        key: member("TagKey")?,
-        value: member("TagValue")?,
-    })
+    Ok(Tag { key: member("TagKey")?, value: member("TagValue")? })
 }
 
 /// Splits aws-style shorthand `k1=v1,k2=v2` into pairs, trimming blanks around keys and
@@ -176,12 +154,8 @@ fn shorthand(arg: &str) -> Result<Vec<(String, String)>, String> {
     }
     arg.split(',')
         .map(|pair| match pair.split_once('=') {
-            Some((k, v)) if !k.trim().is_empty() => {
-                Ok((k.trim().to_string(), v.trim().to_string()))
-            }
-            _ => Err(format!(
-                "{pair:?} is not KEY=VALUE; expected KEY=VALUE pairs separated by commas, or JSON"
-            )),
+            Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
+            _ => Err(format!("{pair:?} is not KEY=VALUE; expected KEY=VALUE pairs separated by commas, or JSON")),
         })
         .collect()
 }
@@ -190,9 +164,7 @@ fn read_file(path: &str) -> Result<Vec<u8>, String> {
     let file = fs::File::open(path).map_err(|e| format!("cannot read {path}: {e}"))?;
     let mut bytes = Vec::new();
     use std::io::Read;
-    file.take(MAX_PARAM_FILE + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| format!("cannot read {path}: {e}"))?;
+    file.take(MAX_PARAM_FILE + 1).read_to_end(&mut bytes).map_err(|e| format!("cannot read {path}: {e}"))?;
     if bytes.len() as u64 > MAX_PARAM_FILE {
         return Err(format!("{path} is larger than {MAX_PARAM_FILE} bytes"));
     }
@@ -206,35 +178,20 @@ mod tests {
     use std::io::Write;
 
     fn ctx(pairs: &[(&str, &str)]) -> Context {
-        Context(EncryptionContext(
-            pairs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        ))
+        Context(EncryptionContext(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()))
     }
 
     #[test]
     fn blob_reads_base64_and_files() {
         assert_eq!(blob("aGVsbG8=").unwrap(), Blob(b"hello".to_vec()));
-        assert_eq!(
-            blob("aGVsbG8").unwrap(),
-            Blob(b"hello".to_vec()),
-            "padding optional"
-        );
+        assert_eq!(blob("aGVsbG8").unwrap(), Blob(b"hello".to_vec()), "padding optional");
         assert_eq!(blob("aGVsbG8=\n").unwrap(), Blob(b"hello".to_vec()));
 
         let mut file = tempfile::NamedTempFile::new().unwrap();
         file.write_all(&[0, 159, 146, 150, b'\n']).unwrap();
         let path = file.path().display();
-        assert_eq!(
-            blob(&format!("fileb://{path}")).unwrap().0,
-            vec![0, 159, 146, 150, b'\n']
-        );
-        assert_eq!(
-            blob(&format!("file://{path}")).unwrap().0,
-            vec![0, 159, 146, 150, b'\n']
-        );
+        assert_eq!(blob(&format!("fileb://{path}")).unwrap().0, vec![0, 159, 146, 150, b'\n']);
+        assert_eq!(blob(&format!("file://{path}")).unwrap().0, vec![0, 159, 146, 150, b'\n']);
     }
 
     #[test]
@@ -242,19 +199,13 @@ mod tests {
         let err = blob("hello world!").unwrap_err();
         assert!(err.contains("base64") && err.contains("fileb://"), "{err}");
         let err = blob("fileb:///nonexistent/kmsctl-test").unwrap_err();
-        assert!(
-            err.contains("cannot read /nonexistent/kmsctl-test"),
-            "{err}"
-        );
+        assert!(err.contains("cannot read /nonexistent/kmsctl-test"), "{err}");
     }
 
     #[test]
     fn context_shorthand() {
         assert_eq!(context("a=1,b=2").unwrap(), ctx(&[("a", "1"), ("b", "2")]));
-        assert_eq!(
-            context(" a = 1 , b=").unwrap(),
-            ctx(&[("a", "1"), ("b", "")])
-        );
+        assert_eq!(context(" a = 1 , b=").unwrap(), ctx(&[("a", "1"), ("b", "")]));
         assert_eq!(context("url=x=y").unwrap(), ctx(&[("url", "x=y")]));
         assert!(context("a=1,a=2").unwrap_err().contains("twice"));
         assert!(context("a").unwrap_err().contains("KEY=VALUE"));
@@ -268,9 +219,7 @@ mod tests {
             context(r#"{"purpose": "a,b=c", "Dept": "IT"}"#).unwrap(),
             ctx(&[("purpose", "a,b=c"), ("Dept", "IT")])
         );
-        assert!(context(r#"{"n": 1}"#)
-            .unwrap_err()
-            .contains("must be a string"));
+        assert!(context(r#"{"n": 1}"#).unwrap_err().contains("must be a string"));
         assert!(context(r#"{"n": "#).unwrap_err().contains("JSON"));
 
         let mut file = tempfile::NamedTempFile::new().unwrap();
@@ -281,43 +230,24 @@ mod tests {
 
     #[test]
     fn tags_shorthand_and_json() {
-        let tag = |k: &str, v: &str| Tag {
-            key: k.into(),
-            value: v.into(),
-        };
-        assert_eq!(
-            tags("TagKey=env,TagValue=prod").unwrap(),
-            TagList(vec![tag("env", "prod")])
-        );
-        assert_eq!(
-            tags("TagValue=,TagKey=empty").unwrap(),
-            TagList(vec![tag("empty", "")])
-        );
+        let tag = |k: &str, v: &str| Tag { key: k.into(), value: v.into() };
+        assert_eq!(tags("TagKey=env,TagValue=prod").unwrap(), TagList(vec![tag("env", "prod")]));
+        assert_eq!(tags("TagValue=,TagKey=empty").unwrap(), TagList(vec![tag("empty", "")]));
         assert_eq!(
             tags(r#"[{"TagKey":"a","TagValue":"1"},{"TagKey":"b","TagValue":"2"}]"#).unwrap(),
             TagList(vec![tag("a", "1"), tag("b", "2")])
         );
-        assert_eq!(
-            tags(r#"{"TagKey":"a","TagValue":"1"}"#).unwrap(),
-            TagList(vec![tag("a", "1")])
-        );
+        assert_eq!(tags(r#"{"TagKey":"a","TagValue":"1"}"#).unwrap(), TagList(vec![tag("a", "1")]));
         assert!(tags("TagKey=a").unwrap_err().contains("TagValue"));
-        assert!(tags("Key=a,Value=b")
-            .unwrap_err()
-            .contains("unknown member"));
-        assert!(tags(r#"[{"TagKey":"a"}]"#)
-            .unwrap_err()
-            .contains("TagValue"));
+        assert!(tags("Key=a,Value=b").unwrap_err().contains("unknown member"));
+        assert!(tags(r#"[{"TagKey":"a"}]"#).unwrap_err().contains("TagValue"));
         assert!(tags(r#"[1]"#).is_err());
     }
 
     #[test]
     fn tag_keys_plain_and_json() {
         assert_eq!(tag_keys("env").unwrap(), TagKeys(vec!["env".into()]));
-        assert_eq!(
-            tag_keys(r#"["a", "b"]"#).unwrap(),
-            TagKeys(vec!["a".into(), "b".into()])
-        );
+        assert_eq!(tag_keys(r#"["a", "b"]"#).unwrap(), TagKeys(vec!["a".into(), "b".into()]));
         assert!(tag_keys("[1]").is_err());
     }
 

@@ -30,35 +30,18 @@ pub enum Mode {
     Paginate { list: &'static str },
     /// Pipe mode: the raw bytes of stdin become the blob member `input`, and the raw bytes of
     /// the response's blob member `output` are written to stdout.
-    Pipe {
-        input: &'static str,
-        output: &'static str,
-    },
+    Pipe { input: &'static str, output: &'static str },
 }
 
 /// The call `command` stands for.
 pub fn plan(command: &Command) -> Call {
     use Command as C;
-    let single = |action, request: Request| Call {
-        action,
-        request: request.into(),
-        mode: Mode::Single,
-    };
+    let single = |action, request: Request| Call { action, request: request.into(), mode: Mode::Single };
     let list = |action, request: Request, page: &PageArgs, list| {
         let one_page = page.no_paginate || page.limit.is_some() || page.marker.is_some();
-        let request = request
-            .opt("Limit", page.limit)
-            .opt("Marker", page.marker.clone());
-        let mode = if one_page {
-            Mode::Single
-        } else {
-            Mode::Paginate { list }
-        };
-        Call {
-            action,
-            request: request.into(),
-            mode,
-        }
+        let request = request.opt("Limit", page.limit).opt("Marker", page.marker.clone());
+        let mode = if one_page { Mode::Single } else { Mode::Paginate { list } };
+        Call { action, request: request.into(), mode }
     };
     let key = |key_id: &str| Request::new().set("KeyId", key_id);
     match command {
@@ -73,146 +56,82 @@ pub fn plan(command: &Command) -> Call {
                 .opt("Origin", a.origin.clone())
                 .opt(
                     "BypassPolicyLockoutSafetyCheck",
-                    flag(
-                        a.bypass_policy_lockout_safety_check,
-                        a.no_bypass_policy_lockout_safety_check,
-                    ),
+                    flag(a.bypass_policy_lockout_safety_check, a.no_bypass_policy_lockout_safety_check),
                 )
                 .opt("Tags", tags(&a.tags))
                 .opt("MultiRegion", flag(a.multi_region, a.no_multi_region)),
         ),
-        C::DescribeKey(a) => single(
-            "DescribeKey",
-            key(&a.key.key_id).opt("GrantTokens", grant_tokens(&a.grant_tokens)),
-        ),
+        C::DescribeKey(a) => {
+            single("DescribeKey", key(&a.key.key_id).opt("GrantTokens", grant_tokens(&a.grant_tokens)))
+        }
         C::ListKeys(a) => list("ListKeys", Request::new(), &a.page, "Keys"),
         C::EnableKey(a) => single("EnableKey", key(&a.key_id)),
         C::DisableKey(a) => single("DisableKey", key(&a.key_id)),
-        C::UpdateKeyDescription(a) => single(
-            "UpdateKeyDescription",
-            key(&a.key.key_id).set("Description", a.description.as_str()),
-        ),
-        C::ScheduleKeyDeletion(a) => single(
-            "ScheduleKeyDeletion",
-            key(&a.key.key_id).opt("PendingWindowInDays", a.pending_window_in_days),
-        ),
+        C::UpdateKeyDescription(a) => {
+            single("UpdateKeyDescription", key(&a.key.key_id).set("Description", a.description.as_str()))
+        }
+        C::ScheduleKeyDeletion(a) => {
+            single("ScheduleKeyDeletion", key(&a.key.key_id).opt("PendingWindowInDays", a.pending_window_in_days))
+        }
         C::CancelKeyDeletion(a) => single("CancelKeyDeletion", key(&a.key_id)),
         C::CreateAlias(a) => single(
             "CreateAlias",
-            Request::new()
-                .set("AliasName", a.alias_name.as_str())
-                .set("TargetKeyId", a.target_key_id.as_str()),
+            Request::new().set("AliasName", a.alias_name.as_str()).set("TargetKeyId", a.target_key_id.as_str()),
         ),
         C::UpdateAlias(a) => single(
             "UpdateAlias",
-            Request::new()
-                .set("AliasName", a.alias_name.as_str())
-                .set("TargetKeyId", a.target_key_id.as_str()),
+            Request::new().set("AliasName", a.alias_name.as_str()).set("TargetKeyId", a.target_key_id.as_str()),
         ),
-        C::DeleteAlias(a) => single(
-            "DeleteAlias",
-            Request::new().set("AliasName", a.alias_name.as_str()),
-        ),
-        C::ListAliases(a) => list(
-            "ListAliases",
-            Request::new().opt("KeyId", a.key_id.clone()),
-            &a.page,
-            "Aliases",
-        ),
-        C::TagResource(a) => single(
-            "TagResource",
-            key(&a.key.key_id).set(
-                "Tags",
-                tags(&a.tags).unwrap_or_else(|| Value::Array(vec![])),
-            ),
-        ),
-        C::UntagResource(a) => single(
-            "UntagResource",
-            key(&a.key.key_id).set("TagKeys", tag_keys(&a.tag_keys)),
-        ),
+        C::DeleteAlias(a) => single("DeleteAlias", Request::new().set("AliasName", a.alias_name.as_str())),
+        C::ListAliases(a) => list("ListAliases", Request::new().opt("KeyId", a.key_id.clone()), &a.page, "Aliases"),
+        C::TagResource(a) => {
+            single("TagResource", key(&a.key.key_id).set("Tags", tags(&a.tags).unwrap_or_else(|| Value::Array(vec![]))))
+        }
+        C::UntagResource(a) => single("UntagResource", key(&a.key.key_id).set("TagKeys", tag_keys(&a.tag_keys))),
         C::ListResourceTags(a) => list("ListResourceTags", key(&a.key.key_id), &a.page, "Tags"),
         C::Encrypt(a) => {
             let request = key(&a.key.key_id)
                 .opt("Plaintext", a.plaintext.as_ref().map(blob))
-                .opt(
-                    "EncryptionContext",
-                    a.encryption_context.as_ref().map(context),
-                )
+                .opt("EncryptionContext", a.encryption_context.as_ref().map(context))
                 .opt("GrantTokens", grant_tokens(&a.grant_tokens))
                 .opt("EncryptionAlgorithm", a.encryption_algorithm.clone())
                 .opt("DryRun", dry_run(&a.dry_run));
             let mode = match a.plaintext {
                 Some(_) => Mode::Single,
-                None => Mode::Pipe {
-                    input: "Plaintext",
-                    output: "CiphertextBlob",
-                },
+                None => Mode::Pipe { input: "Plaintext", output: "CiphertextBlob" },
             };
-            Call {
-                action: "Encrypt",
-                request: request.into(),
-                mode,
-            }
+            Call { action: "Encrypt", request: request.into(), mode }
         }
         C::Decrypt(a) => {
             let request = Request::new()
                 .opt("CiphertextBlob", a.ciphertext_blob.as_ref().map(blob))
-                .opt(
-                    "EncryptionContext",
-                    a.encryption_context.as_ref().map(context),
-                )
+                .opt("EncryptionContext", a.encryption_context.as_ref().map(context))
                 .opt("GrantTokens", grant_tokens(&a.grant_tokens))
                 .opt("KeyId", a.key_id.clone())
                 .opt("EncryptionAlgorithm", a.encryption_algorithm.clone())
                 .opt("DryRun", dry_run(&a.dry_run));
             let mode = match a.ciphertext_blob {
                 Some(_) => Mode::Single,
-                None => Mode::Pipe {
-                    input: "CiphertextBlob",
-                    output: "Plaintext",
-                },
+                None => Mode::Pipe { input: "CiphertextBlob", output: "Plaintext" },
             };
-            Call {
-                action: "Decrypt",
-                request: request.into(),
-                mode,
-            }
+            Call { action: "Decrypt", request: request.into(), mode }
         }
         C::ReEncrypt(a) => {
             let request = Request::new()
                 .opt("CiphertextBlob", a.ciphertext_blob.as_ref().map(blob))
-                .opt(
-                    "SourceEncryptionContext",
-                    a.source_encryption_context.as_ref().map(context),
-                )
+                .opt("SourceEncryptionContext", a.source_encryption_context.as_ref().map(context))
                 .opt("SourceKeyId", a.source_key_id.clone())
                 .set("DestinationKeyId", a.destination_key_id.as_str())
-                .opt(
-                    "DestinationEncryptionContext",
-                    a.destination_encryption_context.as_ref().map(context),
-                )
-                .opt(
-                    "SourceEncryptionAlgorithm",
-                    a.source_encryption_algorithm.clone(),
-                )
-                .opt(
-                    "DestinationEncryptionAlgorithm",
-                    a.destination_encryption_algorithm.clone(),
-                )
+                .opt("DestinationEncryptionContext", a.destination_encryption_context.as_ref().map(context))
+                .opt("SourceEncryptionAlgorithm", a.source_encryption_algorithm.clone())
+                .opt("DestinationEncryptionAlgorithm", a.destination_encryption_algorithm.clone())
                 .opt("GrantTokens", grant_tokens(&a.grant_tokens))
                 .opt("DryRun", dry_run(&a.dry_run));
             let mode = match a.ciphertext_blob {
                 Some(_) => Mode::Single,
-                None => Mode::Pipe {
-                    input: "CiphertextBlob",
-                    output: "CiphertextBlob",
-                },
+                None => Mode::Pipe { input: "CiphertextBlob", output: "CiphertextBlob" },
             };
-            Call {
-                action: "ReEncrypt",
-                request: request.into(),
-                mode,
-            }
+            Call { action: "ReEncrypt", request: request.into(), mode }
         }
         C::GenerateDataKey(a) | C::GenerateDataKeyWithoutPlaintext(a) => {
             let action = match command {
@@ -222,20 +141,14 @@ pub fn plan(command: &Command) -> Call {
             single(
                 action,
                 key(&a.key.key_id)
-                    .opt(
-                        "EncryptionContext",
-                        a.encryption_context.as_ref().map(context),
-                    )
+                    .opt("EncryptionContext", a.encryption_context.as_ref().map(context))
                     .opt("NumberOfBytes", a.number_of_bytes)
                     .opt("KeySpec", a.key_spec.clone())
                     .opt("GrantTokens", grant_tokens(&a.grant_tokens))
                     .opt("DryRun", dry_run(&a.dry_run)),
             )
         }
-        C::GenerateRandom(a) => single(
-            "GenerateRandom",
-            Request::new().opt("NumberOfBytes", a.number_of_bytes),
-        ),
+        C::GenerateRandom(a) => single("GenerateRandom", Request::new().opt("NumberOfBytes", a.number_of_bytes)),
     }
 }
 
@@ -254,19 +167,11 @@ pub fn paginate(
         if page.get("Truncated") != Some(&Value::Bool(true)) {
             break;
         }
-        let Some(marker) = page
-            .get("NextMarker")
-            .and_then(Value::as_str)
-            .filter(|m| !m.is_empty())
-        else {
-            return Err(Failure::Other(
-                "the agent reported a truncated page without NextMarker".into(),
-            ));
+        let Some(marker) = page.get("NextMarker").and_then(Value::as_str).filter(|m| !m.is_empty()) else {
+            return Err(Failure::Other("the agent reported a truncated page without NextMarker".into()));
         };
         if !seen.insert(marker.to_string()) {
-            return Err(Failure::Other(format!(
-                "the agent returned NextMarker {marker:?} twice"
-            )));
+            return Err(Failure::Other(format!("the agent returned NextMarker {marker:?} twice")));
         }
         if let Value::Object(members) = &mut request {
             members.insert("Marker".into(), Value::String(marker.to_string()));
@@ -337,14 +242,7 @@ fn blob(blob: &Blob) -> Value {
 }
 
 fn context(context: &Context) -> Value {
-    Value::Object(
-        context
-            .0
-             .0
-            .iter()
-            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-            .collect(),
-    )
+    Value::Object(context.0 .0.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect())
 }
 
 fn tags(lists: &[TagList]) -> Option<Value> {
@@ -360,11 +258,7 @@ fn tags(lists: &[TagList]) -> Option<Value> {
 }
 
 fn tag_keys(lists: &[TagKeys]) -> Value {
-    lists
-        .iter()
-        .flat_map(|list| list.0.iter().cloned())
-        .map(Value::String)
-        .collect()
+    lists.iter().flat_map(|list| list.0.iter().cloned()).map(Value::String).collect()
 }
 
 #[cfg(test)]
@@ -376,8 +270,7 @@ mod tests {
     use serde_json::json;
 
     fn plan_for(argv: &[&str]) -> Call {
-        let cli =
-            Cli::try_parse_from(std::iter::once("kmsctl").chain(argv.iter().copied())).unwrap();
+        let cli = Cli::try_parse_from(std::iter::once("kmsctl").chain(argv.iter().copied())).unwrap();
         plan(&cli.command)
     }
 
@@ -410,43 +303,16 @@ mod tests {
 
     #[test]
     fn blob_commands_without_blob_use_pipe_mode() {
-        let call = plan_for(&[
-            "encrypt",
-            "-k",
-            "k1",
-            "--encryption-context",
-            r#"{"a":"b"}"#,
-        ]);
-        assert_eq!(
-            call.mode,
-            Mode::Pipe {
-                input: "Plaintext",
-                output: "CiphertextBlob"
-            }
-        );
-        assert_eq!(
-            call.request,
-            json!({"KeyId": "k1", "EncryptionContext": {"a": "b"}})
-        );
+        let call = plan_for(&["encrypt", "-k", "k1", "--encryption-context", r#"{"a":"b"}"#]);
+        assert_eq!(call.mode, Mode::Pipe { input: "Plaintext", output: "CiphertextBlob" });
+        assert_eq!(call.request, json!({"KeyId": "k1", "EncryptionContext": {"a": "b"}}));
 
         let call = plan_for(&["decrypt"]);
-        assert_eq!(
-            call.mode,
-            Mode::Pipe {
-                input: "CiphertextBlob",
-                output: "Plaintext"
-            }
-        );
+        assert_eq!(call.mode, Mode::Pipe { input: "CiphertextBlob", output: "Plaintext" });
         assert_eq!(call.request, json!({}));
 
         let call = plan_for(&["re-encrypt", "-k", "k2"]);
-        assert_eq!(
-            call.mode,
-            Mode::Pipe {
-                input: "CiphertextBlob",
-                output: "CiphertextBlob"
-            }
-        );
+        assert_eq!(call.mode, Mode::Pipe { input: "CiphertextBlob", output: "CiphertextBlob" });
         assert_eq!(call.request, json!({"DestinationKeyId": "k2"}));
     }
 
@@ -481,28 +347,13 @@ mod tests {
 
     #[test]
     fn untag_resource_collects_keys() {
-        let call = plan_for(&[
-            "untag-resource",
-            "-k",
-            "k",
-            "--tag-keys",
-            "a",
-            "b",
-            "--tag-keys",
-            r#"["c"]"#,
-        ]);
-        assert_eq!(
-            call.request,
-            json!({"KeyId": "k", "TagKeys": ["a", "b", "c"]})
-        );
+        let call = plan_for(&["untag-resource", "-k", "k", "--tag-keys", "a", "b", "--tag-keys", r#"["c"]"#]);
+        assert_eq!(call.request, json!({"KeyId": "k", "TagKeys": ["a", "b", "c"]}));
     }
 
     #[test]
     fn list_commands_paginate_unless_asked_for_one_page() {
-        assert_eq!(
-            plan_for(&["list-keys"]).mode,
-            Mode::Paginate { list: "Keys" }
-        );
+        assert_eq!(plan_for(&["list-keys"]).mode, Mode::Paginate { list: "Keys" });
         assert_eq!(plan_for(&["list-keys", "--no-paginate"]).mode, Mode::Single);
         let call = plan_for(&["list-aliases", "--limit", "5", "--marker", "m"]);
         assert_eq!(call.mode, Mode::Single);
@@ -528,19 +379,13 @@ mod tests {
             "Keys",
         )
         .unwrap();
-        assert_eq!(
-            merged,
-            json!({"Keys": [{"KeyId": "1"}, {"KeyId": "2"}, {"KeyId": "3"}]})
-        );
+        assert_eq!(merged, json!({"Keys": [{"KeyId": "1"}, {"KeyId": "2"}, {"KeyId": "3"}]}));
         assert_eq!(markers, vec![None, Some(json!("m1")), Some(json!("m2"))]);
     }
 
     #[test]
     fn paginate_survives_odd_responses() {
-        let pages = [
-            json!({"Truncated": true, "NextMarker": "m"}),
-            json!("not an object"),
-        ];
+        let pages = [json!({"Truncated": true, "NextMarker": "m"}), json!("not an object")];
         let mut n = 0;
         let merged = paginate(
             |_| {

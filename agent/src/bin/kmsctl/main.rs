@@ -42,10 +42,7 @@ pub enum Failure {
     /// The command line, or how kmsctl was invoked, is wrong.
     Usage(String),
     /// The agent answered `operation` with an error.
-    Service {
-        operation: &'static str,
-        error: KmsError,
-    },
+    Service { operation: &'static str, error: KmsError },
     /// Anything else: the agent cannot be reached, I/O failed, the response is malformed.
     Other(String),
 }
@@ -98,11 +95,7 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<(), Failure> {
-    let commands::Call {
-        action,
-        mut request,
-        mode,
-    } = commands::plan(&cli.command);
+    let commands::Call { action, mut request, mode } = commands::plan(&cli.command);
     let stdout = io::stdout();
     if let Mode::Pipe { input, .. } = mode {
         if stdout.is_terminal() {
@@ -118,22 +111,15 @@ fn run(cli: Cli) -> Result<(), Failure> {
         }
     }
     let socket = cli.socket.filter(|path| !path.as_os_str().is_empty());
-    let mut client = AgentClient::connect_or_start(socket.as_deref())
-        .map_err(|e| Failure::Other(e.to_string()))?;
-    let mut call = |request: &Value| {
-        client
-            .call(action, request)
-            .map_err(|e| Failure::from_client(action, e))
-    };
+    let mut client = AgentClient::connect_or_start(socket.as_deref()).map_err(|e| Failure::Other(e.to_string()))?;
+    let mut call = |request: &Value| client.call(action, request).map_err(|e| Failure::from_client(action, e));
     let response = match mode {
         Mode::Paginate { list } => commands::paginate(&mut call, request, list)?,
         Mode::Single | Mode::Pipe { .. } => call(&request)?,
     };
     let bytes = match mode {
         Mode::Pipe { output, .. } => raw_blob(&response, output)?,
-        Mode::Single | Mode::Paginate { .. } => {
-            output::render(action, &response, cli.output).into_bytes()
-        }
+        Mode::Single | Mode::Paginate { .. } => output::render(action, &response, cli.output).into_bytes(),
     };
     let mut stdout = stdout.lock();
     stdout
@@ -172,7 +158,5 @@ fn raw_blob(response: &Value, member: &str) -> Result<Vec<u8>, Failure> {
         .get(member)
         .and_then(Value::as_str)
         .ok_or_else(|| Failure::Other(format!("the agent's response has no {member}")))?;
-    STANDARD
-        .decode(encoded)
-        .map_err(|e| Failure::Other(format!("the agent's {member} is not valid base64: {e}")))
+    STANDARD.decode(encoded).map_err(|e| Failure::Other(format!("the agent's {member} is not valid base64: {e}")))
 }

@@ -8,27 +8,12 @@ const OUTPUTS: &[(&str, &[&str])] = &[
     ("CreateKey", &["KeyMetadata"]),
     ("DescribeKey", &["KeyMetadata"]),
     ("ListKeys", &["Keys", "NextMarker", "Truncated"]),
-    (
-        "ScheduleKeyDeletion",
-        &["KeyId", "DeletionDate", "KeyState", "PendingWindowInDays"],
-    ),
+    ("ScheduleKeyDeletion", &["KeyId", "DeletionDate", "KeyState", "PendingWindowInDays"]),
     ("CancelKeyDeletion", &["KeyId"]),
     ("ListAliases", &["Aliases", "NextMarker", "Truncated"]),
     ("ListResourceTags", &["Tags", "NextMarker", "Truncated"]),
-    (
-        "Encrypt",
-        &["CiphertextBlob", "KeyId", "EncryptionAlgorithm"],
-    ),
-    (
-        "Decrypt",
-        &[
-            "KeyId",
-            "Plaintext",
-            "EncryptionAlgorithm",
-            "CiphertextForRecipient",
-            "KeyMaterialId",
-        ],
-    ),
+    ("Encrypt", &["CiphertextBlob", "KeyId", "EncryptionAlgorithm"]),
+    ("Decrypt", &["KeyId", "Plaintext", "EncryptionAlgorithm", "CiphertextForRecipient", "KeyMaterialId"]),
     (
         "ReEncrypt",
         &[
@@ -41,20 +26,8 @@ const OUTPUTS: &[(&str, &[&str])] = &[
             "DestinationKeyMaterialId",
         ],
     ),
-    (
-        "GenerateDataKey",
-        &[
-            "CiphertextBlob",
-            "Plaintext",
-            "KeyId",
-            "CiphertextForRecipient",
-            "KeyMaterialId",
-        ],
-    ),
-    (
-        "GenerateDataKeyWithoutPlaintext",
-        &["CiphertextBlob", "KeyId", "KeyMaterialId"],
-    ),
+    ("GenerateDataKey", &["CiphertextBlob", "Plaintext", "KeyId", "CiphertextForRecipient", "KeyMaterialId"]),
+    ("GenerateDataKeyWithoutPlaintext", &["CiphertextBlob", "KeyId", "KeyMaterialId"]),
     ("GenerateRandom", &["Plaintext", "CiphertextForRecipient"]),
 ];
 
@@ -93,24 +66,12 @@ const NESTED: &[(&str, &[&str])] = &[
             "CurrentKeyMaterialId",
         ],
     ),
-    (
-        "MultiRegionConfiguration",
-        &["MultiRegionKeyType", "PrimaryKey", "ReplicaKeys"],
-    ),
+    ("MultiRegionConfiguration", &["MultiRegionKeyType", "PrimaryKey", "ReplicaKeys"]),
     ("PrimaryKey", &["Arn", "Region"]),
     ("ReplicaKeys", &["Arn", "Region"]),
     ("XksKeyConfiguration", &["Id"]),
     ("Keys", &["KeyId", "KeyArn"]),
-    (
-        "Aliases",
-        &[
-            "AliasName",
-            "AliasArn",
-            "TargetKeyId",
-            "CreationDate",
-            "LastUpdatedDate",
-        ],
-    ),
+    ("Aliases", &["AliasName", "AliasArn", "TargetKeyId", "CreationDate", "LastUpdatedDate"]),
     ("Tags", &["TagKey", "TagValue"]),
 ];
 
@@ -125,13 +86,6 @@ pub fn nested_members(member: &str) -> &'static [&'static str] {
     lookup(NESTED, member)
 }
 
-fn lookup(
-    table: &'static [(&str, &'static [&'static str])],
-    name: &str,
-) -> &'static [&'static str] {
-    table
-        .iter()
-        .find(|(n, _)| *n == name)
-        .map(|(_, members)| *members)
-        .unwrap_or(&[])
+fn lookup(table: &'static [(&str, &'static [&'static str])], name: &str) -> &'static [&'static str] {
+    table.iter().find(|(n, _)| *n == name).map(|(_, members)| *members).unwrap_or(&[])
 }

@@ -109,15 +109,8 @@ fn new_line(out: &mut String, depth: usize) {
 
 /// An object's members: those named in `order` first, in that order, then the rest sorted.
 fn in_order<'a>(members: &'a Map<String, Value>, order: &[&str]) -> Vec<(&'a String, &'a Value)> {
-    let mut ordered: Vec<_> = order
-        .iter()
-        .filter_map(|name| members.get_key_value(*name))
-        .collect();
-    ordered.extend(
-        members
-            .iter()
-            .filter(|(name, _)| !order.contains(&name.as_str())),
-    );
+    let mut ordered: Vec<_> = order.iter().filter_map(|name| members.get_key_value(*name)).collect();
+    ordered.extend(members.iter().filter(|(name, _)| !order.contains(&name.as_str())));
     ordered
 }
 
@@ -136,12 +129,7 @@ fn text(out: &mut String, value: &Value, identifier: Option<&str>, columns: Opti
     }
 }
 
-fn text_object(
-    out: &mut String,
-    members: &Map<String, Value>,
-    identifier: Option<&str>,
-    columns: Option<&[String]>,
-) {
+fn text_object(out: &mut String, members: &Map<String, Value>, identifier: Option<&str>, columns: Option<&[String]>) {
     let mut scalars = Vec::new();
     let mut nested = Vec::new();
     match columns {
@@ -178,12 +166,7 @@ fn text_list(out: &mut String, items: &[Value], identifier: Option<&str>) {
         let mut columns: Vec<String> = items
             .iter()
             .filter_map(Value::as_object)
-            .flat_map(|members| {
-                members
-                    .iter()
-                    .filter(|(_, v)| is_scalar(v))
-                    .map(|(k, _)| k.clone())
-            })
+            .flat_map(|members| members.iter().filter(|(_, v)| is_scalar(v)).map(|(k, _)| k.clone()))
             .collect();
         columns.sort();
         columns.dedup();
@@ -191,8 +174,7 @@ fn text_list(out: &mut String, items: &[Value], identifier: Option<&str>) {
             text(out, item, identifier, Some(&columns));
         }
     } else {
-        let (scalars, nested): (Vec<&Value>, Vec<&Value>) =
-            items.iter().partition(|v| is_scalar(v));
+        let (scalars, nested): (Vec<&Value>, Vec<&Value>) = items.iter().partition(|v| is_scalar(v));
         if !scalars.is_empty() {
             match identifier {
                 Some(identifier) => {
@@ -291,11 +273,7 @@ mod tests {
 
     #[test]
     fn timestamps_already_strings_are_left_alone() {
-        let out = render(
-            "ListAliases",
-            &json!({"CreationDate": "yesterday"}),
-            OutputFormat::Json,
-        );
+        let out = render("ListAliases", &json!({"CreationDate": "yesterday"}), OutputFormat::Json);
         assert!(out.contains("\"yesterday\""), "{out}");
     }
 
@@ -313,10 +291,7 @@ mod tests {
                 {"KeyId": "2", "KeyArn": "arn:2"},
             ],
         });
-        assert_eq!(
-            render("ListKeys", &response, OutputFormat::Text),
-            "KEYS\tarn:1\t1\nKEYS\tarn:2\t2\n"
-        );
+        assert_eq!(render("ListKeys", &response, OutputFormat::Text), "KEYS\tarn:1\t1\nKEYS\tarn:2\t2\n");
     }
 
     #[test]
@@ -327,10 +302,7 @@ mod tests {
                 {"AliasName": "alias/aws/s3"},
             ],
         });
-        assert_eq!(
-            render("ListKeys", &response, OutputFormat::Text),
-            "ALIASES\talias/a\tk\nALIASES\talias/aws/s3\t\n"
-        );
+        assert_eq!(render("ListKeys", &response, OutputFormat::Text), "ALIASES\talias/a\tk\nALIASES\talias/aws/s3\t\n");
     }
 
     #[test]
@@ -360,13 +332,7 @@ mod tests {
             "KeyId": "arn:k",
             "EncryptionAlgorithm": "SYMMETRIC_DEFAULT",
         });
-        assert_eq!(
-            render("ListKeys", &response, OutputFormat::Text),
-            "AQID\tSYMMETRIC_DEFAULT\tarn:k\n"
-        );
-        assert_eq!(
-            render("X", &json!(["a", "b"]), OutputFormat::Text),
-            "a\tb\n"
-        );
+        assert_eq!(render("ListKeys", &response, OutputFormat::Text), "AQID\tSYMMETRIC_DEFAULT\tarn:k\n");
+        assert_eq!(render("X", &json!(["a", "b"]), OutputFormat::Text), "a\tb\n");
     }
 }
