@@ -1,0 +1,416 @@
+#!/usr/bin/env python3
+"""An independent client check of kmsd: boto3 drives the agent on its Unix socket.
+
+botocore serializes every request (AWS JSON 1.1, SigV4-signed, which kmsd ignores on the
+socket) and parses every response, so request shapes, response shapes and error codes are
+judged by AWS's own SDK rather than by kmsfs's client. The only piece written here is the
+transport: a `before-send` handler that writes botocore's prepared request to the socket
+with `http.client` and hands the raw reply back to botocore.
+
+Beyond what botocore's (lenient) parser checks, an `after-call` handler holds every raw
+response body to the service model botocore ships: unknown or null members, missing
+required members, wrong JSON types, enum values and length limits are all failures.
+
+Usage: boto3_client.py SOCKET
+Prints one line per check and a summary; exits non-zero if any check failed.
+"""
+
+import base64
+import binascii
+import http.client
+import json
+import socket
+import sys
+import traceback
+import urllib.parse
+from datetime import datetime, timedelta, timezone
+
+try:
+    import boto3
+    from botocore.awsrequest import AWSResponse
+    from botocore.config import Config
+    from botocore.exceptions import ClientError
+except ImportError as e:
+    sys.exit(f"boto3 is not installed ({e}); run the README's test command, which installs it")
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP/1.1 on a Unix stream socket instead of TCP."""
+
+    def __init__(self, path):
+        super().__init__("kmsd", timeout=30)
+        self.socket_path = path
+
+    def connect(self):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self.socket_path)
+        self.sock = sock
+
+
+class RawBody:
+    """The one method of urllib3's response that AWSResponse reads."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def stream(self, **_):
+        yield self.data
+
+
+def unix_transport(path):
+    def send(request, **_):
+        url = urllib.parse.urlsplit(request.url)
+        conn = UnixHTTPConnection(path)
+        try:
+            conn.request(request.method, url.path or "/", body=request.body, headers=dict(request.headers.items()))
+            reply = conn.getresponse()
+            data = reply.read()
+            return AWSResponse(request.url, reply.status, dict(reply.getheaders()), RawBody(data))
+        finally:
+            conn.close()
+
+    return send
+
+
+def shape_problems(shape, value, where):
+    """How `value` (raw JSON) departs from the botocore `shape`."""
+    if value is None:
+        return [f"{where}: null (AWS omits absent members)"]
+    kind = shape.type_name
+    meta = shape.metadata
+    if kind == "structure":
+        if not isinstance(value, dict):
+            return [f"{where}: expected an object for {shape.name}, got {type(value).__name__}"]
+        problems = []
+        for name, member in value.items():
+            if name not in shape.members:
+                problems.append(f"{where}.{name}: not a member of {shape.name}")
+            else:
+                problems += shape_problems(shape.members[name], member, f"{where}.{name}")
+        for name in shape.required_members:
+            if name not in value:
+                problems.append(f"{where}.{name}: required member of {shape.name} missing")
+        return problems
+    if kind == "list":
+        if not isinstance(value, list):
+            return [f"{where}: expected a list, got {type(value).__name__}"]
+        problems = []
+        if not meta.get("min", 0) <= len(value) <= meta.get("max", len(value)):
+            problems.append(f"{where}: {len(value)} items, outside [{meta.get('min')}, {meta.get('max')}]")
+        for i, item in enumerate(value):
+            problems += shape_problems(shape.member, item, f"{where}[{i}]")
+        return problems
+    if kind == "map":
+        if not isinstance(value, dict):
+            return [f"{where}: expected a map, got {type(value).__name__}"]
+        problems = []
+        for k, v in value.items():
+            problems += shape_problems(shape.key, k, f"{where} key {k!r}")
+            problems += shape_problems(shape.value, v, f"{where}[{k!r}]")
+        return problems
+    if kind == "string":
+        if not isinstance(value, str):
+            return [f"{where}: expected a string, got {type(value).__name__}"]
+        if shape.enum and value not in shape.enum:
+            return [f"{where}: {value!r} is not one of {shape.name}'s values"]
+        if not meta.get("min", 0) <= len(value) <= meta.get("max", len(value)):
+            return [f"{where}: length {len(value)} outside [{meta.get('min')}, {meta.get('max')}]"]
+        return []
+    if kind in ("integer", "long"):
+        if not isinstance(value, int) or isinstance(value, bool):
+            return [f"{where}: expected an integer, got {value!r}"]
+        if not meta.get("min", value) <= value <= meta.get("max", value):
+            return [f"{where}: {value} outside [{meta.get('min')}, {meta.get('max')}]"]
+        return []
+    if kind == "boolean":
+        return [] if isinstance(value, bool) else [f"{where}: expected a boolean, got {value!r}"]
+    if kind == "timestamp":
+        # JSON 1.1 sends timestamps as epoch seconds.
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return []
+        return [f"{where}: expected epoch seconds, got {value!r}"]
+    if kind == "blob":
+        if not isinstance(value, str):
+            return [f"{where}: expected base64, got {type(value).__name__}"]
+        try:
+            base64.b64decode(value, validate=True)
+        except binascii.Error:
+            return [f"{where}: not valid base64"]
+        return []
+    return [f"{where}: unexpected shape type {kind}"]
+
+
+class Checker:
+    def __init__(self, socket_path):
+        self.kms = boto3.client(
+            "kms",
+            region_name="local",
+            aws_access_key_id="x",
+            aws_secret_access_key="x",
+            endpoint_url="http://kmsd",
+            # A retry would hide a failed or malformed first reply.
+            config=Config(retries={"total_max_attempts": 1}),
+        )
+        self.kms.meta.events.register("before-send.kms", unix_transport(socket_path))
+        self.kms.meta.events.register("after-call.kms", self.check_reply)
+        self.reply_problems = []
+        self.passed = 0
+        self.failed = 0
+
+    def check_reply(self, http_response, model, **_):
+        """Holds every raw reply to the service model."""
+        where = f"{model.name} reply"
+        try:
+            body = json.loads(http_response.content or b"{}")
+        except ValueError as e:
+            self.reply_problems.append(f"{where}: not JSON: {e}")
+            return
+        if http_response.status_code == 200:
+            if model.output_shape is not None:
+                self.reply_problems += shape_problems(model.output_shape, body, where)
+            elif body != {}:
+                self.reply_problems.append(f"{where}: {model.name} has no output but the body is {body!r}")
+            return
+        if not isinstance(body, dict) or not isinstance(body.get("__type"), str) or "message" not in body:
+            self.reply_problems.append(f"{where}: error body lacks __type/message: {body!r}")
+
+    def run(self, name, check):
+        self.reply_problems = []
+        try:
+            check()
+            if self.reply_problems:
+                raise AssertionError("reply does not match the service model:\n    " + "\n    ".join(self.reply_problems))
+        except Exception as e:  # noqa: BLE001 — every failure is reported, none stops the run
+            self.failed += 1
+            detail = "".join(traceback.format_exception_only(type(e), e)).strip()
+            print(f"FAIL {name}: {detail}")
+            if not isinstance(e, (AssertionError, ClientError)):
+                traceback.print_exc()
+        else:
+            self.passed += 1
+            print(f"ok   {name}")
+
+
+def expect_error(code, call, *args, **kwargs):
+    try:
+        call(*args, **kwargs)
+    except ClientError as e:
+        got = e.response["Error"]["Code"]
+        assert got == code, f"expected {code}, got {got}: {e.response['Error'].get('Message')}"
+        assert e.response["ResponseMetadata"]["HTTPStatusCode"] == 400, e.response["ResponseMetadata"]
+        return e
+    raise AssertionError(f"expected {code}, but the call succeeded")
+
+
+def main():
+    if len(sys.argv) != 2:
+        sys.exit("usage: boto3_client.py SOCKET")
+    checker = Checker(sys.argv[1])
+    kms = checker.kms
+    state = {}
+
+    def create_key():
+        meta = kms.create_key(
+            Description="boto3 check", Tags=[{"TagKey": "team", "TagValue": "storage"}]
+        )["KeyMetadata"]
+        assert meta["KeyState"] == "Enabled", meta
+        assert meta["Enabled"] is True, meta
+        assert meta["Description"] == "boto3 check", meta
+        assert meta["KeySpec"] == "SYMMETRIC_DEFAULT", meta
+        assert meta["KeyUsage"] == "ENCRYPT_DECRYPT", meta
+        assert meta["EncryptionAlgorithms"] == ["SYMMETRIC_DEFAULT"], meta
+        assert meta["Arn"].endswith(":key/" + meta["KeyId"]), meta
+        assert isinstance(meta["CreationDate"], datetime), meta
+        state["key"], state["arn"] = meta["KeyId"], meta["Arn"]
+        state["key2"] = kms.create_key()["KeyMetadata"]["KeyId"]
+        state["arn2"] = kms.describe_key(KeyId=state["key2"])["KeyMetadata"]["Arn"]
+
+    def create_key_tags():
+        tags = kms.list_resource_tags(KeyId=state["key"])["Tags"]
+        assert tags == [{"TagKey": "team", "TagValue": "storage"}], tags
+
+    def describe_key():
+        by_id = kms.describe_key(KeyId=state["key"])["KeyMetadata"]
+        by_arn = kms.describe_key(KeyId=state["arn"])["KeyMetadata"]
+        assert by_id == by_arn, (by_id, by_arn)
+        assert by_id["KeyId"] == state["key"] and by_id["Description"] == "boto3 check", by_id
+        assert by_id["KeyManager"] == "CUSTOMER" and by_id["Origin"] == "AWS_KMS", by_id
+
+    def update_key_description():
+        kms.update_key_description(KeyId=state["key"], Description="renamed")
+        assert kms.describe_key(KeyId=state["key"])["KeyMetadata"]["Description"] == "renamed"
+
+    def list_keys_paginated():
+        extra = {kms.create_key()["KeyMetadata"]["KeyId"] for _ in range(3)}
+        pages = list(kms.get_paginator("list_keys").paginate(PaginationConfig={"PageSize": 2}))
+        assert len(pages) >= 3, f"{len(pages)} pages of 2 for at least 5 keys"
+        listed = [k["KeyId"] for page in pages for k in page["Keys"]]
+        assert len(listed) == len(set(listed)), f"a key listed twice: {listed}"
+        assert extra | {state["key"], state["key2"]} <= set(listed), listed
+        assert all(k["KeyArn"].endswith(":key/" + k["KeyId"]) for page in pages for k in page["Keys"])
+        assert pages[-1]["Truncated"] is False and "NextMarker" not in pages[-1], pages[-1]
+
+    context = {"purpose": "boto3", "file": "a/b c"}
+
+    def encrypt_decrypt_with_context():
+        out = kms.encrypt(KeyId=state["key"], Plaintext=b"hello kmsd", EncryptionContext=context)
+        assert out["KeyId"] == state["arn"], out["KeyId"]
+        assert out["EncryptionAlgorithm"] == "SYMMETRIC_DEFAULT", out
+        state["ciphertext"] = out["CiphertextBlob"]
+        back = kms.decrypt(CiphertextBlob=out["CiphertextBlob"], EncryptionContext=context)
+        assert back["Plaintext"] == b"hello kmsd", back["Plaintext"]
+        assert back["KeyId"] == state["arn"], back["KeyId"]
+
+    def decrypt_wrong_context():
+        expect_error(
+            "InvalidCiphertextException",
+            kms.decrypt,
+            CiphertextBlob=state["ciphertext"],
+            EncryptionContext={"purpose": "other", "file": "a/b c"},
+        )
+        expect_error("InvalidCiphertextException", kms.decrypt, CiphertextBlob=state["ciphertext"])
+
+    def decrypt_with_the_wrong_key_id():
+        expect_error(
+            "IncorrectKeyException",
+            kms.decrypt,
+            CiphertextBlob=state["ciphertext"],
+            EncryptionContext=context,
+            KeyId=state["key2"],
+        )
+
+    def generate_data_key():
+        out = kms.generate_data_key(KeyId=state["key"], KeySpec="AES_256", EncryptionContext=context)
+        assert len(out["Plaintext"]) == 32, len(out["Plaintext"])
+        assert out["KeyId"] == state["arn"], out["KeyId"]
+        back = kms.decrypt(CiphertextBlob=out["CiphertextBlob"], EncryptionContext=context)
+        assert back["Plaintext"] == out["Plaintext"]
+        other = kms.generate_data_key(KeyId=state["key"], NumberOfBytes=64)
+        assert len(other["Plaintext"]) == 64, len(other["Plaintext"])
+
+    def generate_data_key_without_plaintext():
+        out = kms.generate_data_key_without_plaintext(KeyId=state["key"], KeySpec="AES_128")
+        assert "Plaintext" not in out, sorted(out)
+        back = kms.decrypt(CiphertextBlob=out["CiphertextBlob"])
+        assert len(back["Plaintext"]) == 16, len(back["Plaintext"])
+
+    def re_encrypt():
+        out = kms.re_encrypt(
+            CiphertextBlob=state["ciphertext"],
+            SourceEncryptionContext=context,
+            DestinationKeyId=state["key2"],
+            DestinationEncryptionContext={"moved": "yes"},
+        )
+        assert out["SourceKeyId"] == state["arn"] and out["KeyId"] == state["arn2"], out
+        back = kms.decrypt(CiphertextBlob=out["CiphertextBlob"], EncryptionContext={"moved": "yes"})
+        assert back["Plaintext"] == b"hello kmsd" and back["KeyId"] == state["arn2"], back
+
+    def aliases_create_and_list():
+        kms.create_alias(AliasName="alias/boto3-check", TargetKeyId=state["key"])
+        listed = kms.list_aliases(KeyId=state["key"])["Aliases"]
+        names = {a["AliasName"]: a for a in listed}
+        assert "alias/boto3-check" in names, listed
+        alias = names["alias/boto3-check"]
+        assert alias["TargetKeyId"] == state["key"], alias
+        assert alias["AliasArn"].endswith(":alias/boto3-check"), alias
+        everything = [a for page in kms.get_paginator("list_aliases").paginate() for a in page["Aliases"]]
+        assert any(a["AliasName"] == "alias/boto3-check" for a in everything), everything
+        expect_error("AlreadyExistsException", kms.create_alias, AliasName="alias/boto3-check", TargetKeyId=state["key2"])
+
+    def encrypt_via_alias():
+        out = kms.encrypt(KeyId="alias/boto3-check", Plaintext=b"via alias")
+        assert out["KeyId"] == state["arn"], out["KeyId"]
+        assert kms.describe_key(KeyId="alias/boto3-check")["KeyMetadata"]["KeyId"] == state["key"]
+        assert kms.decrypt(CiphertextBlob=out["CiphertextBlob"])["Plaintext"] == b"via alias"
+
+    def update_alias():
+        kms.update_alias(AliasName="alias/boto3-check", TargetKeyId=state["key2"])
+        listed = kms.list_aliases(KeyId=state["key2"])["Aliases"]
+        assert [a["AliasName"] for a in listed] == ["alias/boto3-check"], listed
+        assert kms.encrypt(KeyId="alias/boto3-check", Plaintext=b"x")["KeyId"] == state["arn2"]
+
+    def delete_alias():
+        kms.delete_alias(AliasName="alias/boto3-check")
+        expect_error("NotFoundException", kms.describe_key, KeyId="alias/boto3-check")
+        expect_error("NotFoundException", kms.delete_alias, AliasName="alias/boto3-check")
+
+    def tags():
+        kms.tag_resource(KeyId=state["key"], Tags=[{"TagKey": "env", "TagValue": "test"}])
+        tags = {t["TagKey"]: t["TagValue"] for t in kms.list_resource_tags(KeyId=state["key"])["Tags"]}
+        assert tags == {"team": "storage", "env": "test"}, tags
+        kms.untag_resource(KeyId=state["key"], TagKeys=["team"])
+        tags = kms.list_resource_tags(KeyId=state["key"])["Tags"]
+        assert tags == [{"TagKey": "env", "TagValue": "test"}], tags
+
+    def disable_enable():
+        kms.disable_key(KeyId=state["key"])
+        meta = kms.describe_key(KeyId=state["key"])["KeyMetadata"]
+        assert meta["KeyState"] == "Disabled" and meta["Enabled"] is False, meta
+        expect_error("DisabledException", kms.encrypt, KeyId=state["key"], Plaintext=b"x")
+        expect_error("DisabledException", kms.decrypt, CiphertextBlob=state["ciphertext"], EncryptionContext=context)
+        kms.enable_key(KeyId=state["key"])
+        kms.encrypt(KeyId=state["key"], Plaintext=b"x")
+
+    def schedule_and_cancel_deletion():
+        out = kms.schedule_key_deletion(KeyId=state["key"], PendingWindowInDays=7)
+        assert out["KeyId"] == state["arn"] and out["KeyState"] == "PendingDeletion", out
+        assert out["PendingWindowInDays"] == 7, out
+        in_a_week = datetime.now(timezone.utc) + timedelta(days=7)
+        assert abs(out["DeletionDate"] - in_a_week) < timedelta(days=1), out["DeletionDate"]
+        error = expect_error("KMSInvalidStateException", kms.encrypt, KeyId=state["key"], Plaintext=b"x")
+        assert "pending deletion" in error.response["Error"]["Message"].lower(), error.response["Error"]
+        assert kms.cancel_key_deletion(KeyId=state["key"])["KeyId"] == state["arn"]
+        # As in AWS, a key whose deletion was cancelled is disabled until enabled again.
+        meta = kms.describe_key(KeyId=state["key"])["KeyMetadata"]
+        assert meta["KeyState"] == "Disabled" and "DeletionDate" not in meta, meta
+        kms.enable_key(KeyId=state["key"])
+        kms.encrypt(KeyId=state["key"], Plaintext=b"x")
+
+    def describe_missing_key():
+        expect_error("NotFoundException", kms.describe_key, KeyId="00000000-0000-4000-8000-000000000000")
+
+    def encrypt_too_large():
+        expect_error("ValidationException", kms.encrypt, KeyId=state["key"], Plaintext=b"\0" * 4097)
+        kms.encrypt(KeyId=state["key"], Plaintext=b"\0" * 4096)
+
+    def generate_random():
+        out = kms.generate_random(NumberOfBytes=64)
+        assert len(out["Plaintext"]) == 64, len(out["Plaintext"])
+        assert out["Plaintext"] != kms.generate_random(NumberOfBytes=64)["Plaintext"]
+
+    def unknown_key_spec():
+        expect_error("ValidationException", kms.generate_data_key, KeyId=state["key"], KeySpec="AES_512")
+
+    checks = [
+        create_key,
+        create_key_tags,
+        describe_key,
+        update_key_description,
+        list_keys_paginated,
+        encrypt_decrypt_with_context,
+        decrypt_wrong_context,
+        decrypt_with_the_wrong_key_id,
+        generate_data_key,
+        generate_data_key_without_plaintext,
+        re_encrypt,
+        aliases_create_and_list,
+        encrypt_via_alias,
+        update_alias,
+        delete_alias,
+        tags,
+        disable_enable,
+        schedule_and_cancel_deletion,
+        describe_missing_key,
+        encrypt_too_large,
+        generate_random,
+        unknown_key_spec,
+    ]
+    for check in checks:
+        checker.run(check.__name__, check)
+    print(f"boto3: {checker.passed} passed, {checker.failed} failed (boto3 {boto3.__version__})")
+    sys.exit(1 if checker.failed else 0)
+
+
+if __name__ == "__main__":
+    main()
