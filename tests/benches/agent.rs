@@ -1,1 +1,191 @@
-fn main() {}
+//! Throughput and latency of the real `kmsd` over its socket: Encrypt, Decrypt and
+//! GenerateDataKey with 1, 4 and 16 concurrent clients, each a thread with its own
+//! keep-alive connection. Every request's latency is recorded; the table shows ops/s, p50
+//! and p99. Client threads and the agent share the machine's cores, so on a small machine
+//! the clients' own work is part of what is measured.
+//!
+//! Run with the release binaries (cargo bench runs from target/release and starts the
+//! `kmsd` beside it, so build it first):
+//!
+//! ```text
+//! cargo build --release --bins && cargo bench -p kmsfs-tests --bench agent
+//! ```
+//!
+//! `KMSFS_BENCH_SECS` sets the measured duration per cell (default 3 s).
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use kmsfs_common::client::AgentClient;
+use kmsfs_tests::{b64, unb64};
+use serde_json::{json, Value};
+
+const CONCURRENCY: [usize; 3] = [1, 4, 16];
+
+/// The release `kmsd` (or `KMSFS_BIN_DIR/kmsd`), or a clear message and exit.
+fn kmsd_binary() -> PathBuf {
+    let dir = match std::env::var_os("KMSFS_BIN_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        // target/release/deps/<bench binary> → target/release
+        None => std::env::current_exe()
+            .ok()
+            .and_then(|exe| exe.parent().and_then(Path::parent).map(Path::to_path_buf))
+            .unwrap_or_default(),
+    };
+    let path = dir.join("kmsd");
+    if !path.is_file() {
+        eprintln!(
+            "{} not found: build the release binaries first with `cargo build --release --bins`, \
+             then run `cargo bench -p kmsfs-tests --bench agent`",
+            path.display()
+        );
+        std::process::exit(2);
+    }
+    path
+}
+
+/// A `kmsd` on a temporary socket, quiet (no per-request logging), killed on drop.
+struct Agent {
+    child: Child,
+    socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Agent {
+    fn start(binary: &Path) -> Agent {
+        let dir = tempfile::Builder::new().prefix("kmsfs-bench-").tempdir().expect("tempdir");
+        let socket = dir.path().join("kmsd.sock");
+        let mut child = Command::new(binary)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .env("KMSD_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start kmsd");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while UnixStream::connect(&socket).is_err() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("kmsd exited with {status}");
+            }
+            assert!(Instant::now() < deadline, "kmsd did not start within 20 s");
+            thread::sleep(Duration::from_millis(10));
+        }
+        Agent { child, socket, _dir: dir }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One benchmarked operation: the action and its pre-serialized request body, so that
+/// the clients spend no time building JSON.
+struct Operation {
+    action: &'static str,
+    body: Arc<Vec<u8>>,
+}
+
+fn operations(socket: &Path) -> Vec<Operation> {
+    let mut client = AgentClient::connect(socket).expect("connect");
+    let created = client.call("CreateKey", &json!({ "Description": "bench" })).expect("CreateKey");
+    let key_id = created["KeyMetadata"]["KeyId"].as_str().expect("KeyId").to_string();
+    let context = json!({ "file": "bench/0001" });
+    let encrypt = json!({ "KeyId": key_id, "Plaintext": b64(&[7u8; 32]), "EncryptionContext": context });
+    let sealed = client.call("Encrypt", &encrypt).expect("Encrypt");
+    let decrypt = json!({ "CiphertextBlob": b64(&unb64(&sealed["CiphertextBlob"])), "EncryptionContext": context });
+    let data_key = json!({ "KeyId": key_id, "KeySpec": "AES_256" });
+    let body = |v: &Value| Arc::new(serde_json::to_vec(v).expect("JSON"));
+    vec![
+        Operation { action: "Encrypt", body: body(&encrypt) },
+        Operation { action: "Decrypt", body: body(&decrypt) },
+        Operation { action: "GenerateDataKey", body: body(&data_key) },
+    ]
+}
+
+/// What one cell of the table measured.
+struct Measured {
+    ops_per_sec: f64,
+    p50: Duration,
+    p99: Duration,
+}
+
+/// `clients` threads call `op` back to back: a warm-up, then `measure` during which every
+/// latency is recorded.
+fn run(socket: &Path, op: &Operation, clients: usize, warm_up: Duration, measure: Duration) -> Measured {
+    let barrier = Arc::new(Barrier::new(clients));
+    let workers: Vec<_> = (0..clients)
+        .map(|_| {
+            let (socket, body, barrier, action) = (socket.to_path_buf(), op.body.clone(), barrier.clone(), op.action);
+            thread::spawn(move || {
+                let mut client = AgentClient::connect(&socket).expect("connect");
+                let mut latencies = Vec::with_capacity(1 << 16);
+                barrier.wait();
+                let start = Instant::now();
+                let (measuring, end) = (start + warm_up, start + warm_up + measure);
+                loop {
+                    let sent = Instant::now();
+                    if sent >= end {
+                        break;
+                    }
+                    let reply = client.call_raw(action, &body).unwrap_or_else(|e| panic!("{action}: {e}"));
+                    assert_eq!(reply.status, 200, "{action}: {}", String::from_utf8_lossy(&reply.body));
+                    if sent >= measuring {
+                        latencies.push(sent.elapsed());
+                    }
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut latencies: Vec<Duration> = workers.into_iter().flat_map(|w| w.join().expect("client thread")).collect();
+    latencies.sort_unstable();
+    let at = |q: f64| latencies.get(((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1)));
+    Measured {
+        ops_per_sec: latencies.len() as f64 / measure.as_secs_f64(),
+        p50: at(0.50).copied().unwrap_or_default(),
+        p99: at(0.99).copied().unwrap_or_default(),
+    }
+}
+
+fn main() {
+    let secs: f64 = match std::env::var("KMSFS_BENCH_SECS") {
+        Ok(v) => v.parse().ok().filter(|s: &f64| *s > 0.0).unwrap_or_else(|| {
+            eprintln!("KMSFS_BENCH_SECS must be a positive number of seconds, not {v:?}");
+            std::process::exit(2)
+        }),
+        Err(_) => 3.0,
+    };
+    let measure = Duration::from_secs_f64(secs);
+    let warm_up = Duration::from_secs_f64((secs / 3.0).min(1.0));
+    let binary = kmsd_binary();
+    let cores = thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    println!("kmsd: {}", binary.display());
+    println!("nproc: {cores}; the client threads and kmsd share these cores, so clients' own work is in the figures");
+    println!("{:.1} s per cell after a {:.1} s warm-up\n", measure.as_secs_f64(), warm_up.as_secs_f64());
+
+    let agent = Agent::start(&binary);
+    let operations = operations(&agent.socket);
+    println!("{:<16} {:>7} {:>10} {:>9} {:>9}", "operation", "clients", "ops/s", "p50 µs", "p99 µs");
+    for op in &operations {
+        for clients in CONCURRENCY {
+            let m = run(&agent.socket, op, clients, warm_up, measure);
+            println!(
+                "{:<16} {:>7} {:>10.0} {:>9.1} {:>9.1}",
+                op.action,
+                clients,
+                m.ops_per_sec,
+                m.p50.as_secs_f64() * 1e6,
+                m.p99.as_secs_f64() * 1e6
+            );
+        }
+    }
+}
