@@ -1,0 +1,83 @@
+//! The systemd integration: the shipped units pass `systemd-analyze verify`, and kmsd
+//! serves a socket passed by socket activation (LISTEN_FDS) and reports readiness and
+//! shutdown through NOTIFY_SOCKET — with systemd's own `systemd-socket-activate`.
+
+use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kmsfs_common::client::AgentClient;
+use kmsfs_tests::bin;
+use serde_json::json;
+
+fn unit(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../systemd").join(name)
+}
+
+#[test]
+fn shipped_units_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let service = std::fs::read_to_string(unit("kmsd.service")).unwrap();
+    for needed in ["Type=notify", "LimitCORE=0", "NoNewPrivileges=yes", "ProtectSystem=strict", "StateDirectory=kmsd"] {
+        assert!(service.lines().any(|l| l == needed), "kmsd.service lacks {needed}");
+    }
+    // Point ExecStart at the freshly built binary: verify checks that it is executable.
+    let service = service.replace("/usr/local/bin/kmsd", bin("kmsd").to_str().unwrap());
+    std::fs::write(dir.path().join("kmsd.service"), service).unwrap();
+    std::fs::copy(unit("kmsd.socket"), dir.path().join("kmsd.socket")).unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg("--man=no")
+        .arg(dir.path().join("kmsd.socket"))
+        .arg(dir.path().join("kmsd.service"))
+        .output()
+        .expect("systemd-analyze (Debian package systemd) runs");
+    assert!(out.status.success(), "systemd-analyze verify: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn socket_activation_and_readiness_notification() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("activated.sock");
+    let notify_path = dir.path().join("notify");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut child = Command::new("systemd-socket-activate")
+        .arg("--listen")
+        .arg(&socket)
+        // systemd-socket-activate passes only the variables it is told to.
+        .arg(format!("--setenv=NOTIFY_SOCKET={}", notify_path.display()))
+        .arg(bin("kmsd"))
+        .arg("--socket")
+        .arg(dir.path().join("unused.sock"))
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("systemd-socket-activate (Debian package systemd) runs");
+    // systemd-socket-activate listens first and starts kmsd on the first connection.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while UnixStream::connect(&socket).is_err() {
+        assert!(Instant::now() < deadline, "the activation socket never appeared");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut client = AgentClient::connect(&socket).unwrap();
+    let created = client.call("CreateKey", &json!({"Description": "activated"}));
+    let mut buf = [0u8; 256];
+    let n = notify.recv(&mut buf).expect("kmsd sends READY=1");
+    let ready = String::from_utf8_lossy(&buf[..n]).to_string();
+    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    let n = notify.recv(&mut buf).expect("kmsd sends STOPPING=1");
+    let stopping = String::from_utf8_lossy(&buf[..n]).to_string();
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(created.is_ok(), "CreateKey over the activated socket: {created:?}\n{stderr}");
+    assert!(ready.contains("READY=1"), "{ready}");
+    assert!(stopping.contains("STOPPING=1"), "{stopping}");
+    assert!(status.success(), "kmsd exits cleanly on SIGTERM: {status}\n{stderr}");
+    assert!(stderr.contains("using the socket passed by systemd"), "{stderr}");
+    assert!(!dir.path().join("unused.sock").exists(), "with a passed socket kmsd binds none of its own");
+}
