@@ -141,6 +141,17 @@ def shape_problems(shape, value, where):
     return [f"{where}: unexpected shape type {kind}"]
 
 
+class MissingState(Exception):
+    """A check needs something an earlier check failed to produce."""
+
+
+class State(dict):
+    """What checks hand on to later ones (keys, ciphertexts)."""
+
+    def __missing__(self, name):
+        raise MissingState(name)
+
+
 class Checker:
     def __init__(self, socket_path):
         self.kms = boto3.client(
@@ -176,11 +187,16 @@ class Checker:
             self.reply_problems.append(f"{where}: error body lacks __type/message: {body!r}")
 
     def run(self, name, check):
+        """Runs one check; returns whether it passed."""
         self.reply_problems = []
         try:
             check()
             if self.reply_problems:
-                raise AssertionError("reply does not match the service model:\n    " + "\n    ".join(self.reply_problems))
+                problems = "\n    ".join(self.reply_problems)
+                raise AssertionError(f"reply does not match the service model:\n    {problems}")
+        except MissingState as e:
+            self.failed += 1
+            print(f"FAIL {name}: needs {e} from an earlier check that failed")
         except Exception as e:  # noqa: BLE001 — every failure is reported, none stops the run
             self.failed += 1
             detail = "".join(traceback.format_exception_only(type(e), e)).strip()
@@ -190,6 +206,8 @@ class Checker:
         else:
             self.passed += 1
             print(f"ok   {name}")
+            return True
+        return False
 
 
 def expect_error(code, call, *args, **kwargs):
@@ -206,9 +224,13 @@ def expect_error(code, call, *args, **kwargs):
 def main():
     if len(sys.argv) != 2:
         sys.exit("usage: boto3_client.py SOCKET")
+    try:
+        UnixHTTPConnection(sys.argv[1]).connect()
+    except OSError as e:
+        sys.exit(f"cannot connect to kmsd at {sys.argv[1]}: {e}")
     checker = Checker(sys.argv[1])
     kms = checker.kms
-    state = {}
+    state = State()
 
     def create_key():
         meta = kms.create_key(
@@ -316,7 +338,9 @@ def main():
         assert alias["AliasArn"].endswith(":alias/boto3-check"), alias
         everything = [a for page in kms.get_paginator("list_aliases").paginate() for a in page["Aliases"]]
         assert any(a["AliasName"] == "alias/boto3-check" for a in everything), everything
-        expect_error("AlreadyExistsException", kms.create_alias, AliasName="alias/boto3-check", TargetKeyId=state["key2"])
+        expect_error(
+            "AlreadyExistsException", kms.create_alias, AliasName="alias/boto3-check", TargetKeyId=state["key2"]
+        )
 
     def encrypt_via_alias():
         out = kms.encrypt(KeyId="alias/boto3-check", Plaintext=b"via alias")
@@ -407,7 +431,9 @@ def main():
         unknown_key_spec,
     ]
     for check in checks:
-        checker.run(check.__name__, check)
+        if not checker.run(check.__name__, check) and check is create_key:
+            print("the remaining checks need the keys create_key makes; stopping")
+            break
     print(f"boto3: {checker.passed} passed, {checker.failed} failed (boto3 {boto3.__version__})")
     sys.exit(1 if checker.failed else 0)
 
