@@ -70,7 +70,7 @@ impl AgentClient {
         if let Some(path) = std::env::var_os("KMSD_SOCKET").filter(|v| !v.is_empty()) {
             return AgentClient::connect(PathBuf::from(path));
         }
-        if let Ok(client) = AgentClient::connect(paths::SYSTEM_SOCKET) {
+        if let Ok(client) = AgentClient::connect(paths::system_socket()) {
             return Ok(client);
         }
         let socket = paths::default_socket();

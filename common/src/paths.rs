@@ -9,6 +9,15 @@ pub const SYSTEM_SOCKET: &str = "/run/kmsd/kmsd.sock";
 /// The system agent's state directory.
 pub const SYSTEM_STATE_DIR: &str = "/var/lib/kmsd";
 
+/// The system agent's socket: [`SYSTEM_SOCKET`], unless `KMSD_SYSTEM_SOCKET` relocates it
+/// (for packagers, and for tests that must not meet a system agent).
+pub fn system_socket() -> PathBuf {
+    std::env::var_os("KMSD_SYSTEM_SOCKET")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(SYSTEM_SOCKET))
+}
+
 fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
@@ -16,7 +25,7 @@ fn is_root() -> bool {
 /// The default socket for an agent run by the current user.
 pub fn default_socket() -> PathBuf {
     if is_root() {
-        return PathBuf::from(SYSTEM_SOCKET);
+        return system_socket();
     }
     match std::env::var_os("XDG_RUNTIME_DIR").filter(|v| !v.is_empty()) {
         Some(dir) => PathBuf::from(dir).join("kmsd/kmsd.sock"),
