@@ -189,23 +189,20 @@ fn pending_deletion(agent: &Agent, row: &KeyRow) -> KmsError {
 }
 
 pub fn enable_key(agent: &Agent, request: Value) -> Result<Value, KmsError> {
-    let req: KeyIdRequest = parse(request)?;
-    update_row(agent, &req.key_id, |agent, row| match row.state {
-        KeyState::PendingDeletion => Err(pending_deletion(agent, row)),
-        _ => {
-            row.state = KeyState::Enabled;
-            Ok(())
-        }
-    })?;
-    Ok(json!({}))
+    set_enabled(agent, request, KeyState::Enabled)
 }
 
 pub fn disable_key(agent: &Agent, request: Value) -> Result<Value, KmsError> {
+    set_enabled(agent, request, KeyState::Disabled)
+}
+
+/// EnableKey and DisableKey: idempotent, refused while the key is pending deletion.
+fn set_enabled(agent: &Agent, request: Value, state: KeyState) -> Result<Value, KmsError> {
     let req: KeyIdRequest = parse(request)?;
     update_row(agent, &req.key_id, |agent, row| match row.state {
         KeyState::PendingDeletion => Err(pending_deletion(agent, row)),
         _ => {
-            row.state = KeyState::Disabled;
+            row.state = state;
             Ok(())
         }
     })?;

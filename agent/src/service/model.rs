@@ -145,19 +145,8 @@ impl Model {
             }
             "string" => {
                 let Value::String(s) = value else { return Err(wrong_type("a string")) };
-                let len = s.chars().count() as f64;
-                if let Some(min) = shape.min.filter(|m| len < *m) {
-                    violations.push(format!(
-                        "Value {} at '{path}' failed to satisfy constraint: Member must have length greater than or equal to {min}",
-                        shown(s)
-                    ));
-                }
-                if let Some(max) = shape.max.filter(|m| len > *m) {
-                    violations.push(format!(
-                        "Value {} at '{path}' failed to satisfy constraint: Member must have length less than or equal to {max}",
-                        shown(s)
-                    ));
-                }
+                let subject = format!("Value {} at '{path}'", shown(s));
+                bounds(shape, s.chars().count() as f64, "length", &subject, violations);
                 if let Some(allowed) = &shape.enumeration {
                     if !allowed.iter().any(|a| a == s) {
                         violations.push(format!(
@@ -188,30 +177,11 @@ impl Model {
                         )
                     })?
                     .len() as f64;
-                if let Some(min) = shape.min.filter(|m| len < *m) {
-                    violations.push(format!(
-                        "Value at '{path}' failed to satisfy constraint: Member must have length greater than or equal to {min}"
-                    ));
-                }
-                if let Some(max) = shape.max.filter(|m| len > *m) {
-                    violations.push(format!(
-                        "Value at '{path}' failed to satisfy constraint: Member must have length less than or equal to {max}"
-                    ));
-                }
+                bounds(shape, len, "length", &format!("Value at '{path}'"), violations);
             }
             "integer" | "long" => {
                 let Some(n) = value.as_i64() else { return Err(wrong_type("an integer")) };
-                let n = n as f64;
-                if let Some(min) = shape.min.filter(|m| n < *m) {
-                    violations.push(format!(
-                        "Value '{n}' at '{path}' failed to satisfy constraint: Member must have value greater than or equal to {min}"
-                    ));
-                }
-                if let Some(max) = shape.max.filter(|m| n > *m) {
-                    violations.push(format!(
-                        "Value '{n}' at '{path}' failed to satisfy constraint: Member must have value less than or equal to {max}"
-                    ));
-                }
+                bounds(shape, n as f64, "value", &format!("Value '{n}' at '{path}'"), violations);
             }
             "boolean" => {
                 if !value.is_boolean() {
@@ -225,17 +195,7 @@ impl Model {
             }
             "list" => {
                 let Value::Array(items) = value else { return Err(wrong_type("a JSON array")) };
-                let len = items.len() as f64;
-                if let Some(min) = shape.min.filter(|m| len < *m) {
-                    violations.push(format!(
-                        "Value at '{path}' failed to satisfy constraint: Member must have length greater than or equal to {min}"
-                    ));
-                }
-                if let Some(max) = shape.max.filter(|m| len > *m) {
-                    violations.push(format!(
-                        "Value at '{path}' failed to satisfy constraint: Member must have length less than or equal to {max}"
-                    ));
-                }
+                bounds(shape, items.len() as f64, "length", &format!("Value at '{path}'"), violations);
                 if let Some(member) = &shape.member {
                     for (i, item) in items.iter().enumerate() {
                         let item_path = format!("{path}.{}.member", i + 1);
@@ -257,6 +217,21 @@ impl Model {
             other => return Err(KmsError::internal(format!("service model shape type {other} unknown"))),
         }
         Ok(())
+    }
+}
+
+/// Checks `measure` (a length, or an integer's value) against the shape's min and max,
+/// in AWS's wording: "<subject> failed to satisfy constraint: Member must have <what> ...".
+fn bounds(shape: &Shape, measure: f64, what: &str, subject: &str, violations: &mut Vec<String>) {
+    if let Some(min) = shape.min.filter(|m| measure < *m) {
+        violations.push(format!(
+            "{subject} failed to satisfy constraint: Member must have {what} greater than or equal to {min}"
+        ));
+    }
+    if let Some(max) = shape.max.filter(|m| measure > *m) {
+        violations.push(format!(
+            "{subject} failed to satisfy constraint: Member must have {what} less than or equal to {max}"
+        ));
     }
 }
 
