@@ -773,3 +773,65 @@ fn nix_is_root() -> bool {
         .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
         .unwrap_or(false)
 }
+
+/// SIGTERM lets a request already in progress finish: half a request is on the wire when
+/// the signal arrives, the rest follows, and its answer still comes back before exit.
+#[test]
+fn shutdown_finishes_requests_in_flight() {
+    let mut agent = TestAgent::start();
+    let key = create_key(&agent);
+    let body = json!({"KeyId": key, "Plaintext": b64(b"in flight")}).to_string();
+    let request = post("TrentService.Encrypt", &body);
+    let (first, rest) = request.split_at(request.len() - 10);
+    let mut s = UnixStream::connect(agent.socket()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(first).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let pid = agent.pid().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    std::thread::sleep(Duration::from_millis(300));
+    s.write_all(rest).unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.contains("CiphertextBlob"), "{response}");
+    assert_eq!(agent.stop(), Some(0));
+    assert!(UnixStream::connect(agent.socket()).is_err(), "no longer listening");
+}
+
+/// Key material is locked in RAM, the process can leave no core dump, and neither
+/// plaintexts nor data keys reach the log even at debug level.
+#[test]
+fn process_is_hardened_and_logs_carry_no_secrets() {
+    let agent = TestAgent::start();
+    let key = create_key(&agent);
+    let secret = b"do-not-log-this-plaintext-0123456789";
+    let blob = encrypt(&agent, &key, secret, json!({"ctx": "value"}));
+    let data_key = agent.ok("GenerateDataKey", json!({"KeyId": key, "KeySpec": "AES_256"}))["Plaintext"].clone();
+    agent.ok("Decrypt", json!({"CiphertextBlob": blob, "EncryptionContext": {"ctx": "value"}}));
+    let _ = agent.call("Decrypt", json!({"CiphertextBlob": blob}));
+
+    let pid = agent.pid();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let core = limits.lines().find(|l| l.starts_with("Max core file size")).unwrap();
+    assert_eq!(core.split_whitespace().nth(4), Some("0"), "core dumps are off: {core}");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let locked_kb: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmLck:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(locked_kb > 0, "key material is mlocked (VmLck: {locked_kb} kB)");
+
+    let log = agent.log();
+    assert!(log.contains("Decrypt"), "the debug log records requests: {log}");
+    for needle in [
+        String::from_utf8_lossy(secret).to_string(),
+        b64(secret),
+        data_key.as_str().unwrap().to_string(),
+        kmsfs_tests::unb64(&data_key).iter().map(|b| format!("{b:02x}")).collect::<String>(),
+    ] {
+        assert!(!log.contains(&needle), "the log leaks {needle}");
+    }
+}
