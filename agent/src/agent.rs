@@ -47,9 +47,18 @@ pub struct AgentConfig {
     pub scope: ArnScope,
 }
 
+/// A key changed state. Clients holding data keys under it (kmsfs) watch these so that
+/// disabling a key cuts off their cached keys at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyEvent {
+    pub key_id: KeyId,
+    pub state: KeyState,
+}
+
 /// The agent: configuration, root of trust, store and in-memory maps.
 pub struct Agent {
     pub scope: ArnScope,
+    events: tokio::sync::broadcast::Sender<KeyEvent>,
     root: Box<dyn RootOfTrust>,
     store: Mutex<Store>,
     keys: RwLock<HashMap<KeyId, Arc<KeyRecord>>>,
@@ -105,11 +114,17 @@ impl Agent {
         tracing::info!(keys = records.len(), root = %root.describe(), "state loaded");
         Ok(Agent {
             scope: config.scope,
+            events: tokio::sync::broadcast::channel(1024).0,
             root,
             store: Mutex::new(store),
             keys: RwLock::new(records.into_iter().map(|(id, r)| (id, Arc::new(r))).collect()),
             aliases: RwLock::new(aliases),
         })
+    }
+
+    /// Subscribes to key state changes committed from now on.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<KeyEvent> {
+        self.events.subscribe()
     }
 
     pub fn root(&self) -> &dyn RootOfTrust {
@@ -173,7 +188,13 @@ impl Agent {
         for change in changes {
             match change {
                 Change::Key(record) => {
-                    write(&self.keys).insert(record.row.id, Arc::new(record));
+                    let (id, state) = (record.row.id, record.row.state);
+                    let previous = write(&self.keys).insert(id, Arc::new(record));
+                    if let Some(previous) = previous.filter(|p| p.row.state != state) {
+                        // No receivers is not an error: nobody is watching.
+                        let _ = self.events.send(KeyEvent { key_id: id, state });
+                        tracing::debug!(key_id = %id, from = previous.row.state.as_str(), to = state.as_str(), "key state changed");
+                    }
                 }
                 Change::Alias(alias) => {
                     write(&self.aliases).insert(alias.name.clone(), alias);

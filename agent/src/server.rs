@@ -5,13 +5,19 @@
 //! request is `POST /` with `X-Amz-Target: TrentService.<Action>`; bodies larger than
 //! [`MAX_BODY`] are refused from their Content-Length, or as soon as they grow past it.
 //! Actions that write to the store run on the blocking pool; the others run inline.
+//!
+//! Beyond AWS's `TrentService`, two kmsd extensions share the socket under the `Kmsfs.`
+//! target prefix: `Kmsfs.WatchKeyEvents` streams key state changes as JSON lines (kmsfs
+//! drops cached data keys of a key the moment it is disabled), and `Kmsfs.GetAgentStats`
+//! reports request counts per action.
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Channel, Either, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
@@ -20,7 +26,7 @@ use kmsfs_common::{ErrorKind, KmsError};
 use tokio::net::UnixListener;
 use zeroize::Zeroize;
 
-use crate::agent::Agent;
+use crate::agent::{Agent, KeyEvent};
 use crate::service;
 
 /// The largest request body accepted: room for a 128 KiB key policy with JSON escaping
@@ -70,6 +76,8 @@ pub async fn serve(
     listener: UnixListener,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
+    let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
+    let shared = Arc::new(Shared { agent, rule, stats: Stats::default(), stopping });
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.keep_alive(true).timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
@@ -93,10 +101,10 @@ pub async fn serve(
                 continue;
             }
         };
-        let agent = agent.clone();
+        let shared = shared.clone();
         let service = hyper::service::service_fn(move |req| {
-            let agent = agent.clone();
-            async move { Ok::<_, Infallible>(respond(agent, rule, caller, req).await) }
+            let shared = shared.clone();
+            async move { Ok::<_, Infallible>(respond(shared, caller, req).await) }
         });
         let conn = http.serve_connection(TokioIo::new(stream), service);
         let conn = graceful.watch(conn);
@@ -108,23 +116,80 @@ pub async fn serve(
     }
     drop(listener);
     tracing::info!("shutting down: finishing requests in flight");
+    // Event streams never finish on their own: end them so their connections can close.
+    let _ = stopping_tx.send(true);
     if tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await.is_err() {
         tracing::warn!("some connections did not finish within 30 s");
     }
 }
 
-async fn respond(agent: Arc<Agent>, rule: AccessRule, caller: Caller, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    let request_id = uuid::Uuid::new_v4().to_string();
-    let (action, result) = match read_request(req).await {
-        Ok((action, body)) => {
-            let result = match rule.check(&agent, &caller, &action) {
-                Err(e) => Err(e),
-                Ok(()) => run(agent, action.clone(), body).await,
-            };
-            (action, result)
+/// What every connection shares.
+struct Shared {
+    agent: Arc<Agent>,
+    rule: AccessRule,
+    stats: Stats,
+    stopping: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Requests served since start, by action and outcome.
+struct Stats {
+    started: Instant,
+    counts: Mutex<BTreeMap<String, [u64; 2]>>,
+}
+
+impl Default for Stats {
+    fn default() -> Stats {
+        Stats { started: Instant::now(), counts: Mutex::new(BTreeMap::new()) }
+    }
+}
+
+impl Stats {
+    fn record(&self, action: &str, ok: bool) {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        match counts.get_mut(action) {
+            Some(c) => c[usize::from(!ok)] += 1,
+            None => {
+                counts.insert(action.to_string(), if ok { [1, 0] } else { [0, 1] });
+            }
         }
-        Err(early) => return early.into_response(&request_id),
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        let counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let requests: serde_json::Map<String, serde_json::Value> = counts
+            .iter()
+            .map(|(action, [ok, err])| (action.clone(), serde_json::json!({"Ok": ok, "Errors": err})))
+            .collect();
+        serde_json::json!({"UptimeSeconds": self.started.elapsed().as_secs_f64(), "Requests": requests})
+    }
+}
+
+type Body = Either<Full<Bytes>, Channel<Bytes>>;
+
+async fn respond(shared: Arc<Shared>, caller: Caller, req: Request<Incoming>) -> Response<Body> {
+    let request_id = uuid::Uuid::new_v4().to_string();
+    let (target, body) = match read_request(req).await {
+        Ok(read) => read,
+        Err(early) => return early.into_response(&request_id).map(Either::Left),
     };
+    let action = target.name().to_string();
+    if let Err(e) = shared.rule.check(&shared.agent, &caller, &action) {
+        shared.stats.record(&action, false);
+        tracing::info!(%action, uid = caller.uid, pid = caller.pid, error = %e.kind, "request denied");
+        return error_response(&e, &request_id, false).map(Either::Left);
+    }
+    let result = match target {
+        Target::Kms(action) => run(shared.agent.clone(), action, body).await,
+        Target::Extension(Extension::GetAgentStats) => {
+            Ok(zeroize::Zeroizing::new(serde_json::to_vec(&shared.stats.to_json()).unwrap_or_default()))
+        }
+        Target::Extension(Extension::WatchKeyEvents) => {
+            shared.stats.record(&action, true);
+            tracing::debug!(uid = caller.uid, pid = caller.pid, "key event watcher subscribed");
+            return watch_key_events(&shared, &request_id);
+        }
+    };
+    shared.stats.record(&action, result.is_ok());
     match result {
         Ok(body) => {
             tracing::debug!(%action, uid = caller.uid, pid = caller.pid, "ok");
@@ -134,11 +199,79 @@ async fn respond(agent: Arc<Agent>, rule: AccessRule, caller: Caller, req: Reque
             headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/x-amz-json-1.1"));
             headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
             insert_request_id(&mut response, &request_id);
-            response
+            response.map(Either::Left)
         }
         Err(e) => {
             tracing::info!(%action, uid = caller.uid, pid = caller.pid, error = %e.kind, "request failed");
-            error_response(&e, &request_id, false)
+            error_response(&e, &request_id, false).map(Either::Left)
+        }
+    }
+}
+
+/// How often an idle event stream carries a heartbeat, so that clients notice a dead
+/// agent by a read timeout.
+const HEARTBEAT: Duration = Duration::from_secs(10);
+
+/// Streams key state changes as JSON lines, after a first `Subscribed` line, until the
+/// client goes away or the agent stops. A watcher that falls behind by more than the
+/// channel's capacity gets a `Lagged` line and should treat every cached key as stale.
+fn watch_key_events(shared: &Shared, request_id: &str) -> Response<Body> {
+    let mut events = shared.agent.subscribe();
+    let mut stopping = shared.stopping.clone();
+    let agent = shared.agent.clone();
+    let (mut tx, body) = Channel::<Bytes>::new(16);
+    tokio::spawn(async move {
+        let line = |v: serde_json::Value| Bytes::from(format!("{v}\n"));
+        if tx.send_data(line(serde_json::json!({"Event": "Subscribed"}))).await.is_err() {
+            return;
+        }
+        loop {
+            let next = tokio::select! {
+                event = events.recv() => match event {
+                    Ok(KeyEvent { key_id, state }) => serde_json::json!({
+                        "Event": "KeyStateChanged",
+                        "KeyId": key_id.to_string(),
+                        "KeyArn": agent.key_arn(&key_id),
+                        "KeyState": state.as_str(),
+                    }),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        serde_json::json!({"Event": "Lagged", "Missed": n})
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                },
+                () = tokio::time::sleep(HEARTBEAT) => serde_json::json!({"Event": "Heartbeat"}),
+                _ = stopping.changed() => return,
+            };
+            if tx.send_data(line(next)).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut response = Response::new(Either::Right(body));
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"));
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        response.headers_mut().insert("x-amzn-requestid", v);
+    }
+    response
+}
+
+/// What a request asks for: an AWS KMS action, or one of kmsd's extensions.
+enum Target {
+    Kms(String),
+    Extension(Extension),
+}
+
+enum Extension {
+    WatchKeyEvents,
+    GetAgentStats,
+}
+
+impl Target {
+    fn name(&self) -> &str {
+        match self {
+            Target::Kms(action) => action,
+            Target::Extension(Extension::WatchKeyEvents) => "Kmsfs.WatchKeyEvents",
+            Target::Extension(Extension::GetAgentStats) => "Kmsfs.GetAgentStats",
         }
     }
 }
@@ -174,7 +307,7 @@ impl Early {
     }
 }
 
-async fn read_request(req: Request<Incoming>) -> Result<(String, Bytes), Early> {
+async fn read_request(req: Request<Incoming>) -> Result<(Target, Bytes), Early> {
     let early = |kind, message: &str| Early { error: KmsError::new(kind, message), close: false };
     if req.method() != Method::POST || req.uri().path() != "/" {
         return Err(early(
@@ -182,14 +315,20 @@ async fn read_request(req: Request<Incoming>) -> Result<(String, Bytes), Early> 
             "kmsd speaks AWS KMS's JSON 1.1 protocol: POST / with an X-Amz-Target header",
         ));
     }
-    let target = req.headers().get("x-amz-target").and_then(|v| v.to_str().ok()).unwrap_or("");
-    let Some(action) = target.strip_prefix("TrentService.").filter(|a| !a.is_empty()) else {
-        return Err(early(
-            ErrorKind::UnknownOperationException,
-            "Missing or unknown X-Amz-Target; expected TrentService.<Action>",
-        ));
+    let header = req.headers().get("x-amz-target").and_then(|v| v.to_str().ok()).unwrap_or("");
+    let target = match header {
+        "Kmsfs.WatchKeyEvents" => Target::Extension(Extension::WatchKeyEvents),
+        "Kmsfs.GetAgentStats" => Target::Extension(Extension::GetAgentStats),
+        _ => match header.strip_prefix("TrentService.").filter(|a| !a.is_empty()) {
+            Some(action) => Target::Kms(action.to_string()),
+            None => {
+                return Err(early(
+                    ErrorKind::UnknownOperationException,
+                    "Missing or unknown X-Amz-Target; expected TrentService.<Action>",
+                ))
+            }
+        },
     };
-    let action = action.to_string();
     let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     let too_large = || Early {
         error: KmsError::validation(format!("The request body exceeds the {MAX_BODY}-byte limit")),
@@ -215,7 +354,7 @@ async fn read_request(req: Request<Incoming>) -> Result<(String, Bytes), Early> 
             }
         })?
         .to_bytes();
-    Ok((action, body))
+    Ok((target, body))
 }
 
 fn insert_request_id(response: &mut Response<Full<Bytes>>, request_id: &str) {

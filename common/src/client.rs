@@ -86,7 +86,8 @@ impl AgentClient {
         &self.path
     }
 
-    /// Calls `action` with a JSON request and returns the JSON response, or the service's
+    /// Calls `action` (an AWS KMS action such as `Encrypt`, or a kmsd extension such as
+    /// `Kmsfs.GetAgentStats`) with a JSON request and returns the JSON response, or the service's
     /// error.
     pub fn call(&mut self, action: &str, request: &serde_json::Value) -> Result<serde_json::Value, ClientError> {
         let body = serde_json::to_vec(request).map_err(|e| ClientError::Protocol(e.to_string()))?;
@@ -133,9 +134,11 @@ impl AgentClient {
         let Some(reader) = self.stream.as_mut() else {
             return Err(ExchangeError::Fatal(ClientError::Protocol("no connection".into())));
         };
+        // AWS actions are bare names; kmsd's extensions carry their own prefix (`Kmsfs.`).
+        let target = if action.contains('.') { action.to_string() } else { format!("TrentService.{action}") };
         let head = format!(
             "POST / HTTP/1.1\r\nHost: kmsd\r\nContent-Type: application/x-amz-json-1.1\r\n\
-             X-Amz-Target: TrentService.{action}\r\nContent-Length: {}\r\n\r\n",
+             X-Amz-Target: {target}\r\nContent-Length: {}\r\n\r\n",
             body.len()
         );
         let stream = reader.get_mut();
@@ -172,7 +175,15 @@ struct Response {
     close: bool,
 }
 
-fn read_response(reader: &mut BufReader<UnixStream>) -> Result<Response, ExchangeError> {
+/// A response's status line and the headers that frame its body.
+struct Head {
+    status: u16,
+    content_length: Option<usize>,
+    chunked: bool,
+    close: bool,
+}
+
+fn read_head(reader: &mut BufReader<UnixStream>) -> Result<Head, ExchangeError> {
     let protocol = |m: &str| ExchangeError::Fatal(ClientError::Protocol(m.to_string()));
     let mut line = String::new();
     match reader.read_line(&mut line) {
@@ -187,9 +198,7 @@ fn read_response(reader: &mut BufReader<UnixStream>) -> Result<Response, Exchang
     }
     let status: u16 =
         line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| protocol("bad status line"))?;
-    let mut content_length: Option<usize> = None;
-    let mut close = false;
-    let mut chunked = false;
+    let mut head = Head { status, content_length: None, chunked: false, close: false };
     loop {
         line.clear();
         let n = reader.read_line(&mut line).map_err(|e| ExchangeError::Fatal(e.into()))?;
@@ -198,20 +207,25 @@ fn read_response(reader: &mut BufReader<UnixStream>) -> Result<Response, Exchang
         }
         let header = line.trim_end();
         if header.is_empty() {
-            break;
+            return Ok(head);
         }
         let Some((name, value)) = header.split_once(':') else {
             return Err(protocol("bad header line"));
         };
         let value = value.trim();
         if name.eq_ignore_ascii_case("content-length") {
-            content_length = Some(value.parse().map_err(|_| protocol("bad Content-Length"))?);
+            head.content_length = Some(value.parse().map_err(|_| protocol("bad Content-Length"))?);
         } else if name.eq_ignore_ascii_case("connection") && value.eq_ignore_ascii_case("close") {
-            close = true;
+            head.close = true;
         } else if name.eq_ignore_ascii_case("transfer-encoding") && value.eq_ignore_ascii_case("chunked") {
-            chunked = true;
+            head.chunked = true;
         }
     }
+}
+
+fn read_response(reader: &mut BufReader<UnixStream>) -> Result<Response, ExchangeError> {
+    let protocol = |m: &str| ExchangeError::Fatal(ClientError::Protocol(m.to_string()));
+    let Head { status, content_length, chunked, mut close } = read_head(reader)?;
     let body = if chunked {
         read_chunked(reader).map_err(ExchangeError::Fatal)?
     } else if let Some(len) = content_length {
@@ -230,32 +244,94 @@ fn read_response(reader: &mut BufReader<UnixStream>) -> Result<Response, Exchang
     Ok(Response { status, body, close })
 }
 
-fn read_chunked(reader: &mut BufReader<UnixStream>) -> Result<Vec<u8>, ClientError> {
-    let mut body = Vec::new();
+/// Reads one chunk of a chunked body into `body`; returns false at the last chunk.
+fn read_chunk(reader: &mut BufReader<UnixStream>, body: &mut Vec<u8>) -> Result<bool, ClientError> {
     let mut line = String::new();
-    loop {
-        line.clear();
-        reader.read_line(&mut line)?;
-        let size_field = line.trim_end().split(';').next().unwrap_or("");
-        let size = usize::from_str_radix(size_field, 16).map_err(|_| ClientError::Protocol("bad chunk size".into()))?;
-        if body.len() + size > MAX_RESPONSE {
-            return Err(ClientError::Protocol("response too large".into()));
-        }
-        if size == 0 {
-            // Trailers, then the blank line.
-            loop {
-                line.clear();
-                if reader.read_line(&mut line)? == 0 || line.trim_end().is_empty() {
-                    return Ok(body);
-                }
+    if reader.read_line(&mut line)? == 0 {
+        return Err(ClientError::Io(io::Error::new(io::ErrorKind::UnexpectedEof, "the agent closed the stream")));
+    }
+    let size_field = line.trim_end().split(';').next().unwrap_or("");
+    let size = usize::from_str_radix(size_field, 16).map_err(|_| ClientError::Protocol("bad chunk size".into()))?;
+    if body.len() + size > MAX_RESPONSE {
+        return Err(ClientError::Protocol("response too large".into()));
+    }
+    if size == 0 {
+        // Trailers, then the blank line.
+        loop {
+            line.clear();
+            if reader.read_line(&mut line)? == 0 || line.trim_end().is_empty() {
+                return Ok(false);
             }
         }
-        let start = body.len();
-        body.resize(start + size, 0);
-        reader.read_exact(&mut body[start..])?;
-        let mut crlf = [0u8; 2];
-        reader.read_exact(&mut crlf)?;
     }
+    let start = body.len();
+    body.resize(start + size, 0);
+    reader.read_exact(&mut body[start..])?;
+    let mut crlf = [0u8; 2];
+    reader.read_exact(&mut crlf)?;
+    Ok(true)
+}
+
+/// A stream of key state changes (`Kmsfs.WatchKeyEvents`, a kmsd extension): one JSON
+/// object per event — `Subscribed` first, then `KeyStateChanged` (`KeyId`, `KeyArn`,
+/// `KeyState`), `Heartbeat` every 10 s, or `Lagged` if events were missed.
+pub struct KeyEventStream {
+    reader: BufReader<UnixStream>,
+    pending: Vec<u8>,
+    ended: bool,
+}
+
+impl KeyEventStream {
+    /// Subscribes on the agent at `path`. With `timeout`, a silent agent (no heartbeat)
+    /// makes `next_event` fail after that long.
+    pub fn subscribe(path: &Path, timeout: Option<Duration>) -> Result<KeyEventStream, ClientError> {
+        let stream =
+            UnixStream::connect(path).map_err(|source| ClientError::Connect { path: path.to_path_buf(), source })?;
+        stream.set_read_timeout(timeout)?;
+        let mut reader = BufReader::new(stream);
+        reader.get_mut().write_all(
+            b"POST / HTTP/1.1\r\nHost: kmsd\r\nContent-Type: application/x-amz-json-1.1\r\n\
+              X-Amz-Target: Kmsfs.WatchKeyEvents\r\nContent-Length: 2\r\n\r\n{}",
+        )?;
+        let head = read_head(&mut reader).map_err(ExchangeError::into_client)?;
+        if head.status != 200 {
+            let mut body = vec![0u8; head.content_length.unwrap_or(0).min(MAX_RESPONSE)];
+            reader.read_exact(&mut body)?;
+            let value: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            return Err(match KmsError::from_wire(&value) {
+                Some(e) => ClientError::Service(e),
+                None => ClientError::Protocol(format!("HTTP {} to WatchKeyEvents", head.status)),
+            });
+        }
+        if !head.chunked {
+            return Err(ClientError::Protocol("the event stream is not chunked".into()));
+        }
+        Ok(KeyEventStream { reader, pending: Vec::new(), ended: false })
+    }
+
+    /// The next event; `None` once the agent has ended the stream (it is stopping).
+    pub fn next_event(&mut self) -> Result<Option<serde_json::Value>, ClientError> {
+        loop {
+            if let Some(end) = self.pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.pending.drain(..=end).collect();
+                let event =
+                    serde_json::from_slice(&line).map_err(|e| ClientError::Protocol(format!("bad event line: {e}")))?;
+                return Ok(Some(event));
+            }
+            if self.ended {
+                return Ok(None);
+            }
+            if !read_chunk(&mut self.reader, &mut self.pending)? {
+                self.ended = true;
+            }
+        }
+    }
+}
+
+fn read_chunked(reader: &mut BufReader<UnixStream>) -> Result<Vec<u8>, ClientError> {
+    let mut body = Vec::new();
+    while read_chunk(reader, &mut body)? {}
+    Ok(body)
 }
 
 /// The `kmsd` binary to start: `KMSD_BIN`, else the one beside the running executable,
