@@ -9,6 +9,7 @@ pub mod blob;
 pub mod client;
 pub mod context;
 pub mod error;
+pub mod format;
 pub mod ids;
 pub mod paths;
 pub mod time;
