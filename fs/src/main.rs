@@ -1,9 +1,323 @@
-//! `kmsfs`, the transparent encrypting FUSE filesystem. Its format, mount and tools arrive
-//! with the filesystem issue; until then the binary says so instead of pretending.
+//! `kmsfs`: create (`init`), mount, check (`fsck`) and inspect (`status`) encrypted
+//! directories. See the README for usage; `common/src/format/FORMAT.md` for the format.
 
-use std::process::ExitCode;
+use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use kmsfs_common::client::AgentClient;
+use kmsfs_common::format::block::Layout;
+use kmsfs_common::format::volume::{BlockSize, CipherSuite, NameMode};
+use kmsfs_fs::keys::AgentPool;
+use kmsfs_fs::volume::{InitOptions, OpenOptions, Volume, STATUS_XATTR};
+
+/// kmsfs: a transparent encrypting filesystem whose file keys come from kmsd.
+#[derive(Parser)]
+#[command(version, about, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+    /// `kmsfs CIPHERDIR MOUNTPOINT -o OPTIONS`: the form mount(8) uses for `-t fuse.kmsfs`.
+    #[arg(num_args = 2, value_names = ["CIPHERDIR", "MOUNTPOINT"])]
+    mount_helper: Vec<PathBuf>,
+    #[arg(short = 'o', value_delimiter = ',')]
+    options: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create a volume in an empty directory.
+    Init {
+        cipherdir: PathBuf,
+        /// The KMS key that wraps the volume's file keys (ID, ARN or alias).
+        #[arg(long)]
+        key_id: String,
+        /// The agent's socket (default: as kmsctl finds it, starting a per-user agent).
+        #[arg(long, env = "KMSD_SOCKET")]
+        socket: Option<PathBuf>,
+        #[arg(long, default_value = "aes-256-gcm", value_parser = ["aes-256-gcm", "xchacha20-poly1305"])]
+        cipher: String,
+        /// Plaintext bytes per encrypted block: a power of two from 4096 to 1048576.
+        #[arg(long, default_value_t = 4096)]
+        block_size: u64,
+        /// Store file names unencrypted (contents stay encrypted).
+        #[arg(long)]
+        plaintext_names: bool,
+    },
+    /// Mount a volume; returns once the mount is ready unless --foreground.
+    Mount {
+        cipherdir: PathBuf,
+        mountpoint: PathBuf,
+        #[arg(long, env = "KMSD_SOCKET")]
+        socket: Option<PathBuf>,
+        /// Mount options: allow_other, ro, and the usual nosuid, nodev, noexec, noatime...
+        #[arg(short = 'o', value_delimiter = ',')]
+        options: Vec<String>,
+        /// Stay in the foreground (for systemd and debugging); logs go to stderr.
+        #[arg(long, short = 'f')]
+        foreground: bool,
+        /// Where a background mount logs (default: /var/log/kmsfs.log as root, else
+        /// $XDG_RUNTIME_DIR/kmsfs.log).
+        #[arg(long)]
+        log_file: Option<PathBuf>,
+        /// Threads serving FUSE requests.
+        #[arg(long, default_value_t = 4)]
+        threads: usize,
+    },
+    /// Check every header, block and name of a volume offline.
+    Fsck {
+        cipherdir: PathBuf,
+        #[arg(long, env = "KMSD_SOCKET")]
+        socket: Option<PathBuf>,
+    },
+    /// Show a mount's data-key cache and open files.
+    Status { mountpoint: PathBuf },
+}
+
+fn agent(socket: Option<&Path>) -> Result<AgentPool, String> {
+    let client = AgentClient::connect_or_start(socket).map_err(|e| e.to_string())?;
+    Ok(AgentPool::new(client.socket_path()))
+}
 
 fn main() -> ExitCode {
-    eprintln!("kmsfs: the filesystem is not built yet; the agent (kmsd) and its CLI (kmsctl) are");
-    ExitCode::from(2)
+    let cli = Cli::parse();
+    let foreground_logging = !matches!(&cli.command, Some(Cmd::Mount { foreground: false, .. }));
+    if foreground_logging {
+        init_logging();
+    }
+    let result = match cli.command {
+        Some(Cmd::Init { cipherdir, key_id, socket, cipher, block_size, plaintext_names }) => {
+            init(&cipherdir, key_id, socket.as_deref(), &cipher, block_size, plaintext_names)
+        }
+        Some(Cmd::Mount { cipherdir, mountpoint, socket, options, foreground, log_file, threads }) => {
+            let mount = MountArgs { cipherdir, mountpoint, socket, options, threads };
+            if foreground {
+                mount_foreground(&mount, false)
+            } else {
+                mount_background(&mount, log_file)
+            }
+        }
+        Some(Cmd::Fsck { cipherdir, socket }) => return fsck(&cipherdir, socket.as_deref()),
+        Some(Cmd::Status { mountpoint }) => status(&mountpoint),
+        None if cli.mount_helper.len() == 2 => {
+            let mount = MountArgs {
+                cipherdir: cli.mount_helper[0].clone(),
+                mountpoint: cli.mount_helper[1].clone(),
+                socket: std::env::var_os("KMSD_SOCKET").map(PathBuf::from),
+                options: cli.options,
+                threads: 4,
+            };
+            mount_background(&mount, None)
+        }
+        None => Err("missing command; see kmsfs --help".into()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kmsfs: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("KMSFS_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+fn init(
+    cipherdir: &Path,
+    key_id: String,
+    socket: Option<&Path>,
+    cipher: &str,
+    block_size: u64,
+    plaintext_names: bool,
+) -> Result<(), String> {
+    let cipher = CipherSuite::from_name(cipher).ok_or_else(|| format!("unknown cipher {cipher}"))?;
+    let block_size = BlockSize::new(block_size)
+        .map_err(|_| format!("block size {block_size} must be a power of two from 4096 to 1048576"))?;
+    std::fs::create_dir_all(cipherdir).map_err(|e| format!("cannot create {}: {e}", cipherdir.display()))?;
+    let agent = agent(socket)?;
+    let names = if plaintext_names { NameMode::Plaintext } else { NameMode::Encrypted };
+    let config =
+        Volume::init(cipherdir, &agent, InitOptions { key_id, layout: Layout::new(cipher, block_size), names })?;
+    println!(
+        "created a kmsfs volume in {}\n  key: {}\n  cipher: {}, block size {}, names {}",
+        cipherdir.display(),
+        config.key_id,
+        config.cipher.name(),
+        config.block_size.get(),
+        config.names.name()
+    );
+    Ok(())
+}
+
+struct MountArgs {
+    cipherdir: PathBuf,
+    mountpoint: PathBuf,
+    socket: Option<PathBuf>,
+    options: Vec<String>,
+    threads: usize,
+}
+
+/// Forks off a `--foreground` copy of ourselves and returns once it reports the mount
+/// ready (or fails), as mount helpers are expected to.
+fn mount_background(mount: &MountArgs, log_file: Option<PathBuf>) -> Result<(), String> {
+    let log_file = log_file.unwrap_or_else(default_log_file);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_file)
+        .map_err(|e| format!("cannot open the log file {}: {e}", log_file.display()))?;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("mount").arg(&mount.cipherdir).arg(&mount.mountpoint).arg("--foreground");
+    cmd.arg("--threads").arg(mount.threads.to_string());
+    if let Some(socket) = &mount.socket {
+        cmd.arg("--socket").arg(socket);
+    }
+    if !mount.options.is_empty() {
+        cmd.arg("-o").arg(mount.options.join(","));
+    }
+    cmd.env("KMSFS_READY_PIPE", "1");
+    use std::os::unix::process::CommandExt;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("cannot start the mount process: {e}"))?;
+    let mut line = String::new();
+    if let Some(stdout) = child.stdout.take() {
+        let _ = BufReader::new(stdout).read_line(&mut line);
+    }
+    if line.trim() == "ready" {
+        return Ok(());
+    }
+    let status = child.wait().map_err(|e| e.to_string())?;
+    let tail = std::fs::read_to_string(&log_file).unwrap_or_default();
+    let last: Vec<&str> = tail.lines().rev().take(5).collect();
+    Err(format!(
+        "the mount failed ({status}); from {}:\n{}",
+        log_file.display(),
+        last.into_iter().rev().collect::<Vec<_>>().join("\n")
+    ))
+}
+
+fn default_log_file() -> PathBuf {
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/var/log/kmsfs.log");
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR").filter(|v| !v.is_empty()) {
+        Some(dir) => PathBuf::from(dir).join("kmsfs.log"),
+        None => PathBuf::from(format!("/tmp/kmsfs-{}.log", nix::unistd::geteuid())),
+    }
+}
+
+fn mount_foreground(mount: &MountArgs, _daemon: bool) -> Result<(), String> {
+    let agent = agent(mount.socket.as_deref())?;
+    let socket = agent.socket().to_path_buf();
+    let volume = Arc::new(Volume::open(&mount.cipherdir, agent, OpenOptions::default())?);
+    let fs = kmsfs_fs::fuse::KmsFs::new(volume.clone()).map_err(|e| e.to_string())?;
+    let revoker = fs.revoker();
+
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        fuser::MountOption::FSName(volume.root().display().to_string()),
+        fuser::MountOption::Subtype("kmsfs".into()),
+        fuser::MountOption::DefaultPermissions,
+    ];
+    for option in &mount.options {
+        match option.as_str() {
+            "" | "rw" | "defaults" => {}
+            "allow_other" => config.acl = fuser::SessionACL::All,
+            "allow_root" => config.acl = fuser::SessionACL::RootAndOwner,
+            "ro" => config.mount_options.push(fuser::MountOption::RO),
+            "nosuid" => config.mount_options.push(fuser::MountOption::NoSuid),
+            "nodev" => config.mount_options.push(fuser::MountOption::NoDev),
+            "noexec" => config.mount_options.push(fuser::MountOption::NoExec),
+            "noatime" => config.mount_options.push(fuser::MountOption::NoAtime),
+            "default_permissions" => {}
+            // Options of mount(8) and fstab that concern no filesystem.
+            "auto" | "noauto" | "user" | "nouser" | "nofail" | "_netdev" => {}
+            other if other.starts_with("x-") => {}
+            other => return Err(format!("unknown mount option {other}")),
+        }
+    }
+    config.n_threads = Some(mount.threads.max(1));
+    config.clone_fd = true;
+
+    let session = fuser::spawn_mount(fs, &mount.mountpoint, &config)
+        .map_err(|e| format!("cannot mount {}: {e}", mount.mountpoint.display()))?;
+    revoker.set_notifier(session.notifier());
+    let revoke_all = revoker.clone();
+    kmsfs_fs::keys::watch_key_events(socket, move |arn| revoker.revoke(arn), move || revoke_all.revoke_all());
+    tracing::info!(cipherdir = %volume.root().display(), mountpoint = %mount.mountpoint.display(), "mounted");
+    if std::env::var_os("KMSFS_READY_PIPE").is_some() {
+        let mut out = std::io::stdout();
+        let _ = out.write_all(b"ready\n");
+        let _ = out.flush();
+    }
+    stop_on_signals(mount.mountpoint.clone());
+    session.join().map_err(|e| format!("the FUSE session failed: {e}"))?;
+    tracing::info!("unmounted");
+    Ok(())
+}
+
+/// SIGTERM or SIGINT unmounts (lazily, so that busy mounts still go away); the session
+/// then ends and the process exits.
+fn stop_on_signals(mountpoint: PathBuf) {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    if set.thread_block().is_err() {
+        return;
+    }
+    std::thread::spawn(move || {
+        if set.wait().is_ok() {
+            tracing::info!("signal received: unmounting");
+            let unmounted = nix::mount::umount2(&mountpoint, nix::mount::MntFlags::MNT_DETACH).is_ok();
+            if !unmounted {
+                let _ = Command::new("fusermount3").arg("-u").arg("-z").arg(&mountpoint).status();
+            }
+        }
+    });
+}
+
+fn status(mountpoint: &Path) -> Result<(), String> {
+    let status = xattr::get(mountpoint, STATUS_XATTR)
+        .map_err(|e| format!("{} is not a kmsfs mount ({e})", mountpoint.display()))?
+        .ok_or_else(|| format!("{} is not a kmsfs mount", mountpoint.display()))?;
+    println!("{}", String::from_utf8_lossy(&status));
+    Ok(())
+}
+
+fn fsck(cipherdir: &Path, socket: Option<&Path>) -> ExitCode {
+    match kmsfs_fs::fsck::run(cipherdir, socket) {
+        Ok(report) if report.is_clean() => {
+            println!("{}: clean ({} files, {} directories)", cipherdir.display(), report.files, report.dirs);
+            ExitCode::SUCCESS
+        }
+        Ok(report) => {
+            println!(
+                "{}: {} problem(s) in {} files, {} directories",
+                cipherdir.display(),
+                report.problems.len(),
+                report.files,
+                report.dirs
+            );
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("kmsfs fsck: {e}");
+            ExitCode::from(2)
+        }
+    }
 }

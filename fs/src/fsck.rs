@@ -1,0 +1,142 @@
+//! `kmsfs fsck`: checks a volume offline — every directory's ID, every name, every file
+//! header and every block — and names each damaged file and block. Nothing is repaired.
+
+use std::ffi::OsStr;
+use std::fs::{self, File};
+use std::io::{IsTerminal, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use kmsfs_common::format::block::BlockIndex;
+
+use crate::content::{Content, ContentError};
+use crate::keys::AgentPool;
+use crate::volume::{DirId, OpenOptions, Volume};
+
+/// What fsck found.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub files: u64,
+    pub dirs: u64,
+    pub problems: Vec<String>,
+}
+
+impl Report {
+    pub fn is_clean(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// Checks the volume in `cipherdir`, printing each problem as found (and progress when
+/// stderr is a terminal).
+pub fn run(cipherdir: &Path, socket: Option<&Path>) -> Result<Report, String> {
+    let client = kmsfs_common::client::AgentClient::connect_or_start(socket).map_err(|e| e.to_string())?;
+    let volume = Volume::open(cipherdir, AgentPool::new(client.socket_path()), OpenOptions::default())?;
+    let mut checker = Checker { volume, report: Report::default(), progress: std::io::stderr().is_terminal() };
+    let root = checker.volume.root().to_path_buf();
+    let root_id = checker.volume.root_dir_id();
+    checker.dir(&root, root_id, Path::new("/"));
+    if checker.progress {
+        eprintln!();
+    }
+    Ok(checker.report)
+}
+
+struct Checker {
+    volume: Volume,
+    report: Report,
+    progress: bool,
+}
+
+impl Checker {
+    fn problem(&mut self, message: String) {
+        if self.progress {
+            eprint!("\r\x1b[K");
+        }
+        println!("{message}");
+        self.report.problems.push(message);
+    }
+
+    fn tick(&self) {
+        if self.progress {
+            eprint!("\rchecked {} files, {} directories", self.report.files, self.report.dirs);
+            let _ = std::io::stderr().flush();
+        }
+    }
+
+    fn dir(&mut self, dir: &Path, dir_id: DirId, shown: &Path) {
+        self.report.dirs += 1;
+        let entries = match fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) => return self.problem(format!("{}: cannot read directory: {e}", shown.display())),
+        };
+        let mut entries: Vec<_> = entries.filter_map(Result::ok).collect();
+        entries.sort_by_key(|e| e.file_name());
+        for entry in entries {
+            let stored = entry.file_name();
+            let Some(name) = self.volume.plain_name(dir, &dir_id, &stored) else {
+                if !kmsfs_common::format::names::is_reserved_name(&stored.to_string_lossy()) {
+                    self.problem(format!(
+                        "{}: entry {} has a name that does not authenticate",
+                        shown.display(),
+                        stored.to_string_lossy()
+                    ));
+                }
+                continue;
+            };
+            let path = entry.path();
+            let shown_child: PathBuf = shown.join(OsStr::from_bytes(name.as_bytes()));
+            let Ok(meta) = fs::symlink_metadata(&path) else { continue };
+            if meta.is_dir() {
+                match self.volume.read_dir_id(&path) {
+                    Ok(id) => self.dir(&path, id, &shown_child),
+                    Err(e) => self.problem(format!("{}: directory ID: {e}", shown_child.display())),
+                }
+            } else if meta.is_file() {
+                self.file(&path, &shown_child);
+            } else if meta.file_type().is_symlink() {
+                let target = fs::read_link(&path).map_err(crate::volume::VolError::Io);
+                if let Err(e) = target.and_then(|t| self.volume.decrypt_symlink(&t)) {
+                    self.problem(format!("{}: symlink target: {e}", shown_child.display()));
+                }
+            }
+        }
+    }
+
+    fn file(&mut self, path: &Path, shown: &Path) {
+        self.report.files += 1;
+        if self.report.files.is_multiple_of(256) {
+            self.tick();
+        }
+        let file = match File::open(path) {
+            Ok(f) => f,
+            Err(e) => return self.problem(format!("{}: cannot open: {e}", shown.display())),
+        };
+        let header = match self.volume.open_file(&file) {
+            Ok(h) => h,
+            Err(e) => return self.problem(format!("{}: header: {e}", shown.display())),
+        };
+        let keys = match self.volume.keys(&header) {
+            Ok(k) => k,
+            Err(e) => return self.problem(format!("{}: data key: {e}", shown.display())),
+        };
+        let content = Content { file: &file, key: &keys.content, file_id: header.file_id() };
+        let size = match content.len() {
+            Ok(size) => size,
+            Err(e) => return self.problem(format!("{}: {e} (cut off a block boundary?)", shown.display())),
+        };
+        let layout = header.layout();
+        let block = layout.block_size();
+        let mut out = Vec::with_capacity(block as usize);
+        for index in 0..layout.block_count(size) {
+            match content.read_at(index * block, block as usize, &mut out) {
+                Ok(()) => {}
+                Err(ContentError::Corrupt { block, error }) => {
+                    self.problem(format!("{}: block {block}: {error}", shown.display()));
+                }
+                Err(e) => self.problem(format!("{}: block {}: {e}", shown.display(), BlockIndex(index).get())),
+            }
+        }
+        zeroize::Zeroize::zeroize(&mut out);
+    }
+}

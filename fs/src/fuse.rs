@@ -1,0 +1,1033 @@
+//! The FUSE adapter: turns kernel requests into operations on the backing directory
+//! through the [`Volume`] (names, headers, keys) and [`Content`] (blocks).
+//!
+//! Inodes are the backing files' own inode numbers (the backing root's is swapped with 1,
+//! which FUSE reserves for the root), so hard links share an inode as they should. For
+//! each inode the kernel has looked up, a node records where it was last seen — parent
+//! inode and stored (encrypted) name — and its full backing path is rebuilt from the
+//! parents on demand, so renaming a directory needs no walk of its subtree.
+//!
+//! Requests run on several threads (fuser's `n_threads`); per-inode content locks
+//! serialize writers of one file against each other and against its readers.
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig,
+    LockOwner, Notifier, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
+    WriteFlags,
+};
+
+use crate::content::{Content, ContentError};
+use crate::volume::{DirId, FileHeader, StoredName, VolError, Volume, STATUS_XATTR};
+
+/// How long the kernel may cache attributes and entries. Short: the backing directory
+/// is ours alone, but a second mount or an offline tool could change it.
+const TTL: Duration = Duration::from_secs(1);
+const ROOT: u64 = 1;
+/// The largest write the kernel sends (its own ceiling is 1 MiB).
+pub const MAX_WRITE: u32 = 1 << 20;
+
+struct Node {
+    parent: u64,
+    stored: OsString,
+    lookups: u64,
+    dir_id: Option<DirId>,
+}
+
+struct OpenFile {
+    ino: u64,
+    file: File,
+    header: FileHeader,
+    path: PathBuf,
+    lock: Arc<RwLock<()>>,
+}
+
+struct OpenDir {
+    entries: Vec<(OsString, u64, FileType, Option<OsString>)>,
+}
+
+/// The filesystem, shared between fuser's worker threads and the key-event watcher.
+pub struct KmsFs {
+    vol: Arc<Volume>,
+    backing_root_ino: u64,
+    nodes: Mutex<HashMap<u64, Node>>,
+    files: Arc<Mutex<HashMap<u64, Arc<OpenFile>>>>,
+    dirs: Mutex<HashMap<u64, Arc<OpenDir>>>,
+    locks: Mutex<HashMap<u64, Weak<RwLock<()>>>>,
+    next_handle: AtomicU64,
+    as_root: bool,
+    notifier: Arc<OnceLock<Notifier>>,
+}
+
+/// What the key-event watcher holds of a mounted filesystem: enough to drop a revoked
+/// key's cached data keys and the kernel's cached pages of the files it protects.
+#[derive(Clone)]
+pub struct Revoker {
+    vol: Arc<Volume>,
+    files: Arc<Mutex<HashMap<u64, Arc<OpenFile>>>>,
+    notifier: Arc<OnceLock<Notifier>>,
+}
+
+impl Revoker {
+    /// Lets the filesystem tell the kernel to drop cached pages; set once mounted.
+    pub fn set_notifier(&self, notifier: Notifier) {
+        let _ = self.notifier.set(notifier);
+    }
+
+    /// The KMS key `arn` was disabled or scheduled for deletion.
+    pub fn revoke(&self, arn: &str) {
+        self.vol.revoke(arn);
+        self.invalidate_open_files();
+    }
+
+    /// Events may have been missed: forget every data key.
+    pub fn revoke_all(&self) {
+        self.vol.revoke_all();
+        self.invalidate_open_files();
+    }
+
+    /// Drops the kernel's cached pages of every open file, so that the next read comes
+    /// to us and meets the revoked key.
+    fn invalidate_open_files(&self) {
+        let Some(notifier) = self.notifier.get() else { return };
+        let inos: Vec<u64> = lock(&self.files).values().map(|f| f.ino).collect();
+        for ino in inos {
+            let _ = notifier.inval_inode(INodeNo(ino), 0, 0);
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn errno(e: &io::Error) -> Errno {
+    Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
+}
+
+fn file_type(mode: u32) -> FileType {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => FileType::Directory,
+        libc::S_IFLNK => FileType::Symlink,
+        libc::S_IFIFO => FileType::NamedPipe,
+        libc::S_IFSOCK => FileType::Socket,
+        libc::S_IFCHR => FileType::CharDevice,
+        libc::S_IFBLK => FileType::BlockDevice,
+        _ => FileType::RegularFile,
+    }
+}
+
+fn time(secs: i64, nsecs: i64) -> SystemTime {
+    if secs >= 0 {
+        UNIX_EPOCH + Duration::new(secs as u64, nsecs as u32)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs()) + Duration::from_nanos(nsecs as u64)
+    }
+}
+
+impl KmsFs {
+    pub fn new(vol: Arc<Volume>) -> io::Result<KmsFs> {
+        let backing_root_ino = fs::metadata(vol.root())?.ino();
+        let mut nodes = HashMap::new();
+        nodes.insert(ROOT, Node { parent: ROOT, stored: OsString::new(), lookups: 1, dir_id: Some(vol.root_dir_id()) });
+        Ok(KmsFs {
+            vol,
+            backing_root_ino,
+            nodes: Mutex::new(nodes),
+            files: Arc::new(Mutex::new(HashMap::new())),
+            dirs: Mutex::new(HashMap::new()),
+            locks: Mutex::new(HashMap::new()),
+            next_handle: AtomicU64::new(1),
+            as_root: nix::unistd::geteuid().is_root(),
+            notifier: Arc::new(OnceLock::new()),
+        })
+    }
+
+    /// The handle the key-event watcher keeps.
+    pub fn revoker(&self) -> Revoker {
+        Revoker { vol: self.vol.clone(), files: self.files.clone(), notifier: self.notifier.clone() }
+    }
+
+    pub fn volume(&self) -> &Arc<Volume> {
+        &self.vol
+    }
+
+    /// FUSE inode number of a backing inode number (the backing root's and 1 swap).
+    fn fuse_ino(&self, backing: u64) -> u64 {
+        if backing == self.backing_root_ino {
+            ROOT
+        } else if backing == ROOT {
+            self.backing_root_ino
+        } else {
+            backing
+        }
+    }
+
+    /// The backing path of `ino`, rebuilt from its parents.
+    fn path_of(&self, ino: u64) -> Result<PathBuf, Errno> {
+        let nodes = lock(&self.nodes);
+        let mut parts = Vec::new();
+        let mut at = ino;
+        while at != ROOT {
+            let node = nodes.get(&at).ok_or(Errno::ENOENT)?;
+            parts.push(node.stored.clone());
+            at = node.parent;
+            if parts.len() > 4096 {
+                return Err(Errno::ELOOP);
+            }
+        }
+        let mut path = self.vol.root().to_path_buf();
+        for part in parts.iter().rev() {
+            path.push(part);
+        }
+        Ok(path)
+    }
+
+    /// A directory's backing path and ID.
+    fn dir(&self, ino: u64) -> Result<(PathBuf, DirId), Errno> {
+        let path = self.path_of(ino)?;
+        if let Some(id) = lock(&self.nodes).get(&ino).and_then(|n| n.dir_id) {
+            return Ok((path, id));
+        }
+        let id = self.vol.read_dir_id(&path).map_err(|e| self.fail(&path, &e))?;
+        if let Some(node) = lock(&self.nodes).get_mut(&ino) {
+            node.dir_id = Some(id);
+        }
+        Ok((path, id))
+    }
+
+    /// Where `name` in directory `parent` lives in the backing directory.
+    fn child(&self, parent: u64, name: &OsStr) -> Result<(PathBuf, DirId, StoredName), Errno> {
+        let (dir, dir_id) = self.dir(parent)?;
+        let stored = self.vol.stored_name(&dir_id, name).map_err(|e| self.fail(&dir, &e))?;
+        Ok((dir.clone(), dir_id, stored))
+    }
+
+    /// Logs a failure worth an operator's attention and maps it to an errno.
+    fn fail(&self, path: &Path, e: &VolError) -> Errno {
+        match e {
+            VolError::Io(io) => errno(io),
+            VolError::Name => Errno::EINVAL,
+            VolError::NameTooLong => Errno::ENAMETOOLONG,
+            other => {
+                tracing::error!(path = %path.display(), "{other}");
+                Errno::from_i32(other.errno())
+            }
+        }
+    }
+
+    fn attr_of(&self, path: &Path, meta: &fs::Metadata) -> Result<FileAttr, Errno> {
+        let kind = file_type(meta.mode());
+        let size = match kind {
+            FileType::RegularFile => match self.vol.plaintext_size(meta.len()) {
+                Some(size) => size,
+                None => {
+                    tracing::error!(path = %path.display(), size = meta.len(), "stored size is not a valid encrypted size");
+                    0
+                }
+            },
+            FileType::Symlink => {
+                match fs::read_link(path).map_err(VolError::Io).and_then(|t| self.vol.decrypt_symlink(&t)) {
+                    Ok(target) => target.len() as u64,
+                    Err(e) => {
+                        tracing::error!(path = %path.display(), "{e}");
+                        0
+                    }
+                }
+            }
+            _ => meta.len(),
+        };
+        Ok(FileAttr {
+            ino: INodeNo(self.fuse_ino(meta.ino())),
+            size,
+            blocks: meta.blocks(),
+            atime: time(meta.atime(), meta.atime_nsec()),
+            mtime: time(meta.mtime(), meta.mtime_nsec()),
+            ctime: time(meta.ctime(), meta.ctime_nsec()),
+            crtime: time(meta.ctime(), meta.ctime_nsec()),
+            kind,
+            perm: (meta.mode() & 0o7777) as u16,
+            nlink: meta.nlink() as u32,
+            uid: meta.uid(),
+            gid: meta.gid(),
+            rdev: meta.rdev() as u32,
+            blksize: self.vol.layout().block_size() as u32,
+            flags: 0,
+        })
+    }
+
+    fn attr(&self, path: &Path) -> Result<FileAttr, Errno> {
+        let meta = fs::symlink_metadata(path).map_err(|e| errno(&e))?;
+        self.attr_of(path, &meta)
+    }
+
+    /// Records that the kernel looked up `attr.ino` as `stored` in `parent`.
+    fn remember(&self, attr: &FileAttr, parent: u64, stored: &OsStr) {
+        let mut nodes = lock(&self.nodes);
+        let node = nodes.entry(attr.ino.0).or_insert_with(|| Node {
+            parent,
+            stored: stored.to_os_string(),
+            lookups: 0,
+            dir_id: None,
+        });
+        node.parent = parent;
+        node.stored = stored.to_os_string();
+        node.lookups += 1;
+    }
+
+    fn content_lock(&self, ino: u64) -> Arc<RwLock<()>> {
+        let mut locks = lock(&self.locks);
+        if let Some(existing) = locks.get(&ino).and_then(Weak::upgrade) {
+            return existing;
+        }
+        locks.retain(|_, w| w.strong_count() > 0);
+        let fresh = Arc::new(RwLock::new(()));
+        locks.insert(ino, Arc::downgrade(&fresh));
+        fresh
+    }
+
+    /// New files and directories belong to the caller when we run as root (allow_other).
+    fn give_to_caller(&self, req: &Request, path: &Path) {
+        if self.as_root {
+            if let Err(e) = std::os::unix::fs::lchown(path, Some(req.uid()), Some(req.gid())) {
+                tracing::warn!(path = %path.display(), "cannot give the new entry to its creator: {e}");
+            }
+        }
+    }
+
+    /// Creates an empty encrypted regular file at `path`.
+    fn create_file(&self, req: &Request, path: &Path, mode: u32) -> Result<(File, FileHeader), Errno> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(mode & 0o7777)
+            .open(path)
+            .map_err(|e| errno(&e))?;
+        match self.vol.init_file(&file) {
+            Ok(header) => {
+                self.give_to_caller(req, path);
+                Ok((file, header))
+            }
+            Err(e) => {
+                let _ = fs::remove_file(path);
+                Err(self.fail(path, &e))
+            }
+        }
+    }
+
+    /// Opens a regular file's backing file and authenticates its header.
+    fn open_backing(&self, path: &Path, write: bool) -> Result<(File, FileHeader), Errno> {
+        let file = OpenOptions::new().read(true).write(write).open(path).map_err(|e| errno(&e))?;
+        let header = self.vol.open_file(&file).map_err(|e| self.fail(path, &e))?;
+        Ok((file, header))
+    }
+
+    fn with_content<T>(
+        &self,
+        path: &Path,
+        file: &File,
+        header: &FileHeader,
+        f: impl FnOnce(&Content<'_>) -> Result<T, ContentError>,
+    ) -> Result<T, Errno> {
+        let keys = self.vol.keys(header).map_err(|e| self.fail(path, &e))?;
+        let content = Content { file, key: &keys.content, file_id: header.file_id() };
+        f(&content).map_err(|e| match e {
+            ContentError::Io(io) => errno(&io),
+            other => {
+                tracing::error!(path = %path.display(), "{other}");
+                Errno::EIO
+            }
+        })
+    }
+
+    fn new_handle(&self) -> u64 {
+        self.next_handle.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn open_file(&self, fh: FileHandle) -> Result<Arc<OpenFile>, Errno> {
+        lock(&self.files).get(&fh.0).cloned().ok_or(Errno::EBADF)
+    }
+
+    fn list_dir(&self, ino: u64) -> Result<OpenDir, Errno> {
+        let (dir, dir_id) = self.dir(ino)?;
+        let parent = if ino == ROOT { ROOT } else { lock(&self.nodes).get(&ino).map(|n| n.parent).unwrap_or(ROOT) };
+        let mut entries = vec![
+            (OsString::from("."), ino, FileType::Directory, None),
+            (OsString::from(".."), parent, FileType::Directory, None),
+        ];
+        for entry in fs::read_dir(&dir).map_err(|e| errno(&e))? {
+            let entry = entry.map_err(|e| errno(&e))?;
+            let stored = entry.file_name();
+            let Some(name) = self.vol.plain_name(&dir, &dir_id, &stored) else { continue };
+            let Ok(meta) = entry.metadata() else { continue };
+            let kind = file_type(meta.mode());
+            entries.push((name, self.fuse_ino(meta.ino()), kind, Some(stored)));
+        }
+        Ok(OpenDir { entries })
+    }
+
+    fn reply_entry(&self, path: &Path, parent: u64, stored: &OsStr, reply: ReplyEntry) {
+        match self.attr(path) {
+            Ok(attr) => {
+                self.remember(&attr, parent, stored);
+                reply.entry(&TTL, &attr, Generation(0));
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn set_times(path: &Path, atime: Option<TimeOrNow>, mtime: Option<TimeOrNow>) -> io::Result<()> {
+        use nix::sys::stat::{utimensat, UtimensatFlags};
+        use nix::sys::time::TimeSpec;
+        let spec = |t: Option<TimeOrNow>| match t {
+            None => TimeSpec::UTIME_OMIT,
+            Some(TimeOrNow::Now) => TimeSpec::UTIME_NOW,
+            Some(TimeOrNow::SpecificTime(t)) => match t.duration_since(UNIX_EPOCH) {
+                Ok(d) => TimeSpec::from_duration(d),
+                Err(e) => TimeSpec::from_duration(Duration::ZERO) - TimeSpec::from_duration(e.duration()),
+            },
+        };
+        utimensat(None, path, &spec(atime), &spec(mtime), UtimensatFlags::NoFollowSymlink).map_err(io::Error::from)
+    }
+
+    /// The status document `kmsfs status` reads through the root's `user.kmsfs.status`.
+    fn status_json(&self) -> Vec<u8> {
+        let stats = self.vol.cache_stats();
+        serde_json::to_vec_pretty(&serde_json::json!({
+            "Backing": self.vol.root(),
+            "KeyId": self.vol.key_id(),
+            "OpenFiles": lock(&self.files).len(),
+            "KnownInodes": lock(&self.nodes).len(),
+            "DataKeyCache": {
+                "Entries": stats.entries,
+                "Capacity": stats.capacity,
+                "Hits": stats.hits,
+                "Misses": stats.misses,
+                "Evictions": stats.evictions,
+                "Revocations": stats.revocations,
+            },
+        }))
+        .unwrap_or_default()
+    }
+}
+
+fn reply_xattr(reply: ReplyXattr, size: u32, data: &[u8]) {
+    if size == 0 {
+        reply.size(data.len() as u32);
+    } else if data.len() > size as usize {
+        reply.error(Errno::ERANGE);
+    } else {
+        reply.data(data);
+    }
+}
+
+impl Filesystem for KmsFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        let _ = config.set_max_write(MAX_WRITE);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.child(parent.0, name) {
+            Ok((dir, _, stored)) => self.reply_entry(&dir.join(&stored.entry), parent.0, &stored.entry, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        if ino.0 == ROOT {
+            return;
+        }
+        let mut nodes = lock(&self.nodes);
+        if let Some(node) = nodes.get_mut(&ino.0) {
+            node.lookups = node.lookups.saturating_sub(nlookup);
+            // Keep nodes that still have children known to the kernel would be better,
+            // but the kernel forgets children before their parents.
+            if node.lookups == 0 {
+                nodes.remove(&ino.0);
+            }
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        if let Some(handle) = fh.and_then(|fh| self.open_file(fh).ok()) {
+            // Works for open files that were unlinked, too.
+            match handle.file.metadata() {
+                Ok(meta) => match self.attr_of(&handle.path, &meta) {
+                    Ok(mut attr) => {
+                        attr.ino = ino;
+                        reply.attr(&TTL, &attr)
+                    }
+                    Err(e) => reply.error(e),
+                },
+                Err(e) => reply.error(errno(&e)),
+            }
+            return;
+        }
+        match self.path_of(ino.0).and_then(|p| self.attr(&p)) {
+            Ok(attr) => reply.attr(&TTL, &attr),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let result = (|| -> Result<FileAttr, Errno> {
+            let path = self.path_of(ino.0)?;
+            if let Some(size) = size {
+                let handle = fh.and_then(|fh| self.open_file(fh).ok());
+                let lock = self.content_lock(ino.0);
+                let _guard = lock.write().unwrap_or_else(|p| p.into_inner());
+                match handle {
+                    Some(h) => self.with_content(&path, &h.file, &h.header, |c| c.set_len(size))?,
+                    None => {
+                        let (file, header) = self.open_backing(&path, true)?;
+                        self.with_content(&path, &file, &header, |c| c.set_len(size))?
+                    }
+                }
+            }
+            if let Some(mode) = mode {
+                let meta = fs::symlink_metadata(&path).map_err(|e| errno(&e))?;
+                if !meta.file_type().is_symlink() {
+                    fs::set_permissions(&path, fs::Permissions::from_mode(mode & 0o7777)).map_err(|e| errno(&e))?;
+                }
+            }
+            if uid.is_some() || gid.is_some() {
+                std::os::unix::fs::lchown(&path, uid, gid).map_err(|e| errno(&e))?;
+            }
+            if atime.is_some() || mtime.is_some() {
+                Self::set_times(&path, atime, mtime).map_err(|e| errno(&e))?;
+            }
+            self.attr(&path)
+        })();
+        match result {
+            Ok(attr) => reply.attr(&TTL, &attr),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let result = self.path_of(ino.0).and_then(|path| {
+            let stored = fs::read_link(&path).map_err(|e| errno(&e))?;
+            self.vol.decrypt_symlink(&stored).map_err(|e| self.fail(&path, &e))
+        });
+        match result {
+            Ok(target) => reply.data(&target),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
+        let result = (|| -> Result<(PathBuf, StoredName), Errno> {
+            let (dir, _, stored) = self.child(parent.0, name)?;
+            let path = dir.join(&stored.entry);
+            self.vol.write_long_name(&dir, &stored).map_err(|e| self.fail(&dir, &e))?;
+            let perm = mode & !umask & 0o7777;
+            let made = match mode & libc::S_IFMT {
+                libc::S_IFREG => self.create_file(req, &path, perm).map(|_| ()),
+                kind @ (libc::S_IFIFO | libc::S_IFSOCK | libc::S_IFCHR | libc::S_IFBLK) => {
+                    use nix::sys::stat::{mknod, Mode, SFlag};
+                    let flag = SFlag::from_bits_truncate(kind);
+                    mknod(&path, flag, Mode::from_bits_truncate(perm), u64::from(rdev))
+                        .map_err(|e| Errno::from_i32(e as i32))
+                        .map(|()| self.give_to_caller(req, &path))
+                }
+                _ => Err(Errno::EINVAL),
+            };
+            if let Err(e) = made {
+                let _ = self.vol.remove_long_name(&dir, &stored);
+                return Err(e);
+            }
+            Ok((path, stored))
+        })();
+        match result {
+            Ok((path, stored)) => self.reply_entry(&path, parent.0, &stored.entry, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        let result = (|| -> Result<(PathBuf, StoredName), Errno> {
+            let (dir, _, stored) = self.child(parent.0, name)?;
+            let path = dir.join(&stored.entry);
+            self.vol.write_long_name(&dir, &stored).map_err(|e| self.fail(&dir, &e))?;
+            if let Err(e) = fs::DirBuilder::new().mode(mode & !umask & 0o7777).create(&path) {
+                let _ = self.vol.remove_long_name(&dir, &stored);
+                return Err(errno(&e));
+            }
+            if let Err(e) = self.vol.write_new_dir_id(&path) {
+                let _ = fs::remove_dir(&path);
+                let _ = self.vol.remove_long_name(&dir, &stored);
+                return Err(self.fail(&path, &e));
+            }
+            self.give_to_caller(req, &path);
+            Ok((path, stored))
+        })();
+        match result {
+            Ok((path, stored)) => self.reply_entry(&path, parent.0, &stored.entry, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let result = self.child(parent.0, name).and_then(|(dir, _, stored)| {
+            fs::remove_file(dir.join(&stored.entry)).map_err(|e| errno(&e))?;
+            self.vol.remove_long_name(&dir, &stored).map_err(|e| self.fail(&dir, &e))
+        });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let result = self.child(parent.0, name).and_then(|(dir, _, stored)| {
+            let path = dir.join(&stored.entry);
+            self.vol.remove_dir(&path).map_err(|e| self.fail(&path, &e))?;
+            self.vol.remove_long_name(&dir, &stored).map_err(|e| self.fail(&dir, &e))
+        });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        let result = (|| -> Result<(PathBuf, StoredName), Errno> {
+            let (dir, _, stored) = self.child(parent.0, link_name)?;
+            let path = dir.join(&stored.entry);
+            let sealed = self.vol.encrypt_symlink(target.as_os_str().as_bytes()).map_err(|e| self.fail(&path, &e))?;
+            self.vol.write_long_name(&dir, &stored).map_err(|e| self.fail(&dir, &e))?;
+            if let Err(e) = std::os::unix::fs::symlink(&sealed, &path) {
+                let _ = self.vol.remove_long_name(&dir, &stored);
+                return Err(errno(&e));
+            }
+            self.give_to_caller(req, &path);
+            Ok((path, stored))
+        })();
+        match result {
+            Ok((path, stored)) => self.reply_entry(&path, parent.0, &stored.entry, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let result = (|| -> Result<(), Errno> {
+            let (old_dir, _, old) = self.child(parent.0, name)?;
+            let (new_dir, _, new) = self.child(newparent.0, newname)?;
+            let (old_path, new_path) = (old_dir.join(&old.entry), new_dir.join(&new.entry));
+            self.vol.write_long_name(&new_dir, &new).map_err(|e| self.fail(&new_dir, &e))?;
+            let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE);
+            let renamed = if flags.is_empty() {
+                fs::rename(&old_path, &new_path).map_err(|e| errno(&e))
+            } else {
+                let mut nix_flags = nix::fcntl::RenameFlags::empty();
+                if flags.contains(RenameFlags::RENAME_NOREPLACE) {
+                    nix_flags |= nix::fcntl::RenameFlags::RENAME_NOREPLACE;
+                }
+                if exchange {
+                    nix_flags |= nix::fcntl::RenameFlags::RENAME_EXCHANGE;
+                }
+                nix::fcntl::renameat2(None, &old_path, None, &new_path, nix_flags)
+                    .map_err(|e| Errno::from_i32(e as i32))
+            };
+            if let Err(e) = renamed {
+                if fs::symlink_metadata(&new_path).is_err() {
+                    let _ = self.vol.remove_long_name(&new_dir, &new);
+                }
+                return Err(e);
+            }
+            if !exchange && old_path != new_path {
+                let _ = self.vol.remove_long_name(&old_dir, &old);
+            }
+            // The moved objects' nodes now live at their new places.
+            for (path, parent, stored) in [(&new_path, newparent.0, &new.entry), (&old_path, parent.0, &old.entry)] {
+                if let Ok(meta) = fs::symlink_metadata(path) {
+                    let ino = self.fuse_ino(meta.ino());
+                    if let Some(node) = lock(&self.nodes).get_mut(&ino) {
+                        node.parent = parent;
+                        node.stored = stored.clone();
+                    }
+                }
+                if !exchange {
+                    break;
+                }
+            }
+            Ok(())
+        })();
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        let result = (|| -> Result<(PathBuf, StoredName), Errno> {
+            let old_path = self.path_of(ino.0)?;
+            let (dir, _, stored) = self.child(newparent.0, newname)?;
+            let path = dir.join(&stored.entry);
+            self.vol.write_long_name(&dir, &stored).map_err(|e| self.fail(&dir, &e))?;
+            if let Err(e) = fs::hard_link(&old_path, &path) {
+                let _ = self.vol.remove_long_name(&dir, &stored);
+                return Err(errno(&e));
+            }
+            Ok((path, stored))
+        })();
+        match result {
+            Ok((path, stored)) => self.reply_entry(&path, newparent.0, &stored.entry, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let write = !matches!(flags.acc_mode(), OpenAccMode::O_RDONLY);
+        let result = self.path_of(ino.0).and_then(|path| {
+            let (file, header) = self.open_backing(&path, write)?;
+            Ok(OpenFile { ino: ino.0, file, header, path, lock: self.content_lock(ino.0) })
+        });
+        match result {
+            Ok(open) => {
+                let fh = self.new_handle();
+                lock(&self.files).insert(fh, Arc::new(open));
+                reply.opened(FileHandle(fh), FopenFlags::empty());
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let result = self.open_file(fh).and_then(|h| {
+            let _guard = h.lock.read().unwrap_or_else(|p| p.into_inner());
+            let mut out = Vec::with_capacity(size as usize);
+            self.with_content(&h.path, &h.file, &h.header, |c| c.read_at(offset, size as usize, &mut out))?;
+            Ok(zeroize::Zeroizing::new(out))
+        });
+        match result {
+            Ok(data) => reply.data(&data),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let result = self.open_file(fh).and_then(|h| {
+            let _guard = h.lock.write().unwrap_or_else(|p| p.into_inner());
+            self.with_content(&h.path, &h.file, &h.header, |c| c.write_at(offset, data))
+        });
+        match result {
+            Ok(()) => reply.written(data.len() as u32),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        // Writes go straight to the backing file; nothing is buffered here.
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        lock(&self.files).remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+        let result = self
+            .open_file(fh)
+            .and_then(|h| if datasync { h.file.sync_data() } else { h.file.sync_all() }.map_err(|e| errno(&e)));
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.list_dir(ino.0) {
+            Ok(dir) => {
+                let fh = self.new_handle();
+                lock(&self.dirs).insert(fh, Arc::new(dir));
+                reply.opened(FileHandle(fh), FopenFlags::empty());
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let Some(dir) = lock(&self.dirs).get(&fh.0).cloned() else { return reply.error(Errno::EBADF) };
+        for (i, (name, ino, kind, _)) in dir.entries.iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(*ino), i as u64 + 1, *kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let Some(dir) = lock(&self.dirs).get(&fh.0).cloned() else { return reply.error(Errno::EBADF) };
+        let Ok(dir_path) = self.path_of(ino.0) else { return reply.error(Errno::ENOENT) };
+        for (i, (name, entry_ino, _, stored)) in dir.entries.iter().enumerate().skip(offset as usize) {
+            let attr = match stored {
+                Some(stored) => match self.attr(&dir_path.join(stored)) {
+                    Ok(attr) => attr,
+                    Err(_) => continue, // vanished since opendir
+                },
+                None => match self.path_of(*entry_ino).and_then(|p| self.attr(&p)) {
+                    Ok(mut attr) => {
+                        attr.ino = INodeNo(*entry_ino);
+                        attr
+                    }
+                    Err(_) => continue,
+                },
+            };
+            if reply.add(attr.ino, i as u64 + 1, name, &TTL, &attr, Generation(0)) {
+                break;
+            }
+            // The kernel counts a lookup for every entry but "." and "..".
+            if let Some(stored) = stored {
+                self.remember(&attr, ino.0, stored);
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        lock(&self.dirs).remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        let result = self.path_of(ino.0).and_then(|p| File::open(p).and_then(|d| d.sync_all()).map_err(|e| errno(&e)));
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match nix::sys::statvfs::statvfs(self.vol.root()) {
+            Ok(s) => reply.statfs(
+                s.blocks(),
+                s.blocks_free(),
+                s.blocks_available(),
+                s.files(),
+                s.files_free(),
+                s.block_size() as u32,
+                255,
+                s.fragment_size() as u32,
+            ),
+            Err(e) => reply.error(Errno::from_i32(e as i32)),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let result = self.path_of(ino.0).and_then(|path| {
+            let stored = self.vol.xattr_name(name).map_err(|e| self.fail(&path, &e))?;
+            let exists = xattr::get(&path, &stored).map_err(|e| errno(&e))?.is_some();
+            if flags & libc::XATTR_CREATE != 0 && exists {
+                return Err(Errno::EEXIST);
+            }
+            if flags & libc::XATTR_REPLACE != 0 && !exists {
+                return Err(Errno::NO_XATTR);
+            }
+            let owner = self.vol.xattr_owner(&path).map_err(|e| self.fail(&path, &e))?;
+            let sealed = self.vol.encrypt_xattr(&owner, name, value).map_err(|e| self.fail(&path, &e))?;
+            xattr::set(&path, &stored, &sealed).map_err(|e| errno(&e))
+        });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        if ino.0 == ROOT && name == STATUS_XATTR {
+            return reply_xattr(reply, size, &self.status_json());
+        }
+        let result = self.path_of(ino.0).and_then(|path| {
+            let stored = self.vol.xattr_name(name).map_err(|e| self.fail(&path, &e))?;
+            let sealed = xattr::get(&path, &stored).map_err(|e| errno(&e))?.ok_or(Errno::NO_XATTR)?;
+            let owner = self.vol.xattr_owner(&path).map_err(|e| self.fail(&path, &e))?;
+            self.vol.decrypt_xattr(&owner, name, &sealed).map_err(|e| self.fail(&path, &e))
+        });
+        match result {
+            Ok(value) => reply_xattr(reply, size, &value),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let result = self.path_of(ino.0).and_then(|path| {
+            let mut out = Vec::new();
+            for stored in xattr::list(&path).map_err(|e| errno(&e))? {
+                if let Some(name) = self.vol.plain_xattr_name(&stored) {
+                    out.extend_from_slice(name.as_bytes());
+                    out.push(0);
+                }
+            }
+            Ok(out)
+        });
+        match result {
+            Ok(list) => reply_xattr(reply, size, &list),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let result = self.path_of(ino.0).and_then(|path| {
+            let stored = self.vol.xattr_name(name).map_err(|e| self.fail(&path, &e))?;
+            xattr::remove(&path, &stored).map_err(|e| errno(&e))
+        });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // Permission checks are the kernel's (default_permissions).
+        reply.ok();
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let result = (|| -> Result<(FileAttr, OpenFile), Errno> {
+            let (dir, _, stored) = self.child(parent.0, name)?;
+            let path = dir.join(&stored.entry);
+            self.vol.write_long_name(&dir, &stored).map_err(|e| self.fail(&dir, &e))?;
+            let (file, header) = match self.create_file(req, &path, mode & !umask) {
+                Ok(created) => created,
+                Err(e) => {
+                    let _ = self.vol.remove_long_name(&dir, &stored);
+                    return Err(e);
+                }
+            };
+            let attr = self.attr(&path)?;
+            self.remember(&attr, parent.0, &stored.entry);
+            let lock = self.content_lock(attr.ino.0);
+            Ok((attr, OpenFile { ino: attr.ino.0, file, header, path, lock }))
+        })();
+        match result {
+            Ok((attr, open)) => {
+                let fh = self.new_handle();
+                lock(&self.files).insert(fh, Arc::new(open));
+                reply.created(&TTL, &attr, Generation(0), FileHandle(fh), FopenFlags::empty());
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let result = self.open_file(fh).and_then(|h| {
+            if mode & !libc::FALLOC_FL_KEEP_SIZE != 0 {
+                return Err(Errno::EOPNOTSUPP);
+            }
+            if mode & libc::FALLOC_FL_KEEP_SIZE != 0 {
+                return Ok(());
+            }
+            let lock = self.content_lock(ino.0);
+            let _guard = lock.write().unwrap_or_else(|p| p.into_inner());
+            self.with_content(&h.path, &h.file, &h.header, |c| {
+                let end = offset.saturating_add(length);
+                if end > c.len()? {
+                    c.set_len(end)?;
+                }
+                Ok(())
+            })
+        });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+}

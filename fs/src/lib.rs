@@ -1,0 +1,8 @@
+//! kmsfs, the transparent encrypting filesystem: the FUSE adapter over the pure format
+//! codec in `kmsfs-common`, and the data keys it gets from the agent.
+
+pub mod content;
+pub mod fsck;
+pub mod fuse;
+pub mod keys;
+pub mod volume;

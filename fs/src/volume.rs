@@ -1,0 +1,557 @@
+//! An open volume: its configuration, the name key, the agent connection and the
+//! data-key cache — everything the FUSE adapter needs that involves cryptography, as
+//! operations on paths and open files in terms of the format codec.
+
+use std::ffi::{OsStr, OsString};
+use std::fmt;
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::num::NonZeroUsize;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use kmsfs_common::client::ClientError;
+use kmsfs_common::context::EncryptionContext;
+use kmsfs_common::format::block::{ContentKey, FileId, Layout};
+use kmsfs_common::format::header::{self, DataKey, HEADER_SIZE};
+use kmsfs_common::format::names::{self, EncryptedName, EntryKind, NameKey, XattrOwner};
+use kmsfs_common::format::volume::{file_key_context, name_key_context, NameMode, VolumeConfig, VOLUME_FILE};
+use kmsfs_common::format::FormatError;
+use kmsfs_common::{ErrorKind, KmsError};
+use serde_json::json;
+
+pub use kmsfs_common::format::header::FileHeader;
+pub use kmsfs_common::format::names::DirId;
+
+use crate::keys::{AgentPool, CacheStats, KeyCache};
+
+/// The root's extended attribute through which `kmsfs status` reads a mount's counters.
+pub const STATUS_XATTR: &str = "user.kmsfs.status";
+
+/// Why a volume operation failed.
+#[derive(Debug)]
+pub enum VolError {
+    Io(io::Error),
+    /// The agent cannot be reached.
+    Unreachable(ClientError),
+    /// The agent refused (a disabled or deleted key, no permission).
+    Refused(KmsError),
+    /// Stored data failed authentication or is malformed.
+    Corrupt {
+        what: &'static str,
+        error: FormatError,
+    },
+    /// A name that cannot exist here (reserved, `/`, NUL).
+    Name,
+    NameTooLong,
+}
+
+impl VolError {
+    /// The errno a caller of the filesystem sees.
+    pub fn errno(&self) -> i32 {
+        match self {
+            VolError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
+            VolError::Unreachable(_) => libc::EIO,
+            VolError::Refused(e) => match e.kind {
+                ErrorKind::DisabledException
+                | ErrorKind::KMSInvalidStateException
+                | ErrorKind::AccessDeniedException
+                | ErrorKind::NotFoundException
+                | ErrorKind::IncorrectKeyException
+                | ErrorKind::KeyUnavailableException => libc::EACCES,
+                _ => libc::EIO,
+            },
+            VolError::Corrupt { .. } => libc::EIO,
+            VolError::Name => libc::EINVAL,
+            VolError::NameTooLong => libc::ENAMETOOLONG,
+        }
+    }
+}
+
+impl fmt::Display for VolError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            VolError::Io(e) => write!(f, "I/O error: {e}"),
+            VolError::Unreachable(e) => write!(f, "the key agent is unreachable: {e}"),
+            VolError::Refused(e) => write!(f, "the key agent refused: {e}"),
+            VolError::Corrupt { what, error } => write!(f, "{what} failed authentication: {error}"),
+            VolError::Name => f.write_str("invalid name"),
+            VolError::NameTooLong => f.write_str("name too long"),
+        }
+    }
+}
+
+impl From<io::Error> for VolError {
+    fn from(e: io::Error) -> VolError {
+        VolError::Io(e)
+    }
+}
+
+fn agent_error(e: ClientError) -> VolError {
+    match e {
+        ClientError::Service(k) => VolError::Refused(k),
+        other => VolError::Unreachable(other),
+    }
+}
+
+/// What one file's data key unlocks, derived once and cached.
+pub struct FileKeys {
+    pub data: DataKey,
+    pub content: ContentKey,
+}
+
+/// Options of `kmsfs init`.
+pub struct InitOptions {
+    pub key_id: String,
+    pub layout: Layout,
+    pub names: NameMode,
+}
+
+/// Tuning of an open volume.
+pub struct OpenOptions {
+    pub cache_capacity: NonZeroUsize,
+    pub cache_max_age: Duration,
+}
+
+impl Default for OpenOptions {
+    fn default() -> OpenOptions {
+        OpenOptions {
+            cache_capacity: NonZeroUsize::new(100_000).unwrap_or(NonZeroUsize::MIN),
+            cache_max_age: Duration::from_secs(3600),
+        }
+    }
+}
+
+pub struct Volume {
+    root: PathBuf,
+    config: VolumeConfig,
+    names: NameKey,
+    agent: AgentPool,
+    cache: KeyCache<FileId, FileKeys>,
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn unb64(value: &serde_json::Value) -> Result<zeroize::Zeroizing<Vec<u8>>, VolError> {
+    let text = value.as_str().ok_or(VolError::Unreachable(ClientError::Protocol("missing blob".into())))?;
+    base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .map(zeroize::Zeroizing::new)
+        .map_err(|_| VolError::Unreachable(ClientError::Protocol("bad base64 from the agent".into())))
+}
+
+fn context_json(context: &EncryptionContext) -> serde_json::Value {
+    serde_json::to_value(&context.0).unwrap_or_default()
+}
+
+impl Volume {
+    /// Creates a volume in the empty directory `root`: a name key from the agent, a root
+    /// directory ID, and `kmsfs.volume` written atomically.
+    pub fn init(root: &Path, agent: &AgentPool, options: InitOptions) -> Result<VolumeConfig, String> {
+        if fs::read_dir(root).map_err(|e| format!("cannot read {}: {e}", root.display()))?.next().is_some() {
+            return Err(format!("{} is not empty; kmsfs init needs an empty directory", root.display()));
+        }
+        let volume_id = kmsfs_common::format::volume::VolumeId::random();
+        let generated = agent
+            .call(
+                "GenerateDataKeyWithoutPlaintext",
+                &json!({
+                    "KeyId": options.key_id,
+                    "NumberOfBytes": NameKey::LEN,
+                    "EncryptionContext": context_json(&name_key_context(&volume_id)),
+                }),
+            )
+            .map_err(|e| format!("the agent could not make the volume's name key: {e}"))?;
+        let wrapped_name_key =
+            unb64(&generated["CiphertextBlob"]).map_err(|e| format!("unexpected answer from the agent: {e}"))?;
+        // Record the key's ARN, so that the volume keeps naming the same key if an alias moves.
+        let key_id = generated["KeyId"].as_str().unwrap_or(&options.key_id).to_string();
+        let config = VolumeConfig {
+            volume_id,
+            key_id,
+            cipher: options.layout.cipher,
+            block_size: options.layout.block_size,
+            names: options.names,
+            wrapped_name_key: wrapped_name_key.to_vec(),
+            root_dir_id: DirId::random(),
+        };
+        write_atomically(&root.join(VOLUME_FILE), config.to_json().as_bytes(), 0o444)
+            .map_err(|e| format!("cannot write {}: {e}", root.join(VOLUME_FILE).display()))?;
+        Ok(config)
+    }
+
+    /// Opens the volume in `root`, unwrapping its name key through the agent.
+    pub fn open(root: &Path, agent: AgentPool, options: OpenOptions) -> Result<Volume, String> {
+        let root = fs::canonicalize(root).map_err(|e| format!("cannot open {}: {e}", root.display()))?;
+        let path = root.join(VOLUME_FILE);
+        let mut bytes = Vec::new();
+        File::open(&path)
+            .and_then(|f| f.take(kmsfs_common::format::volume::MAX_VOLUME_FILE_LEN as u64 + 1).read_to_end(&mut bytes))
+            .map_err(|e| format!("{} is not a kmsfs volume ({}: {e})", root.display(), path.display()))?;
+        let config = VolumeConfig::parse(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+        let unwrapped = agent
+            .call(
+                "Decrypt",
+                &json!({
+                    "CiphertextBlob": b64(&config.wrapped_name_key),
+                    "EncryptionContext": context_json(&name_key_context(&config.volume_id)),
+                }),
+            )
+            .map_err(|e| format!("the agent could not unwrap the volume's name key: {e}"))?;
+        let plaintext = unb64(&unwrapped["Plaintext"]).map_err(|e| e.to_string())?;
+        let names = NameKey::from_bytes(&plaintext).map_err(|e| format!("the volume's name key is unusable: {e}"))?;
+        Ok(Volume { root, config, names, agent, cache: KeyCache::new(options.cache_capacity, options.cache_max_age) })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn config(&self) -> &VolumeConfig {
+        &self.config
+    }
+
+    pub fn key_id(&self) -> &str {
+        &self.config.key_id
+    }
+
+    pub fn layout(&self) -> Layout {
+        self.config.layout()
+    }
+
+    pub fn root_dir_id(&self) -> DirId {
+        self.config.root_dir_id
+    }
+
+    pub fn agent(&self) -> &AgentPool {
+        &self.agent
+    }
+
+    pub fn cache_stats(&self) -> CacheStats {
+        self.cache.stats()
+    }
+
+    /// Drops the cached data keys of the KMS key `arn` (it was disabled).
+    pub fn revoke(&self, arn: &str) -> usize {
+        self.cache.revoke(arn)
+    }
+
+    pub fn revoke_all(&self) {
+        self.cache.clear()
+    }
+
+    /// Plaintext size of a regular file of `stored` bytes; `None` if no file has that size.
+    pub fn plaintext_size(&self, stored: u64) -> Option<u64> {
+        self.layout().plaintext_size(stored).ok()
+    }
+
+    // ---- directories and names ----
+
+    pub fn read_dir_id(&self, dir: &Path) -> Result<DirId, VolError> {
+        if dir == self.root {
+            return Ok(self.config.root_dir_id);
+        }
+        let bytes = fs::read(dir.join(names::DIR_ID_FILE))?;
+        DirId::parse(&bytes).map_err(|error| VolError::Corrupt { what: "directory ID", error })
+    }
+
+    /// Gives the new directory `dir` its ID file.
+    pub fn write_new_dir_id(&self, dir: &Path) -> Result<(), VolError> {
+        write_atomically(&dir.join(names::DIR_ID_FILE), &DirId::random().encode(), 0o444)?;
+        Ok(())
+    }
+
+    /// Removes the empty (to its user) directory `dir`: its ID file, then itself.
+    pub fn remove_dir(&self, dir: &Path) -> Result<(), VolError> {
+        for entry in fs::read_dir(dir)? {
+            if entry?.file_name() != names::DIR_ID_FILE {
+                return Err(VolError::Io(io::Error::from_raw_os_error(libc::ENOTEMPTY)));
+            }
+        }
+        let id_file = dir.join(names::DIR_ID_FILE);
+        let saved = fs::read(&id_file).ok();
+        let _ = fs::remove_file(&id_file);
+        if let Err(e) = fs::remove_dir(dir) {
+            if let Some(saved) = saved {
+                let _ = write_atomically(&id_file, &saved, 0o444);
+            }
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Where `name` lives in the directory with ID `dir_id`.
+    pub fn stored_name(&self, dir_id: &DirId, name: &OsStr) -> Result<StoredName, VolError> {
+        let bytes = name.as_bytes();
+        if bytes.len() > 255 {
+            return Err(VolError::NameTooLong);
+        }
+        match self.config.names {
+            NameMode::Plaintext => {
+                let text = name.to_str().unwrap_or("");
+                if names::is_reserved_name(text) {
+                    return Err(VolError::Name);
+                }
+                Ok(StoredName { entry: name.to_os_string(), long: None })
+            }
+            NameMode::Encrypted => match names::encrypt_name(&self.names, dir_id, bytes) {
+                Ok(EncryptedName::Short(entry)) => Ok(StoredName { entry: entry.into(), long: None }),
+                Ok(EncryptedName::Long { file_name, full }) => {
+                    Ok(StoredName { entry: file_name.into(), long: Some(full) })
+                }
+                Err(_) => Err(VolError::Name),
+            },
+        }
+    }
+
+    /// The user's name of backing entry `entry` in `dir`; `None` for the volume's own files
+    /// and for names that do not decrypt (logged: they were tampered with or moved).
+    pub fn plain_name(&self, dir: &Path, dir_id: &DirId, entry: &OsStr) -> Option<OsString> {
+        let text = entry.to_str()?;
+        if names::is_reserved_name(text) {
+            return None;
+        }
+        match self.config.names {
+            NameMode::Plaintext => Some(entry.to_os_string()),
+            NameMode::Encrypted => {
+                let decrypted = match names::entry_kind(text) {
+                    EntryKind::Reserved => return None,
+                    EntryKind::Short => names::decrypt_name(&self.names, dir_id, text),
+                    EntryKind::Long => match fs::read(dir.join(long_side_file(text))) {
+                        Ok(full) => names::decrypt_long_name(&self.names, dir_id, text, &full),
+                        Err(e) => {
+                            tracing::error!(dir = %dir.display(), entry = text, "long name without its side file: {e}");
+                            return None;
+                        }
+                    },
+                };
+                match decrypted {
+                    Ok(name) => Some(OsString::from_vec(name)),
+                    Err(e) => {
+                        tracing::error!(dir = %dir.display(), entry = text, "name failed authentication: {e}");
+                        None
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes the side file of a long name (before the entry itself is created).
+    pub fn write_long_name(&self, dir: &Path, stored: &StoredName) -> Result<(), VolError> {
+        if let (Some(full), Some(entry)) = (&stored.long, stored.entry.to_str()) {
+            write_atomically(&dir.join(long_side_file(entry)), full.as_bytes(), 0o444)?;
+        }
+        Ok(())
+    }
+
+    pub fn remove_long_name(&self, dir: &Path, stored: &StoredName) -> Result<(), VolError> {
+        if let (Some(_), Some(entry)) = (&stored.long, stored.entry.to_str()) {
+            match fs::remove_file(dir.join(long_side_file(entry))) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e.into()),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    pub fn encrypt_symlink(&self, target: &[u8]) -> Result<OsString, VolError> {
+        match self.config.names {
+            NameMode::Plaintext => Ok(OsString::from_vec(target.to_vec())),
+            NameMode::Encrypted => names::encrypt_symlink(&self.names, target)
+                .map(OsString::from)
+                .map_err(|error| VolError::Corrupt { what: "symlink target", error }),
+        }
+    }
+
+    pub fn decrypt_symlink(&self, stored: &Path) -> Result<Vec<u8>, VolError> {
+        match self.config.names {
+            NameMode::Plaintext => Ok(stored.as_os_str().as_bytes().to_vec()),
+            NameMode::Encrypted => names::decrypt_symlink(&self.names, stored.as_os_str().as_bytes())
+                .map_err(|error| VolError::Corrupt { what: "symlink target", error }),
+        }
+    }
+
+    /// The backing name of extended attribute `name`: only `user.*` attributes exist.
+    pub fn xattr_name(&self, name: &OsStr) -> Result<OsString, VolError> {
+        if name == STATUS_XATTR {
+            return Err(VolError::Io(io::Error::from_raw_os_error(libc::EPERM)));
+        }
+        names::encrypt_xattr_name(&self.names, name.as_bytes())
+            .map(OsString::from)
+            .map_err(|_| VolError::Io(io::Error::from_raw_os_error(libc::EOPNOTSUPP)))
+    }
+
+    /// The user's name of a backing extended attribute; `None` for attributes that are
+    /// not ours (or do not authenticate).
+    pub fn plain_xattr_name(&self, stored: &OsStr) -> Option<OsString> {
+        let decrypted = names::decrypt_xattr_name(&self.names, stored.to_str()?).ok()??;
+        Some(OsString::from_vec(decrypted))
+    }
+
+    /// What an extended attribute of the entry at `path` is bound to: a file's ID or a
+    /// directory's ID, so that values cannot be moved between entries.
+    pub fn xattr_owner(&self, path: &Path) -> Result<XattrOwner, VolError> {
+        let meta = fs::symlink_metadata(path)?;
+        if meta.is_dir() {
+            return Ok(XattrOwner::Dir(self.read_dir_id(path)?));
+        }
+        if !meta.is_file() {
+            return Err(VolError::Io(io::Error::from_raw_os_error(libc::EPERM)));
+        }
+        let mut bytes = [0u8; HEADER_SIZE];
+        File::open(path)?.read_exact_at(&mut bytes, 0)?;
+        let slots = header::parse_slots(&bytes).map_err(|error| VolError::Corrupt { what: "header", error })?;
+        let slot = slots
+            .first()
+            .ok_or(VolError::Corrupt { what: "header", error: FormatError::Malformed { what: "no valid slot" } })?;
+        Ok(XattrOwner::File(slot.file_id()))
+    }
+
+    pub fn encrypt_xattr(&self, owner: &XattrOwner, name: &OsStr, value: &[u8]) -> Result<Vec<u8>, VolError> {
+        names::encrypt_xattr_value(&self.names, owner, name.as_bytes(), value).map_err(|e| match e {
+            FormatError::TooLong { .. } => VolError::Io(io::Error::from_raw_os_error(libc::E2BIG)),
+            error => VolError::Corrupt { what: "extended attribute", error },
+        })
+    }
+
+    pub fn decrypt_xattr(&self, owner: &XattrOwner, name: &OsStr, sealed: &[u8]) -> Result<Vec<u8>, VolError> {
+        names::decrypt_xattr_value(&self.names, owner, name.as_bytes(), sealed)
+            .map_err(|error| VolError::Corrupt { what: "extended attribute", error })
+    }
+
+    // ---- file headers and keys ----
+
+    /// Makes `file` (new, empty) an encrypted file: a new data key from the agent, the
+    /// header, and the empty final block. The key is cached.
+    pub fn init_file(&self, file: &File) -> Result<FileHeader, VolError> {
+        let file_id = FileId::random();
+        let context = file_key_context(&self.config.volume_id, &file_id);
+        let generated = self
+            .agent
+            .call(
+                "GenerateDataKey",
+                &json!({"KeyId": self.config.key_id, "KeySpec": "AES_256", "EncryptionContext": context_json(&context)}),
+            )
+            .map_err(agent_error)?;
+        let plaintext = unb64(&generated["Plaintext"])?;
+        let data = DataKey::from_bytes(&plaintext).map_err(|error| VolError::Corrupt { what: "data key", error })?;
+        let wrapped = unb64(&generated["CiphertextBlob"])?.to_vec();
+        let arn = generated["KeyId"].as_str().unwrap_or(&self.config.key_id).to_string();
+        let layout = self.layout();
+        let header = FileHeader::new(file_id, layout, wrapped)
+            .map_err(|error| VolError::Corrupt { what: "new header", error })?;
+        file.write_all_at(&header::encode_new(&header, &data), 0)?;
+        let keys = Arc::new(FileKeys { content: ContentKey::derive(&data, layout), data });
+        crate::content::Content { file, key: &keys.content, file_id }.init_empty().map_err(|e| match e {
+            crate::content::ContentError::Io(io) => VolError::Io(io),
+            _ => VolError::Io(io::Error::other("cannot write the empty block")),
+        })?;
+        self.cache.insert(file_id, &arn, keys);
+        Ok(header)
+    }
+
+    /// Reads and authenticates `file`'s header, unwrapping its data key (cached after the
+    /// first time). A damaged slot falls back to the other one.
+    pub fn open_file(&self, file: &File) -> Result<FileHeader, VolError> {
+        let mut bytes = [0u8; HEADER_SIZE];
+        file.read_exact_at(&mut bytes, 0).map_err(|e| {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                VolError::Corrupt { what: "header", error: FormatError::Truncated { what: "header" } }
+            } else {
+                VolError::Io(e)
+            }
+        })?;
+        let slots = header::parse_slots(&bytes).map_err(|error| VolError::Corrupt { what: "header", error })?;
+        let mut last_error = None;
+        for slot in &slots {
+            let keys = match self.keys_for(slot.file_id(), slot.wrapped_key()) {
+                Ok(keys) => keys,
+                Err(e @ (VolError::Unreachable(_) | VolError::Io(_))) => return Err(e),
+                Err(e) => {
+                    last_error = Some(e);
+                    continue;
+                }
+            };
+            match slot.verify(&keys.data) {
+                Ok(header) if header.layout() == self.layout() => return Ok(header),
+                Ok(_) => {
+                    return Err(VolError::Corrupt {
+                        what: "header",
+                        error: FormatError::Malformed { what: "layout differs from the volume's" },
+                    })
+                }
+                Err(error) => {
+                    tracing::warn!(slot = slot.index(), "header slot failed authentication: {error}");
+                    last_error = Some(VolError::Corrupt { what: "header", error });
+                }
+            }
+        }
+        Err(last_error
+            .unwrap_or(VolError::Corrupt { what: "header", error: FormatError::Malformed { what: "no valid slot" } }))
+    }
+
+    /// The keys of an opened file: from the cache, or unwrapped by the agent.
+    pub fn keys(&self, header: &FileHeader) -> Result<Arc<FileKeys>, VolError> {
+        self.keys_for(header.file_id(), header.wrapped_key())
+    }
+
+    fn keys_for(&self, file_id: FileId, wrapped: &[u8]) -> Result<Arc<FileKeys>, VolError> {
+        if let Some(keys) = self.cache.get(&file_id) {
+            return Ok(keys);
+        }
+        let context = file_key_context(&self.config.volume_id, &file_id);
+        let unwrapped = self
+            .agent
+            .call("Decrypt", &json!({"CiphertextBlob": b64(wrapped), "EncryptionContext": context_json(&context)}))
+            .map_err(agent_error)?;
+        let plaintext = unb64(&unwrapped["Plaintext"])?;
+        let data = DataKey::from_bytes(&plaintext).map_err(|error| VolError::Corrupt { what: "data key", error })?;
+        let arn = unwrapped["KeyId"].as_str().unwrap_or(&self.config.key_id).to_string();
+        let keys = Arc::new(FileKeys { content: ContentKey::derive(&data, self.layout()), data });
+        self.cache.insert(file_id, &arn, keys.clone());
+        Ok(keys)
+    }
+}
+
+/// The side file holding the full encrypted name of long-name entry `entry`.
+fn long_side_file(entry: &str) -> String {
+    format!("{entry}{}", names::LONG_NAME_SUFFIX)
+}
+
+/// A name as stored in a backing directory.
+#[derive(Debug, Clone)]
+pub struct StoredName {
+    /// The directory entry.
+    pub entry: OsString,
+    /// For a long name, the full encrypted name kept in the entry's side file.
+    pub long: Option<String>,
+}
+
+/// Writes a small file so that a crash leaves the old one or the new one, never a mix.
+pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    let tmp = path.with_file_name(format!(
+        ".{}.tmp{}",
+        path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        std::process::id()
+    ));
+    let result = (|| {
+        let mut file = fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
+        io::Write::write_all(&mut file, bytes)?;
+        file.sync_all()?;
+        fs::rename(&tmp, path)?;
+        if let Some(dir) = path.parent() {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
