@@ -182,3 +182,169 @@ pub fn unb64(value: &Value) -> Vec<u8> {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.decode(value.as_str().expect("a base64 string")).expect("valid base64")
 }
+
+/// A mounted kmsfs volume on a real agent: `kmsfs init` then `kmsfs mount --foreground`
+/// as a child process; unmounted (and the agent stopped) on drop. Needs root and
+/// `/dev/fuse`, and fails loudly without them — a filesystem test must never pass
+/// without a filesystem.
+pub struct TestMount {
+    pub agent: TestAgent,
+    pub key_id: String,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    mount_options: Vec<String>,
+}
+
+impl TestMount {
+    /// A fresh volume with default settings, mounted.
+    pub fn new() -> TestMount {
+        TestMount::with(&[], &[])
+    }
+
+    /// A fresh volume: `init_args` go to `kmsfs init`, `mount_options` to `-o`.
+    pub fn with(init_args: &[&str], mount_options: &[&str]) -> TestMount {
+        assert!(
+            Path::new("/dev/fuse").exists(),
+            "/dev/fuse is missing: the filesystem tests need FUSE (CI runs as root with /dev/fuse)"
+        );
+        assert!(is_root(), "the filesystem tests mount filesystems and need root (CI runs as root)");
+        let agent = TestAgent::start();
+        let key_id = create_key(&agent);
+        let dir = tempfile::Builder::new().prefix("kmsfs-mount-").tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join("cipher")).expect("cipher dir");
+        std::fs::create_dir(dir.path().join("mnt")).expect("mount point");
+        let out = Command::new(bin("kmsfs"))
+            .arg("init")
+            .arg(dir.path().join("cipher"))
+            .arg("--key-id")
+            .arg(&key_id)
+            .args(init_args)
+            .env("KMSD_SOCKET", agent.socket())
+            .output()
+            .expect("run kmsfs init");
+        assert!(out.status.success(), "kmsfs init failed: {}", String::from_utf8_lossy(&out.stderr));
+        let mut mount = TestMount {
+            agent,
+            key_id,
+            dir,
+            child: None,
+            mount_options: mount_options.iter().map(|s| s.to_string()).collect(),
+        };
+        mount.mount();
+        mount
+    }
+
+    /// The backing (ciphertext) directory.
+    pub fn cipher(&self) -> PathBuf {
+        self.dir.path().join("cipher")
+    }
+
+    /// The mount point.
+    pub fn mnt(&self) -> PathBuf {
+        self.dir.path().join("mnt")
+    }
+
+    /// A path inside the mount.
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.mnt().join(rel)
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("kmsfs.log")
+    }
+
+    /// What kmsfs has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// The kmsfs process's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("mounted").id()
+    }
+
+    /// A `kmsfs` command aimed at this volume's agent.
+    pub fn kmsfs(&self) -> Command {
+        let mut cmd = Command::new(bin("kmsfs"));
+        cmd.env("KMSD_SOCKET", self.agent.socket());
+        cmd
+    }
+
+    /// Mounts the volume (after `unmount` or `kill`).
+    pub fn mount(&mut self) {
+        assert!(self.child.is_none(), "already mounted");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).expect("log");
+        let mut cmd = self.kmsfs();
+        cmd.arg("mount").arg(self.cipher()).arg(self.mnt()).arg("--foreground");
+        if !self.mount_options.is_empty() {
+            cmd.arg("-o").arg(self.mount_options.join(","));
+        }
+        let mut child = cmd
+            .env("KMSFS_READY_PIPE", "1")
+            .env("KMSFS_LOG", "info,kmsfs_fs=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("run kmsfs mount");
+        let mut line = String::new();
+        if let Some(stdout) = child.stdout.take() {
+            let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line);
+        }
+        if line.trim() != "ready" {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("kmsfs mount did not become ready:\n{}", self.log());
+        }
+        self.child = Some(child);
+    }
+
+    /// Unmounts cleanly and waits for kmsfs to exit.
+    pub fn unmount(&mut self) {
+        let Some(mut child) = self.child.take() else { return };
+        let status = Command::new("umount").arg(self.mnt()).status().expect("umount");
+        if !status.success() {
+            let _ = Command::new("umount").arg("-l").arg(self.mnt()).status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(_)) = child.try_wait() {
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGKILLs kmsfs (no chance to flush anything) and detaches the dead mount.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = Command::new("umount").arg("-l").arg(self.mnt()).status();
+    }
+
+    pub fn remount(&mut self) {
+        self.unmount();
+        self.mount();
+    }
+}
+
+impl Drop for TestMount {
+    fn drop(&mut self) {
+        self.unmount();
+    }
+}
+
+/// True when running as root (effective uid 0).
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
+        .unwrap_or(false)
+}

@@ -1,0 +1,20 @@
+//! The smallest end-to-end check of kmsfs: a real agent, a real FUSE mount, a file
+//! written and read back, its ciphertext holding neither its contents nor its name.
+
+use kmsfs_tests::TestMount;
+
+#[test]
+fn write_read_and_nothing_in_the_clear() {
+    let mut m = TestMount::new();
+    let secret = b"the quick brown fox jumps over the lazy dog";
+    std::fs::write(m.path("plans.txt"), secret).unwrap();
+    assert_eq!(std::fs::read(m.path("plans.txt")).unwrap(), secret);
+    let listing: Vec<_> = std::fs::read_dir(m.cipher()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(listing.iter().all(|n| !n.to_string_lossy().contains("plans")), "{listing:?}");
+    for entry in std::fs::read_dir(m.cipher()).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap_or_default();
+        assert!(!bytes.windows(9).any(|w| w == b"quick bro"), "plaintext in the backing directory");
+    }
+    m.remount();
+    assert_eq!(std::fs::read(m.path("plans.txt")).unwrap(), secret);
+}
