@@ -197,6 +197,7 @@ pub struct TestMount {
 
 impl TestMount {
     /// A fresh volume with default settings, mounted.
+    #[allow(clippy::new_without_default)] // mounting a filesystem is no default value
     pub fn new() -> TestMount {
         TestMount::with(&[], &[])
     }
