@@ -36,7 +36,8 @@
 //! a rewrap encodes [`FileHeader::rewrapped`] with [`FileHeader::encode_slot`] and writes
 //! it at [`FileHeader::slot_offset`], which is always the slot *not* holding the header it
 //! replaces. A crash mid-write leaves that slot unverifiable and the reader falls back to
-//! the other, still intact.
+//! the other, still intact. The other slot keeps the old wrapping: to retire a KMS key,
+//! rewrap twice (both slots), fsyncing in between.
 
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;

@@ -6,7 +6,7 @@
 //! - [`volume`]: `kmsfs.volume` at the backing directory's root, and the encryption contexts
 //!   that name what each wrapped key belongs to;
 //! - [`header`]: the two-slot header at offset 0 of every regular file, and the file's
-//!   [`DataKey`](header::DataKey);
+//!   [`DataKey`];
 //! - [`block`]: the encrypted content blocks after the header and the offset arithmetic;
 //! - [`names`]: file names, directory IDs, long names, symlink targets and extended attributes.
 //!
@@ -26,8 +26,8 @@ pub use error::FormatError;
 pub use header::{encode_new, parse_slots, DataKey, FileHeader, UnverifiedSlot, HEADER_SIZE, SLOT_SIZE};
 pub use names::{
     decrypt_long_name, decrypt_name, decrypt_symlink, decrypt_xattr_name, decrypt_xattr_value, encrypt_name,
-    encrypt_symlink, encrypt_xattr_name, encrypt_xattr_value, is_reserved_name, DirId, EncryptedName, NameKey,
-    XattrOwner,
+    encrypt_symlink, encrypt_xattr_name, encrypt_xattr_value, entry_kind, is_reserved_name, validate_name, DirId,
+    EncryptedName, EntryKind, NameKey, XattrOwner, DIR_ID_FILE,
 };
 pub use volume::{
     file_key_context, name_key_context, BlockSize, CipherSuite, NameMode, VolumeConfig, VolumeId, FORMAT_VERSION,
@@ -109,5 +109,48 @@ mod tests {
         assert_eq!(parse_hex16(&s[..31]), None);
         assert_eq!(parse_hex16("zz112233445566778899aabbccddeeff"), None);
         assert_eq!(parse_hex16("é0112233445566778899aabbccddeef"), None);
+    }
+
+    /// Known answers, checked against an independent implementation of `FORMAT.md` (Python's
+    /// `cryptography`: HKDF, AES-SIV, AES-GCM, HMAC). A change to any construction breaks
+    /// every existing volume, and breaks these first.
+    #[test]
+    fn known_answers() {
+        let name_key = NameKey::from_bytes(&[0x42; 32]).unwrap();
+        let dir = DirId::from_bytes([0x24; 16]);
+        assert_eq!(
+            encrypt_name(&name_key, &dir, b"hello").unwrap(),
+            EncryptedName::Short("9C9hV2yRaEtgLu-7lY7Rt0hH8vjlTDZRZXUG9dMjlSc".into())
+        );
+        assert_eq!(
+            encrypt_xattr_name(&name_key, b"user.hello").unwrap(),
+            "user.kmsfs.vcoUmzg1mXshxPBgvvWY5h-wMqR6jo3taEqMoEUi2xA"
+        );
+
+        let data_key = DataKey::from_bytes(&[0x11; 32]).unwrap();
+        let file = FileId::from_bytes([0x22; 16]);
+        let unhex = |s: &str| (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect();
+        for (cipher, stored) in [
+            (CipherSuite::Aes256Gcm, "03d96a47e51c2ba73c16ad680cc267b21e24a59bc0e539b006c19df644a7c3d688"),
+            (
+                CipherSuite::XChaCha20Poly1305,
+                "e0b640275280105736cc4ab35fe1830afaf5bb22b7ea1450638b0c9ddfb6f77107b06c8a4184e96080a31bbf14",
+            ),
+        ] {
+            let key = ContentKey::derive(&data_key, Layout::new(cipher, BlockSize::DEFAULT));
+            let stored: Vec<u8> = unhex(stored);
+            let mut out = Vec::new();
+            open_block(&key, &file, BlockIndex(3), true, &stored, &mut out).unwrap();
+            assert_eq!(out, b"hello", "{cipher:?}");
+        }
+
+        let layout = Layout::new(CipherSuite::Aes256Gcm, BlockSize::DEFAULT);
+        let header = FileHeader::new(file, layout, vec![0x33; 5]).unwrap();
+        let bytes = encode_new(&header, &data_key);
+        assert_eq!(
+            hex(&bytes[SLOT_SIZE..SLOT_SIZE + 48]),
+            "6b6d73667348445200010100000010000000000000000001222222222222222222222222222222220005333333333300"
+        );
+        assert_eq!(hex(&bytes[SLOT_SIZE + 480..]), "8b1575aa7707878e9b18bf01e29b430df6a703733e34e5302ad2895ba9af909b");
     }
 }
