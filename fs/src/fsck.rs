@@ -5,9 +5,11 @@ use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::{IsTerminal, Write};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use kmsfs_common::format::block::BlockIndex;
+use kmsfs_common::format::header::{self, DataKey, FileHeader, HEADER_SIZE};
 
 use crate::content::{Content, ContentError};
 use crate::keys::AgentPool;
@@ -120,6 +122,7 @@ impl Checker {
             Ok(k) => k,
             Err(e) => return self.problem(format!("{}: data key: {e}", shown.display())),
         };
+        self.header_slots(&file, &header, &keys.data, shown);
         let content = Content { file: &file, key: &keys.content, file_id: header.file_id() };
         let size = match content.len() {
             Ok(size) => size,
@@ -138,5 +141,25 @@ impl Checker {
             }
         }
         zeroize::Zeroize::zeroize(&mut out);
+    }
+
+    /// Reports a header slot that does not verify as this file's, even though the other
+    /// one does: the file reads fine, but it has lost the redundancy that makes header
+    /// rewrites crash-safe (FORMAT.md §4), or someone put another file's slot there.
+    fn header_slots(&mut self, file: &File, header: &FileHeader, data_key: &DataKey, shown: &Path) {
+        let mut bytes = [0u8; HEADER_SIZE];
+        if file.read_exact_at(&mut bytes, 0).is_err() {
+            return; // open_file read it a moment ago; a vanished file is no damage of ours
+        }
+        let slots = header::parse_slots(&bytes).unwrap_or_default();
+        for index in 0..2 {
+            let ok = slots
+                .iter()
+                .find(|s| s.index() == index)
+                .is_some_and(|s| s.file_id() == header.file_id() && s.verify(data_key).is_ok());
+            if !ok {
+                self.problem(format!("{}: header slot {index} is damaged (the other slot is intact)", shown.display()));
+            }
+        }
     }
 }

@@ -331,6 +331,14 @@ impl KmsFs {
     fn open_backing(&self, path: &Path, write: bool) -> Result<(File, FileHeader), Errno> {
         let file = OpenOptions::new().read(true).write(write).open(path).map_err(|e| errno(&e))?;
         let header = self.vol.open_file(&file).map_err(|e| self.fail(path, &e))?;
+        // A file cut to a size no encrypted file has is shown with size 0 by getattr, and
+        // the kernel would serve reads of it as an empty file without asking us: refuse
+        // to open it instead, so that damage reads as EIO, never as empty contents.
+        let stored = file.metadata().map_err(|e| errno(&e))?.len();
+        if self.vol.plaintext_size(stored).is_none() {
+            tracing::error!(path = %path.display(), size = stored, "stored size is not a valid encrypted size");
+            return Err(Errno::EIO);
+        }
         Ok((file, header))
     }
 
