@@ -259,6 +259,7 @@ fn mount_foreground(mount: &MountArgs, _daemon: bool) -> Result<(), String> {
     let revoke_all = revoker.clone();
     kmsfs_fs::keys::watch_key_events(socket, move |arn| revoker.revoke(arn), move || revoke_all.revoke_all());
     tracing::info!(cipherdir = %volume.root().display(), mountpoint = %mount.mountpoint.display(), "mounted");
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     if std::env::var_os("KMSFS_READY_PIPE").is_some() {
         let mut out = std::io::stdout();
         let _ = out.write_all(b"ready\n");
