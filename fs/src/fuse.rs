@@ -41,8 +41,37 @@ pub const MAX_WRITE: u32 = 1 << 20;
 struct Node {
     parent: u64,
     stored: OsString,
+    /// The other places a hard-linked file was seen, so that it stays reachable when
+    /// the name above is unlinked or renamed away (its other links' dentries live on
+    /// in the kernel and keep asking for this inode).
+    links: Vec<(u64, OsString)>,
     lookups: u64,
     dir_id: Option<DirId>,
+}
+
+impl Node {
+    /// The entry `stored` in `parent` no longer names this node.
+    fn forget_location(&mut self, parent: u64, stored: &OsStr) {
+        if self.parent == parent && self.stored == stored {
+            if let Some((parent, stored)) = self.links.pop() {
+                self.parent = parent;
+                self.stored = stored;
+            }
+        } else {
+            self.links.retain(|(p, s)| !(*p == parent && s == stored));
+        }
+    }
+
+    /// The entry `from` of this node was renamed to `to`.
+    fn move_location(&mut self, from: (u64, &OsStr), to: (u64, &OsStr)) {
+        let is_from = |p: u64, s: &OsStr| p == from.0 && s == from.1;
+        if let Some(link) = self.links.iter_mut().find(|(p, s)| is_from(*p, s)) {
+            *link = (to.0, to.1.to_os_string());
+        } else {
+            self.parent = to.0;
+            self.stored = to.1.to_os_string();
+        }
+    }
 }
 
 struct OpenFile {
@@ -140,7 +169,16 @@ impl KmsFs {
     pub fn new(vol: Arc<Volume>) -> io::Result<KmsFs> {
         let backing_root_ino = fs::metadata(vol.root())?.ino();
         let mut nodes = HashMap::new();
-        nodes.insert(ROOT, Node { parent: ROOT, stored: OsString::new(), lookups: 1, dir_id: Some(vol.root_dir_id()) });
+        nodes.insert(
+            ROOT,
+            Node {
+                parent: ROOT,
+                stored: OsString::new(),
+                links: Vec::new(),
+                lookups: 1,
+                dir_id: Some(vol.root_dir_id()),
+            },
+        );
         Ok(KmsFs {
             vol,
             backing_root_ino,
@@ -278,12 +316,28 @@ impl KmsFs {
         let node = nodes.entry(attr.ino.0).or_insert_with(|| Node {
             parent,
             stored: stored.to_os_string(),
+            links: Vec::new(),
             lookups: 0,
             dir_id: None,
         });
-        node.parent = parent;
-        node.stored = stored.to_os_string();
+        if node.parent != parent || node.stored != stored {
+            let previous = (node.parent, std::mem::replace(&mut node.stored, stored.to_os_string()));
+            node.parent = parent;
+            node.links.retain(|(p, s)| !(*p == parent && s == stored));
+            // Another name of a hard-linked file: keep the old one as a fallback.
+            if attr.nlink > 1 && attr.kind != FileType::Directory && !node.links.contains(&previous) {
+                node.links.push(previous);
+            }
+        }
         node.lookups += 1;
+    }
+
+    /// The entry `stored` in `parent` was unlinked or replaced; it named `ino`.
+    fn forget_location(&self, ino: Option<u64>, parent: u64, stored: &OsStr) {
+        let Some(ino) = ino else { return };
+        if let Some(node) = lock(&self.nodes).get_mut(&ino) {
+            node.forget_location(parent, stored);
+        }
     }
 
     fn content_lock(&self, ino: u64) -> Arc<RwLock<()>> {
@@ -607,7 +661,10 @@ impl Filesystem for KmsFs {
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let result = self.child(parent.0, name).and_then(|(dir, _, stored)| {
-            fs::remove_file(dir.join(&stored.entry)).map_err(|e| errno(&e))?;
+            let path = dir.join(&stored.entry);
+            let ino = fs::symlink_metadata(&path).map(|m| self.fuse_ino(m.ino())).ok();
+            fs::remove_file(&path).map_err(|e| errno(&e))?;
+            self.forget_location(ino, parent.0, &stored.entry);
             self.vol.remove_long_name(&dir, &stored).map_err(|e| self.fail(&dir, &e))
         });
         match result {
@@ -663,6 +720,16 @@ impl Filesystem for KmsFs {
             let (old_path, new_path) = (old_dir.join(&old.entry), new_dir.join(&new.entry));
             self.vol.write_long_name(&new_dir, &new).map_err(|e| self.fail(&new_dir, &e))?;
             let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE);
+            let ino_at = |path: &Path| fs::symlink_metadata(path).map(|m| self.fuse_ino(m.ino())).ok();
+            let (moved, replaced) = (ino_at(&old_path), ino_at(&new_path));
+            // A directory replacing one that is empty to its user: the backing target still
+            // holds its kmsfs.dirid, so rename(2) there would fail with ENOTEMPTY. Remove the
+            // target first (ENOTEMPTY if it really is not empty). Not atomic: a crash in
+            // between loses only the empty directory that was being replaced anyway.
+            let is_dir = |path: &Path| fs::symlink_metadata(path).is_ok_and(|m| m.is_dir());
+            if flags.is_empty() && old_path != new_path && is_dir(&old_path) && is_dir(&new_path) {
+                self.vol.remove_dir(&new_path).map_err(|e| self.fail(&new_path, &e))?;
+            }
             let renamed = if flags.is_empty() {
                 fs::rename(&old_path, &new_path).map_err(|e| errno(&e))
             } else {
@@ -682,20 +749,26 @@ impl Filesystem for KmsFs {
                 }
                 return Err(e);
             }
-            if !exchange && old_path != new_path {
+            if moved == replaced {
+                // The same name, or two links of one file: rename(2) did nothing, and
+                // both names (with their long-name side files) remain.
+                return Ok(());
+            }
+            if !exchange {
                 let _ = self.vol.remove_long_name(&old_dir, &old);
             }
-            // The moved objects' nodes now live at their new places.
-            for (path, parent, stored) in [(&new_path, newparent.0, &new.entry), (&old_path, parent.0, &old.entry)] {
-                if let Ok(meta) = fs::symlink_metadata(path) {
-                    let ino = self.fuse_ino(meta.ino());
-                    if let Some(node) = lock(&self.nodes).get_mut(&ino) {
-                        node.parent = parent;
-                        node.stored = stored.clone();
-                    }
-                }
-                if !exchange {
-                    break;
+            // The moved objects' nodes now live at their new places; a replaced object
+            // (perhaps still reachable through another hard link) lost that name.
+            let (from, to) = ((parent.0, old.entry.as_os_str()), (newparent.0, new.entry.as_os_str()));
+            let mut nodes = lock(&self.nodes);
+            if let Some(node) = moved.and_then(|ino| nodes.get_mut(&ino)) {
+                node.move_location(from, to);
+            }
+            if let Some(node) = replaced.and_then(|ino| nodes.get_mut(&ino)) {
+                if exchange {
+                    node.move_location(to, from);
+                } else {
+                    node.forget_location(to.0, to.1);
                 }
             }
             Ok(())
@@ -922,8 +995,12 @@ impl Filesystem for KmsFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        if ino.0 == ROOT && name == STATUS_XATTR {
-            return reply_xattr(reply, size, &self.status_json());
+        if name == STATUS_XATTR {
+            // Only the root has it; elsewhere it is simply absent, as any unset attribute.
+            if ino.0 == ROOT {
+                return reply_xattr(reply, size, &self.status_json());
+            }
+            return reply.error(Errno::NO_XATTR);
         }
         let result = self.path_of(ino.0).and_then(|path| {
             let stored = self.vol.xattr_name(name).map_err(|e| self.fail(&path, &e))?;
