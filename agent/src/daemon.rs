@@ -39,7 +39,7 @@ pub fn default_account_id() -> String {
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub fn run(config: DaemonConfig) -> Result<(), String> {
-    crate::secmem::harden_process();
+    crate::sys::harden_process();
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)

@@ -5,13 +5,14 @@
 //! - [`service`]: the API's actions, validated against AWS's service model.
 //! - [`agent`]: in-memory keys and aliases over the [`store`].
 //! - [`rot`]: roots of trust (the embedded `file` backend today).
-//! - [`secmem`]: memory locking and process hardening (the crate's only `unsafe`).
+//! - [`sys`]: memory locking, process hardening and peer pidfds (the crate's only `unsafe`).
 //! - [`daemon`]: start-up: configuration, listening socket, systemd integration.
 
 pub mod agent;
 pub mod daemon;
+pub mod identity;
 pub mod rot;
-pub mod secmem;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod sys;

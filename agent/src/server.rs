@@ -27,19 +27,12 @@ use tokio::net::UnixListener;
 use zeroize::Zeroize;
 
 use crate::agent::{Agent, KeyEvent};
+use crate::identity::{identify, Identity};
 use crate::service;
 
 /// The largest request body accepted: room for a 128 KiB key policy with JSON escaping
 /// (the model's largest member), far more than any cryptographic request needs.
 pub const MAX_BODY: usize = 512 * 1024;
-
-/// Who is calling, as the kernel reports it for the connection.
-#[derive(Debug, Clone, Copy)]
-pub struct Caller {
-    pub uid: u32,
-    pub gid: u32,
-    pub pid: Option<i32>,
-}
 
 /// Until access control arrives, the agent serves its own user and root only.
 #[derive(Clone, Copy)]
@@ -48,21 +41,17 @@ pub struct AccessRule {
 }
 
 impl AccessRule {
-    fn check(&self, agent: &Agent, caller: &Caller, action: &str) -> Result<(), KmsError> {
+    fn check(&self, agent: &Agent, caller: &Identity, action: &str) -> Result<(), KmsError> {
         if caller.uid == 0 || caller.uid == self.owner_uid {
             return Ok(());
         }
-        let user = nix::unistd::User::from_uid(caller.uid.into())
-            .ok()
-            .flatten()
-            .map(|u| u.name)
-            .unwrap_or_else(|| caller.uid.to_string());
         Err(KmsError::new(
             ErrorKind::AccessDeniedException,
             format!(
-                "User: arn:aws:iam::{}:user/{user} is not authorized to perform: kms:{action} \
+                "User: {} is not authorized to perform: kms:{action} \
                  (this agent serves only uid {} and root until access control is configured)",
-                agent.scope.account, self.owner_uid
+                caller.describe(&agent.scope.account),
+                self.owner_uid
             ),
         ))
     }
@@ -94,8 +83,8 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
-        let caller = match stream.peer_cred() {
-            Ok(cred) => Caller { uid: cred.uid(), gid: cred.gid(), pid: cred.pid() },
+        let caller = match identify(&stream) {
+            Ok(identity) => Arc::new(identity),
             Err(e) => {
                 tracing::warn!("cannot read peer credentials, dropping connection: {e}");
                 continue;
@@ -103,8 +92,8 @@ pub async fn serve(
         };
         let shared = shared.clone();
         let service = hyper::service::service_fn(move |req| {
-            let shared = shared.clone();
-            async move { Ok::<_, Infallible>(respond(shared, caller, req).await) }
+            let (shared, caller) = (shared.clone(), caller.clone());
+            async move { Ok::<_, Infallible>(respond(shared, &caller, req).await) }
         });
         let conn = http.serve_connection(TokioIo::new(stream), service);
         let conn = graceful.watch(conn);
@@ -166,16 +155,16 @@ impl Stats {
 
 type Body = Either<Full<Bytes>, Channel<Bytes>>;
 
-async fn respond(shared: Arc<Shared>, caller: Caller, req: Request<Incoming>) -> Response<Body> {
+async fn respond(shared: Arc<Shared>, caller: &Identity, req: Request<Incoming>) -> Response<Body> {
     let request_id = uuid::Uuid::new_v4().to_string();
     let (target, body) = match read_request(req).await {
         Ok(read) => read,
         Err(early) => return early.into_response(&request_id).map(Either::Left),
     };
     let action = target.name().to_string();
-    if let Err(e) = shared.rule.check(&shared.agent, &caller, &action) {
+    if let Err(e) = shared.rule.check(&shared.agent, caller, &action) {
         shared.stats.record(&action, false);
-        tracing::info!(%action, uid = caller.uid, pid = caller.pid, error = %e.kind, "request denied");
+        tracing::info!(%action, uid = caller.uid, pid = caller.pid, unit = caller.unit.as_deref(), error = %e.kind, "request denied");
         return error_response(&e, &request_id, false).map(Either::Left);
     }
     let result = match target {

@@ -835,3 +835,46 @@ fn process_is_hardened_and_logs_carry_no_secrets() {
         assert!(!log.contains(&needle), "the log leaks {needle}");
     }
 }
+
+/// A caller inside a systemd system service carries `role/<unit>` besides its user: the
+/// test puts a real client process in a real cgroup under `system.slice` and runs it as
+/// uid 65534, then reads its principals back from the AccessDenied message.
+#[test]
+fn callers_in_a_system_service_carry_its_role() {
+    assert!(nix_is_root(), "this test creates a cgroup and needs root (CI runs as root)");
+    let hierarchy = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup", "/sys/fs/cgroup/systemd"]
+        .into_iter()
+        .map(std::path::PathBuf::from)
+        .find(|h| h.join("cgroup.procs").exists())
+        .expect("a cgroup hierarchy that systemd units live in");
+    let unit = format!("kmsfs-test-{}.service", std::process::id());
+    let cgroup = hierarchy.join("system.slice").join(&unit);
+    std::fs::create_dir_all(&cgroup).expect("create the service's cgroup");
+    let agent = TestAgent::start();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(agent.dir(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let script = format!(
+        "echo $$ > {procs} && exec setpriv --reuid=65534 --regid=65534 --clear-groups -- {kmsctl} --socket {socket} list-keys",
+        procs = cgroup.join("cgroup.procs").display(),
+        kmsctl = kmsfs_tests::bin("kmsctl").display(),
+        socket = agent.socket().display()
+    );
+    let out = std::process::Command::new("sh").arg("-c").arg(&script).output().unwrap();
+    let _ = std::fs::remove_dir(&cgroup);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("AccessDeniedException"), "{stderr}");
+    assert!(stderr.contains(":user/nobody") || stderr.contains(":user/65534"), "{stderr}");
+    assert!(stderr.contains(&format!(":role/{unit})")), "the unit's role is a principal: {stderr}");
+
+    // The same client outside the service carries no role.
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(kmsfs_tests::bin("kmsctl"))
+        .arg("--socket")
+        .arg(agent.socket())
+        .arg("list-keys")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("AccessDeniedException") && !stderr.contains(":role/"), "{stderr}");
+}

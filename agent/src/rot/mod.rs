@@ -50,7 +50,7 @@ pub struct SoftwareKey {
 impl SoftwareKey {
     fn new(bytes: &KeyBytes) -> Arc<SoftwareKey> {
         let key = Arc::new(SoftwareKey { xaes: XaesKey::new(bytes) });
-        crate::secmem::lock(&*key);
+        crate::sys::lock(&*key);
         key
     }
 }
@@ -79,7 +79,7 @@ const WRAPPED_LEN: usize = XAES_NONCE_LEN + KEY_LEN + TAG_LEN;
 impl WrappingRoot {
     pub fn new(root_key: &KeyBytes, description: String) -> WrappingRoot {
         let root = Box::new(XaesKey::new(root_key));
-        crate::secmem::lock(&*root);
+        crate::sys::lock(&*root);
         WrappingRoot { root, description }
     }
 

@@ -1,13 +1,21 @@
-//! The agent's only `unsafe`: keeping secrets out of swap and core dumps.
+//! The agent's only `unsafe`: system calls that std and nix do not wrap.
 //!
+//! Keeping secrets out of swap and core dumps:
 //! `harden_process` marks the process non-dumpable (no core dumps, no ptrace by other
 //! users' processes, no `/proc/PID/mem` reads) and sets RLIMIT_CORE to zero.
 //! `lock` pins the pages holding a secret in RAM (mlock) and excludes them from core
 //! dumps (MADV_DONTDUMP). Pages are never unlocked: a heap page may hold several secrets,
 //! and unlocking it for one would unlock the others; the locked set is bounded by the
 //! number of keys held.
+//!
+//! Knowing who is calling: [`peer_pidfd`] asks the kernel for a pidfd of the process at
+//! the other end of a Unix socket (SO_PEERPIDFD, Linux 6.5; else pidfd_open on the
+//! SO_PEERCRED pid). A pidfd names one process for its whole life, so a pid recycled by
+//! another process cannot be mistaken for the caller.
 
 #![allow(unsafe_code)]
+
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use std::ffi::c_void;
 use std::ptr::NonNull;
@@ -55,6 +63,41 @@ pub fn lock<T: ?Sized>(value: &T) {
             advised.err()
         );
     }
+}
+
+/// `SO_PEERPIDFD` from `<asm-generic/socket.h>` (the same on x86-64 and aarch64).
+const SO_PEERPIDFD: libc::c_int = 77;
+/// `pidfd_open`'s system call number in the generic table (x86-64 and aarch64 alike).
+const SYS_PIDFD_OPEN: libc::c_long = 434;
+
+/// A pidfd for the peer of the connected Unix socket `socket` (whose SO_PEERCRED pid is
+/// `pid`, used only when the kernel is older than 6.5).
+pub fn peer_pidfd(socket: BorrowedFd<'_>, pid: i32) -> std::io::Result<OwnedFd> {
+    let mut fd: libc::c_int = -1;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `fd`, a live c_int whose size
+    // `len` states; the socket fd is borrowed for the duration of the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_PEERPIDFD,
+            (&mut fd as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 && fd >= 0 {
+        // SAFETY: the kernel just gave us this descriptor; nothing else owns it.
+        return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+    }
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1; it
+    // reads and writes no memory of ours.
+    let fd = unsafe { libc::syscall(SYS_PIDFD_OPEN, pid, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: as above, a fresh descriptor owned by no one else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
 }
 
 fn page_size() -> usize {
