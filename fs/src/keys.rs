@@ -153,7 +153,13 @@ impl AgentPool {
 
 /// Follows the agent's key events for as long as the process lives, calling `revoke`
 /// with a KMS key ARN whenever that key stops being usable, and `revoke_all` whenever
-/// events may have been missed (the stream lagged, or the agent was unreachable).
+/// events may have been missed (the stream lagged, or it was lost and is back).
+///
+/// Losing the stream because the agent went away revokes nothing by itself: while no
+/// agent answers, no key can change state, and files whose keys are cached stay readable
+/// (a stopped or restarting agent is no reason to cut users off). Whatever happened in
+/// the meantime is unknown once the stream is back, so then every key is dropped. An
+/// agent that answers but refuses the stream is not trusted to be quiet: keys go at once.
 pub fn watch_key_events(
     socket: PathBuf,
     revoke: impl Fn(&str) + Send + 'static,
@@ -173,9 +179,12 @@ pub fn watch_key_events(
                         connected_once = true;
                         follow(&mut stream, &revoke, &revoke_all);
                         tracing::warn!("lost the agent's key event stream; reconnecting");
+                    }
+                    Err(e @ ClientError::Connect { .. }) => tracing::debug!("cannot subscribe to key events: {e}"),
+                    Err(e) => {
+                        tracing::warn!("cannot subscribe to key events: {e}; dropping every data key");
                         revoke_all();
                     }
-                    Err(e) => tracing::debug!("cannot subscribe to key events: {e}"),
                 }
                 std::thread::sleep(Duration::from_millis(500));
             }
