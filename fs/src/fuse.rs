@@ -730,6 +730,14 @@ impl Filesystem for KmsFs {
             if flags.is_empty() && old_path != new_path && is_dir(&old_path) && is_dir(&new_path) {
                 self.vol.remove_dir(&new_path).map_err(|e| self.fail(&new_path, &e))?;
             }
+            // A directory replacing one that is empty to its user: the backing target still
+            // holds its kmsfs.dirid, so rename(2) there would fail with ENOTEMPTY. Remove the
+            // target first (ENOTEMPTY if it really is not empty). Not atomic: a crash in
+            // between loses only the empty directory that was being replaced anyway.
+            let is_dir = |path: &Path| fs::symlink_metadata(path).is_ok_and(|m| m.is_dir());
+            if flags.is_empty() && old_path != new_path && is_dir(&old_path) && is_dir(&new_path) {
+                self.vol.remove_dir(&new_path).map_err(|e| self.fail(&new_path, &e))?;
+            }
             let renamed = if flags.is_empty() {
                 fs::rename(&old_path, &new_path).map_err(|e| errno(&e))
             } else {
