@@ -363,9 +363,14 @@ impl Volume {
     pub fn encrypt_symlink(&self, target: &[u8]) -> Result<OsString, VolError> {
         match self.config.names {
             NameMode::Plaintext => Ok(OsString::from_vec(target.to_vec())),
-            NameMode::Encrypted => names::encrypt_symlink(&self.names, target)
-                .map(OsString::from)
-                .map_err(|error| VolError::Corrupt { what: "symlink target", error }),
+            NameMode::Encrypted => names::encrypt_symlink(&self.names, target).map(OsString::from).map_err(|error| {
+                match error {
+                    // Encryption grows a target, so the longest ones no longer fit in a
+                    // backing symlink: the user's error, not damage.
+                    FormatError::TooLong { .. } => VolError::NameTooLong,
+                    error => VolError::Corrupt { what: "symlink target", error },
+                }
+            }),
         }
     }
 
@@ -382,9 +387,11 @@ impl Volume {
         if name == STATUS_XATTR {
             return Err(VolError::Io(io::Error::from_raw_os_error(libc::EPERM)));
         }
-        names::encrypt_xattr_name(&self.names, name.as_bytes())
-            .map(OsString::from)
-            .map_err(|_| VolError::Io(io::Error::from_raw_os_error(libc::EOPNOTSUPP)))
+        names::encrypt_xattr_name(&self.names, name.as_bytes()).map(OsString::from).map_err(|e| {
+            // ERANGE is what Linux answers for a name too long; other namespaces are not stored.
+            let errno = if matches!(e, FormatError::TooLong { .. }) { libc::ERANGE } else { libc::EOPNOTSUPP };
+            VolError::Io(io::Error::from_raw_os_error(errno))
+        })
     }
 
     /// The user's name of a backing extended attribute; `None` for attributes that are

@@ -504,6 +504,11 @@ fn symlinks_read_back_exactly_and_are_encrypted_underneath() {
         assert_eq!(fs::read(m.path("link0")).unwrap(), b"via link", "following a link works");
     };
     check(&m);
+    // Encryption grows a target: the longest ones a plain directory takes (4095 bytes) do
+    // not fit, and say so (ENAMETOOLONG), leaving nothing behind.
+    let err = std::os::unix::fs::symlink("t".repeat(4000), m.path("too-long")).unwrap_err();
+    assert_eq!(os_error(&err), libc::ENAMETOOLONG);
+    assert_eq!(os_error(&fs::symlink_metadata(m.path("too-long")).unwrap_err()), libc::ENOENT);
     m.remount();
     check(&m);
     let needles: Vec<&[u8]> = vec![b"secret-target", b"relative/up", b"some-long-directory"];
@@ -651,7 +656,11 @@ fn xattr_create_and_replace_flags() {
     assert_eq!(xattr::get(&p, "user.k").unwrap().unwrap(), b"v1");
     set("user.k", b"v3", libc::XATTR_REPLACE).unwrap();
     assert_eq!(xattr::get(&p, "user.k").unwrap().unwrap(), b"v3");
-    // Only the user namespace is stored; the status attribute is read-only.
+    // Names longer than the format's limit are refused as too long (ERANGE); other
+    // namespaces than user are not stored.
+    assert_eq!(os_error(&xattr::set(&p, format!("user.{}", "n".repeat(200)), b"v").unwrap_err()), libc::ERANGE);
+    assert_eq!(os_error(&xattr::set(&p, "trusted.k", b"v").unwrap_err()), libc::EOPNOTSUPP);
+    // The status attribute is read-only.
     assert!(xattr::set(m.mnt(), "user.kmsfs.status", b"{}").is_err());
 }
 
