@@ -45,6 +45,9 @@ struct Node {
     /// the name above is unlinked or renamed away (its other links' dentries live on
     /// in the kernel and keep asking for this inode).
     links: Vec<(u64, OsString)>,
+    /// Its last name known to us was unlinked or replaced: the place above now holds
+    /// nothing, or another file, and only open handles still reach this one.
+    unlinked: bool,
     lookups: u64,
     dir_id: Option<DirId>,
 }
@@ -53,9 +56,12 @@ impl Node {
     /// The entry `stored` in `parent` no longer names this node.
     fn forget_location(&mut self, parent: u64, stored: &OsStr) {
         if self.parent == parent && self.stored == stored {
-            if let Some((parent, stored)) = self.links.pop() {
-                self.parent = parent;
-                self.stored = stored;
+            match self.links.pop() {
+                Some((parent, stored)) => {
+                    self.parent = parent;
+                    self.stored = stored;
+                }
+                None => self.unlinked = true,
             }
         } else {
             self.links.retain(|(p, s)| !(*p == parent && s == stored));
@@ -175,6 +181,7 @@ impl KmsFs {
                 parent: ROOT,
                 stored: OsString::new(),
                 links: Vec::new(),
+                unlinked: false,
                 lookups: 1,
                 dir_id: Some(vol.root_dir_id()),
             },
@@ -219,6 +226,9 @@ impl KmsFs {
         let mut at = ino;
         while at != ROOT {
             let node = nodes.get(&at).ok_or(Errno::ENOENT)?;
+            if node.unlinked {
+                return Err(Errno::ENOENT);
+            }
             parts.push(node.stored.clone());
             at = node.parent;
             if parts.len() > 4096 {
@@ -317,9 +327,11 @@ impl KmsFs {
             parent,
             stored: stored.to_os_string(),
             links: Vec::new(),
+            unlinked: false,
             lookups: 0,
             dir_id: None,
         });
+        node.unlinked = false;
         if node.parent != parent || node.stored != stored {
             let previous = (node.parent, std::mem::replace(&mut node.stored, stored.to_os_string()));
             node.parent = parent;
@@ -330,6 +342,19 @@ impl KmsFs {
             }
         }
         node.lookups += 1;
+    }
+
+    /// An open handle of `ino`: what still reaches a file whose last name is gone.
+    fn any_handle(&self, ino: u64) -> Option<Arc<OpenFile>> {
+        lock(&self.files).values().find(|f| f.ino == ino).cloned()
+    }
+
+    /// The attributes of an open file, from its descriptor (it may have no name left).
+    fn handle_attr(&self, handle: &OpenFile, ino: INodeNo) -> Result<FileAttr, Errno> {
+        let meta = handle.file.metadata().map_err(|e| errno(&e))?;
+        let mut attr = self.attr_of(&handle.path, &meta)?;
+        attr.ino = ino;
+        Ok(attr)
     }
 
     /// The entry `stored` in `parent` was unlinked or replaced; it named `ino`.
@@ -485,6 +510,22 @@ impl KmsFs {
     }
 }
 
+/// `futimens(2)` times of a setattr request.
+fn file_times(atime: Option<TimeOrNow>, mtime: Option<TimeOrNow>) -> fs::FileTimes {
+    let at = |t: TimeOrNow| match t {
+        TimeOrNow::Now => SystemTime::now(),
+        TimeOrNow::SpecificTime(t) => t,
+    };
+    let mut times = fs::FileTimes::new();
+    if let Some(t) = atime {
+        times = times.set_accessed(at(t));
+    }
+    if let Some(t) = mtime {
+        times = times.set_modified(at(t));
+    }
+    times
+}
+
 fn reply_xattr(reply: ReplyXattr, size: u32, data: &[u8]) {
     if size == 0 {
         reply.size(data.len() as u32);
@@ -524,21 +565,20 @@ impl Filesystem for KmsFs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
-        if let Some(handle) = fh.and_then(|fh| self.open_file(fh).ok()) {
+        let result = match fh.and_then(|fh| self.open_file(fh).ok()) {
             // Works for open files that were unlinked, too.
-            match handle.file.metadata() {
-                Ok(meta) => match self.attr_of(&handle.path, &meta) {
-                    Ok(mut attr) => {
-                        attr.ino = ino;
-                        reply.attr(&TTL, &attr)
-                    }
-                    Err(e) => reply.error(e),
+            Some(handle) => self.handle_attr(&handle, ino),
+            None => match self.path_of(ino.0) {
+                Ok(path) => self.attr(&path),
+                // fstat(2) of an unlinked open file comes without its handle.
+                Err(Errno::ENOENT) => match self.any_handle(ino.0) {
+                    Some(handle) => self.handle_attr(&handle, ino),
+                    None => Err(Errno::ENOENT),
                 },
-                Err(e) => reply.error(errno(&e)),
-            }
-            return;
-        }
-        match self.path_of(ino.0).and_then(|p| self.attr(&p)) {
+                Err(e) => Err(e),
+            },
+        };
+        match result {
             Ok(attr) => reply.attr(&TTL, &attr),
             Err(e) => reply.error(e),
         }
@@ -563,7 +603,30 @@ impl Filesystem for KmsFs {
         reply: ReplyAttr,
     ) {
         let result = (|| -> Result<FileAttr, Errno> {
-            let path = self.path_of(ino.0)?;
+            let path = match self.path_of(ino.0) {
+                Ok(path) => path,
+                // Unlinked but still open (ftruncate, fchmod... of a temporary file): work
+                // on its descriptor, never on whatever now has its old name.
+                Err(Errno::ENOENT) => {
+                    let h = fh.and_then(|fh| self.open_file(fh).ok()).or_else(|| self.any_handle(ino.0));
+                    let h = h.ok_or(Errno::ENOENT)?;
+                    if let Some(size) = size {
+                        let _guard = h.lock.write().unwrap_or_else(|p| p.into_inner());
+                        self.with_content(&h.path, &h.file, &h.header, |c| c.set_len(size))?;
+                    }
+                    if let Some(mode) = mode {
+                        h.file.set_permissions(fs::Permissions::from_mode(mode & 0o7777)).map_err(|e| errno(&e))?;
+                    }
+                    if uid.is_some() || gid.is_some() {
+                        std::os::unix::fs::fchown(&h.file, uid, gid).map_err(|e| errno(&e))?;
+                    }
+                    if atime.is_some() || mtime.is_some() {
+                        h.file.set_times(file_times(atime, mtime)).map_err(|e| errno(&e))?;
+                    }
+                    return self.handle_attr(&h, ino);
+                }
+                Err(e) => return Err(e),
+            };
             if let Some(size) = size {
                 let handle = fh.and_then(|fh| self.open_file(fh).ok());
                 let lock = self.content_lock(ino.0);

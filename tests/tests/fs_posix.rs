@@ -354,6 +354,32 @@ fn unlink_removes_the_name_and_an_open_file_stays_readable() {
     assert_eq!(os_error(&fs::remove_file(m.path("gone")).unwrap_err()), libc::ENOENT);
 }
 
+#[test]
+fn an_unlinked_open_file_keeps_working_and_never_touches_its_successor() {
+    let m = TestMount::new();
+    let f = OpenOptions::new().create(true).truncate(true).read(true).write(true).open(m.path("tmp")).unwrap();
+    f.write_all_at(b"scratch space", 0).unwrap();
+    fs::remove_file(m.path("tmp")).unwrap();
+    // A new file under the same name: nothing done through the old descriptor may reach it.
+    fs::write(m.path("tmp"), b"a new file").unwrap();
+    fs::set_permissions(m.path("tmp"), fs::Permissions::from_mode(0o644)).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1100)); // past the kernel's attribute cache
+
+    f.set_len(7).unwrap();
+    f.set_permissions(fs::Permissions::from_mode(0o600)).unwrap();
+    let meta = f.metadata().unwrap();
+    assert_eq!((meta.len(), meta.mode() & 0o777, meta.nlink()), (7, 0o600, 0));
+    let mut buf = [0u8; 32];
+    let n = f.read_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf[..n], b"scratch");
+    f.write_all_at(b"!", 7).unwrap();
+    assert_eq!(f.metadata().unwrap().len(), 8);
+
+    let new = fs::metadata(m.path("tmp")).unwrap();
+    assert_eq!((new.len(), new.mode() & 0o777), (10, 0o644), "the new file was changed");
+    assert_eq!(fs::read(m.path("tmp")).unwrap(), b"a new file");
+}
+
 // ---- 3. rename ----
 
 #[test]
