@@ -387,6 +387,26 @@ impl KmsFs {
 
     /// Creates an empty encrypted regular file at `path`.
     fn create_file(&self, req: &Request, path: &Path, mode: u32) -> Result<(File, FileHeader), Errno> {
+        // The file gets its header and empty block while still anonymous (O_TMPFILE) and is
+        // linked into place only then, so a crash (SIGKILL during the agent call) never
+        // leaves a named file without a header. Backing file systems without O_TMPFILE get
+        // the file created in place, as below.
+        let dir = path.parent().unwrap_or(self.vol.root());
+        let anonymous =
+            OpenOptions::new().read(true).write(true).custom_flags(libc::O_TMPFILE).mode(mode & 0o7777).open(dir);
+        match anonymous {
+            Ok(file) => {
+                let header = self.vol.init_file(&file).map_err(|e| self.fail(path, &e))?;
+                let fd_path = PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&file)));
+                let path_buf = path.to_path_buf();
+                nix::unistd::linkat(None, &fd_path, None, &path_buf, nix::fcntl::AtFlags::AT_SYMLINK_FOLLOW)
+                    .map_err(|e| Errno::from_i32(e as i32))?;
+                self.give_to_caller(req, path);
+                return Ok((file, header));
+            }
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)) => {}
+            Err(e) => return Err(errno(&e)),
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -785,14 +805,6 @@ impl Filesystem for KmsFs {
             let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE);
             let ino_at = |path: &Path| fs::symlink_metadata(path).map(|m| self.fuse_ino(m.ino())).ok();
             let (moved, replaced) = (ino_at(&old_path), ino_at(&new_path));
-            // A directory replacing one that is empty to its user: the backing target still
-            // holds its kmsfs.dirid, so rename(2) there would fail with ENOTEMPTY. Remove the
-            // target first (ENOTEMPTY if it really is not empty). Not atomic: a crash in
-            // between loses only the empty directory that was being replaced anyway.
-            let is_dir = |path: &Path| fs::symlink_metadata(path).is_ok_and(|m| m.is_dir());
-            if flags.is_empty() && old_path != new_path && is_dir(&old_path) && is_dir(&new_path) {
-                self.vol.remove_dir(&new_path).map_err(|e| self.fail(&new_path, &e))?;
-            }
             // A directory replacing one that is empty to its user: the backing target still
             // holds its kmsfs.dirid, so rename(2) there would fail with ENOTEMPTY. Remove the
             // target first (ENOTEMPTY if it really is not empty). Not atomic: a crash in
