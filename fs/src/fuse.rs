@@ -173,6 +173,9 @@ fn time(secs: i64, nsecs: i64) -> SystemTime {
 
 impl KmsFs {
     pub fn new(vol: Arc<Volume>) -> io::Result<KmsFs> {
+        // Requests carry the caller's umask and we apply it ourselves; our own (often 022)
+        // must not be applied on top, or `umask 0; mkdir d` would give 0755, not 0777.
+        nix::sys::stat::umask(nix::sys::stat::Mode::empty());
         let backing_root_ino = fs::metadata(vol.root())?.ino();
         let mut nodes = HashMap::new();
         nodes.insert(
