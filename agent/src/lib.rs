@@ -11,6 +11,7 @@
 pub mod agent;
 pub mod daemon;
 pub mod identity;
+pub mod policy;
 pub mod rot;
 pub mod server;
 pub mod service;
