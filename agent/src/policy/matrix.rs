@@ -1268,3 +1268,141 @@ fn lockout_check() {
     .unwrap();
     assert!(check_lockout(&deny_put, &[], &alice, false).is_err());
 }
+
+// ---------------------------------------------------------------------------------------
+// Each operator on its own: (operator, policy values, request values of the key or None
+// if absent, holds?). The key is `test:Key`; a request looks it up as `TEST:KEY`.
+
+type OperatorCase = (&'static str, &'static [&'static str], Option<&'static [&'static str]>, bool);
+
+static OPERATORS: &[OperatorCase] = &[
+    ("StringEquals", &["a"], Some(&["a"]), true),
+    ("StringEquals", &["a"], Some(&["A"]), false),
+    ("StringEquals", &["a", "b"], Some(&["b"]), true),
+    ("StringEquals", &["a"], None, false),
+    ("StringEquals", &["a*"], Some(&["abc"]), false),
+    ("StringNotEquals", &["a"], Some(&["b"]), true),
+    ("StringNotEquals", &["a", "b"], Some(&["b"]), false),
+    ("StringNotEquals", &["a"], None, true),
+    ("StringEqualsIgnoreCase", &["ABC"], Some(&["abc"]), true),
+    ("StringEqualsIgnoreCase", &["ABC"], Some(&["abd"]), false),
+    ("StringNotEqualsIgnoreCase", &["ABC"], Some(&["abc"]), false),
+    ("StringNotEqualsIgnoreCase", &["ABC"], Some(&["xyz"]), true),
+    ("StringLike", &["alias/app-*"], Some(&["alias/app-web"]), true),
+    ("StringLike", &["alias/app-?"], Some(&["alias/app-1"]), true),
+    ("StringLike", &["alias/app-?"], Some(&["alias/app-10"]), false),
+    ("StringLike", &["Alias/*"], Some(&["alias/x"]), false),
+    ("StringNotLike", &["alias/app-*"], Some(&["alias/db"]), true),
+    ("StringNotLike", &["alias/app-*"], Some(&["alias/app-web"]), false),
+    ("StringNotLike", &["x"], None, true),
+    ("NumericEquals", &["30"], Some(&["30"]), true),
+    ("NumericEquals", &["30"], Some(&["30.0"]), true),
+    ("NumericEquals", &["30"], Some(&["31"]), false),
+    ("NumericEquals", &["30"], Some(&["thirty"]), false),
+    ("NumericNotEquals", &["7", "30"], Some(&["14"]), true),
+    ("NumericNotEquals", &["7", "30"], Some(&["30"]), false),
+    ("NumericLessThan", &["10"], Some(&["9"]), true),
+    ("NumericLessThan", &["10"], Some(&["10"]), false),
+    ("NumericLessThanEquals", &["10"], Some(&["10"]), true),
+    ("NumericGreaterThan", &["10"], Some(&["10"]), false),
+    ("NumericGreaterThan", &["10"], Some(&["10.5"]), true),
+    ("NumericGreaterThanEquals", &["-1"], Some(&["-1"]), true),
+    ("NumericGreaterThanEquals", &["10"], None, false),
+    ("DateEquals", &["2025-06-01T00:00:00Z"], Some(&["1748736000"]), true),
+    ("DateEquals", &["2025-06-01T02:00:00+02:00"], Some(&["2025-06-01T00:00:00Z"]), true),
+    ("DateNotEquals", &["2025-06-01"], Some(&["2025-06-02"]), true),
+    ("DateNotEquals", &["2025-06-01"], Some(&["2025-06-01T00:00:00Z"]), false),
+    ("DateLessThan", &["2025-06-01"], Some(&["2025-05-31T23:59:59Z"]), true),
+    ("DateLessThan", &["2025-06-01"], Some(&["2025-06-01T00:00:00Z"]), false),
+    ("DateLessThanEquals", &["2025-06-01"], Some(&["2025-06-01T00:00:00.000Z"]), true),
+    ("DateGreaterThan", &["1748736000"], Some(&["2025-06-01T00:00:01Z"]), true),
+    ("DateGreaterThanEquals", &["2025-06-01"], Some(&["2025-05-31"]), false),
+    ("DateGreaterThan", &["2025-06-01"], Some(&["not a date"]), false),
+    ("Bool", &["true"], Some(&["true"]), true),
+    ("Bool", &["true"], Some(&["TRUE"]), true),
+    ("Bool", &["true"], Some(&["false"]), false),
+    ("Bool", &["false"], None, false),
+    ("Null", &["true"], None, true),
+    ("Null", &["true"], Some(&["x"]), false),
+    ("Null", &["false"], Some(&["x"]), true),
+    ("Null", &["false"], None, false),
+    ("Null", &["false"], Some(&[]), false),
+    (
+        "ArnEquals",
+        &["arn:aws:iam::111122223333:role/nginx.service"],
+        Some(&["arn:aws:iam::111122223333:role/nginx.service"]),
+        true,
+    ),
+    ("ArnEquals", &["arn:aws:iam::*:role/*"], Some(&["arn:aws:iam::111122223333:role/x"]), true),
+    ("ArnLike", &["arn:aws:iam::111122223333:user/*"], Some(&["arn:aws:iam::111122223333:role/x"]), false),
+    ("ArnLike", &["arn:aws:kms:*:111122223333:key/*"], Some(&["arn:aws:kms:eu-west-1:111122223333:key/k"]), true),
+    // `*` in one part does not swallow the colons between parts.
+    ("ArnLike", &["arn:aws:*:key/*"], Some(&["arn:aws:kms:eu-west-1:111122223333:key/k"]), false),
+    ("ArnLike", &["arn:aws:iam::111122223333:user/*"], Some(&["alice"]), false),
+    ("ArnNotEquals", &["arn:aws:iam::111122223333:user/alice"], Some(&["arn:aws:iam::111122223333:user/bob"]), true),
+    ("ArnNotLike", &["arn:aws:iam::111122223333:user/*"], Some(&["arn:aws:iam::111122223333:user/bob"]), false),
+    ("ArnNotLike", &["arn:aws:iam::111122223333:user/*"], None, true),
+    // IfExists: an absent key satisfies any operator; a present one is compared.
+    ("StringEqualsIfExists", &["a"], None, true),
+    ("StringEqualsIfExists", &["a"], Some(&["b"]), false),
+    ("StringNotEqualsIfExists", &["a"], Some(&["a"]), false),
+    ("NumericLessThanIfExists", &["5"], None, true),
+    ("DateLessThanIfExists", &["2025-01-01"], Some(&["2026-01-01"]), false),
+    ("BoolIfExists", &["false"], None, true),
+    ("ArnLikeIfExists", &["arn:aws:iam::*:root"], None, true),
+    // Set qualifiers.
+    ("ForAnyValue:StringEquals", &["a"], Some(&["x", "a"]), true),
+    ("ForAnyValue:StringEquals", &["a"], Some(&["x", "y"]), false),
+    ("ForAnyValue:StringEquals", &["a"], None, false),
+    ("ForAnyValue:StringEqualsIfExists", &["a"], None, true),
+    ("ForAnyValue:StringNotEquals", &["a"], Some(&["a", "b"]), true),
+    ("ForAnyValue:StringNotEquals", &["a"], Some(&["a"]), false),
+    ("ForAnyValue:StringLike", &["alias/finance-*"], Some(&["alias/hr", "alias/finance-1"]), true),
+    ("ForAllValues:StringEquals", &["a", "b"], Some(&["a", "b"]), true),
+    ("ForAllValues:StringEquals", &["a", "b"], Some(&["a", "c"]), false),
+    ("ForAllValues:StringEquals", &["a"], None, true),
+    ("ForAllValues:StringEquals", &["a"], Some(&[]), true),
+    ("ForAllValues:StringNotEquals", &["a", "b"], Some(&["c", "d"]), true),
+    ("ForAllValues:StringNotEquals", &["a", "b"], Some(&["c", "a"]), false),
+    ("ForAllValues:StringLike", &["Created*"], Some(&["CreatedBy", "CreatedAt"]), true),
+    ("ForAllValues:NumericLessThan", &["10"], Some(&["1", "9"]), true),
+    ("ForAllValues:NumericLessThan", &["10"], Some(&["1", "10"]), false),
+    // A multi-valued key without a qualifier: any value for positive operators, none for
+    // negated ones.
+    ("StringEquals", &["a"], Some(&["x", "a"]), true),
+    ("StringNotEquals", &["a"], Some(&["x", "a"]), false),
+    ("StringNotEquals", &["a"], Some(&["x", "y"]), true),
+];
+
+#[test]
+fn each_operator() {
+    use super::document::{Condition, Operator, PolicyVersion};
+    use super::eval::condition_holds;
+    let mut failures = Vec::new();
+    for (i, (op, values, request, expected)) in OPERATORS.iter().enumerate() {
+        let condition = Condition {
+            operator: Operator::parse(op).unwrap_or_else(|| panic!("{op} does not parse")),
+            key: "test:Key".into(),
+            values: values.iter().map(|v| (*v).to_owned()).collect(),
+        };
+        let mut ctx = RequestContext::new("kms:Encrypt", KEY, caller(Alice));
+        if let Some(request) = request {
+            ctx = ctx.with_values("TEST:KEY", request.iter().copied());
+        }
+        if condition_holds(&condition, &ctx, PolicyVersion::V2012_10_17) != *expected {
+            failures.push(format!("[{i}] {op} {values:?} vs {request:?}: expected {expected}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn operator_names() {
+    use super::document::Operator;
+    for name in ["StringEquals", "ForAllValues:ArnNotLikeIfExists", "ForAnyValue:DateGreaterThanEquals", "Null"] {
+        assert_eq!(Operator::parse(name).map(|o| o.to_string()).as_deref(), Some(name));
+    }
+    for name in ["NullIfExists", "stringequals", "ForSomeValues:StringEquals", "StringEqualsIfExistsIfExists", ""] {
+        assert!(Operator::parse(name).is_none(), "{name}");
+    }
+}
