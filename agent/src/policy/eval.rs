@@ -648,6 +648,34 @@ mod tests {
     }
 
     #[test]
+    fn hostile_values_never_panic() {
+        for text in [
+            "",
+            "-",
+            "é",
+            "2024-01-01Té",
+            "2024-01-01T12:0é",
+            "2024-01-01T12:00:0é",
+            "2024-01-01T12:00:00.é",
+            "2024-01-01T12:00+é1",
+            "2024-01-01T12:00+1é",
+            "2024-01-01T12:00+aé",
+            "2024-01-01T12:00:00.Z",
+            "9999999999999999999",
+            "-9223372036854775808",
+            "2024-é1-01",
+            "${",
+            "${}",
+            "${aws:username",
+        ] {
+            let _ = parse_date(text);
+            let _ = parse_number(text);
+            let ctx = RequestContext::new("kms:Encrypt", "*", Caller::user("111122223333", "é", 1));
+            let _ = compile(text, true, Some(&ctx));
+        }
+    }
+
+    #[test]
     fn variables_substitute_literally() {
         let caller = Caller::user("111122223333", "a*", 1000);
         let ctx = RequestContext::new("kms:Encrypt", "*", caller);
