@@ -1,7 +1,8 @@
 //! Parsers for kmsctl's structured arguments, in the aws CLI's conventions: binary blobs
 //! (`fileb://`, `file://`, or base64), encryption contexts (`k1=v1,k2=v2` shorthand or a JSON
-//! object), tags (`TagKey=k,TagValue=v` shorthand or JSON), tag-key lists, and `file://`
-//! string parameters. Each is a clap value parser, so a bad value is a usage error that names
+//! object), tags (`TagKey=k,TagValue=v` shorthand or JSON), tag-key and grant-operation lists,
+//! grant constraints (`EncryptionContextSubset={k=v}` shorthand or JSON), and `file://` string
+//! parameters. Each is a clap value parser, so a bad value is a usage error that names
 //! the flag.
 
 use std::collections::BTreeMap;
@@ -44,6 +45,19 @@ pub struct TagKeys(pub Vec<String>);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Context(pub EncryptionContext);
 
+/// The grant operations one `--operations` value names: a plain value is one, a JSON list many.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantOperations(pub Vec<String>);
+
+/// A parsed `--constraints`: the encryption context a grant's operations must include
+/// (`EncryptionContextSubset`) or match exactly (`EncryptionContextEquals`). Giving both, or
+/// neither, is the service's to judge, as with the aws CLI.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct GrantConstraints {
+    pub encryption_context_subset: Option<EncryptionContext>,
+    pub encryption_context_equals: Option<EncryptionContext>,
+}
+
 /// A blob argument: `fileb://PATH` or `file://PATH` is the file's raw bytes; anything else
 /// is base64, the aws CLI v2's default binary format.
 pub fn blob(arg: &str) -> Result<Blob, String> {
@@ -72,28 +86,74 @@ pub fn context(arg: &str) -> Result<Context, String> {
     let arg = arg.trim();
     let pairs = if arg.starts_with('{') {
         let value: Value = serde_json::from_str(arg).map_err(|e| format!("not a valid JSON object: {e}"))?;
-        let Value::Object(object) = value else {
-            return Err("expected a JSON object of strings".into());
-        };
-        let mut pairs = BTreeMap::new();
-        for (k, v) in object {
-            let Value::String(v) = v else {
-                return Err(format!("the value of {k:?} must be a string, found {v}"));
-            };
-            pairs.insert(k, v);
-        }
-        pairs
+        json_string_map(value)?
     } else {
-        let mut pairs = BTreeMap::new();
-        for (k, v) in shorthand(arg)? {
-            if pairs.insert(k.clone(), v).is_some() {
-                return Err(format!("the key {k:?} is given twice"));
-            }
-        }
-        pairs
+        shorthand_map(arg)?
     };
     Ok(Context(EncryptionContext(pairs)))
 }
+
+/// One `--constraints` value: shorthand `EncryptionContextSubset={k1=v1,k2=v2}` and/or
+/// `EncryptionContextEquals={...}` separated by a comma, a JSON object
+/// `{"EncryptionContextSubset": {"k1": "v1"}}`, or `file://PATH` holding either.
+pub fn constraints(arg: &str) -> Result<GrantConstraints, String> {
+    let arg = text(arg)?;
+    let arg = arg.trim();
+    let members = if arg.starts_with('{') { json_constraints(arg)? } else { shorthand_constraints(arg)? };
+    let mut constraints = GrantConstraints::default();
+    for (member, context) in members {
+        let slot = match member.as_str() {
+            "EncryptionContextSubset" => &mut constraints.encryption_context_subset,
+            "EncryptionContextEquals" => &mut constraints.encryption_context_equals,
+            _ => return Err(format!("unknown member {member:?}; expected {CONSTRAINTS_SHORTHAND}")),
+        };
+        if slot.replace(context).is_some() {
+            return Err(format!("{member} is given twice"));
+        }
+    }
+    Ok(constraints)
+}
+
+/// The members of a JSON `--constraints` object, each an object of strings.
+fn json_constraints(arg: &str) -> Result<Vec<(String, EncryptionContext)>, String> {
+    let value: Value = serde_json::from_str(arg).map_err(|e| format!("not a valid JSON object: {e}"))?;
+    let Value::Object(object) = value else {
+        return Err("expected a JSON object".into());
+    };
+    object
+        .into_iter()
+        .map(|(member, v)| {
+            json_string_map(v)
+                .map(|pairs| (member.clone(), EncryptionContext(pairs)))
+                .map_err(|e| format!("{member}: {e}"))
+        })
+        .collect()
+}
+
+/// The members of shorthand `--constraints`: `MEMBER={k1=v1,...}` items separated by commas.
+fn shorthand_constraints(arg: &str) -> Result<Vec<(String, EncryptionContext)>, String> {
+    top_level_items(arg)?
+        .into_iter()
+        .map(|item| {
+            let (member, value) = item
+                .split_once('=')
+                .ok_or_else(|| format!("{item:?} is not MEMBER={{KEY=VALUE,...}}; expected {CONSTRAINTS_SHORTHAND}"))?;
+            let member = member.trim();
+            let inner = value
+                .trim()
+                .strip_prefix('{')
+                .and_then(|v| v.strip_suffix('}'))
+                .ok_or_else(|| format!("the value of {member} must be {{KEY=VALUE,...}}"))?
+                .trim();
+            let pairs = if inner.is_empty() { BTreeMap::new() } else { shorthand_map(inner)? };
+            Ok((member.to_string(), EncryptionContext(pairs)))
+        })
+        .collect()
+}
+
+/// What a `--constraints` value looks like, for error messages.
+const CONSTRAINTS_SHORTHAND: &str =
+    "EncryptionContextSubset={KEY=VALUE,...} or EncryptionContextEquals={KEY=VALUE,...}, or JSON";
 
 /// One `--tags` value: `TagKey=k,TagValue=v`, a JSON object `{"TagKey": .., "TagValue": ..}`,
 /// a JSON list of them, or `file://PATH` holding any of these.
@@ -127,11 +187,35 @@ pub fn tags(arg: &str) -> Result<TagList, String> {
 
 /// One `--tag-keys` value: a key, or a JSON list of keys.
 pub fn tag_keys(arg: &str) -> Result<TagKeys, String> {
+    string_list(arg).map(TagKeys)
+}
+
+/// One `--operations` value: an operation name, or a JSON list of them.
+pub fn operations(arg: &str) -> Result<GrantOperations, String> {
+    string_list(arg).map(GrantOperations)
+}
+
+/// A value of a list-of-strings flag: the string itself, or, as the aws CLI reads a value
+/// that starts with `[`, a JSON list of strings.
+fn string_list(arg: &str) -> Result<Vec<String>, String> {
     if !arg.trim_start().starts_with('[') {
-        return Ok(TagKeys(vec![arg.to_string()]));
+        return Ok(vec![arg.to_string()]);
     }
-    let keys: Vec<String> = serde_json::from_str(arg).map_err(|e| format!("not a JSON list of strings: {e}"))?;
-    Ok(TagKeys(keys))
+    serde_json::from_str(arg).map_err(|e| format!("not a JSON list of strings: {e}"))
+}
+
+/// A JSON object whose values are all strings, such as an encryption context.
+fn json_string_map(value: Value) -> Result<BTreeMap<String, String>, String> {
+    let Value::Object(object) = value else {
+        return Err(format!("expected a JSON object of strings, found {value}"));
+    };
+    object
+        .into_iter()
+        .map(|(k, v)| match v {
+            Value::String(v) => Ok((k, v)),
+            other => Err(format!("the value of {k:?} must be a string, found {other}")),
+        })
+        .collect()
 }
 
 fn json_tag(value: &Value) -> Result<Tag, String> {
@@ -158,6 +242,44 @@ fn shorthand(arg: &str) -> Result<Vec<(String, String)>, String> {
             _ => Err(format!("{pair:?} is not KEY=VALUE; expected KEY=VALUE pairs separated by commas, or JSON")),
         })
         .collect()
+}
+
+/// Shorthand `k1=v1,k2=v2` as a map; a key given twice is an error.
+fn shorthand_map(arg: &str) -> Result<BTreeMap<String, String>, String> {
+    let mut pairs = BTreeMap::new();
+    for (k, v) in shorthand(arg)? {
+        if pairs.insert(k.clone(), v).is_some() {
+            return Err(format!("the key {k:?} is given twice"));
+        }
+    }
+    Ok(pairs)
+}
+
+/// Splits shorthand at the commas outside braces: `A={k=v,l=w},B={}` is `A={k=v,l=w}` and
+/// `B={}`.
+fn top_level_items(arg: &str) -> Result<Vec<&str>, String> {
+    let mut items = Vec::new();
+    let mut depth = 0usize;
+    let mut start = 0;
+    for (i, c) in arg.char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' => depth = depth.checked_sub(1).ok_or_else(|| format!("unbalanced '}}' in {arg:?}"))?,
+            ',' if depth == 0 => {
+                items.push(arg[start..i].trim());
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    if depth != 0 {
+        return Err(format!("unclosed '{{' in {arg:?}"));
+    }
+    items.push(arg[start..].trim());
+    if items.iter().any(|item| item.is_empty()) {
+        return Err(format!("empty item in {arg:?}; expected {CONSTRAINTS_SHORTHAND}"));
+    }
+    Ok(items)
 }
 
 fn read_file(path: &str) -> Result<Vec<u8>, String> {
@@ -249,6 +371,64 @@ mod tests {
         assert_eq!(tag_keys("env").unwrap(), TagKeys(vec!["env".into()]));
         assert_eq!(tag_keys(r#"["a", "b"]"#).unwrap(), TagKeys(vec!["a".into(), "b".into()]));
         assert!(tag_keys("[1]").is_err());
+    }
+
+    #[test]
+    fn operations_plain_and_json() {
+        assert_eq!(operations("Encrypt").unwrap(), GrantOperations(vec!["Encrypt".into()]));
+        assert_eq!(
+            operations(r#"["Encrypt", "Decrypt"]"#).unwrap(),
+            GrantOperations(vec!["Encrypt".into(), "Decrypt".into()])
+        );
+        assert!(operations(r#"["Encrypt", 1]"#).unwrap_err().contains("JSON list of strings"));
+        assert!(operations("[Encrypt").is_err());
+    }
+
+    #[test]
+    fn constraints_shorthand() {
+        let subset = |pairs: &[(&str, &str)]| GrantConstraints {
+            encryption_context_subset: Some(ctx(pairs).0),
+            encryption_context_equals: None,
+        };
+        assert_eq!(constraints("EncryptionContextSubset={a=1,b=2}").unwrap(), subset(&[("a", "1"), ("b", "2")]));
+        assert_eq!(constraints(" EncryptionContextSubset = { a = 1 } ").unwrap(), subset(&[("a", "1")]));
+        assert_eq!(
+            constraints("EncryptionContextEquals={k=v},EncryptionContextSubset={}").unwrap(),
+            GrantConstraints {
+                encryption_context_subset: Some(EncryptionContext::default()),
+                encryption_context_equals: Some(ctx(&[("k", "v")]).0),
+            }
+        );
+        assert!(constraints("EncryptionContextSubset={a=1,a=2}").unwrap_err().contains("twice"));
+        assert!(constraints("EncryptionContextSubset={a=1},EncryptionContextSubset={b=2}")
+            .unwrap_err()
+            .contains("twice"));
+        assert!(constraints("EncryptionContextSubset=a=1").unwrap_err().contains("{KEY=VALUE,...}"));
+        assert!(constraints("EncryptionContextSubset={a=1").unwrap_err().contains("unclosed"));
+        assert!(constraints("EncryptionContextSubset={a=1}}").unwrap_err().contains("unbalanced"));
+        assert!(constraints("Subset={a=1}").unwrap_err().contains("unknown member"));
+        assert!(constraints("a=1,b=2").unwrap_err().contains("{KEY=VALUE,...}"));
+        assert!(constraints("").is_err());
+    }
+
+    #[test]
+    fn constraints_json_and_file() {
+        assert_eq!(
+            constraints(r#"{"EncryptionContextEquals": {"purpose": "a,b={c}"}}"#).unwrap(),
+            GrantConstraints {
+                encryption_context_subset: None,
+                encryption_context_equals: Some(ctx(&[("purpose", "a,b={c}")]).0),
+            }
+        );
+        assert!(constraints(r#"{"EncryptionContextSubset": {"n": 1}}"#).unwrap_err().contains("must be a string"));
+        assert!(constraints(r#"{"EncryptionContextSubset": ["a"]}"#).unwrap_err().contains("JSON object"));
+        assert!(constraints(r#"{"Other": {}}"#).unwrap_err().contains("unknown member"));
+        assert!(constraints(r#"{"EncryptionContextSubset": "#).unwrap_err().contains("JSON"));
+
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(b"EncryptionContextSubset={k=v}\n").unwrap();
+        let arg = format!("file://{}", file.path().display());
+        assert_eq!(constraints(&arg).unwrap().encryption_context_subset, Some(ctx(&[("k", "v")]).0));
     }
 
     #[test]

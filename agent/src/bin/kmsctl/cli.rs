@@ -4,9 +4,9 @@
 use std::path::PathBuf;
 
 use clap::builder::{OsStringValueParser, TypedValueParser};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 
-use crate::args::{self, Blob, Context, TagKeys, TagList};
+use crate::args::{self, Blob, Context, GrantConstraints, GrantOperations, TagKeys, TagList};
 
 /// The help heading of the flags every subcommand takes.
 const GLOBAL: &str = "Global options";
@@ -95,7 +95,23 @@ pub enum Command {
     /// Removes tags from a KMS key.
     UntagResource(UntagResource),
     /// Lists a KMS key's tags.
-    ListResourceTags(ListResourceTags),
+    ListResourceTags(KeyPages),
+    /// Replaces a KMS key's key policy.
+    PutKeyPolicy(PutKeyPolicy),
+    /// Shows a KMS key's key policy.
+    GetKeyPolicy(GetKeyPolicy),
+    /// Lists the names of a KMS key's key policies (there is one, named default).
+    ListKeyPolicies(KeyPages),
+    /// Gives a principal permission to use a KMS key for some operations.
+    CreateGrant(CreateGrant),
+    /// Lists a KMS key's grants.
+    ListGrants(ListGrants),
+    /// Lists the grants a principal may retire, across all KMS keys.
+    ListRetirableGrants(ListRetirableGrants),
+    /// Retires a grant, identified by its grant token or by its key and grant ID.
+    RetireGrant(RetireGrant),
+    /// Revokes a grant.
+    RevokeGrant(RevokeGrant),
     /// Encrypts plaintext (from --plaintext, or raw from stdin) under a KMS key.
     Encrypt(Encrypt),
     /// Decrypts a ciphertext blob (from --ciphertext-blob, or raw from stdin).
@@ -133,6 +149,16 @@ pub struct DryRunArg {
     /// Perform the operation (the default).
     #[arg(long, overrides_with = "dry_run")]
     pub no_dry_run: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BypassLockoutArg {
+    /// Skip the check that the policy does not lock the caller out.
+    #[arg(long, overrides_with = "no_bypass_policy_lockout_safety_check")]
+    pub bypass_policy_lockout_safety_check: bool,
+    /// Keep the policy lockout safety check (the default).
+    #[arg(long, overrides_with = "bypass_policy_lockout_safety_check")]
+    pub no_bypass_policy_lockout_safety_check: bool,
 }
 
 #[derive(Debug, Args)]
@@ -175,12 +201,8 @@ pub struct CreateKey {
     /// Where the key material comes from: AWS_KMS (the default) or EXTERNAL.
     #[arg(long, value_name = "ORIGIN")]
     pub origin: Option<String>,
-    /// Skip the check that the policy does not lock the caller out.
-    #[arg(long, overrides_with = "no_bypass_policy_lockout_safety_check")]
-    pub bypass_policy_lockout_safety_check: bool,
-    /// Keep the policy lockout safety check (the default).
-    #[arg(long, overrides_with = "bypass_policy_lockout_safety_check")]
-    pub no_bypass_policy_lockout_safety_check: bool,
+    #[command(flatten)]
+    pub bypass: BypassLockoutArg,
     /// Tags: TagKey=KEY,TagValue=VALUE (repeatable) or a JSON list of {"TagKey","TagValue"}.
     #[arg(long, num_args = 1.., value_parser = args::tags, value_name = "TAG")]
     pub tags: Vec<TagList>,
@@ -262,12 +284,120 @@ pub struct UntagResource {
     pub tag_keys: Vec<TagKeys>,
 }
 
+/// A list command about one key.
 #[derive(Debug, Args)]
-pub struct ListResourceTags {
+pub struct KeyPages {
     #[command(flatten)]
     pub key: KeyIdArg,
     #[command(flatten)]
     pub page: PageArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct PolicyNameArg {
+    /// The key policy's name; the only one is default (the default).
+    #[arg(long, value_name = "NAME")]
+    pub policy_name: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct PutKeyPolicy {
+    #[command(flatten)]
+    pub key: KeyIdArg,
+    #[command(flatten)]
+    pub policy_name: PolicyNameArg,
+    /// The key policy document (JSON, or file://PATH).
+    #[arg(long, value_parser = args::text, value_name = "POLICY")]
+    pub policy: String,
+    #[command(flatten)]
+    pub bypass: BypassLockoutArg,
+}
+
+#[derive(Debug, Args)]
+pub struct GetKeyPolicy {
+    #[command(flatten)]
+    pub key: KeyIdArg,
+    #[command(flatten)]
+    pub policy_name: PolicyNameArg,
+}
+
+#[derive(Debug, Args)]
+pub struct CreateGrant {
+    #[command(flatten)]
+    pub key: KeyIdArg,
+    /// The principal (ARN) the grant gives permissions to.
+    #[arg(long, value_name = "ARN")]
+    pub grantee_principal: String,
+    /// The principal (ARN) that may retire the grant.
+    #[arg(long, value_name = "ARN")]
+    pub retiring_principal: Option<String>,
+    /// The operations the grant permits, e.g. Encrypt Decrypt (or a JSON list of them).
+    #[arg(long, required = true, num_args = 1.., value_parser = args::operations, value_name = "OPERATION")]
+    pub operations: Vec<GrantOperations>,
+    /// Allow the operations only with this encryption context:
+    /// EncryptionContextSubset={KEY=VALUE,...} or EncryptionContextEquals={KEY=VALUE,...},
+    /// or JSON such as {"EncryptionContextSubset": {"KEY": "VALUE"}} (or file://PATH).
+    #[arg(long, value_parser = args::constraints, value_name = "CONSTRAINTS")]
+    pub constraints: Option<GrantConstraints>,
+    #[command(flatten)]
+    pub grant_tokens: GrantTokensArg,
+    /// A name for the grant; retrying with the same name and parameters returns the same grant.
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    #[command(flatten)]
+    pub dry_run: DryRunArg,
+}
+
+#[derive(Debug, Args)]
+pub struct ListGrants {
+    #[command(flatten)]
+    pub key: KeyIdArg,
+    /// List only the grant with this ID.
+    #[arg(long, value_name = "GRANT_ID")]
+    pub grant_id: Option<String>,
+    /// List only the grants given to this principal (ARN).
+    #[arg(long, value_name = "ARN")]
+    pub grantee_principal: Option<String>,
+    #[command(flatten)]
+    pub page: PageArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ListRetirableGrants {
+    /// The retiring principal (ARN) whose grants to list.
+    #[arg(long, value_name = "ARN")]
+    pub retiring_principal: String,
+    #[command(flatten)]
+    pub page: PageArgs,
+}
+
+/// The grant is named by its token or by its key and ID (the service takes the token when
+/// given both).
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("grant").required(true).multiple(true).args(["grant_token", "key_id"])))]
+pub struct RetireGrant {
+    /// The grant's token, from create-grant (or give --key-id and --grant-id).
+    #[arg(long, value_name = "TOKEN")]
+    pub grant_token: Option<String>,
+    /// The key ARN of the grant's key (with --grant-id).
+    #[arg(short = 'k', long, value_name = "KEY_ID", requires = "grant_id")]
+    pub key_id: Option<String>,
+    /// The grant's ID (with --key-id).
+    #[arg(long, value_name = "GRANT_ID", requires = "key_id")]
+    pub grant_id: Option<String>,
+    #[command(flatten)]
+    pub dry_run: DryRunArg,
+}
+
+#[derive(Debug, Args)]
+pub struct RevokeGrant {
+    #[command(flatten)]
+    pub key: KeyIdArg,
+    /// The grant's ID.
+    #[arg(long, value_name = "GRANT_ID")]
+    pub grant_id: String,
+    #[command(flatten)]
+    pub dry_run: DryRunArg,
 }
 
 #[derive(Debug, Args)]
@@ -385,6 +515,25 @@ mod tests {
             &["kmsctl", "list-keys", "--limit", "-1"],
             &["kmsctl", "tag-resource", "-k", "k", "--tags", "TagKey=a"],
             &["kmsctl", "--output", "yaml", "list-keys"],
+            &["kmsctl", "put-key-policy", "-k", "k"],
+            &["kmsctl", "create-grant", "-k", "k", "--grantee-principal", "arn:p"],
+            &[
+                "kmsctl",
+                "create-grant",
+                "-k",
+                "k",
+                "--grantee-principal",
+                "p",
+                "--operations",
+                "Encrypt",
+                "--constraints",
+                "a=1",
+            ],
+            &["kmsctl", "list-retirable-grants"],
+            &["kmsctl", "retire-grant"],
+            &["kmsctl", "retire-grant", "-k", "k"],
+            &["kmsctl", "retire-grant", "--grant-id", "g"],
+            &["kmsctl", "revoke-grant", "-k", "k"],
         ] {
             assert!(Cli::try_parse_from(argv).is_err(), "{argv:?}");
         }

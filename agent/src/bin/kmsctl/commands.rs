@@ -6,10 +6,11 @@ use std::collections::HashSet;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
+use kmsfs_common::context::EncryptionContext;
 use serde_json::{Map, Value};
 
-use crate::args::{Blob, Context, TagKeys, TagList};
-use crate::cli::{Command, DryRunArg, GrantTokensArg, PageArgs};
+use crate::args::{Blob, Context, GrantConstraints, GrantOperations, TagKeys, TagList};
+use crate::cli::{BypassLockoutArg, Command, DryRunArg, GrantTokensArg, PageArgs};
 use crate::Failure;
 
 /// One call to the agent.
@@ -54,10 +55,7 @@ pub fn plan(command: &Command) -> Call {
                 .opt("KeySpec", a.key_spec.clone())
                 .opt("CustomerMasterKeySpec", a.customer_master_key_spec.clone())
                 .opt("Origin", a.origin.clone())
-                .opt(
-                    "BypassPolicyLockoutSafetyCheck",
-                    flag(a.bypass_policy_lockout_safety_check, a.no_bypass_policy_lockout_safety_check),
-                )
+                .opt("BypassPolicyLockoutSafetyCheck", bypass(&a.bypass))
                 .opt("Tags", tags(&a.tags))
                 .opt("MultiRegion", flag(a.multi_region, a.no_multi_region)),
         ),
@@ -89,6 +87,52 @@ pub fn plan(command: &Command) -> Call {
         }
         C::UntagResource(a) => single("UntagResource", key(&a.key.key_id).set("TagKeys", tag_keys(&a.tag_keys))),
         C::ListResourceTags(a) => list("ListResourceTags", key(&a.key.key_id), &a.page, "Tags"),
+        C::PutKeyPolicy(a) => single(
+            "PutKeyPolicy",
+            key(&a.key.key_id)
+                .opt("PolicyName", a.policy_name.policy_name.clone())
+                .set("Policy", a.policy.as_str())
+                .opt("BypassPolicyLockoutSafetyCheck", bypass(&a.bypass)),
+        ),
+        C::GetKeyPolicy(a) => {
+            single("GetKeyPolicy", key(&a.key.key_id).opt("PolicyName", a.policy_name.policy_name.clone()))
+        }
+        C::ListKeyPolicies(a) => list("ListKeyPolicies", key(&a.key.key_id), &a.page, "PolicyNames"),
+        C::CreateGrant(a) => single(
+            "CreateGrant",
+            key(&a.key.key_id)
+                .set("GranteePrincipal", a.grantee_principal.as_str())
+                .opt("RetiringPrincipal", a.retiring_principal.clone())
+                .set("Operations", operations(&a.operations))
+                .opt("Constraints", a.constraints.as_ref().map(constraints))
+                .opt("GrantTokens", grant_tokens(&a.grant_tokens))
+                .opt("Name", a.name.clone())
+                .opt("DryRun", dry_run(&a.dry_run)),
+        ),
+        C::ListGrants(a) => list(
+            "ListGrants",
+            key(&a.key.key_id).opt("GrantId", a.grant_id.clone()).opt("GranteePrincipal", a.grantee_principal.clone()),
+            &a.page,
+            "Grants",
+        ),
+        C::ListRetirableGrants(a) => list(
+            "ListRetirableGrants",
+            Request::new().set("RetiringPrincipal", a.retiring_principal.as_str()),
+            &a.page,
+            "Grants",
+        ),
+        C::RetireGrant(a) => single(
+            "RetireGrant",
+            Request::new()
+                .opt("GrantToken", a.grant_token.clone())
+                .opt("KeyId", a.key_id.clone())
+                .opt("GrantId", a.grant_id.clone())
+                .opt("DryRun", dry_run(&a.dry_run)),
+        ),
+        C::RevokeGrant(a) => single(
+            "RevokeGrant",
+            key(&a.key.key_id).set("GrantId", a.grant_id.as_str()).opt("DryRun", dry_run(&a.dry_run)),
+        ),
         C::Encrypt(a) => {
             let request = key(&a.key.key_id)
                 .opt("Plaintext", a.plaintext.as_ref().map(blob))
@@ -233,6 +277,10 @@ fn dry_run(arg: &DryRunArg) -> Option<bool> {
     flag(arg.dry_run, arg.no_dry_run)
 }
 
+fn bypass(arg: &BypassLockoutArg) -> Option<bool> {
+    flag(arg.bypass_policy_lockout_safety_check, arg.no_bypass_policy_lockout_safety_check)
+}
+
 fn grant_tokens(arg: &GrantTokensArg) -> Option<Value> {
     (!arg.grant_tokens.is_empty()).then(|| arg.grant_tokens.clone().into())
 }
@@ -242,7 +290,22 @@ fn blob(blob: &Blob) -> Value {
 }
 
 fn context(context: &Context) -> Value {
-    Value::Object(context.0 .0.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect())
+    encryption_context(&context.0)
+}
+
+fn encryption_context(context: &EncryptionContext) -> Value {
+    Value::Object(context.0.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect())
+}
+
+fn constraints(constraints: &GrantConstraints) -> Value {
+    Request::new()
+        .opt("EncryptionContextSubset", constraints.encryption_context_subset.as_ref().map(encryption_context))
+        .opt("EncryptionContextEquals", constraints.encryption_context_equals.as_ref().map(encryption_context))
+        .into()
+}
+
+fn operations(lists: &[GrantOperations]) -> Value {
+    lists.iter().flat_map(|list| list.0.iter().cloned()).map(Value::String).collect()
 }
 
 fn tags(lists: &[TagList]) -> Option<Value> {
@@ -349,6 +412,66 @@ mod tests {
     fn untag_resource_collects_keys() {
         let call = plan_for(&["untag-resource", "-k", "k", "--tag-keys", "a", "b", "--tag-keys", r#"["c"]"#]);
         assert_eq!(call.request, json!({"KeyId": "k", "TagKeys": ["a", "b", "c"]}));
+    }
+
+    #[test]
+    fn key_policy_requests() {
+        let call = plan_for(&["put-key-policy", "-k", "k", "--policy", "{}", "--bypass-policy-lockout-safety-check"]);
+        assert_eq!(call.action, "PutKeyPolicy");
+        assert_eq!(call.request, json!({"KeyId": "k", "Policy": "{}", "BypassPolicyLockoutSafetyCheck": true}));
+        let call = plan_for(&["get-key-policy", "-k", "k", "--policy-name", "default"]);
+        assert_eq!(call.request, json!({"KeyId": "k", "PolicyName": "default"}));
+        let call = plan_for(&["list-key-policies", "-k", "k"]);
+        assert_eq!(call.mode, Mode::Paginate { list: "PolicyNames" });
+        assert_eq!(call.request, json!({"KeyId": "k"}));
+    }
+
+    #[test]
+    fn create_grant_collects_operations_and_constraints() {
+        let call = plan_for(&[
+            "create-grant",
+            "-k",
+            "k",
+            "--grantee-principal",
+            "arn:aws:iam::111122223333:user/a",
+            "--operations",
+            "Encrypt",
+            "Decrypt",
+            "--operations",
+            r#"["GenerateDataKey"]"#,
+            "--constraints",
+            "EncryptionContextSubset={purpose=test}",
+            "--name",
+            "n",
+            "--dry-run",
+        ]);
+        assert_eq!(call.action, "CreateGrant");
+        assert_eq!(
+            call.request,
+            json!({
+                "KeyId": "k",
+                "GranteePrincipal": "arn:aws:iam::111122223333:user/a",
+                "Operations": ["Encrypt", "Decrypt", "GenerateDataKey"],
+                "Constraints": {"EncryptionContextSubset": {"purpose": "test"}},
+                "Name": "n",
+                "DryRun": true,
+            })
+        );
+    }
+
+    #[test]
+    fn grant_lists_and_removal() {
+        let call = plan_for(&["list-grants", "-k", "k", "--grantee-principal", "p", "--limit", "2"]);
+        assert_eq!(call.mode, Mode::Single);
+        assert_eq!(call.request, json!({"KeyId": "k", "GranteePrincipal": "p", "Limit": 2}));
+        let call = plan_for(&["list-retirable-grants", "--retiring-principal", "p"]);
+        assert_eq!(call.mode, Mode::Paginate { list: "Grants" });
+        assert_eq!(call.request, json!({"RetiringPrincipal": "p"}));
+        assert_eq!(plan_for(&["retire-grant", "--grant-token", "t"]).request, json!({"GrantToken": "t"}));
+        let call = plan_for(&["retire-grant", "-k", "k", "--grant-id", "g"]);
+        assert_eq!(call.request, json!({"KeyId": "k", "GrantId": "g"}));
+        let call = plan_for(&["revoke-grant", "-k", "k", "--grant-id", "g", "--no-dry-run"]);
+        assert_eq!(call.request, json!({"KeyId": "k", "GrantId": "g", "DryRun": false}));
     }
 
     #[test]

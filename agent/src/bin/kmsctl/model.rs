@@ -12,6 +12,11 @@ const OUTPUTS: &[(&str, &[&str])] = &[
     ("CancelKeyDeletion", &["KeyId"]),
     ("ListAliases", &["Aliases", "NextMarker", "Truncated"]),
     ("ListResourceTags", &["Tags", "NextMarker", "Truncated"]),
+    ("GetKeyPolicy", &["Policy", "PolicyName"]),
+    ("ListKeyPolicies", &["PolicyNames", "NextMarker", "Truncated"]),
+    ("CreateGrant", &["GrantToken", "GrantId"]),
+    ("ListGrants", &["Grants", "NextMarker", "Truncated"]),
+    ("ListRetirableGrants", &["Grants", "NextMarker", "Truncated"]),
     ("Encrypt", &["CiphertextBlob", "KeyId", "EncryptionAlgorithm"]),
     ("Decrypt", &["KeyId", "Plaintext", "EncryptionAlgorithm", "CiphertextForRecipient", "KeyMaterialId"]),
     (
@@ -73,6 +78,21 @@ const NESTED: &[(&str, &[&str])] = &[
     ("Keys", &["KeyId", "KeyArn"]),
     ("Aliases", &["AliasName", "AliasArn", "TargetKeyId", "CreationDate", "LastUpdatedDate"]),
     ("Tags", &["TagKey", "TagValue"]),
+    (
+        "Grants",
+        &[
+            "KeyId",
+            "GrantId",
+            "Name",
+            "CreationDate",
+            "GranteePrincipal",
+            "RetiringPrincipal",
+            "IssuingAccount",
+            "Operations",
+            "Constraints",
+        ],
+    ),
+    ("Constraints", &["EncryptionContextSubset", "EncryptionContextEquals"]),
 ];
 
 /// The model order of `action`'s output members; empty when unknown.

@@ -272,6 +272,60 @@ mod tests {
     }
 
     #[test]
+    fn grants_follow_the_model_with_iso_dates() {
+        let response = json!({
+            "Truncated": false,
+            "Grants": [{
+                "Operations": ["Decrypt", "Encrypt"],
+                "IssuingAccount": "arn:aws:iam::111122223333:root",
+                "GranteePrincipal": "arn:aws:iam::111122223333:user/a",
+                "CreationDate": 1_700_000_000,
+                "Constraints": {"EncryptionContextEquals": {"b": "2", "a": "1"}, "EncryptionContextSubset": {}},
+                "GrantId": "g",
+                "KeyId": "arn:k",
+            }],
+        });
+        let expected = r#"{
+    "Grants": [
+        {
+            "KeyId": "arn:k",
+            "GrantId": "g",
+            "CreationDate": "2023-11-14T22:13:20.000000+00:00",
+            "GranteePrincipal": "arn:aws:iam::111122223333:user/a",
+            "IssuingAccount": "arn:aws:iam::111122223333:root",
+            "Operations": [
+                "Decrypt",
+                "Encrypt"
+            ],
+            "Constraints": {
+                "EncryptionContextSubset": {},
+                "EncryptionContextEquals": {
+                    "a": "1",
+                    "b": "2"
+                }
+            }
+        }
+    ],
+    "Truncated": false
+}
+"#;
+        assert_eq!(render("ListGrants", &response, OutputFormat::Json), expected);
+    }
+
+    #[test]
+    fn key_policy_text_is_the_document_then_its_name() {
+        let policy = "{\n  \"Version\": \"2012-10-17\"\n}";
+        let response = json!({"PolicyName": "default", "Policy": policy});
+        assert_eq!(render("GetKeyPolicy", &response, OutputFormat::Text), format!("{policy}\tdefault\n"));
+        let expected = r#"{
+    "Policy": "{\n  \"Version\": \"2012-10-17\"\n}",
+    "PolicyName": "default"
+}
+"#;
+        assert_eq!(render("GetKeyPolicy", &response, OutputFormat::Json), expected);
+    }
+
+    #[test]
     fn timestamps_already_strings_are_left_alone() {
         let out = render("ListAliases", &json!({"CreationDate": "yesterday"}), OutputFormat::Json);
         assert!(out.contains("\"yesterday\""), "{out}");
