@@ -13,8 +13,11 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use kmsfs_common::ids::{ArnScope, KeyId, KeyRef};
 use kmsfs_common::KmsError;
 
+use crate::authz::{condition_keys, Authz};
+use crate::policy::eval::{Caller, RequestContext};
+use crate::policy::Policy;
 use crate::rot::{KeyMaterial, RootOfTrust};
-use crate::store::{AliasRow, KeyRow, KeyState, Store};
+use crate::store::{AliasRow, GrantRow, KeyRow, KeyState, Store};
 
 /// One usable version of a key's material.
 #[derive(Clone)]
@@ -30,6 +33,9 @@ pub struct KeyRecord {
     pub row: KeyRow,
     pub tags: BTreeMap<String, String>,
     pub materials: BTreeMap<u32, Material>,
+    pub grants: Vec<GrantRow>,
+    /// `row.policy`, parsed (the default key policy when empty).
+    pub policy: Arc<Policy>,
 }
 
 impl KeyRecord {
@@ -45,6 +51,7 @@ impl KeyRecord {
 pub struct AgentConfig {
     pub state_dir: PathBuf,
     pub scope: ArnScope,
+    pub authz: Authz,
 }
 
 /// A key changed state. Clients holding data keys under it (kmsfs) watch these so that
@@ -58,6 +65,7 @@ pub struct KeyEvent {
 /// The agent: configuration, root of trust, store and in-memory maps.
 pub struct Agent {
     pub scope: ArnScope,
+    pub authz: Authz,
     events: tokio::sync::broadcast::Sender<KeyEvent>,
     root: Box<dyn RootOfTrust>,
     store: Mutex<Store>,
@@ -97,8 +105,15 @@ impl Agent {
         let mut records: HashMap<KeyId, KeyRecord> = snapshot
             .keys
             .into_iter()
-            .map(|row| (row.id, KeyRecord { row, tags: BTreeMap::new(), materials: BTreeMap::new() }))
-            .collect();
+            .map(|row| {
+                let policy = parse_stored_policy(&config.scope, &row.policy)
+                    .map_err(|e| format!("the stored policy of key {} is invalid: {e}", row.id))?;
+                Ok((
+                    row.id,
+                    KeyRecord { row, tags: BTreeMap::new(), materials: BTreeMap::new(), grants: Vec::new(), policy },
+                ))
+            })
+            .collect::<Result<_, String>>()?;
         for m in snapshot.materials {
             let key = root.load(&m.key_id, m.version, &m.stored).map_err(|e| e.message)?;
             if let Some(record) = records.get_mut(&m.key_id) {
@@ -110,10 +125,16 @@ impl Agent {
                 record.tags.insert(k, v);
             }
         }
+        for grant in snapshot.grants {
+            if let Some(record) = records.get_mut(&grant.key_id) {
+                record.grants.push(grant);
+            }
+        }
         let aliases = snapshot.aliases.into_iter().map(|a| (a.name.clone(), a)).collect();
         tracing::info!(keys = records.len(), root = %root.describe(), "state loaded");
         Ok(Agent {
             scope: config.scope,
+            authz: config.authz,
             events: tokio::sync::broadcast::channel(1024).0,
             root,
             store: Mutex::new(store),
@@ -206,6 +227,48 @@ impl Agent {
         }
         Ok(out)
     }
+}
+
+impl Agent {
+    /// Authorizes `action` by `caller` on `key`; `build` adds the request's own condition
+    /// keys (encryption context, grant parameters, ...) to the context.
+    pub fn authorize_key(
+        &self,
+        caller: &Caller,
+        action: &str,
+        key: &KeyRecord,
+        build: impl FnOnce(RequestContext) -> RequestContext,
+    ) -> Result<(), KmsError> {
+        let ctx = self.key_context(caller, action, key);
+        self.authz.check_key(&key.policy, &key.grants, build(ctx))
+    }
+
+    /// Authorizes `action` by `caller` on no particular key.
+    pub fn authorize_account(
+        &self,
+        caller: &Caller,
+        action: &str,
+        build: impl FnOnce(RequestContext) -> RequestContext,
+    ) -> Result<(), KmsError> {
+        self.authz.check_account(build(crate::authz::context(action, "*", caller)))
+    }
+
+    /// The request context of `action` on `key`, with the key's condition keys.
+    pub fn key_context(&self, caller: &Caller, action: &str, key: &KeyRecord) -> RequestContext {
+        let aliases: Vec<String> =
+            read(&self.aliases).values().filter(|a| a.key_id == key.row.id).map(|a| a.name.clone()).collect();
+        crate::authz::context(action, &self.key_arn(&key.row.id), caller)
+            .with(condition_keys::KEY_ORIGIN, key.row.origin.clone())
+            .with(condition_keys::KEY_SPEC, key.row.key_spec.clone())
+            .with(condition_keys::KEY_USAGE, key.row.key_usage.clone())
+            .with_values(condition_keys::RESOURCE_ALIASES, aliases)
+    }
+}
+
+/// Parses a stored key policy; an empty one is the default key policy.
+pub fn parse_stored_policy(scope: &ArnScope, text: &str) -> Result<Arc<Policy>, String> {
+    let text = if text.is_empty() { crate::policy::default_key_policy(&scope.account) } else { text.to_string() };
+    Policy::parse_key_policy(&text).map(Arc::new).map_err(|e| e.to_string())
 }
 
 /// An in-memory change that follows a committed transaction.

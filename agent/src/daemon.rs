@@ -11,8 +11,9 @@ use kmsfs_common::ids::ArnScope;
 use zeroize::Zeroizing;
 
 use crate::agent::{Agent, AgentConfig};
+use crate::authz::Authz;
 use crate::rot::file::{self, FileRootSource};
-use crate::server::{self, AccessRule};
+use crate::server;
 
 /// How kmsd was asked to run.
 pub struct DaemonConfig {
@@ -24,6 +25,8 @@ pub struct DaemonConfig {
     pub root_key_file: Option<PathBuf>,
     /// A file holding the passphrase the `file` backend derives its root key from.
     pub passphrase_file: Option<PathBuf>,
+    /// Identity policies live under `<config_dir>/policies/`.
+    pub config_dir: PathBuf,
 }
 
 /// The account ID when none is configured: twelve digits derived from the machine ID, so
@@ -65,7 +68,11 @@ pub fn run(config: DaemonConfig) -> Result<(), String> {
         return Err(format!("account ID '{account}' must be 12 digits"));
     }
     let scope = ArnScope { region: config.region.clone(), account };
-    let agent = Arc::new(Agent::open(AgentConfig { state_dir: config.state_dir.clone(), scope }, Box::new(root))?);
+    let owner = nix::unistd::geteuid().as_raw();
+    let authz = Authz::load(Some(config.config_dir.clone()), owner)
+        .map_err(|e| format!("invalid identity policy in {}: {e}", config.config_dir.display()))?;
+    let agent =
+        Arc::new(Agent::open(AgentConfig { state_dir: config.state_dir.clone(), scope, authz }, Box::new(root))?);
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -74,10 +81,10 @@ pub fn run(config: DaemonConfig) -> Result<(), String> {
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
     runtime.block_on(async move {
         let (listener, bound) = listen(&config.socket)?;
-        let rule = AccessRule { owner_uid: nix::unistd::geteuid().as_raw() };
         tracing::info!(socket = %config.socket.display(), "kmsd ready");
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-        server::serve(agent, rule, listener, shutdown_signal()).await;
+        tokio::spawn(reload_on_sighup(agent.clone()));
+        server::serve(agent, listener, shutdown_signal()).await;
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
         if bound {
             let _ = fs::remove_file(&config.socket);
@@ -141,5 +148,32 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+/// SIGHUP reloads the identity policies; a bad file is reported and the previous set
+/// stays in force.
+async fn reload_on_sighup(agent: Arc<Agent>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
+    while hup.recv().await.is_some() {
+        match agent.authz.reload() {
+            Ok(files) => tracing::info!(files, "identity policies reloaded"),
+            Err(e) => tracing::error!("identity policies NOT reloaded, the previous ones stay in force: {e}"),
+        }
+    }
+}
+
+/// The default configuration directory: `/etc/kmsd` as root, else `$XDG_CONFIG_HOME/kmsd`.
+pub fn default_config_dir() -> PathBuf {
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/etc/kmsd");
+    }
+    match std::env::var_os("XDG_CONFIG_HOME").filter(|v| !v.is_empty()) {
+        Some(dir) => PathBuf::from(dir).join("kmsd"),
+        None => match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+            Some(home) => PathBuf::from(home).join(".config/kmsd"),
+            None => PathBuf::from(format!("/tmp/kmsd-{}/config", nix::unistd::geteuid())),
+        },
     }
 }

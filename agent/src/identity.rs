@@ -7,10 +7,11 @@
 //! them, the pidfd still names a live process with that pid — a pid recycled by another
 //! process in between cannot lend its identity to the caller.
 //!
-//! Principals, as AWS spells them: every caller is `arn:aws:iam::<account>:user/<name>`;
-//! a caller running inside a systemd *system* service also carries
-//! `arn:aws:iam::<account>:role/<unit>` (e.g. `role/nginx.service`). User-manager units
-//! (`user@1000.service/...`) carry no role: any user can name their own units anything.
+//! The principals built from it (`policy::eval::Caller`): every caller is
+//! `arn:aws:iam::<account>:user/<name>`; a caller running inside a systemd *system* service
+//! also carries `arn:aws:iam::<account>:role/<unit>` (e.g. `role/nginx.service`).
+//! User-manager units (`user@1000.service/...`) carry no role: any user can name their own
+//! units anything.
 
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::PathBuf;
@@ -52,31 +53,6 @@ impl Identity {
             .iter()
             .filter_map(|g| nix::unistd::Group::from_gid((*g).into()).ok().flatten().map(|g| g.name))
             .collect();
-    }
-
-    /// `arn:aws:iam::<account>:user/<name>`.
-    pub fn user_arn(&self, account: &str) -> String {
-        format!("arn:aws:iam::{account}:user/{}", self.user)
-    }
-
-    /// `arn:aws:iam::<account>:role/<unit>` for callers inside a system service.
-    pub fn role_arn(&self, account: &str) -> Option<String> {
-        self.unit.as_ref().map(|unit| format!("arn:aws:iam::{account}:role/{unit}"))
-    }
-
-    /// Every principal ARN the caller carries, user first.
-    pub fn principal_arns(&self, account: &str) -> Vec<String> {
-        let mut arns = vec![self.user_arn(account)];
-        arns.extend(self.role_arn(account));
-        arns
-    }
-
-    /// How the caller is named in messages and logs.
-    pub fn describe(&self, account: &str) -> String {
-        match self.role_arn(account) {
-            Some(role) => format!("{} (as {role})", self.user_arn(account)),
-            None => self.user_arn(account),
-        }
     }
 }
 
@@ -190,12 +166,9 @@ mod tests {
     }
 
     #[test]
-    fn principals() {
-        let mut id = Identity::from_credentials(0, 0, None);
+    fn credentials_name_the_user() {
+        let id = Identity::from_credentials(0, 0, None);
         assert_eq!(id.user, "root");
-        assert_eq!(id.principal_arns("123456789012"), vec!["arn:aws:iam::123456789012:user/root".to_string()]);
-        id.unit = Some("backup.service".into());
-        assert_eq!(id.role_arn("123456789012").as_deref(), Some("arn:aws:iam::123456789012:role/backup.service"));
-        assert!(id.describe("123456789012").contains("(as arn:aws:iam::123456789012:role/backup.service)"));
+        assert_eq!(id.groups, vec![0]);
     }
 }

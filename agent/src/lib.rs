@@ -9,6 +9,7 @@
 //! - [`daemon`]: start-up: configuration, listening socket, systemd integration.
 
 pub mod agent;
+pub mod authz;
 pub mod daemon;
 pub mod identity;
 pub mod policy;

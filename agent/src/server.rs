@@ -27,46 +27,20 @@ use tokio::net::UnixListener;
 use zeroize::Zeroize;
 
 use crate::agent::{Agent, KeyEvent};
-use crate::identity::{identify, Identity};
+use crate::authz::Authz;
+use crate::identity::identify;
+use crate::policy::eval::Caller;
 use crate::service;
 
 /// The largest request body accepted: room for a 128 KiB key policy with JSON escaping
 /// (the model's largest member), far more than any cryptographic request needs.
 pub const MAX_BODY: usize = 512 * 1024;
 
-/// Until access control arrives, the agent serves its own user and root only.
-#[derive(Clone, Copy)]
-pub struct AccessRule {
-    pub owner_uid: u32,
-}
-
-impl AccessRule {
-    fn check(&self, agent: &Agent, caller: &Identity, action: &str) -> Result<(), KmsError> {
-        if caller.uid == 0 || caller.uid == self.owner_uid {
-            return Ok(());
-        }
-        Err(KmsError::new(
-            ErrorKind::AccessDeniedException,
-            format!(
-                "User: {} is not authorized to perform: kms:{action} \
-                 (this agent serves only uid {} and root until access control is configured)",
-                caller.describe(&agent.scope.account),
-                self.owner_uid
-            ),
-        ))
-    }
-}
-
 /// Serves `listener` until `shutdown` resolves, then lets requests in flight finish
 /// (for up to 30 seconds) before returning.
-pub async fn serve(
-    agent: Arc<Agent>,
-    rule: AccessRule,
-    listener: UnixListener,
-    shutdown: impl std::future::Future<Output = ()>,
-) {
+pub async fn serve(agent: Arc<Agent>, listener: UnixListener, shutdown: impl std::future::Future<Output = ()>) {
     let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
-    let shared = Arc::new(Shared { agent, rule, stats: Stats::default(), stopping });
+    let shared = Arc::new(Shared { agent, stats: Stats::default(), stopping });
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.keep_alive(true).timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
@@ -84,7 +58,7 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let caller = match identify(&stream) {
-            Ok(identity) => Arc::new(identity),
+            Ok(identity) => Arc::new(Authz::caller(&identity, &shared.agent.scope.account)),
             Err(e) => {
                 tracing::warn!("cannot read peer credentials, dropping connection: {e}");
                 continue;
@@ -115,7 +89,6 @@ pub async fn serve(
 /// What every connection shares.
 struct Shared {
     agent: Arc<Agent>,
-    rule: AccessRule,
     stats: Stats,
     stopping: tokio::sync::watch::Receiver<bool>,
 }
@@ -155,33 +128,32 @@ impl Stats {
 
 type Body = Either<Full<Bytes>, Channel<Bytes>>;
 
-async fn respond(shared: Arc<Shared>, caller: &Identity, req: Request<Incoming>) -> Response<Body> {
+async fn respond(shared: Arc<Shared>, caller: &Arc<Caller>, req: Request<Incoming>) -> Response<Body> {
     let request_id = uuid::Uuid::new_v4().to_string();
     let (target, body) = match read_request(req).await {
         Ok(read) => read,
         Err(early) => return early.into_response(&request_id).map(Either::Left),
     };
     let action = target.name().to_string();
-    if let Err(e) = shared.rule.check(&shared.agent, caller, &action) {
-        shared.stats.record(&action, false);
-        tracing::info!(%action, uid = caller.uid, pid = caller.pid, unit = caller.unit.as_deref(), error = %e.kind, "request denied");
-        return error_response(&e, &request_id, false).map(Either::Left);
-    }
     let result = match target {
-        Target::Kms(action) => run(shared.agent.clone(), action, body).await,
-        Target::Extension(Extension::GetAgentStats) => {
-            Ok(zeroize::Zeroizing::new(serde_json::to_vec(&shared.stats.to_json()).unwrap_or_default()))
-        }
+        Target::Kms(action) => run(shared.agent.clone(), caller.clone(), action, body).await,
+        // Key state changes (IDs and states, nothing secret) go to anyone who holds data
+        // keys: every kmsfs mount must learn of a revocation, whoever runs it.
         Target::Extension(Extension::WatchKeyEvents) => {
             shared.stats.record(&action, true);
-            tracing::debug!(uid = caller.uid, pid = caller.pid, "key event watcher subscribed");
+            tracing::debug!(user = %caller.user, "key event watcher subscribed");
             return watch_key_events(&shared, &request_id);
         }
+        // Request counts are the administrators' business, as DescribeKey is.
+        Target::Extension(Extension::GetAgentStats) => shared
+            .agent
+            .authorize_account(caller, "DescribeKey", |c| c)
+            .map(|()| zeroize::Zeroizing::new(serde_json::to_vec(&shared.stats.to_json()).unwrap_or_default())),
     };
     shared.stats.record(&action, result.is_ok());
     match result {
         Ok(body) => {
-            tracing::debug!(%action, uid = caller.uid, pid = caller.pid, "ok");
+            tracing::debug!(%action, user = %caller.user, uid = caller.uid, "ok");
             let len = body.len();
             let mut response = Response::new(Full::new(Bytes::from_owner(body)));
             let headers = response.headers_mut();
@@ -191,7 +163,7 @@ async fn respond(shared: Arc<Shared>, caller: &Identity, req: Request<Incoming>)
             response.map(Either::Left)
         }
         Err(e) => {
-            tracing::info!(%action, uid = caller.uid, pid = caller.pid, error = %e.kind, "request failed");
+            tracing::info!(%action, user = %caller.user, uid = caller.uid, unit = caller.unit.as_deref(), error = %e.kind, "request failed");
             error_response(&e, &request_id, false).map(Either::Left)
         }
     }
@@ -267,10 +239,15 @@ impl Target {
 
 /// Runs the action: inline if it only reads memory, on the blocking pool if it commits
 /// to the store. The request body is zeroized once handled.
-async fn run(agent: Arc<Agent>, action: String, body: Bytes) -> Result<zeroize::Zeroizing<Vec<u8>>, KmsError> {
+async fn run(
+    agent: Arc<Agent>,
+    caller: Arc<Caller>,
+    action: String,
+    body: Bytes,
+) -> Result<zeroize::Zeroizing<Vec<u8>>, KmsError> {
     let mutates = service::mutates(&action);
     let work = move || {
-        let result = service::handle(&agent, &action, &body).map(|reply| reply.to_bytes());
+        let result = service::handle(&agent, &caller, &action, &body).map(|reply| reply.to_bytes());
         if let Ok(mut owned) = body.try_into_mut() {
             owned.as_mut().zeroize();
         }

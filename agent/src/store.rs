@@ -11,7 +11,8 @@ use kmsfs_common::KmsError;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 
 /// Schema versions, applied in order; `PRAGMA user_version` records the last applied.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
     CREATE TABLE meta (
         name  TEXT PRIMARY KEY,
         value BLOB NOT NULL
@@ -49,7 +50,26 @@ const MIGRATIONS: &[&str] = &[r#"
         tag_value TEXT NOT NULL,
         PRIMARY KEY (key_id, tag_key)
     );
-"#];
+"#,
+    r#"
+    -- Access control: key policies (empty = the default policy, for keys made before this
+    -- version) and grants.
+    ALTER TABLE keys ADD COLUMN policy TEXT NOT NULL DEFAULT '';
+    CREATE TABLE grants (
+        grant_id        TEXT PRIMARY KEY,
+        key_id          TEXT NOT NULL REFERENCES keys(key_id) ON DELETE CASCADE,
+        token           TEXT NOT NULL UNIQUE,
+        name            TEXT,
+        grantee         TEXT NOT NULL,
+        retiring        TEXT,
+        operations      TEXT NOT NULL,
+        constraints     TEXT,
+        issuing_account TEXT NOT NULL,
+        created_ms      INTEGER NOT NULL
+    );
+    CREATE INDEX grants_by_key ON grants(key_id);
+"#,
+];
 
 /// A key's state, with AWS's names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,6 +111,24 @@ pub struct KeyRow {
     pub deletion_ms: Option<i64>,
     pub pending_days: Option<u32>,
     pub current_version: u32,
+    /// The key policy document; empty means the default key policy.
+    pub policy: String,
+}
+
+/// A grant, as stored. Operations and constraints are kept as their JSON.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantRow {
+    pub grant_id: String,
+    pub key_id: KeyId,
+    pub token: String,
+    pub name: Option<String>,
+    pub grantee: String,
+    pub retiring: Option<String>,
+    pub operations: Vec<String>,
+    /// `{"EncryptionContextSubset": {...}}` or `{"EncryptionContextEquals": {...}}`.
+    pub constraints: Option<serde_json::Value>,
+    pub issuing_account: String,
+    pub created_ms: i64,
 }
 
 /// One version of a key's material, in the root of trust's stored form.
@@ -118,6 +156,7 @@ pub struct Snapshot {
     pub materials: Vec<MaterialRow>,
     pub aliases: Vec<AliasRow>,
     pub tags: Vec<(KeyId, String, String)>,
+    pub grants: Vec<GrantRow>,
 }
 
 pub struct Store {
@@ -180,7 +219,7 @@ impl Store {
             let parse_id = |s: String| KeyId::parse(&s).ok_or_else(|| corrupt("key ID"));
             let mut stmt = self.conn.prepare(
                 "SELECT key_id, created_ms, description, key_usage, key_spec, origin, state, \
-                 deletion_ms, pending_days, current_version FROM keys",
+                 deletion_ms, pending_days, current_version, policy FROM keys",
             )?;
             let keys = stmt
                 .query_map([], |r| {
@@ -195,6 +234,7 @@ impl Store {
                         deletion_ms: r.get(7)?,
                         pending_days: r.get(8)?,
                         current_version: r.get(9)?,
+                        policy: r.get(10)?,
                     })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -226,7 +266,32 @@ impl Store {
             let tags = stmt
                 .query_map([], |r| Ok((parse_id(r.get(0)?)?, r.get(1)?, r.get(2)?)))?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
-            Ok(Snapshot { keys, materials, aliases, tags })
+            let mut stmt = self.conn.prepare(
+                "SELECT grant_id, key_id, token, name, grantee, retiring, operations, constraints, \
+                 issuing_account, created_ms FROM grants",
+            )?;
+            let grants = stmt
+                .query_map([], |r| {
+                    let operations: String = r.get(6)?;
+                    let constraints: Option<String> = r.get(7)?;
+                    Ok(GrantRow {
+                        grant_id: r.get(0)?,
+                        key_id: parse_id(r.get(1)?)?,
+                        token: r.get(2)?,
+                        name: r.get(3)?,
+                        grantee: r.get(4)?,
+                        retiring: r.get(5)?,
+                        operations: serde_json::from_str(&operations).map_err(|_| corrupt("grant operations"))?,
+                        constraints: constraints
+                            .map(|c| serde_json::from_str(&c))
+                            .transpose()
+                            .map_err(|_| corrupt("grant constraints"))?,
+                        issuing_account: r.get(8)?,
+                        created_ms: r.get(9)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(Snapshot { keys, materials, aliases, tags, grants })
         };
         read().map_err(db_error)
     }
@@ -249,7 +314,8 @@ impl Store {
         self.write(|tx| {
             tx.execute(
                 "INSERT INTO keys (key_id, created_ms, description, key_usage, key_spec, origin, state, \
-                 deletion_ms, pending_days, current_version) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                 deletion_ms, pending_days, current_version, policy) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
                 params![
                     key.id.to_string(),
                     key.created_ms,
@@ -260,7 +326,8 @@ impl Store {
                     key.state.as_str(),
                     key.deletion_ms,
                     key.pending_days,
-                    key.current_version
+                    key.current_version,
+                    key.policy
                 ],
             )?;
             tx.execute(
@@ -289,16 +356,48 @@ impl Store {
         self.write(|tx| {
             tx.execute(
                 "UPDATE keys SET description = ?2, state = ?3, deletion_ms = ?4, pending_days = ?5, \
-                 current_version = ?6 WHERE key_id = ?1",
+                 current_version = ?6, policy = ?7 WHERE key_id = ?1",
                 params![
                     key.id.to_string(),
                     key.description,
                     key.state.as_str(),
                     key.deletion_ms,
                     key.pending_days,
-                    key.current_version
+                    key.current_version,
+                    key.policy
                 ],
             )?;
+            Ok(())
+        })
+    }
+
+    pub fn insert_grant(&mut self, grant: &GrantRow) -> Result<(), KmsError> {
+        let operations = serde_json::to_string(&grant.operations).unwrap_or_default();
+        let constraints = grant.constraints.as_ref().map(|c| c.to_string());
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO grants (grant_id, key_id, token, name, grantee, retiring, operations, constraints, \
+                 issuing_account, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                params![
+                    grant.grant_id,
+                    grant.key_id.to_string(),
+                    grant.token,
+                    grant.name,
+                    grant.grantee,
+                    grant.retiring,
+                    operations,
+                    constraints,
+                    grant.issuing_account,
+                    grant.created_ms
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    pub fn delete_grant(&mut self, grant_id: &str) -> Result<(), KmsError> {
+        self.write(|tx| {
+            tx.execute("DELETE FROM grants WHERE grant_id = ?1", [grant_id])?;
             Ok(())
         })
     }
@@ -369,6 +468,7 @@ mod tests {
             deletion_ms: None,
             pending_days: None,
             current_version: 1,
+            policy: String::new(),
         }
     }
 

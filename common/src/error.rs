@@ -36,6 +36,7 @@ error_kinds! {
     InvalidAliasNameException,
     InvalidArnException,
     InvalidCiphertextException,
+    InvalidGrantIdException,
     InvalidGrantTokenException,
     InvalidKeyUsageException,
     InvalidMarkerException,

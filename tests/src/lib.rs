@@ -46,12 +46,50 @@ impl TestAgent {
         TestAgent::start_with(&[])
     }
 
-    /// Starts a fresh agent with extra `kmsd` arguments.
+    /// Starts a fresh agent with extra `kmsd` arguments. Its configuration grants root the
+    /// use of every key (`policies/users/root.json`), as an operator of a test machine would.
     pub fn start_with(args: &[&str]) -> TestAgent {
+        TestAgent::start_configured(args, &[("users/root.json", ROOT_USES_EVERYTHING)])
+    }
+
+    /// Starts a fresh agent whose configuration directory holds exactly `policies`:
+    /// `(path under policies/, document)` pairs.
+    pub fn start_configured(args: &[&str], policies: &[(&str, &str)]) -> TestAgent {
         let dir = tempfile::Builder::new().prefix("kmsfs-test-").tempdir().expect("tempdir");
+        for (path, document) in policies {
+            let path = dir.path().join("config/policies").join(path);
+            std::fs::create_dir_all(path.parent().expect("parent")).expect("policy dir");
+            std::fs::write(path, document).expect("policy file");
+        }
         let mut agent = TestAgent { dir, child: None, extra_args: args.iter().map(|s| s.to_string()).collect() };
         agent.launch();
         agent
+    }
+
+    /// Writes (or with `None` removes) an identity policy file and reloads the agent's
+    /// policies with SIGHUP.
+    pub fn set_policy(&self, path: &str, document: Option<&str>) {
+        let path = self.config_dir().join("policies").join(path);
+        match document {
+            Some(doc) => {
+                std::fs::create_dir_all(path.parent().expect("parent")).expect("policy dir");
+                std::fs::write(&path, doc).expect("policy file");
+            }
+            None => {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+        let before = self.log().matches("identity policies").count();
+        let _ = Command::new("kill").arg("-HUP").arg(self.pid().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.log().matches("identity policies").count() == before {
+            assert!(Instant::now() < deadline, "kmsd did not reload its policies:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn config_dir(&self) -> PathBuf {
+        self.dir.path().join("config")
     }
 
     fn launch(&mut self) {
@@ -61,6 +99,8 @@ impl TestAgent {
             .arg(self.socket())
             .arg("--state-dir")
             .arg(self.state_dir())
+            .arg("--config-dir")
+            .arg(self.config_dir())
             .args(&self.extra_args)
             .env("KMSD_LOG", "info,kmsfs_agent=debug")
             .stdin(Stdio::null())
@@ -164,6 +204,10 @@ impl Drop for TestAgent {
         self.kill();
     }
 }
+
+/// An identity policy that lets its holder use and manage every key.
+pub const ROOT_USES_EVERYTHING: &str =
+    r#"{"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "kms:*", "Resource": "*"}]}"#;
 
 /// Creates a key and returns its ID.
 pub fn create_key(agent: &TestAgent) -> String {

@@ -18,6 +18,10 @@ struct Args {
     /// $XDG_DATA_HOME/kmsd).
     #[arg(long, env = "KMSD_STATE_DIR")]
     state_dir: Option<PathBuf>,
+    /// Configuration directory: identity policies in `policies/{users,groups,roles}/*.json`
+    /// (default /etc/kmsd as root, else $XDG_CONFIG_HOME/kmsd). SIGHUP reloads them.
+    #[arg(long, env = "KMSD_CONFIG_DIR")]
+    config_dir: Option<PathBuf>,
     /// The 12-digit account ID in ARNs (default: derived from /etc/machine-id).
     #[arg(long, env = "KMSD_ACCOUNT_ID")]
     account_id: Option<String>,
@@ -47,6 +51,7 @@ fn main() -> ExitCode {
         region: args.region,
         root_key_file: args.root_key_file,
         passphrase_file: args.passphrase_file,
+        config_dir: args.config_dir.unwrap_or_else(daemon::default_config_dir),
     };
     match daemon::run(config) {
         Ok(()) => ExitCode::SUCCESS,

@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 
 use super::wire::{paginate, parse, with_page_info};
 use crate::agent::{Agent, Change, KeyRecord};
+use crate::policy::eval::Caller;
 use crate::store::{AliasRow, KeyState};
 use std::sync::Arc;
 
@@ -51,10 +52,11 @@ struct AliasTargetRequest {
     target_key_id: String,
 }
 
-pub fn create_alias(agent: &Agent, request: Value) -> Result<Value, KmsError> {
+pub fn create_alias(agent: &Agent, caller: &Caller, request: Value) -> Result<Value, KmsError> {
     let req: AliasTargetRequest = parse(request)?;
     check_alias_name(&req.alias_name)?;
     let key = target(agent, &req.target_key_id)?;
+    agent.authorize_key(caller, "CreateAlias", &key, |c| c)?;
     agent.mutate(|store| {
         if agent.alias(&req.alias_name).is_some() {
             return Err(KmsError::new(
@@ -70,10 +72,15 @@ pub fn create_alias(agent: &Agent, request: Value) -> Result<Value, KmsError> {
     Ok(json!({}))
 }
 
-pub fn update_alias(agent: &Agent, request: Value) -> Result<Value, KmsError> {
+pub fn update_alias(agent: &Agent, caller: &Caller, request: Value) -> Result<Value, KmsError> {
     let req: AliasTargetRequest = parse(request)?;
     check_alias_name(&req.alias_name)?;
     let key = target(agent, &req.target_key_id)?;
+    // As in AWS: permission on both the key the alias leaves and the one it moves to.
+    agent.authorize_key(caller, "UpdateAlias", &key, |c| c)?;
+    if let Some(old) = agent.alias(&req.alias_name).and_then(|a| agent.key(&a.key_id)) {
+        agent.authorize_key(caller, "UpdateAlias", &old, |c| c)?;
+    }
     agent.mutate(|store| {
         let mut alias = agent.alias(&req.alias_name).ok_or_else(|| {
             KmsError::not_found(format!("Alias {} is not found.", agent.scope.alias_arn(&req.alias_name)))
@@ -92,9 +99,12 @@ struct DeleteAliasRequest {
     alias_name: String,
 }
 
-pub fn delete_alias(agent: &Agent, request: Value) -> Result<Value, KmsError> {
+pub fn delete_alias(agent: &Agent, caller: &Caller, request: Value) -> Result<Value, KmsError> {
     let req: DeleteAliasRequest = parse(request)?;
     check_alias_name(&req.alias_name)?;
+    if let Some(key) = agent.alias(&req.alias_name).and_then(|a| agent.key(&a.key_id)) {
+        agent.authorize_key(caller, "DeleteAlias", &key, |c| c)?;
+    }
     agent.mutate(|store| {
         if agent.alias(&req.alias_name).is_none() {
             return Err(KmsError::not_found(format!("Alias {} is not found.", agent.scope.alias_arn(&req.alias_name))));
@@ -113,8 +123,9 @@ struct ListAliasesRequest {
     marker: Option<String>,
 }
 
-pub fn list_aliases(agent: &Agent, request: Value) -> Result<Value, KmsError> {
+pub fn list_aliases(agent: &Agent, caller: &Caller, request: Value) -> Result<Value, KmsError> {
     let req: ListAliasesRequest = parse(request)?;
+    agent.authorize_account(caller, "ListAliases", |c| c)?;
     let filter = match &req.key_id {
         Some(k) => Some(agent.resolve(k, false)?.row.id),
         None => None,

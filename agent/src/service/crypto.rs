@@ -15,9 +15,11 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use zeroize::Zeroizing;
 
-use super::wire::{b64, b64_secret, context, dry_run, parse, require_symmetric_algorithm, Blob};
+use super::wire::{b64, b64_secret, context, dry_run, parse, require_symmetric_algorithm, with_request_alias, Blob};
 use super::Reply;
 use crate::agent::{require_usable, Agent, KeyRecord};
+use crate::policy::eval::Caller;
+use crate::policy::keys as ck;
 
 #[derive(Deserialize)]
 #[serde(rename_all = "PascalCase")]
@@ -36,16 +38,23 @@ fn seal(key: &KeyRecord, context: &EncryptionContext, plaintext: &[u8]) -> Resul
     Ok((blob, current.material_id.clone()))
 }
 
-pub fn encrypt(agent: &Agent, request: Value) -> Result<Reply, KmsError> {
+pub fn encrypt(agent: &Agent, caller: &Caller, request: Value) -> Result<Reply, KmsError> {
     let req: EncryptRequest = parse(request)?;
     let key = agent.resolve(&req.key_id, true)?;
+    let ctx = context(req.encryption_context);
+    agent.authorize_key(caller, "Encrypt", &key, |c| {
+        with_request_alias(c, &req.key_id).with_encryption_context(&ctx.0).with(
+            ck::ENCRYPTION_ALGORITHM,
+            req.encryption_algorithm.clone().unwrap_or_else(|| "SYMMETRIC_DEFAULT".into()),
+        )
+    })?;
     let arn = agent.key_arn(&key.row.id);
     require_usable(agent, &key)?;
     require_symmetric_algorithm(req.encryption_algorithm.as_deref(), &arn)?;
     if req.dry_run == Some(true) {
         return Err(dry_run());
     }
-    let (blob, _) = seal(&key, &context(req.encryption_context), &req.plaintext.0)?;
+    let (blob, _) = seal(&key, &ctx, &req.plaintext.0)?;
     Ok(json!({
         "CiphertextBlob": b64(&blob),
         "KeyId": arn,
@@ -63,6 +72,8 @@ type Opened = (Arc<KeyRecord>, String, Zeroizing<Vec<u8>>);
 /// material version it names with `context`.
 fn open(
     agent: &Agent,
+    caller: &Caller,
+    action: &str,
     blob: &[u8],
     context: &EncryptionContext,
     expected_key: Option<&str>,
@@ -78,6 +89,13 @@ fn open(
         }
     }
     let key = agent.key(&parsed.key_id).ok_or_else(KmsError::invalid_ciphertext)?;
+    agent.authorize_key(caller, action, &key, |c| {
+        let c = c.with_encryption_context(&context.0).with(ck::ENCRYPTION_ALGORITHM, "SYMMETRIC_DEFAULT");
+        match expected_key {
+            Some(k) => with_request_alias(c, k),
+            None => c,
+        }
+    })?;
     require_usable(agent, &key)?;
     let material = key.materials.get(&parsed.material_version).ok_or_else(KmsError::invalid_ciphertext)?;
     let plaintext = material.key.open(&parsed, context).ok_or_else(KmsError::invalid_ciphertext)?;
@@ -114,11 +132,12 @@ struct DecryptRequest {
     dry_run: Option<bool>,
 }
 
-pub fn decrypt(agent: &Agent, request: Value) -> Result<Reply, KmsError> {
+pub fn decrypt(agent: &Agent, caller: &Caller, request: Value) -> Result<Reply, KmsError> {
     let req: DecryptRequest = parse(request)?;
     let blob = required_blob(req.ciphertext_blob, "ciphertextBlob")?;
     no_recipient(&req.recipient)?;
-    let (key, material_id, plaintext) = open(agent, &blob.0, &context(req.encryption_context), req.key_id.as_deref())?;
+    let (key, material_id, plaintext) =
+        open(agent, caller, "Decrypt", &blob.0, &context(req.encryption_context), req.key_id.as_deref())?;
     let arn = agent.key_arn(&key.row.id);
     require_symmetric_algorithm(req.encryption_algorithm.as_deref(), &arn)?;
     if req.dry_run == Some(true) {
@@ -144,22 +163,33 @@ struct ReEncryptRequest {
     dry_run: Option<bool>,
 }
 
-pub fn re_encrypt(agent: &Agent, request: Value) -> Result<Reply, KmsError> {
+pub fn re_encrypt(agent: &Agent, caller: &Caller, request: Value) -> Result<Reply, KmsError> {
     let req: ReEncryptRequest = parse(request)?;
     let blob = required_blob(req.ciphertext_blob, "ciphertextBlob")?;
-    let (source, source_material_id, plaintext) =
-        open(agent, &blob.0, &context(req.source_encryption_context), req.source_key_id.as_deref())?;
+    let (source, source_material_id, plaintext) = open(
+        agent,
+        caller,
+        "ReEncryptFrom",
+        &blob.0,
+        &context(req.source_encryption_context),
+        req.source_key_id.as_deref(),
+    )?;
     let source_arn = agent.key_arn(&source.row.id);
     require_symmetric_algorithm(req.source_encryption_algorithm.as_deref(), &source_arn)?;
     let destination = agent.resolve(&req.destination_key_id, true)?;
+    let destination_context = context(req.destination_encryption_context);
+    agent.authorize_key(caller, "ReEncryptTo", &destination, |c| {
+        with_request_alias(c, &req.destination_key_id)
+            .with_encryption_context(&destination_context.0)
+            .with(ck::ENCRYPTION_ALGORITHM, "SYMMETRIC_DEFAULT")
+    })?;
     let destination_arn = agent.key_arn(&destination.row.id);
     require_usable(agent, &destination)?;
     require_symmetric_algorithm(req.destination_encryption_algorithm.as_deref(), &destination_arn)?;
     if req.dry_run == Some(true) {
         return Err(dry_run());
     }
-    let (new_blob, destination_material_id) =
-        seal(&destination, &context(req.destination_encryption_context), &plaintext)?;
+    let (new_blob, destination_material_id) = seal(&destination, &destination_context, &plaintext)?;
     Ok(json!({
         "CiphertextBlob": b64(&new_blob),
         "SourceKeyId": source_arn,
@@ -184,7 +214,12 @@ struct GenerateDataKeyRequest {
 }
 
 /// GenerateDataKey (`with_plaintext`) and GenerateDataKeyWithoutPlaintext.
-pub fn generate_data_key(agent: &Agent, request: Value, with_plaintext: bool) -> Result<Reply, KmsError> {
+pub fn generate_data_key(
+    agent: &Agent,
+    caller: &Caller,
+    request: Value,
+    with_plaintext: bool,
+) -> Result<Reply, KmsError> {
     let req: GenerateDataKeyRequest = parse(request)?;
     let length = match (req.key_spec.as_deref(), req.number_of_bytes) {
         (Some("AES_128"), None) => 16,
@@ -197,13 +232,17 @@ pub fn generate_data_key(agent: &Agent, request: Value, with_plaintext: bool) ->
     };
     no_recipient(&req.recipient)?;
     let key = agent.resolve(&req.key_id, true)?;
+    let ctx = context(req.encryption_context);
+    let action = if with_plaintext { "GenerateDataKey" } else { "GenerateDataKeyWithoutPlaintext" };
+    agent
+        .authorize_key(caller, action, &key, |c| with_request_alias(c, &req.key_id).with_encryption_context(&ctx.0))?;
     require_usable(agent, &key)?;
     if req.dry_run == Some(true) {
         return Err(dry_run());
     }
     let mut data_key = Zeroizing::new(vec![0u8; length]);
     random_bytes(&mut data_key);
-    let (blob, material_id) = seal(&key, &context(req.encryption_context), &data_key)?;
+    let (blob, material_id) = seal(&key, &ctx, &data_key)?;
     let body = json!({
         "CiphertextBlob": b64(&blob),
         "KeyId": agent.key_arn(&key.row.id),
@@ -220,8 +259,9 @@ struct GenerateRandomRequest {
     recipient: Option<Value>,
 }
 
-pub fn generate_random(request: Value) -> Result<Reply, KmsError> {
+pub fn generate_random(agent: &Agent, caller: &Caller, request: Value) -> Result<Reply, KmsError> {
     let req: GenerateRandomRequest = parse(request)?;
+    agent.authorize_account(caller, "GenerateRandom", |c| c)?;
     if req.custom_key_store_id.is_some() {
         return Err(KmsError::new(ErrorKind::UnsupportedOperationException, "Custom key stores are not supported yet"));
     }

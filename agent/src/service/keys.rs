@@ -15,9 +15,12 @@ use kmsfs_common::{ErrorKind, KmsError};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::policies::parse_key_policy;
 use super::tags::{validate_new_tags, Tag};
-use super::wire::{paginate, parse, with_page_info};
+use super::wire::{paginate, parse, with_page_info, with_request_alias};
 use crate::agent::{Agent, Change, KeyRecord, Material};
+use crate::policy::eval::Caller;
+use crate::policy::keys as ck;
 use crate::store::{KeyRow, KeyState, MaterialRow};
 
 const DAY_MS: i64 = 86_400_000;
@@ -66,10 +69,19 @@ struct CreateKeyRequest {
     tags: Option<Vec<Tag>>,
     multi_region: Option<bool>,
     xks_key_id: Option<String>,
+    #[serde(default)]
+    bypass_policy_lockout_safety_check: bool,
 }
 
-pub fn create_key(agent: &Agent, request: Value) -> Result<Value, KmsError> {
+pub fn create_key(agent: &Agent, caller: &Caller, request: Value) -> Result<Value, KmsError> {
     let req: CreateKeyRequest = parse(request)?;
+    let bypass = req.bypass_policy_lockout_safety_check;
+    agent.authorize_account(caller, "CreateKey", |c| {
+        c.with(ck::BYPASS_POLICY_LOCKOUT_SAFETY_CHECK, bypass.to_string())
+            .with(ck::KEY_SPEC, req.key_spec.clone().unwrap_or_else(|| "SYMMETRIC_DEFAULT".into()))
+            .with(ck::KEY_USAGE, req.key_usage.clone().unwrap_or_else(|| "ENCRYPT_DECRYPT".into()))
+            .with(ck::KEY_ORIGIN, req.origin.clone().unwrap_or_else(|| "AWS_KMS".into()))
+    })?;
     let unsupported = |what: &str| KmsError::new(ErrorKind::UnsupportedOperationException, what.to_string());
     if req.key_spec.is_some() && req.customer_master_key_spec.is_some() {
         return Err(KmsError::validation("KeySpec and CustomerMasterKeySpec cannot both be specified; use KeySpec"));
@@ -94,11 +106,10 @@ pub fn create_key(agent: &Agent, request: Value) -> Result<Value, KmsError> {
     if req.multi_region == Some(true) {
         return Err(unsupported("Multi-Region keys are not supported yet"));
     }
-    if req.policy.is_some() {
-        return Err(unsupported(
-            "Key policies are not supported yet: until access control arrives only the agent's own user and root may call it",
-        ));
-    }
+    let policy = match &req.policy {
+        Some(text) => Some((text.clone(), std::sync::Arc::new(parse_key_policy(text)?))),
+        None => None,
+    };
     let tags = validate_new_tags(&BTreeMap::new(), req.tags.unwrap_or_default())?;
 
     let id = KeyId::random();
@@ -118,6 +129,7 @@ pub fn create_key(agent: &Agent, request: Value) -> Result<Value, KmsError> {
         deletion_ms: None,
         pending_days: None,
         current_version: 1,
+        policy: policy.as_ref().map(|(text, _)| text.clone()).unwrap_or_default(),
     };
     let material_row =
         MaterialRow { key_id: id, version: 1, material_id: material_id.clone(), stored, created_ms: now };
@@ -125,7 +137,15 @@ pub fn create_key(agent: &Agent, request: Value) -> Result<Value, KmsError> {
         row: row.clone(),
         tags: tags.clone(),
         materials: BTreeMap::from([(1, Material { material_id, key })]),
+        grants: Vec::new(),
+        policy: match &policy {
+            Some((_, parsed)) => parsed.clone(),
+            None => crate::agent::parse_stored_policy(&agent.scope, "").map_err(KmsError::internal)?,
+        },
     };
+    if !bypass {
+        agent.authz.check_lockout(&record.policy, &agent.key_context(caller, "PutKeyPolicy", &record))?;
+    }
     let metadata = key_metadata(agent, &record);
     agent.mutate(|store| {
         store.create_key(&row, &material_row, &tags)?;
@@ -141,9 +161,10 @@ struct KeyIdRequest {
     key_id: String,
 }
 
-pub fn describe_key(agent: &Agent, request: Value) -> Result<Value, KmsError> {
+pub fn describe_key(agent: &Agent, caller: &Caller, request: Value) -> Result<Value, KmsError> {
     let req: KeyIdRequest = parse(request)?;
     let key = agent.resolve(&req.key_id, true)?;
+    agent.authorize_key(caller, "DescribeKey", &key, |c| with_request_alias(c, &req.key_id))?;
     Ok(json!({ "KeyMetadata": key_metadata(agent, &key) }))
 }
 
@@ -154,8 +175,9 @@ struct ListKeysRequest {
     marker: Option<String>,
 }
 
-pub fn list_keys(agent: &Agent, request: Value) -> Result<Value, KmsError> {
+pub fn list_keys(agent: &Agent, caller: &Caller, request: Value) -> Result<Value, KmsError> {
     let req: ListKeysRequest = parse(request)?;
+    agent.authorize_account(caller, "ListKeys", |c| c)?;
     let (page, next) =
         paginate(agent.keys_sorted(), |k| k.row.id.to_string(), req.limit, 100, 1000, req.marker.as_deref())?;
     let keys: Vec<Value> =
@@ -167,10 +189,13 @@ pub fn list_keys(agent: &Agent, request: Value) -> Result<Value, KmsError> {
 /// that concurrent mutations of one key serialize.
 fn update_row(
     agent: &Agent,
+    authorized: impl FnOnce(&KeyRecord) -> Result<(), KmsError>,
     key_id: &str,
     change: impl FnOnce(&Agent, &mut KeyRow) -> Result<(), KmsError>,
 ) -> Result<KeyRecord, KmsError> {
-    let id = agent.resolve(key_id, false)?.row.id;
+    let key = agent.resolve(key_id, false)?;
+    authorized(&key)?;
+    let id = key.row.id;
     agent.mutate(|store| {
         let current = agent
             .key(&id)
@@ -188,18 +213,20 @@ fn pending_deletion(agent: &Agent, row: &KeyRow) -> KmsError {
     KmsError::invalid_state(format!("{} is pending deletion.", agent.key_arn(&row.id)))
 }
 
-pub fn enable_key(agent: &Agent, request: Value) -> Result<Value, KmsError> {
-    set_enabled(agent, request, KeyState::Enabled)
+pub fn enable_key(agent: &Agent, caller: &Caller, request: Value) -> Result<Value, KmsError> {
+    set_enabled(agent, caller, request, KeyState::Enabled)
 }
 
-pub fn disable_key(agent: &Agent, request: Value) -> Result<Value, KmsError> {
-    set_enabled(agent, request, KeyState::Disabled)
+pub fn disable_key(agent: &Agent, caller: &Caller, request: Value) -> Result<Value, KmsError> {
+    set_enabled(agent, caller, request, KeyState::Disabled)
 }
 
 /// EnableKey and DisableKey: idempotent, refused while the key is pending deletion.
-fn set_enabled(agent: &Agent, request: Value, state: KeyState) -> Result<Value, KmsError> {
+fn set_enabled(agent: &Agent, caller: &Caller, request: Value, state: KeyState) -> Result<Value, KmsError> {
     let req: KeyIdRequest = parse(request)?;
-    update_row(agent, &req.key_id, |agent, row| match row.state {
+    let action = if state == KeyState::Enabled { "EnableKey" } else { "DisableKey" };
+    let authorized = |key: &KeyRecord| agent.authorize_key(caller, action, key, |c| c);
+    update_row(agent, authorized, &req.key_id, |agent, row| match row.state {
         KeyState::PendingDeletion => Err(pending_deletion(agent, row)),
         _ => {
             row.state = state;
@@ -216,9 +243,10 @@ struct UpdateKeyDescriptionRequest {
     description: String,
 }
 
-pub fn update_key_description(agent: &Agent, request: Value) -> Result<Value, KmsError> {
+pub fn update_key_description(agent: &Agent, caller: &Caller, request: Value) -> Result<Value, KmsError> {
     let req: UpdateKeyDescriptionRequest = parse(request)?;
-    update_row(agent, &req.key_id, |agent, row| match row.state {
+    let authorized = |key: &KeyRecord| agent.authorize_key(caller, "UpdateKeyDescription", key, |c| c);
+    update_row(agent, authorized, &req.key_id, |agent, row| match row.state {
         KeyState::PendingDeletion => Err(pending_deletion(agent, row)),
         _ => {
             row.description = req.description;
@@ -235,15 +263,20 @@ struct ScheduleKeyDeletionRequest {
     pending_window_in_days: Option<i64>,
 }
 
-pub fn schedule_key_deletion(agent: &Agent, request: Value) -> Result<Value, KmsError> {
+pub fn schedule_key_deletion(agent: &Agent, caller: &Caller, request: Value) -> Result<Value, KmsError> {
     let req: ScheduleKeyDeletionRequest = parse(request)?;
     let days = req.pending_window_in_days.unwrap_or(30);
+    let authorized = |key: &KeyRecord| {
+        agent.authorize_key(caller, "ScheduleKeyDeletion", key, |c| {
+            c.with(ck::SCHEDULE_KEY_DELETION_PENDING_WINDOW_IN_DAYS, days.to_string())
+        })
+    };
     if !(7..=30).contains(&days) {
         return Err(KmsError::validation(format!(
             "PendingWindowInDays must be between 7 and 30 days; {days} was given"
         )));
     }
-    let record = update_row(agent, &req.key_id, |agent, row| match row.state {
+    let record = update_row(agent, authorized, &req.key_id, |agent, row| match row.state {
         KeyState::PendingDeletion => Err(pending_deletion(agent, row)),
         _ => {
             row.state = KeyState::PendingDeletion;
@@ -261,9 +294,10 @@ pub fn schedule_key_deletion(agent: &Agent, request: Value) -> Result<Value, Kms
     }))
 }
 
-pub fn cancel_key_deletion(agent: &Agent, request: Value) -> Result<Value, KmsError> {
+pub fn cancel_key_deletion(agent: &Agent, caller: &Caller, request: Value) -> Result<Value, KmsError> {
     let req: KeyIdRequest = parse(request)?;
-    let record = update_row(agent, &req.key_id, |agent, row| match row.state {
+    let authorized = |key: &KeyRecord| agent.authorize_key(caller, "CancelKeyDeletion", key, |c| c);
+    let record = update_row(agent, authorized, &req.key_id, |agent, row| match row.state {
         KeyState::PendingDeletion => {
             // As in AWS, a key whose deletion is cancelled comes back disabled.
             row.state = KeyState::Disabled;

@@ -5,8 +5,10 @@
 
 mod aliases;
 mod crypto;
+mod grants;
 mod keys;
 pub mod model;
+mod policies;
 mod tags;
 mod wire;
 
@@ -15,6 +17,7 @@ use serde_json::Value;
 use zeroize::Zeroizing;
 
 use crate::agent::Agent;
+use crate::policy::eval::Caller;
 
 /// A successful response: a JSON object and, for actions that return a plaintext, that
 /// one secret member kept out of the `Value` so that it lives only in zeroizing buffers.
@@ -55,7 +58,7 @@ impl Reply {
 }
 
 /// Handles one request for `action` with the raw JSON `body`.
-pub fn handle(agent: &Agent, action: &str, body: &[u8]) -> Result<Reply, KmsError> {
+pub fn handle(agent: &Agent, caller: &Caller, action: &str, body: &[u8]) -> Result<Reply, KmsError> {
     let request: Value = if body.iter().all(u8::is_ascii_whitespace) {
         Value::Object(Default::default())
     } else {
@@ -65,27 +68,35 @@ pub fn handle(agent: &Agent, action: &str, body: &[u8]) -> Result<Reply, KmsErro
     };
     model::model().validate(action, &request)?;
     match action {
-        "CreateKey" => keys::create_key(agent, request).map(Reply::from),
-        "DescribeKey" => keys::describe_key(agent, request).map(Reply::from),
-        "ListKeys" => keys::list_keys(agent, request).map(Reply::from),
-        "EnableKey" => keys::enable_key(agent, request).map(Reply::from),
-        "DisableKey" => keys::disable_key(agent, request).map(Reply::from),
-        "UpdateKeyDescription" => keys::update_key_description(agent, request).map(Reply::from),
-        "ScheduleKeyDeletion" => keys::schedule_key_deletion(agent, request).map(Reply::from),
-        "CancelKeyDeletion" => keys::cancel_key_deletion(agent, request).map(Reply::from),
-        "CreateAlias" => aliases::create_alias(agent, request).map(Reply::from),
-        "UpdateAlias" => aliases::update_alias(agent, request).map(Reply::from),
-        "DeleteAlias" => aliases::delete_alias(agent, request).map(Reply::from),
-        "ListAliases" => aliases::list_aliases(agent, request).map(Reply::from),
-        "TagResource" => tags::tag_resource(agent, request).map(Reply::from),
-        "UntagResource" => tags::untag_resource(agent, request).map(Reply::from),
-        "ListResourceTags" => tags::list_resource_tags(agent, request).map(Reply::from),
-        "Encrypt" => crypto::encrypt(agent, request),
-        "Decrypt" => crypto::decrypt(agent, request),
-        "ReEncrypt" => crypto::re_encrypt(agent, request),
-        "GenerateDataKey" => crypto::generate_data_key(agent, request, true),
-        "GenerateDataKeyWithoutPlaintext" => crypto::generate_data_key(agent, request, false),
-        "GenerateRandom" => crypto::generate_random(request),
+        "CreateKey" => keys::create_key(agent, caller, request).map(Reply::from),
+        "DescribeKey" => keys::describe_key(agent, caller, request).map(Reply::from),
+        "ListKeys" => keys::list_keys(agent, caller, request).map(Reply::from),
+        "EnableKey" => keys::enable_key(agent, caller, request).map(Reply::from),
+        "DisableKey" => keys::disable_key(agent, caller, request).map(Reply::from),
+        "UpdateKeyDescription" => keys::update_key_description(agent, caller, request).map(Reply::from),
+        "ScheduleKeyDeletion" => keys::schedule_key_deletion(agent, caller, request).map(Reply::from),
+        "CancelKeyDeletion" => keys::cancel_key_deletion(agent, caller, request).map(Reply::from),
+        "CreateAlias" => aliases::create_alias(agent, caller, request).map(Reply::from),
+        "UpdateAlias" => aliases::update_alias(agent, caller, request).map(Reply::from),
+        "DeleteAlias" => aliases::delete_alias(agent, caller, request).map(Reply::from),
+        "ListAliases" => aliases::list_aliases(agent, caller, request).map(Reply::from),
+        "TagResource" => tags::tag_resource(agent, caller, request).map(Reply::from),
+        "UntagResource" => tags::untag_resource(agent, caller, request).map(Reply::from),
+        "ListResourceTags" => tags::list_resource_tags(agent, caller, request).map(Reply::from),
+        "Encrypt" => crypto::encrypt(agent, caller, request),
+        "Decrypt" => crypto::decrypt(agent, caller, request),
+        "ReEncrypt" => crypto::re_encrypt(agent, caller, request),
+        "GenerateDataKey" => crypto::generate_data_key(agent, caller, request, true),
+        "GenerateDataKeyWithoutPlaintext" => crypto::generate_data_key(agent, caller, request, false),
+        "GenerateRandom" => crypto::generate_random(agent, caller, request),
+        "PutKeyPolicy" => policies::put_key_policy(agent, caller, request).map(Reply::from),
+        "GetKeyPolicy" => policies::get_key_policy(agent, caller, request).map(Reply::from),
+        "ListKeyPolicies" => policies::list_key_policies(agent, caller, request).map(Reply::from),
+        "CreateGrant" => grants::create_grant(agent, caller, request).map(Reply::from),
+        "ListGrants" => grants::list_grants(agent, caller, request).map(Reply::from),
+        "ListRetirableGrants" => grants::list_retirable_grants(agent, caller, request).map(Reply::from),
+        "RetireGrant" => grants::retire_grant(agent, caller, request).map(Reply::from),
+        "RevokeGrant" => grants::revoke_grant(agent, caller, request).map(Reply::from),
         _ => Err(KmsError::new(
             ErrorKind::UnsupportedOperationException,
             format!("{action} is not supported by this version of kmsd"),
@@ -109,6 +120,10 @@ pub fn mutates(action: &str) -> bool {
             | "DeleteAlias"
             | "TagResource"
             | "UntagResource"
+            | "PutKeyPolicy"
+            | "CreateGrant"
+            | "RetireGrant"
+            | "RevokeGrant"
     )
 }
 

@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 
 use super::wire::{paginate, parse, with_page_info};
 use crate::agent::{Agent, Change};
+use crate::policy::eval::Caller;
 use crate::store::KeyState;
 
 /// AWS's quota of tags per KMS key.
@@ -63,9 +64,11 @@ fn not_pending(agent: &Agent, state: KeyState, id: &kmsfs_common::ids::KeyId) ->
     Ok(())
 }
 
-pub fn tag_resource(agent: &Agent, request: Value) -> Result<Value, KmsError> {
+pub fn tag_resource(agent: &Agent, caller: &Caller, request: Value) -> Result<Value, KmsError> {
     let req: TagResourceRequest = parse(request)?;
-    let id = agent.resolve(&req.key_id, false)?.row.id;
+    let key = agent.resolve(&req.key_id, false)?;
+    agent.authorize_key(caller, "TagResource", &key, |c| c)?;
+    let id = key.row.id;
     agent.mutate(|store| {
         let current = agent.key(&id).ok_or_else(|| KmsError::not_found("Key does not exist"))?;
         not_pending(agent, current.row.state, &id)?;
@@ -85,9 +88,11 @@ struct UntagResourceRequest {
     tag_keys: Vec<String>,
 }
 
-pub fn untag_resource(agent: &Agent, request: Value) -> Result<Value, KmsError> {
+pub fn untag_resource(agent: &Agent, caller: &Caller, request: Value) -> Result<Value, KmsError> {
     let req: UntagResourceRequest = parse(request)?;
-    let id = agent.resolve(&req.key_id, false)?.row.id;
+    let key = agent.resolve(&req.key_id, false)?;
+    agent.authorize_key(caller, "UntagResource", &key, |c| c)?;
+    let id = key.row.id;
     agent.mutate(|store| {
         let current = agent.key(&id).ok_or_else(|| KmsError::not_found("Key does not exist"))?;
         not_pending(agent, current.row.state, &id)?;
@@ -109,9 +114,10 @@ struct ListResourceTagsRequest {
     marker: Option<String>,
 }
 
-pub fn list_resource_tags(agent: &Agent, request: Value) -> Result<Value, KmsError> {
+pub fn list_resource_tags(agent: &Agent, caller: &Caller, request: Value) -> Result<Value, KmsError> {
     let req: ListResourceTagsRequest = parse(request)?;
     let key = agent.resolve(&req.key_id, false)?;
+    agent.authorize_key(caller, "ListResourceTags", &key, |c| c)?;
     let tags: Vec<(String, String)> = key.tags.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     let (page, next) = paginate(tags, |(k, _)| k.clone(), req.limit, 50, 50, req.marker.as_deref())?;
     let tags: Vec<Value> = page.into_iter().map(|(k, v)| json!({ "TagKey": k, "TagValue": v })).collect();

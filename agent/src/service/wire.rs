@@ -110,6 +110,14 @@ pub fn with_page_info(mut response: Value, next: Option<String>) -> Value {
     response
 }
 
+/// Adds `kms:RequestAlias` when the request named its key by an alias.
+pub fn with_request_alias(ctx: crate::policy::RequestContext, key_id: &str) -> crate::policy::RequestContext {
+    match key_id.rsplit_once(':').map_or(key_id, |(_, rest)| rest) {
+        alias if alias.starts_with("alias/") => ctx.with(crate::policy::keys::REQUEST_ALIAS, alias),
+        _ => ctx,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
