@@ -6,7 +6,8 @@
 //! - [`agent`]: in-memory keys and aliases over the [`store`].
 //! - [`rot`]: roots of trust (the embedded `file` backend today).
 //! - [`sys`]: memory locking, process hardening and peer pidfds (the crate's only `unsafe`).
-//! - [`daemon`]: start-up: configuration, listening socket, systemd integration.
+//! - [`daemon`]: start-up: configuration, listening sockets, systemd integration.
+//! - [`sigv4`]: AWS Signature Version 4 verification for the TCP listener.
 
 pub mod agent;
 pub mod authz;
@@ -16,5 +17,6 @@ pub mod policy;
 pub mod rot;
 pub mod server;
 pub mod service;
+pub mod sigv4;
 pub mod store;
 pub mod sys;
