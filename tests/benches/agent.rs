@@ -59,11 +59,17 @@ impl Agent {
     fn start(binary: &Path) -> Agent {
         let dir = tempfile::Builder::new().prefix("kmsfs-bench-").tempdir().expect("tempdir");
         let socket = dir.path().join("kmsd.sock");
+        // Root may use keys only where a policy says so: the benchmark says so for itself.
+        let policies = dir.path().join("config/policies/users");
+        std::fs::create_dir_all(&policies).expect("policy dir");
+        std::fs::write(policies.join("root.json"), kmsfs_tests::ROOT_USES_EVERYTHING).expect("policy");
         let mut child = Command::new(binary)
             .arg("--socket")
             .arg(&socket)
             .arg("--state-dir")
             .arg(dir.path().join("state"))
+            .arg("--config-dir")
+            .arg(dir.path().join("config"))
             .env("KMSD_LOG", "warn")
             .stdin(Stdio::null())
             .spawn()

@@ -358,7 +358,43 @@ fn matches_tokens(tokens: &[Token], text: &str, ignore_case: bool) -> bool {
 
 /// Whether `text` matches `pattern` with `*`/`?` wildcards.
 pub fn wildcard_match(pattern: &str, text: &str, ignore_case: bool) -> bool {
+    if pattern.is_ascii() && text.is_ascii() {
+        return ascii_glob(pattern.as_bytes(), text.as_bytes(), ignore_case);
+    }
     compile(pattern, true, None).is_some_and(|tokens| matches_tokens(&tokens, text, ignore_case))
+}
+
+/// [`matches_tokens`] for ASCII pattern and text, without allocating: every request
+/// matches each statement's actions and resources, so this is the evaluator's hot path.
+fn ascii_glob(pattern: &[u8], text: &[u8], ignore_case: bool) -> bool {
+    let eq = |a: u8, b: u8| if ignore_case { a.eq_ignore_ascii_case(&b) } else { a == b };
+    let (mut t, mut p) = (0usize, 0usize);
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        match pattern.get(p) {
+            Some(b'*') => {
+                star = Some((p, t));
+                p += 1;
+            }
+            Some(b'?') => {
+                p += 1;
+                t += 1;
+            }
+            Some(&c) if eq(c, text[t]) => {
+                p += 1;
+                t += 1;
+            }
+            _ => match star {
+                Some((sp, st)) => {
+                    p = sp + 1;
+                    t = st + 1;
+                    star = Some((sp, st + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    pattern[p.min(pattern.len())..].iter().all(|&c| c == b'*')
 }
 
 // ---------------------------------------------------------------------------------------
@@ -491,7 +527,12 @@ pub fn action_matches(statement: &Statement, action: &str) -> bool {
 pub fn resource_matches(statement: &Statement, ctx: &RequestContext, version: PolicyVersion) -> bool {
     let vars = (version == PolicyVersion::V2012_10_17).then_some(ctx);
     let hit = |list: &[String]| {
-        list.iter().any(|p| compile(p, true, vars).is_some_and(|tokens| matches_tokens(&tokens, &ctx.resource, false)))
+        list.iter().any(|p| match vars {
+            Some(_) if p.contains("${") => {
+                compile(p, true, vars).is_some_and(|tokens| matches_tokens(&tokens, &ctx.resource, false))
+            }
+            _ => wildcard_match(p, &ctx.resource, false),
+        })
     };
     match &statement.resource {
         ResourceElement::Resource(list) => hit(list),
@@ -601,6 +642,26 @@ fn arn_matches(pattern: &str, value: &str, vars: Option<&RequestContext>) -> boo
             .iter()
             .zip(&value_parts)
             .all(|(p, v)| compile(p, true, vars).is_some_and(|tokens| matches_tokens(&tokens, v, false)))
+}
+
+#[cfg(test)]
+mod glob_tests {
+    use super::*;
+
+    /// The ASCII fast path agrees with the general matcher on a grid of patterns and texts.
+    #[test]
+    fn ascii_glob_agrees_with_the_token_matcher() {
+        let patterns = ["*", "kms:*", "kms:Gen*Key", "kms:?ncrypt", "KMS:ENCRYPT", "a*b*c", "*?", "", "x", "**a"];
+        let texts = ["", "kms:Encrypt", "kms:GenerateDataKey", "kms:Decrypt", "abc", "aXbYc", "ab", "a", "x"];
+        for p in patterns {
+            for t in texts {
+                for ic in [false, true] {
+                    let general = compile(p, true, None).is_some_and(|tokens| matches_tokens(&tokens, t, ic));
+                    assert_eq!(ascii_glob(p.as_bytes(), t.as_bytes(), ic), general, "{p:?} ~ {t:?} (ignore case {ic})");
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
