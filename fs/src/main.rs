@@ -240,9 +240,19 @@ fn mount_foreground(mount: &MountArgs, _daemon: bool) -> Result<(), String> {
             "allow_root" => config.acl = fuser::SessionACL::RootAndOwner,
             "ro" => config.mount_options.push(fuser::MountOption::RO),
             "nosuid" => config.mount_options.push(fuser::MountOption::NoSuid),
+            "suid" => config.mount_options.push(fuser::MountOption::Suid),
             "nodev" => config.mount_options.push(fuser::MountOption::NoDev),
+            "dev" => config.mount_options.push(fuser::MountOption::Dev),
             "noexec" => config.mount_options.push(fuser::MountOption::NoExec),
+            "exec" => config.mount_options.push(fuser::MountOption::Exec),
             "noatime" => config.mount_options.push(fuser::MountOption::NoAtime),
+            "atime" => config.mount_options.push(fuser::MountOption::Atime),
+            "sync" => config.mount_options.push(fuser::MountOption::Sync),
+            "async" => config.mount_options.push(fuser::MountOption::Async),
+            "dirsync" => config.mount_options.push(fuser::MountOption::DirSync),
+            // The kernel's access-time policies beyond atime/noatime are the backing
+            // filesystem's business.
+            "relatime" | "norelatime" | "strictatime" | "nostrictatime" | "lazytime" | "nolazytime" => {}
             "default_permissions" => {}
             // Options of mount(8) and fstab that concern no filesystem.
             "auto" | "noauto" | "user" | "nouser" | "nofail" | "_netdev" => {}
