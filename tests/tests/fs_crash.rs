@@ -15,28 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kmsfs_tests::TestMount;
-
-/// splitmix64.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn bytes(&mut self, len: usize) -> Vec<u8> {
-        (0..len).map(|_| self.next() as u8).collect()
-    }
-}
+use kmsfs_tests::{Rng, TestMount};
 
 /// File name → contents as of its last completed fsync.
 type Durable = Arc<Mutex<BTreeMap<String, Vec<u8>>>>;
@@ -99,7 +78,7 @@ fn fsynced_files_survive_sigkill() {
     for cycle in 0..3 {
         let killed = Arc::new(AtomicBool::new(false));
         let thread = {
-            let (mnt, durable, killed, seed) = (m.mnt(), durable.clone(), killed.clone(), rng.next());
+            let (mnt, durable, killed, seed) = (m.mnt(), durable.clone(), killed.clone(), rng.next_u64());
             std::thread::spawn(move || writer(mnt, cycle, seed, durable, killed))
         };
         std::thread::sleep(Duration::from_millis(200 + rng.below(800)));

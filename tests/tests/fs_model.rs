@@ -18,7 +18,7 @@ use std::io;
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use kmsfs_tests::TestMount;
+use kmsfs_tests::{Rng, TestMount};
 
 const B: u64 = 4096;
 /// Names used at every level: few, so that operations collide with existing entries.
@@ -26,35 +26,14 @@ const NAMES: [&str; 5] = ["a", "b", "c", "d", "e"];
 /// Symlink targets: some resolve inside the tree, some dangle, one loops.
 const TARGETS: [&str; 6] = ["a", "b/c", "../a", "nowhere", "./e", "/nonexistent/kmsfs-model"];
 
-/// splitmix64: small, fast, deterministic.
-struct Rng(u64);
+/// The model's choices of paths and offsets, on the suite's generator.
+trait ModelRng {
+    fn path(&mut self) -> String;
+    fn offset(&mut self) -> u64;
+    fn len(&mut self) -> usize;
+}
 
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-
-    fn bytes(&mut self, len: usize) -> Vec<u8> {
-        let mut out = Vec::with_capacity(len + 8);
-        while out.len() < len {
-            out.extend_from_slice(&self.next().to_le_bytes());
-        }
-        out.truncate(len);
-        out
-    }
-
+impl ModelRng for Rng {
     /// A relative path of 1–3 components.
     fn path(&mut self) -> String {
         let depth = match self.below(100) {
@@ -192,9 +171,9 @@ impl Op {
     fn random(rng: &mut Rng, e: &Existing) -> Op {
         match rng.below(100) {
             0..22 => {
-                Op::Write { path: e.new_or_file(rng), offset: rng.offset(), data_len: rng.len(), seed: rng.next() }
+                Op::Write { path: e.new_or_file(rng), offset: rng.offset(), data_len: rng.len(), seed: rng.next_u64() }
             }
-            22..30 => Op::Append { path: e.new_or_file(rng), data_len: rng.len(), seed: rng.next() },
+            22..30 => Op::Append { path: e.new_or_file(rng), data_len: rng.len(), seed: rng.next_u64() },
             30..38 => Op::Truncate {
                 path: e.file(rng),
                 size: if rng.chance(15) { rng.below(64 * B) } else { rng.below(3 * B + 1) },
