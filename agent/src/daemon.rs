@@ -1,6 +1,6 @@
 //! Starting the agent: configuration, the state directory and its lock, the root of
-//! trust, the listening socket (our own, or one passed by systemd), readiness and
-//! shutdown notifications.
+//! trust, the listening socket (our own, or one passed by systemd) and any TCP listeners,
+//! readiness and shutdown notifications.
 
 use std::fs;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -10,6 +10,7 @@ use std::sync::Arc;
 use kmsfs_common::ids::ArnScope;
 use zeroize::Zeroizing;
 
+use crate::access_keys::AccessKeyStore;
 use crate::agent::{Agent, AgentConfig};
 use crate::authz::Authz;
 use crate::rot::file::{self, FileRootSource};
@@ -25,8 +26,13 @@ pub struct DaemonConfig {
     pub root_key_file: Option<PathBuf>,
     /// A file holding the passphrase the `file` backend derives its root key from.
     pub passphrase_file: Option<PathBuf>,
-    /// Identity policies live under `<config_dir>/policies/`.
+    /// Identity policies live under `<config_dir>/policies/`, access keys in
+    /// `<config_dir>/access-keys.json`.
     pub config_dir: PathBuf,
+    /// TCP addresses to serve SigV4-signed requests on (none by default).
+    pub listen_tcp: Vec<std::net::SocketAddr>,
+    /// Allow TCP addresses other than loopback ones (plain HTTP: no TLS).
+    pub allow_remote_tcp: bool,
 }
 
 /// The account ID when none is configured: twelve digits derived from the machine ID, so
@@ -42,6 +48,15 @@ pub fn default_account_id() -> String {
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub fn run(config: DaemonConfig) -> Result<(), String> {
+    if let Some(addr) = config.listen_tcp.iter().find(|a| !a.ip().is_loopback()) {
+        if !config.allow_remote_tcp {
+            return Err(format!(
+                "--listen-tcp {addr} is not a loopback address: the TCP listener speaks plain HTTP (no TLS), so \
+                 requests and replies, plaintexts and data keys included, would cross the network unencrypted; \
+                 pass --allow-remote-tcp if that network is trusted or tunneled"
+            ));
+        }
+    }
     crate::sys::harden_process();
     fs::DirBuilder::new()
         .recursive(true)
@@ -71,6 +86,10 @@ pub fn run(config: DaemonConfig) -> Result<(), String> {
     let owner = nix::unistd::geteuid().as_raw();
     let authz = Authz::load(Some(config.config_dir.clone()), owner)
         .map_err(|e| format!("invalid identity policy in {}: {e}", config.config_dir.display()))?;
+    let access_keys = Arc::new(AccessKeyStore::load(&config.config_dir, &scope.account)?);
+    if !access_keys.current().is_empty() || !config.listen_tcp.is_empty() {
+        tracing::info!(keys = access_keys.current().len(), "access keys loaded");
+    }
     let agent =
         Arc::new(Agent::open(AgentConfig { state_dir: config.state_dir.clone(), scope, authz }, Box::new(root))?);
 
@@ -80,11 +99,21 @@ pub fn run(config: DaemonConfig) -> Result<(), String> {
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
     runtime.block_on(async move {
+        // TCP first: once the socket accepts, the agent is ready on every listener.
+        let mut tcp = Vec::new();
+        for addr in &config.listen_tcp {
+            let listener =
+                tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on TCP {addr}: {e}"))?;
+            let local = listener.local_addr().map_err(|e| e.to_string())?;
+            tracing::info!(address = %local, "listening on TCP for SigV4-signed requests");
+            tcp.push(listener);
+        }
         let (listener, bound) = listen(&config.socket)?;
         tracing::info!(socket = %config.socket.display(), "kmsd ready");
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-        tokio::spawn(reload_on_sighup(agent.clone()));
-        server::serve(agent, listener, shutdown_signal()).await;
+        tokio::spawn(reload_on_sighup(agent.clone(), access_keys.clone()));
+        let listeners = server::Listeners { unix: listener, tcp, access_keys };
+        server::serve(agent, listeners, shutdown_signal()).await;
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
         if bound {
             let _ = fs::remove_file(&config.socket);
@@ -151,15 +180,19 @@ async fn shutdown_signal() {
     }
 }
 
-/// SIGHUP reloads the identity policies; a bad file is reported and the previous set
-/// stays in force.
-async fn reload_on_sighup(agent: Arc<Agent>) {
+/// SIGHUP reloads the identity policies and the access keys; a bad file is reported and
+/// the previous set stays in force.
+async fn reload_on_sighup(agent: Arc<Agent>, access_keys: Arc<AccessKeyStore>) {
     use tokio::signal::unix::{signal, SignalKind};
     let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
     while hup.recv().await.is_some() {
         match agent.authz.reload() {
             Ok(files) => tracing::info!(files, "identity policies reloaded"),
             Err(e) => tracing::error!("identity policies NOT reloaded, the previous ones stay in force: {e}"),
+        }
+        match access_keys.reload() {
+            Ok(keys) => tracing::info!(keys, "access keys reloaded"),
+            Err(e) => tracing::error!("access keys NOT reloaded, the previous ones stay in force: {e}"),
         }
     }
 }

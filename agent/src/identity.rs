@@ -45,6 +45,29 @@ impl Identity {
         identity
     }
 
+    /// A local user's identity by name: uid, primary and supplementary groups from the
+    /// user and group databases (for a caller who proved to be that user by an access key,
+    /// so no process, unit or executable). `None` if there is no such user.
+    pub fn of_local_user(name: &str) -> Option<Identity> {
+        let user = nix::unistd::User::from_name(name).ok().flatten()?;
+        let c_name = std::ffi::CString::new(name).ok()?;
+        let groups = nix::unistd::getgrouplist(&c_name, user.gid)
+            .map(|g| g.into_iter().map(|g| g.as_raw()).collect())
+            .unwrap_or_else(|_| vec![user.gid.as_raw()]);
+        let mut identity = Identity {
+            uid: user.uid.as_raw(),
+            gid: user.gid.as_raw(),
+            pid: None,
+            user: user.name,
+            groups,
+            group_names: Vec::new(),
+            unit: None,
+            executable: None,
+        };
+        identity.name_groups();
+        Some(identity)
+    }
+
     fn name_groups(&mut self) {
         self.groups.sort_unstable();
         self.groups.dedup();
@@ -163,6 +186,14 @@ mod tests {
         assert_eq!(status_uid(status), Some(1001));
         assert_eq!(status_groups(status), vec![4, 27, 1000]);
         assert_eq!(status_groups("Groups:\t\n"), Vec::<u32>::new());
+    }
+
+    #[test]
+    fn local_users_are_looked_up_by_name() {
+        let root = Identity::of_local_user("root").expect("root exists");
+        assert_eq!((root.uid, root.gid), (0, 0));
+        assert!(root.groups.contains(&0) && root.group_names.iter().any(|g| g == "root"));
+        assert_eq!(Identity::of_local_user("no-such-user-kmsd"), None);
     }
 
     #[test]

@@ -7,8 +7,9 @@
 //! - [`rot`]: roots of trust (the embedded `file` backend today).
 //! - [`sys`]: memory locking, process hardening and peer pidfds (the crate's only `unsafe`).
 //! - [`daemon`]: start-up: configuration, listening sockets, systemd integration.
-//! - [`sigv4`]: AWS Signature Version 4 verification for the TCP listener.
+//! - [`sigv4`], [`access_keys`]: the TCP listener's callers, by AWS Signature Version 4.
 
+pub mod access_keys;
 pub mod agent;
 pub mod authz;
 pub mod daemon;

@@ -1,10 +1,16 @@
-//! The transport: AWS JSON 1.1 over HTTP/1.1 on a Unix socket.
+//! The transport: AWS JSON 1.1 over HTTP/1.1 on a Unix socket, and optionally on TCP.
 //!
-//! Each connection is served by hyper on the tokio runtime; the caller is identified by
-//! the kernel (SO_PEERCRED) when the connection is accepted, never by the request. A
-//! request is `POST /` with `X-Amz-Target: TrentService.<Action>`; bodies larger than
+//! Each connection is served by hyper on the tokio runtime. How the caller is identified
+//! depends on the listener ([`Peer`]): on the Unix socket by the kernel (SO_PEERCRED) when
+//! the connection is accepted, never by the request; on TCP by each request's AWS Signature
+//! Version 4 with one of the agent's access keys ([`crate::sigv4`], [`crate::access_keys`]).
+//! A request is `POST /` with `X-Amz-Target: TrentService.<Action>`; bodies larger than
 //! [`MAX_BODY`] are refused from their Content-Length, or as soon as they grow past it.
 //! Actions that write to the store run on the blocking pool; the others run inline.
+//!
+//! On TCP, a `POST /` without `X-Amz-Target` is an AWS query-protocol request for STS, of
+//! which only `GetCallerIdentity` is answered (in STS's XML), so that SDK tooling that asks
+//! who it is works.
 //!
 //! Beyond AWS's `TrentService`, two kmsd extensions share the socket under the `Kmsfs.`
 //! target prefix: `Kmsfs.WatchKeyEvents` streams key state changes as JSON lines (kmsfs
@@ -23,9 +29,10 @@ use hyper::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use kmsfs_common::{ErrorKind, KmsError};
-use tokio::net::UnixListener;
+use tokio::net::{TcpListener, UnixListener};
 use zeroize::Zeroize;
 
+use crate::access_keys::{AccessKey, AccessKeyStore};
 use crate::agent::{Agent, KeyEvent};
 use crate::authz::Authz;
 use crate::identity::identify;
@@ -36,54 +43,105 @@ use crate::service;
 /// (the model's largest member), far more than any cryptographic request needs.
 pub const MAX_BODY: usize = 512 * 1024;
 
-/// Serves `listener` until `shutdown` resolves, then lets requests in flight finish
+/// Where requests come from: the Unix socket, and the TCP listeners (none by default)
+/// whose callers sign with the access keys of `access_keys`.
+pub struct Listeners {
+    pub unix: UnixListener,
+    pub tcp: Vec<TcpListener>,
+    pub access_keys: Arc<AccessKeyStore>,
+}
+
+/// How a connection's caller is known.
+#[derive(Clone)]
+enum Peer {
+    /// By the kernel, once for the connection.
+    Kernel(Arc<Caller>),
+    /// By each request's SigV4 signature.
+    SigV4(Arc<AccessKeyStore>),
+}
+
+/// Serves `listeners` until `shutdown` resolves, then lets requests in flight finish
 /// (for up to 30 seconds) before returning.
-pub async fn serve(agent: Arc<Agent>, listener: UnixListener, shutdown: impl std::future::Future<Output = ()>) {
+pub async fn serve(agent: Arc<Agent>, listeners: Listeners, shutdown: impl std::future::Future<Output = ()>) {
     let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
     let shared = Arc::new(Shared { agent, stats: Stats::default(), stopping });
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.keep_alive(true).timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
+    // Each TCP listener accepts on its own task and hands connections to this loop.
+    let (tcp_tx, mut tcp_rx) = tokio::sync::mpsc::channel::<tokio::net::TcpStream>(16);
+    let acceptors: Vec<_> = listeners.tcp.into_iter().map(|l| tokio::spawn(accept_tcp(l, tcp_tx.clone()))).collect();
+    drop(tcp_tx);
+    let sigv4 = Peer::SigV4(listeners.access_keys);
+    let listener = listeners.unix;
     tokio::pin!(shutdown);
     loop {
-        let stream = tokio::select! {
+        tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok((stream, _)) => match identify(&stream) {
+                    Ok(identity) => {
+                        let caller = Arc::new(Authz::caller(&identity, &shared.agent.scope.account));
+                        serve_connection(&http, &graceful, &shared, Peer::Kernel(caller), stream);
+                    }
+                    Err(e) => tracing::warn!("cannot read peer credentials, dropping connection: {e}"),
+                },
                 Err(e) => {
                     tracing::warn!("accept failed: {e}");
                     tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
                 }
             },
+            Some(stream) = tcp_rx.recv() => serve_connection(&http, &graceful, &shared, sigv4.clone(), stream),
             () = &mut shutdown => break,
-        };
-        let caller = match identify(&stream) {
-            Ok(identity) => Arc::new(Authz::caller(&identity, &shared.agent.scope.account)),
-            Err(e) => {
-                tracing::warn!("cannot read peer credentials, dropping connection: {e}");
-                continue;
-            }
-        };
-        let shared = shared.clone();
-        let service = hyper::service::service_fn(move |req| {
-            let (shared, caller) = (shared.clone(), caller.clone());
-            async move { Ok::<_, Infallible>(respond(shared, &caller, req).await) }
-        });
-        let conn = http.serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!("connection ended: {e}");
-            }
-        });
+        }
     }
     drop(listener);
+    for acceptor in acceptors {
+        acceptor.abort();
+    }
     tracing::info!("shutting down: finishing requests in flight");
     // Event streams never finish on their own: end them so their connections can close.
     let _ = stopping_tx.send(true);
     if tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await.is_err() {
         tracing::warn!("some connections did not finish within 30 s");
     }
+}
+
+async fn accept_tcp(listener: TcpListener, connections: tokio::sync::mpsc::Sender<tokio::net::TcpStream>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                if connections.send(stream).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::warn!("TCP accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+fn serve_connection<S>(
+    http: &hyper::server::conn::http1::Builder,
+    graceful: &hyper_util::server::graceful::GracefulShutdown,
+    shared: &Arc<Shared>,
+    peer: Peer,
+    stream: S,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let shared = shared.clone();
+    let service = hyper::service::service_fn(move |req| {
+        let (shared, peer) = (shared.clone(), peer.clone());
+        async move { Ok::<_, Infallible>(respond(shared, &peer, req).await) }
+    });
+    let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!("connection ended: {e}");
+        }
+    });
 }
 
 /// What every connection shares.
@@ -128,14 +186,35 @@ impl Stats {
 
 type Body = Either<Full<Bytes>, Channel<Bytes>>;
 
-async fn respond(shared: Arc<Shared>, caller: &Arc<Caller>, req: Request<Incoming>) -> Response<Body> {
+async fn respond(shared: Arc<Shared>, peer: &Peer, req: Request<Incoming>) -> Response<Body> {
     let request_id = uuid::Uuid::new_v4().to_string();
-    let (target, body) = match read_request(req).await {
+    let (target, parts, body) = match read_request(req, matches!(peer, Peer::SigV4(_))).await {
         Ok(read) => read,
         Err(early) => return early.into_response(&request_id).map(Either::Left),
     };
     let action = target.name().to_string();
+    let caller = match peer {
+        Peer::Kernel(caller) => caller.clone(),
+        Peer::SigV4(keys) => match authenticate(&shared.agent, keys, &target, &parts, &body) {
+            Ok(key) if matches!(target, Target::Sts) => {
+                return sts_response(&shared, &action, &key, &body, &request_id).map(Either::Left)
+            }
+            Ok(key) => key.caller.clone(),
+            Err(e) => {
+                shared.stats.record(&action, false);
+                tracing::info!(%action, error = e.json_code(), "request not authenticated: {}", e.message());
+                let response = match target {
+                    Target::Sts => sts_error(StatusCode::FORBIDDEN, e.query_code(), e.message(), &request_id),
+                    _ => error_response(&auth_error(&e), &request_id, false),
+                };
+                return response.map(Either::Left);
+            }
+        },
+    };
+    let caller = &caller;
     let result = match target {
+        // Answered above, once authenticated; the Unix socket never reads a request as STS.
+        Target::Sts => Err(KmsError::new(ErrorKind::UnknownOperationException, "STS is served on TCP only")),
         Target::Kms(action) => run(shared.agent.clone(), caller.clone(), action, body).await,
         // Key state changes (IDs and states, nothing secret) go to anyone who holds data
         // keys: every kmsfs mount must learn of a revocation, whoever runs it.
@@ -220,6 +299,8 @@ fn watch_key_events(shared: &Shared, request_id: &str) -> Response<Body> {
 enum Target {
     Kms(String),
     Extension(Extension),
+    /// An AWS query-protocol request to STS (TCP only).
+    Sts,
 }
 
 enum Extension {
@@ -233,6 +314,7 @@ impl Target {
             Target::Kms(action) => action,
             Target::Extension(Extension::WatchKeyEvents) => "Kmsfs.WatchKeyEvents",
             Target::Extension(Extension::GetAgentStats) => "Kmsfs.GetAgentStats",
+            Target::Sts => "STS",
         }
     }
 }
@@ -273,7 +355,12 @@ impl Early {
     }
 }
 
-async fn read_request(req: Request<Incoming>) -> Result<(Target, Bytes), Early> {
+/// Reads a request's target and body; `query` allows STS's query protocol (no
+/// `X-Amz-Target`), which only the TCP listener serves.
+async fn read_request(
+    req: Request<Incoming>,
+    query: bool,
+) -> Result<(Target, hyper::http::request::Parts, Bytes), Early> {
     let early = |kind, message: &str| Early { error: KmsError::new(kind, message), close: false };
     if req.method() != Method::POST || req.uri().path() != "/" {
         return Err(early(
@@ -285,6 +372,7 @@ async fn read_request(req: Request<Incoming>) -> Result<(Target, Bytes), Early> 
     let target = match header {
         "Kmsfs.WatchKeyEvents" => Target::Extension(Extension::WatchKeyEvents),
         "Kmsfs.GetAgentStats" => Target::Extension(Extension::GetAgentStats),
+        "" if query => Target::Sts,
         _ => match header.strip_prefix("TrentService.").filter(|a| !a.is_empty()) {
             Some(action) => Target::Kms(action.to_string()),
             None => {
@@ -303,7 +391,8 @@ async fn read_request(req: Request<Incoming>) -> Result<(Target, Bytes), Early> 
     if declared.is_some_and(|len| len > MAX_BODY as u64) {
         return Err(too_large());
     }
-    let body = Limited::new(req.into_body(), MAX_BODY)
+    let (parts, body) = req.into_parts();
+    let body = Limited::new(body, MAX_BODY)
         .collect()
         .await
         .map_err(|e| {
@@ -320,7 +409,109 @@ async fn read_request(req: Request<Incoming>) -> Result<(Target, Bytes), Early> 
             }
         })?
         .to_bytes();
-    Ok((target, body))
+    Ok((target, parts, body))
+}
+
+/// The access key a TCP request is signed with, by SigV4 for the agent's region and the
+/// target's service.
+fn authenticate(
+    agent: &Agent,
+    keys: &AccessKeyStore,
+    target: &Target,
+    parts: &hyper::http::request::Parts,
+    body: &[u8],
+) -> Result<Arc<AccessKey>, crate::sigv4::SigError> {
+    let headers: Vec<(String, String)> = parts
+        .headers
+        .iter()
+        .map(|(name, value)| (name.as_str().to_string(), String::from_utf8_lossy(value.as_bytes()).into_owned()))
+        .collect();
+    let request = crate::sigv4::Request {
+        method: parts.method.as_str(),
+        path: parts.uri.path(),
+        query: parts.uri.query().unwrap_or(""),
+        headers: &headers,
+        body,
+    };
+    let service = if matches!(target, Target::Sts) { "sts" } else { "kms" };
+    let expect = crate::sigv4::Expect { region: &agent.scope.region, service };
+    let now = kmsfs_common::time::now_millis().div_euclid(1000);
+    let current = keys.current();
+    crate::sigv4::verify(&request, &expect, now, |id| current.get(id)).cloned()
+}
+
+/// A SigV4 failure as a JSON 1.1 error.
+fn auth_error(e: &crate::sigv4::SigError) -> KmsError {
+    let kind = ErrorKind::from_wire(e.json_code()).unwrap_or(ErrorKind::InvalidSignatureException);
+    KmsError::new(kind, e.message())
+}
+
+const STS_NAMESPACE: &str = "https://sts.amazonaws.com/doc/2011-06-15/";
+
+/// STS's one action here, `GetCallerIdentity`, in the query protocol's XML.
+fn sts_response(
+    shared: &Shared,
+    action: &str,
+    key: &AccessKey,
+    body: &[u8],
+    request_id: &str,
+) -> Response<Full<Bytes>> {
+    let form = String::from_utf8_lossy(body);
+    let param = |name: &str| {
+        form.split('&').find_map(|pair| {
+            let (n, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let decode =
+                |s: &str| String::from_utf8_lossy(&crate::sigv4::percent_decode(&s.replace('+', " "))).into_owned();
+            (decode(n) == name).then(|| decode(v))
+        })
+    };
+    let requested = param("Action").unwrap_or_default();
+    if requested != "GetCallerIdentity" {
+        shared.stats.record(action, false);
+        let version = param("Version").unwrap_or_default();
+        let message = format!(
+            "Could not find operation {requested} for version {version}; kmsd serves only STS GetCallerIdentity"
+        );
+        return sts_error(StatusCode::BAD_REQUEST, "InvalidAction", &message, request_id);
+    }
+    shared.stats.record("STS.GetCallerIdentity", true);
+    tracing::debug!(principal = %key.arn, "GetCallerIdentity");
+    let xml = format!(
+        "<GetCallerIdentityResponse xmlns=\"{STS_NAMESPACE}\">\n  <GetCallerIdentityResult>\n    \
+         <Arn>{}</Arn>\n    <UserId>{}</UserId>\n    <Account>{}</Account>\n  </GetCallerIdentityResult>\n  \
+         <ResponseMetadata>\n    <RequestId>{}</RequestId>\n  </ResponseMetadata>\n</GetCallerIdentityResponse>\n",
+        xml_escape(&key.arn),
+        xml_escape(&key.access_key_id),
+        xml_escape(&key.caller.account),
+        xml_escape(request_id)
+    );
+    xml_response(StatusCode::OK, xml, request_id)
+}
+
+/// An error in the query protocol's XML shape.
+fn sts_error(status: StatusCode, code: &str, message: &str, request_id: &str) -> Response<Full<Bytes>> {
+    let xml = format!(
+        "<ErrorResponse xmlns=\"{STS_NAMESPACE}\">\n  <Error>\n    <Type>Sender</Type>\n    <Code>{}</Code>\n    \
+         <Message>{}</Message>\n  </Error>\n  <RequestId>{}</RequestId>\n</ErrorResponse>\n",
+        xml_escape(code),
+        xml_escape(message),
+        xml_escape(request_id)
+    );
+    xml_response(status, xml, request_id)
+}
+
+fn xml_response(status: StatusCode, xml: String, request_id: &str) -> Response<Full<Bytes>> {
+    let len = xml.len();
+    let mut response = Response::new(Full::new(Bytes::from(xml)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/xml"));
+    response.headers_mut().insert(CONTENT_LENGTH, HeaderValue::from(len));
+    insert_request_id(&mut response, request_id);
+    response
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;").replace('\'', "&apos;")
 }
 
 fn insert_request_id(response: &mut Response<Full<Bytes>>, request_id: &str) {

@@ -55,6 +55,12 @@ pub trait Secret {
     fn secret_access_key(&self) -> &[u8];
 }
 
+impl<T: Secret + ?Sized> Secret for std::sync::Arc<T> {
+    fn secret_access_key(&self) -> &[u8] {
+        T::secret_access_key(self)
+    }
+}
+
 /// Why a request's signature is not accepted. [`SigError::json_code`] and
 /// [`SigError::query_code`] are AWS's error codes for JSON and query (STS) services.
 #[derive(Debug, Clone, PartialEq, Eq)]

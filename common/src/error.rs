@@ -1,5 +1,7 @@
 //! The one error type of the API: its kinds are the exception names of AWS KMS's service
-//! model, and `to_wire` is the single place where an error becomes the JSON 1.1 error body.
+//! model (and the common errors of AWS's authentication layer, which a SigV4 request can
+//! meet before reaching KMS), and `to_wire` is the single place where an error becomes the
+//! JSON 1.1 error body.
 
 use std::fmt;
 
@@ -32,6 +34,7 @@ error_kinds! {
     DependencyTimeoutException,
     DisabledException,
     DryRunOperationException,
+    IncompleteSignatureException,
     IncorrectKeyException,
     InvalidAliasNameException,
     InvalidArnException,
@@ -40,15 +43,18 @@ error_kinds! {
     InvalidGrantTokenException,
     InvalidKeyUsageException,
     InvalidMarkerException,
+    InvalidSignatureException,
     KeyUnavailableException,
     KMSInternalException,
     KMSInvalidStateException,
     LimitExceededException,
     MalformedPolicyDocumentException,
+    MissingAuthenticationTokenException,
     NotFoundException,
     SerializationException,
     TagException,
     UnknownOperationException,
+    UnrecognizedClientException,
     UnsupportedOperationException,
     ValidationException,
 }

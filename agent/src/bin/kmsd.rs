@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use kmsfs_agent::daemon::{self, DaemonConfig};
 
-/// The kmsfs key management agent: AWS KMS's API on a Unix socket.
+/// The kmsfs key management agent: AWS KMS's API on a Unix socket (and optionally TCP).
 #[derive(Parser)]
 #[command(version, about)]
 struct Args {
@@ -35,6 +35,15 @@ struct Args {
     /// keeping it in a key file.
     #[arg(long, conflicts_with = "root_key_file")]
     passphrase_file: Option<PathBuf>,
+    /// Also serve AWS SDKs on this TCP address (e.g. 127.0.0.1:4566), accepting only
+    /// requests signed (SigV4) with an access key from CONFIG_DIR/access-keys.json.
+    /// Repeatable. Plain HTTP: loopback addresses only unless --allow-remote-tcp.
+    #[arg(long, value_name = "ADDR")]
+    listen_tcp: Vec<std::net::SocketAddr>,
+    /// Allow --listen-tcp on non-loopback addresses. There is no TLS: use only on a
+    /// trusted or tunneled network.
+    #[arg(long)]
+    allow_remote_tcp: bool,
 }
 
 fn main() -> ExitCode {
@@ -52,6 +61,8 @@ fn main() -> ExitCode {
         root_key_file: args.root_key_file,
         passphrase_file: args.passphrase_file,
         config_dir: args.config_dir.unwrap_or_else(daemon::default_config_dir),
+        listen_tcp: args.listen_tcp,
+        allow_remote_tcp: args.allow_remote_tcp,
     };
     match daemon::run(config) {
         Ok(()) => ExitCode::SUCCESS,
