@@ -55,31 +55,30 @@ impl TestAgent {
     /// Starts a fresh agent whose configuration directory holds exactly `policies`:
     /// `(path under policies/, document)` pairs.
     pub fn start_configured(args: &[&str], policies: &[(&str, &str)]) -> TestAgent {
-        let dir = tempfile::Builder::new().prefix("kmsfs-test-").tempdir().expect("tempdir");
-        for (path, document) in policies {
-            let path = dir.path().join("config/policies").join(path);
-            std::fs::create_dir_all(path.parent().expect("parent")).expect("policy dir");
-            std::fs::write(path, document).expect("policy file");
-        }
-        let mut agent = TestAgent { dir, child: None, extra_args: args.iter().map(|s| s.to_string()).collect() };
-        agent.launch();
-        agent
+        TestAgent::start_in(args, policies, None)
     }
 
     /// Starts a fresh agent whose configuration directory holds `policies` (as
     /// [`TestAgent::start_configured`]) and `access-keys.json` (mode 0600) with `access_keys`.
     pub fn start_with_access_keys(args: &[&str], policies: &[(&str, &str)], access_keys: &str) -> TestAgent {
-        use std::os::unix::fs::PermissionsExt;
+        TestAgent::start_in(args, policies, Some(access_keys))
+    }
+
+    fn start_in(args: &[&str], policies: &[(&str, &str)], access_keys: Option<&str>) -> TestAgent {
         let dir = tempfile::Builder::new().prefix("kmsfs-test-").tempdir().expect("tempdir");
+        let config = dir.path().join("config");
+        std::fs::create_dir_all(&config).expect("config dir");
         for (path, document) in policies {
-            let path = dir.path().join("config/policies").join(path);
+            let path = config.join("policies").join(path);
             std::fs::create_dir_all(path.parent().expect("parent")).expect("policy dir");
             std::fs::write(path, document).expect("policy file");
         }
-        let keys = dir.path().join("config/access-keys.json");
-        std::fs::create_dir_all(dir.path().join("config")).expect("config dir");
-        std::fs::write(&keys, access_keys).expect("access keys");
-        std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o600)).expect("chmod access keys");
+        if let Some(access_keys) = access_keys {
+            use std::os::unix::fs::PermissionsExt;
+            let keys = config.join("access-keys.json");
+            std::fs::write(&keys, access_keys).expect("access keys");
+            std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o600)).expect("chmod access keys");
+        }
         let mut agent = TestAgent { dir, child: None, extra_args: args.iter().map(|s| s.to_string()).collect() };
         agent.launch();
         agent
