@@ -242,7 +242,19 @@ impl RequestContext {
 
     /// Sets `aws:CurrentTime` and `aws:EpochTime` (the evaluator reads no clock).
     pub fn with_current_time(self, epoch_seconds: i64) -> RequestContext {
-        self.with(keys::CURRENT_TIME, format_date(epoch_seconds)).with(keys::EPOCH_TIME, epoch_seconds.to_string())
+        // Every request carries the time; formatting it once per second per thread keeps
+        // that off the hot path.
+        thread_local! {
+            static LAST: std::cell::RefCell<(i64, String, String)> = const { std::cell::RefCell::new((i64::MIN, String::new(), String::new())) };
+        }
+        let (date, epoch) = LAST.with(|last| {
+            let mut last = last.borrow_mut();
+            if last.0 != epoch_seconds {
+                *last = (epoch_seconds, format_date(epoch_seconds), epoch_seconds.to_string());
+            }
+            (last.1.clone(), last.2.clone())
+        });
+        self.with(keys::CURRENT_TIME, date).with(keys::EPOCH_TIME, epoch)
     }
 
     /// Returns a copy of this context for another action.

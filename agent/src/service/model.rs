@@ -101,7 +101,7 @@ impl Model {
         })?;
         let Some(input) = &op.input else { return Ok(()) };
         let mut violations = Vec::new();
-        self.check(&input.shape, request, "", &mut violations)?;
+        self.check(&input.shape, request, &Path::Root, &mut violations)?;
         match violations.len() {
             0 => Ok(()),
             1 => Err(KmsError::validation(format!("1 validation error detected: {}", violations[0]))),
@@ -109,14 +109,23 @@ impl Model {
         }
     }
 
-    fn check(&self, shape_name: &str, value: &Value, path: &str, violations: &mut Vec<String>) -> Result<(), KmsError> {
+    fn check(
+        &self,
+        shape_name: &str,
+        value: &Value,
+        path: &Path<'_>,
+        violations: &mut Vec<String>,
+    ) -> Result<(), KmsError> {
         let Some(shape) = self.raw.shapes.get(shape_name) else {
             return Err(KmsError::internal(format!("service model lacks shape {shape_name}")));
         };
         let wrong_type = |expected: &str| {
             KmsError::new(
                 ErrorKind::SerializationException,
-                format!("Expected {expected} at '{}'", if path.is_empty() { "request" } else { path }),
+                format!(
+                    "Expected {expected} at '{}'",
+                    if path.is_root() { "request".to_string() } else { path.to_string() }
+                ),
             )
         };
         let shown = |v: &str| -> String {
@@ -133,20 +142,25 @@ impl Model {
                     if map.get(name).is_none_or(Value::is_null) {
                         violations.push(format!(
                             "Value null at '{}' failed to satisfy constraint: Member must not be null",
-                            join(path, name)
+                            Path::Member(path, name)
                         ));
                     }
                 }
                 for (name, member) in &shape.members {
                     if let Some(v) = map.get(name).filter(|v| !v.is_null()) {
-                        self.check(&member.shape, v, &join(path, name), violations)?;
+                        self.check(&member.shape, v, &Path::Member(path, name), violations)?;
                     }
                 }
             }
             "string" => {
                 let Value::String(s) = value else { return Err(wrong_type("a string")) };
-                let subject = format!("Value {} at '{path}'", shown(s));
-                bounds(shape, s.chars().count() as f64, "length", &subject, violations);
+                bounds(
+                    shape,
+                    s.chars().count() as f64,
+                    "length",
+                    || format!("Value {} at '{path}'", shown(s)),
+                    violations,
+                );
                 if let Some(allowed) = &shape.enumeration {
                     if !allowed.iter().any(|a| a == s) {
                         violations.push(format!(
@@ -177,11 +191,11 @@ impl Model {
                         )
                     })?
                     .len() as f64;
-                bounds(shape, len, "length", &format!("Value at '{path}'"), violations);
+                bounds(shape, len, "length", || format!("Value at '{path}'"), violations);
             }
             "integer" | "long" => {
                 let Some(n) = value.as_i64() else { return Err(wrong_type("an integer")) };
-                bounds(shape, n as f64, "value", &format!("Value '{n}' at '{path}'"), violations);
+                bounds(shape, n as f64, "value", || format!("Value '{n}' at '{path}'"), violations);
             }
             "boolean" => {
                 if !value.is_boolean() {
@@ -195,11 +209,10 @@ impl Model {
             }
             "list" => {
                 let Value::Array(items) = value else { return Err(wrong_type("a JSON array")) };
-                bounds(shape, items.len() as f64, "length", &format!("Value at '{path}'"), violations);
+                bounds(shape, items.len() as f64, "length", || format!("Value at '{path}'"), violations);
                 if let Some(member) = &shape.member {
                     for (i, item) in items.iter().enumerate() {
-                        let item_path = format!("{path}.{}.member", i + 1);
-                        self.check(&member.shape, item, &item_path, violations)?;
+                        self.check(&member.shape, item, &Path::Item(path, i + 1), violations)?;
                     }
                 }
             }
@@ -207,10 +220,10 @@ impl Model {
                 let Value::Object(map) = value else { return Err(wrong_type("a JSON object")) };
                 for (k, v) in map {
                     if let Some(key) = &shape.key {
-                        self.check(&key.shape, &Value::String(k.clone()), &format!("{path}.key"), violations)?;
+                        self.check(&key.shape, &Value::String(k.clone()), &Path::MapKey(path), violations)?;
                     }
                     if let Some(val) = &shape.value {
-                        self.check(&val.shape, v, &format!("{path}.{k}"), violations)?;
+                        self.check(&val.shape, v, &Path::MapValue(path, k), violations)?;
                     }
                 }
             }
@@ -222,30 +235,61 @@ impl Model {
 
 /// Checks `measure` (a length, or an integer's value) against the shape's min and max,
 /// in AWS's wording: "<subject> failed to satisfy constraint: Member must have <what> ...".
-fn bounds(shape: &Shape, measure: f64, what: &str, subject: &str, violations: &mut Vec<String>) {
+/// The subject is built only for a violation: valid requests format nothing.
+fn bounds(shape: &Shape, measure: f64, what: &str, subject: impl Fn() -> String, violations: &mut Vec<String>) {
     if let Some(min) = shape.min.filter(|m| measure < *m) {
         violations.push(format!(
-            "{subject} failed to satisfy constraint: Member must have {what} greater than or equal to {min}"
+            "{} failed to satisfy constraint: Member must have {what} greater than or equal to {min}",
+            subject()
         ));
     }
     if let Some(max) = shape.max.filter(|m| measure > *m) {
         violations.push(format!(
-            "{subject} failed to satisfy constraint: Member must have {what} less than or equal to {max}"
+            "{} failed to satisfy constraint: Member must have {what} less than or equal to {max}",
+            subject()
         ));
     }
 }
 
-/// AWS names members in lowerCamelCase in validation messages: `keyId`, `tags.1.member.tagKey`.
-fn join(path: &str, member: &str) -> String {
-    let mut chars = member.chars();
-    let camel: String = match chars.next() {
-        Some(first) => first.to_lowercase().chain(chars).collect(),
-        None => String::new(),
-    };
-    if path.is_empty() {
-        camel
-    } else {
-        format!("{path}.{camel}")
+/// Where a value sits in the request, named only when a message needs it. AWS names
+/// members in lowerCamelCase: `keyId`, `tags.1.member.tagKey`, `encryptionContext.key`.
+enum Path<'a> {
+    Root,
+    Member(&'a Path<'a>, &'a str),
+    Item(&'a Path<'a>, usize),
+    MapKey(&'a Path<'a>),
+    MapValue(&'a Path<'a>, &'a str),
+}
+
+impl Path<'_> {
+    fn is_root(&self) -> bool {
+        matches!(self, Path::Root)
+    }
+}
+
+impl std::fmt::Display for Path<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parent = |f: &mut std::fmt::Formatter<'_>, p: &Path<'_>| -> std::fmt::Result {
+            if p.is_root() {
+                Ok(())
+            } else {
+                write!(f, "{p}.")
+            }
+        };
+        match self {
+            Path::Root => Ok(()),
+            Path::Member(p, name) => {
+                parent(f, p)?;
+                let mut chars = name.chars();
+                if let Some(first) = chars.next() {
+                    write!(f, "{}{}", first.to_lowercase(), chars.as_str())?;
+                }
+                Ok(())
+            }
+            Path::Item(p, i) => write!(f, "{p}.{i}.member"),
+            Path::MapKey(p) => write!(f, "{p}.key"),
+            Path::MapValue(p, k) => write!(f, "{p}.{k}"),
+        }
     }
 }
 
