@@ -5,6 +5,7 @@
 //! Everything here is pure or plain I/O on a socket: no policy, no FUSE, no SQLite.
 
 pub mod aead;
+pub mod audit;
 pub mod blob;
 pub mod client;
 pub mod context;
