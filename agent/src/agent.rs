@@ -143,6 +143,38 @@ impl Agent {
         })
     }
 
+    /// A 32-byte secret the agent keeps for itself, sealed exactly as key material is: the
+    /// reserved internal key `id` gets material from the root of trust (stored wrapped), and
+    /// that material seals the secret as a ciphertext blob. Both are kept together under
+    /// `name` in the store's `meta` table (u32 length of the wrapped material, big-endian ‖
+    /// wrapped material ‖ sealed blob), written in one transaction. Made on first use.
+    pub fn internal_secret(&self, name: &str, id: [u8; 16]) -> Result<zeroize::Zeroizing<[u8; 32]>, String> {
+        let id = KeyId::from_bytes(id);
+        let context = kmsfs_common::context::EncryptionContext::from([("kmsd:secret", name)]);
+        let mut store = lock(&self.store);
+        if let Some(stored) = store.meta(name).map_err(|e| e.message)? {
+            let damaged =
+                |why: &str| format!("the agent's sealed {name} cannot be opened under the root of trust: {why}");
+            let (len, rest) = stored.split_at_checked(4).ok_or_else(|| damaged("it is cut short"))?;
+            let len = u32::from_be_bytes(len.try_into().map_err(|_| damaged("it is cut short"))?) as usize;
+            let (material, sealed) = rest.split_at_checked(len).ok_or_else(|| damaged("it is cut short"))?;
+            let key = self.root.load(&id, 0, material).map_err(|e| damaged(&e.message))?;
+            let blob =
+                kmsfs_common::blob::CiphertextBlob::parse(sealed).map_err(|_| damaged("not a ciphertext blob"))?;
+            let secret = key.open(&blob, &context).ok_or_else(|| damaged("it does not authenticate"))?;
+            let out: [u8; 32] = secret[..].try_into().map_err(|_| damaged("it is not 32 bytes"))?;
+            return Ok(zeroize::Zeroizing::new(out));
+        }
+        let mut secret = zeroize::Zeroizing::new([0u8; 32]);
+        kmsfs_common::aead::random_bytes(&mut secret[..]);
+        let (key, material) = self.root.generate(&id, 0).map_err(|e| e.message)?;
+        let mut stored = (material.len() as u32).to_be_bytes().to_vec();
+        stored.extend_from_slice(&material);
+        stored.extend_from_slice(&key.seal(&id, 0, &context, &secret[..]));
+        store.set_meta(name, &stored).map_err(|e| e.message)?;
+        Ok(secret)
+    }
+
     /// Subscribes to key state changes committed from now on.
     pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<KeyEvent> {
         self.events.subscribe()

@@ -1,6 +1,6 @@
 //! Starting the agent: configuration, the state directory and its lock, the root of
 //! trust, the listening socket (our own, or one passed by systemd) and any TCP listeners,
-//! readiness and shutdown notifications.
+//! the audit trail, readiness and shutdown notifications.
 
 use std::fs;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -12,6 +12,7 @@ use zeroize::Zeroizing;
 
 use crate::access_keys::AccessKeyStore;
 use crate::agent::{Agent, AgentConfig};
+use crate::audit::AuditLog;
 use crate::authz::Authz;
 use crate::rot::file::{self, FileRootSource};
 use crate::server;
@@ -33,6 +34,10 @@ pub struct DaemonConfig {
     pub listen_tcp: Vec<std::net::SocketAddr>,
     /// Allow TCP addresses other than loopback ones (plain HTTP: no TLS).
     pub allow_remote_tcp: bool,
+    /// Record every request in the audit trail (on unless explicitly turned off).
+    pub audit: bool,
+    /// Where the audit trail's files go; default `audit/` in the state directory.
+    pub audit_dir: Option<PathBuf>,
 }
 
 /// The account ID when none is configured: twelve digits derived from the machine ID, so
@@ -92,6 +97,15 @@ pub fn run(config: DaemonConfig) -> Result<(), String> {
     }
     let agent =
         Arc::new(Agent::open(AgentConfig { state_dir: config.state_dir.clone(), scope, authz }, Box::new(root))?);
+    let audit = if config.audit {
+        let dir = config.audit_dir.clone().unwrap_or_else(|| config.state_dir.join("audit"));
+        let log = AuditLog::open(&dir, crate::audit::signing_key(&agent)?)?;
+        tracing::info!(directory = %dir.display(), public_key = %kmsfs_common::audit::encode_public_key(log.public_key()), "audit trail open");
+        Some(Arc::new(log))
+    } else {
+        tracing::warn!("THE AUDIT TRAIL IS OFF (--audit off): requests are served without any record of them");
+        None
+    };
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -113,7 +127,10 @@ pub fn run(config: DaemonConfig) -> Result<(), String> {
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
         tokio::spawn(reload_on_sighup(agent.clone(), access_keys.clone()));
         let listeners = server::Listeners { unix: listener, tcp, access_keys };
-        server::serve(agent, listeners, shutdown_signal()).await;
+        server::serve(agent, audit.clone(), listeners, shutdown_signal()).await;
+        if let Some(audit) = &audit {
+            audit.close();
+        }
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
         if bound {
             let _ = fs::remove_file(&config.socket);

@@ -11,6 +11,7 @@
 
 pub mod access_keys;
 pub mod agent;
+pub mod audit;
 pub mod authz;
 pub mod daemon;
 pub mod identity;

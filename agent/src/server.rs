@@ -14,8 +14,14 @@
 //!
 //! Beyond AWS's `TrentService`, two kmsd extensions share the socket under the `Kmsfs.`
 //! target prefix: `Kmsfs.WatchKeyEvents` streams key state changes as JSON lines (kmsfs
-//! drops cached data keys of a key the moment it is disabled), and `Kmsfs.GetAgentStats`
-//! reports request counts per action.
+//! drops cached data keys of a key the moment it is disabled), `Kmsfs.GetAgentStats`
+//! reports request counts per action, and `Kmsfs.GetAuditInfo` names the audit directory
+//! and public key (and with `"Seal": true` has the log sealed by a digest).
+//!
+//! Every request is audited ([`crate::audit`]): [`respond`] answers it, then appends its
+//! record and replies only once the record is durable — or, if it cannot be written, with
+//! `KMSInternalException` instead of the result. While the log cannot be written, every
+//! request is refused before it is read.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -25,7 +31,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Channel, Either, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::header::{HeaderValue, AUTHORIZATION, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, USER_AGENT};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use kmsfs_common::{ErrorKind, KmsError};
@@ -34,6 +40,8 @@ use zeroize::Zeroize;
 
 use crate::access_keys::{AccessKey, AccessKeyStore};
 use crate::agent::{Agent, KeyEvent};
+use crate::audit::event::{self as audit_event, Inspected};
+use crate::audit::AuditLog;
 use crate::authz::Authz;
 use crate::identity::identify;
 use crate::policy::eval::Caller;
@@ -54,17 +62,23 @@ pub struct Listeners {
 /// How a connection's caller is known.
 #[derive(Clone)]
 enum Peer {
-    /// By the kernel, once for the connection.
-    Kernel(Arc<Caller>),
-    /// By each request's SigV4 signature.
-    SigV4(Arc<AccessKeyStore>),
+    /// By the kernel, once for the connection: the caller, and its `userIdentity` record.
+    Kernel(Arc<Caller>, Arc<serde_json::Value>),
+    /// By each request's SigV4 signature; the connection's remote address.
+    SigV4(Arc<AccessKeyStore>, Option<std::net::SocketAddr>),
 }
 
 /// Serves `listeners` until `shutdown` resolves, then lets requests in flight finish
-/// (for up to 30 seconds) before returning.
-pub async fn serve(agent: Arc<Agent>, listeners: Listeners, shutdown: impl std::future::Future<Output = ()>) {
+/// (for up to 30 seconds) before returning. Requests are recorded in `audit` (`None`: the
+/// audit trail is off).
+pub async fn serve(
+    agent: Arc<Agent>,
+    audit: Option<Arc<AuditLog>>,
+    listeners: Listeners,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
     let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
-    let shared = Arc::new(Shared { agent, stats: Stats::default(), stopping });
+    let shared = Arc::new(Shared { agent, audit, stats: Stats::default(), stopping });
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.keep_alive(true).timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
@@ -72,7 +86,7 @@ pub async fn serve(agent: Arc<Agent>, listeners: Listeners, shutdown: impl std::
     let (tcp_tx, mut tcp_rx) = tokio::sync::mpsc::channel::<tokio::net::TcpStream>(16);
     let acceptors: Vec<_> = listeners.tcp.into_iter().map(|l| tokio::spawn(accept_tcp(l, tcp_tx.clone()))).collect();
     drop(tcp_tx);
-    let sigv4 = Peer::SigV4(listeners.access_keys);
+    let access_keys = listeners.access_keys;
     let listener = listeners.unix;
     tokio::pin!(shutdown);
     loop {
@@ -81,7 +95,8 @@ pub async fn serve(agent: Arc<Agent>, listeners: Listeners, shutdown: impl std::
                 Ok((stream, _)) => match identify(&stream) {
                     Ok(identity) => {
                         let caller = Arc::new(Authz::caller(&identity, &shared.agent.scope.account));
-                        serve_connection(&http, &graceful, &shared, Peer::Kernel(caller), stream);
+                        let recorded = Arc::new(audit_event::unix_identity(&identity, &caller));
+                        serve_connection(&http, &graceful, &shared, Peer::Kernel(caller, recorded), stream);
                     }
                     Err(e) => tracing::warn!("cannot read peer credentials, dropping connection: {e}"),
                 },
@@ -90,7 +105,10 @@ pub async fn serve(agent: Arc<Agent>, listeners: Listeners, shutdown: impl std::
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
-            Some(stream) = tcp_rx.recv() => serve_connection(&http, &graceful, &shared, sigv4.clone(), stream),
+            Some(stream) = tcp_rx.recv() => {
+                let peer = Peer::SigV4(access_keys.clone(), stream.peer_addr().ok());
+                serve_connection(&http, &graceful, &shared, peer, stream);
+            }
             () = &mut shutdown => break,
         }
     }
@@ -147,6 +165,7 @@ fn serve_connection<S>(
 /// What every connection shares.
 struct Shared {
     agent: Arc<Agent>,
+    audit: Option<Arc<AuditLog>>,
     stats: Stats,
     stopping: tokio::sync::watch::Receiver<bool>,
 }
@@ -186,51 +205,184 @@ impl Stats {
 
 type Body = Either<Full<Bytes>, Channel<Bytes>>;
 
+/// Answers one request and audits it: the reply goes out only once its record is durable.
 async fn respond(shared: Arc<Shared>, peer: &Peer, req: Request<Incoming>) -> Response<Body> {
     let request_id = uuid::Uuid::new_v4().to_string();
-    let (target, parts, body) = match read_request(req, matches!(peer, Peer::SigV4(_))).await {
+    let Some(audit) = shared.audit.clone() else {
+        return answer(&shared, peer, req, &request_id, false).await.0;
+    };
+    if !audit.accepting() {
+        tracing::warn!("request refused before it was read: the audit trail cannot be written");
+        return error_response(&AuditLog::refusal(), &request_id, false).map(Either::Left);
+    }
+    let time_ms = kmsfs_common::time::now_millis();
+    let header = |name| req.headers().get(name).and_then(|v: &HeaderValue| v.to_str().ok()).map(str::to_string);
+    let (user_agent, authorization) = (header(USER_AGENT), header(AUTHORIZATION));
+    let (response, outcome) = answer(&shared, peer, req, &request_id, true).await;
+    let (user_identity, source_address) = match peer {
+        Peer::Kernel(_, recorded) => ((**recorded).clone(), audit_event::source_address(None)),
+        Peer::SigV4(_, address) => (
+            outcome.identity.unwrap_or_else(|| audit_event::unauthenticated_identity(authorization.as_deref())),
+            audit_event::source_address(*address),
+        ),
+    };
+    let scope = &shared.agent.scope;
+    let record = audit_event::Record {
+        time_ms,
+        event_source: outcome.source,
+        event_name: &outcome.name,
+        region: &scope.region,
+        account: &scope.account,
+        user_identity,
+        source_address,
+        user_agent,
+        request_id: &request_id,
+        read_only: !outcome.mutation,
+        inspected: outcome.inspected,
+        response_elements: outcome.response_elements,
+        error: outcome.error.as_ref(),
+    };
+    match audit.append(record.into_event(), outcome.seal, outcome.mutation).await {
+        Ok(()) => response,
+        Err(e) => error_response(&e, &request_id, false).map(Either::Left),
+    }
+}
+
+/// What the audit record of an answered request says beyond the request itself.
+struct Outcome {
+    /// `eventName`: the action, or the raw target if it names none.
+    name: String,
+    source: &'static str,
+    /// `userIdentity` of a TCP caller, once authenticated.
+    identity: Option<serde_json::Value>,
+    inspected: Inspected,
+    response_elements: serde_json::Value,
+    /// `errorCode` and `errorMessage`.
+    error: Option<(String, String)>,
+    /// The action changes state (so it is not read-only, and its record may use the reserve).
+    mutation: bool,
+    /// Seal the log right after this record.
+    seal: bool,
+}
+
+impl Outcome {
+    fn new(name: String, source: &'static str) -> Outcome {
+        Outcome {
+            name,
+            source,
+            identity: None,
+            inspected: Inspected::default(),
+            response_elements: serde_json::Value::Null,
+            error: None,
+            mutation: false,
+            seal: false,
+        }
+    }
+
+    fn failed(mut self, e: &KmsError) -> Outcome {
+        self.error = Some((e.kind.as_str().to_string(), e.message.clone()));
+        self
+    }
+}
+
+const KMS_SOURCE: &str = "kms.amazonaws.com";
+const STS_SOURCE: &str = "sts.amazonaws.com";
+const KMSD_SOURCE: &str = "kmsd";
+
+/// Answers a request; `audited` also reads its body for the record.
+async fn answer(
+    shared: &Arc<Shared>,
+    peer: &Peer,
+    req: Request<Incoming>,
+    request_id: &str,
+    audited: bool,
+) -> (Response<Body>, Outcome) {
+    let raw_target = req.headers().get("x-amz-target").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    let (target, parts, body) = match read_request(req, matches!(peer, Peer::SigV4(..))).await {
         Ok(read) => read,
-        Err(early) => return early.into_response(&request_id).map(Either::Left),
+        Err(early) => {
+            let name = raw_target.strip_prefix("TrentService.").unwrap_or(&raw_target);
+            let name = if name.is_empty() { "Unknown".to_string() } else { name.chars().take(128).collect() };
+            let outcome = Outcome::new(name, KMS_SOURCE).failed(&early.error);
+            return (early.into_response(request_id).map(Either::Left), outcome);
+        }
     };
     let action = target.name().to_string();
+    let source = match target {
+        Target::Kms(_) => KMS_SOURCE,
+        Target::Sts => STS_SOURCE,
+        Target::Extension(_) => KMSD_SOURCE,
+    };
+    let mut outcome = Outcome::new(action.clone(), source);
     let caller = match peer {
-        Peer::Kernel(caller) => caller.clone(),
-        Peer::SigV4(keys) => match authenticate(&shared.agent, keys, &target, &parts, &body) {
-            Ok(key) if matches!(target, Target::Sts) => {
-                return sts_response(&shared, &action, &key, &body, &request_id).map(Either::Left)
+        Peer::Kernel(caller, _) => caller.clone(),
+        Peer::SigV4(keys, _) => match authenticate(&shared.agent, keys, &target, &parts, &body) {
+            Ok(key) => {
+                outcome.identity = Some(audit_event::access_key_identity(&key.arn, &key.access_key_id, &key.caller));
+                if matches!(target, Target::Sts) {
+                    let (response, requested) = sts_response(shared, &action, &key, &body, request_id);
+                    outcome.name = requested.chars().take(128).collect();
+                    if response.status() != StatusCode::OK {
+                        outcome.error = Some(("InvalidAction".into(), format!("STS {} is not served", outcome.name)));
+                    }
+                    return (response.map(Either::Left), outcome);
+                }
+                key.caller.clone()
             }
-            Ok(key) => key.caller.clone(),
             Err(e) => {
                 shared.stats.record(&action, false);
                 tracing::info!(%action, error = e.json_code(), "request not authenticated: {}", e.message());
+                outcome.error = Some((e.json_code().to_string(), e.message().to_string()));
                 let response = match target {
-                    Target::Sts => sts_error(StatusCode::FORBIDDEN, e.query_code(), e.message(), &request_id),
-                    _ => error_response(&auth_error(&e), &request_id, false),
+                    Target::Sts => sts_error(StatusCode::FORBIDDEN, e.query_code(), e.message(), request_id),
+                    _ => error_response(&auth_error(&e), request_id, false),
                 };
-                return response.map(Either::Left);
+                return (response.map(Either::Left), outcome);
             }
         },
     };
     let caller = &caller;
+    if audited && !matches!(target, Target::Sts) {
+        outcome.inspected = audit_event::inspect_request(&shared.agent, &body);
+    }
     let result = match target {
         // Answered above, once authenticated; the Unix socket never reads a request as STS.
         Target::Sts => Err(KmsError::new(ErrorKind::UnknownOperationException, "STS is served on TCP only")),
-        Target::Kms(action) => run(shared.agent.clone(), caller.clone(), action, body).await,
+        Target::Kms(action) => {
+            outcome.mutation = service::mutates(&action);
+            run(shared.agent.clone(), caller.clone(), action, body).await.map(|reply| {
+                if audited {
+                    outcome.response_elements = audit_event::response_elements(outcome.mutation, reply.public_body());
+                    outcome.inspected.resources.extend(audit_event::reply_resources(reply.public_body()));
+                }
+                reply.to_bytes()
+            })
+        }
         // Key state changes (IDs and states, nothing secret) go to anyone who holds data
         // keys: every kmsfs mount must learn of a revocation, whoever runs it.
         Target::Extension(Extension::WatchKeyEvents) => {
             shared.stats.record(&action, true);
             tracing::debug!(user = %caller.user, "key event watcher subscribed");
-            return watch_key_events(&shared, &request_id);
+            return (watch_key_events(shared, request_id), outcome);
         }
         // Request counts are the administrators' business, as DescribeKey is.
         Target::Extension(Extension::GetAgentStats) => shared
             .agent
             .authorize_account(caller, "DescribeKey", |c| c)
             .map(|()| zeroize::Zeroizing::new(serde_json::to_vec(&shared.stats.to_json()).unwrap_or_default())),
+        // So is the audit trail's whereabouts (its public key is no secret).
+        Target::Extension(Extension::GetAuditInfo) => {
+            shared.agent.authorize_account(caller, "DescribeKey", |c| c).map(|()| {
+                outcome.seal = serde_json::from_slice::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v.get("Seal")?.as_bool())
+                    .unwrap_or(false);
+                zeroize::Zeroizing::new(serde_json::to_vec(&audit_info(shared.audit.as_deref())).unwrap_or_default())
+            })
+        }
     };
     shared.stats.record(&action, result.is_ok());
-    match result {
+    let response = match result {
         Ok(body) => {
             tracing::debug!(%action, user = %caller.user, uid = caller.uid, "ok");
             let len = body.len();
@@ -238,13 +390,28 @@ async fn respond(shared: Arc<Shared>, peer: &Peer, req: Request<Incoming>) -> Re
             let headers = response.headers_mut();
             headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/x-amz-json-1.1"));
             headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
-            insert_request_id(&mut response, &request_id);
+            insert_request_id(&mut response, request_id);
             response.map(Either::Left)
         }
         Err(e) => {
             tracing::info!(%action, user = %caller.user, uid = caller.uid, unit = caller.unit.as_deref(), error = %e.kind, "request failed");
-            error_response(&e, &request_id, false).map(Either::Left)
+            outcome = outcome.failed(&e);
+            error_response(&e, request_id, false).map(Either::Left)
         }
+    };
+    (response, outcome)
+}
+
+/// `Kmsfs.GetAuditInfo`'s answer.
+fn audit_info(audit: Option<&AuditLog>) -> serde_json::Value {
+    match audit {
+        Some(log) => serde_json::json!({
+            "Enabled": true,
+            "Directory": log.directory().to_string_lossy(),
+            "PublicKey": kmsfs_common::audit::encode_public_key(log.public_key()),
+            "PublicKeyFingerprint": kmsfs_common::audit::key_fingerprint(log.public_key()),
+        }),
+        None => serde_json::json!({"Enabled": false}),
     }
 }
 
@@ -306,6 +473,7 @@ enum Target {
 enum Extension {
     WatchKeyEvents,
     GetAgentStats,
+    GetAuditInfo,
 }
 
 impl Target {
@@ -314,6 +482,7 @@ impl Target {
             Target::Kms(action) => action,
             Target::Extension(Extension::WatchKeyEvents) => "Kmsfs.WatchKeyEvents",
             Target::Extension(Extension::GetAgentStats) => "Kmsfs.GetAgentStats",
+            Target::Extension(Extension::GetAuditInfo) => "Kmsfs.GetAuditInfo",
             Target::Sts => "STS",
         }
     }
@@ -321,15 +490,10 @@ impl Target {
 
 /// Runs the action: inline if it only reads memory, on the blocking pool if it commits
 /// to the store. The request body is zeroized once handled.
-async fn run(
-    agent: Arc<Agent>,
-    caller: Arc<Caller>,
-    action: String,
-    body: Bytes,
-) -> Result<zeroize::Zeroizing<Vec<u8>>, KmsError> {
+async fn run(agent: Arc<Agent>, caller: Arc<Caller>, action: String, body: Bytes) -> Result<service::Reply, KmsError> {
     let mutates = service::mutates(&action);
     let work = move || {
-        let result = service::handle(&agent, &caller, &action, &body).map(|reply| reply.to_bytes());
+        let result = service::handle(&agent, &caller, &action, &body);
         if let Ok(mut owned) = body.try_into_mut() {
             owned.as_mut().zeroize();
         }
@@ -372,6 +536,7 @@ async fn read_request(
     let target = match header {
         "Kmsfs.WatchKeyEvents" => Target::Extension(Extension::WatchKeyEvents),
         "Kmsfs.GetAgentStats" => Target::Extension(Extension::GetAgentStats),
+        "Kmsfs.GetAuditInfo" => Target::Extension(Extension::GetAuditInfo),
         "" if query => Target::Sts,
         _ => match header.strip_prefix("TrentService.").filter(|a| !a.is_empty()) {
             Some(action) => Target::Kms(action.to_string()),
@@ -455,7 +620,7 @@ fn sts_response(
     key: &AccessKey,
     body: &[u8],
     request_id: &str,
-) -> Response<Full<Bytes>> {
+) -> (Response<Full<Bytes>>, String) {
     let form = String::from_utf8_lossy(body);
     let param = |name: &str| {
         form.split('&').find_map(|pair| {
@@ -472,7 +637,7 @@ fn sts_response(
         let message = format!(
             "Could not find operation {requested} for version {version}; kmsd serves only STS GetCallerIdentity"
         );
-        return sts_error(StatusCode::BAD_REQUEST, "InvalidAction", &message, request_id);
+        return (sts_error(StatusCode::BAD_REQUEST, "InvalidAction", &message, request_id), requested);
     }
     shared.stats.record("STS.GetCallerIdentity", true);
     tracing::debug!(principal = %key.arn, "GetCallerIdentity");
@@ -485,7 +650,7 @@ fn sts_response(
         xml_escape(&key.caller.account),
         xml_escape(request_id)
     );
-    xml_response(StatusCode::OK, xml, request_id)
+    (xml_response(StatusCode::OK, xml, request_id), requested)
 }
 
 /// An error in the query protocol's XML shape.

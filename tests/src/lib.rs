@@ -153,6 +153,33 @@ impl TestAgent {
         self.dir.path().join("kmsd.log")
     }
 
+    /// The agent's audit trail directory (unless `--audit-dir` says otherwise).
+    pub fn audit_dir(&self) -> PathBuf {
+        self.state_dir().join("audit")
+    }
+
+    /// Every line of the audit trail in `dir` so far, in order (records are durable before
+    /// their request is answered, so a reply's record is already there).
+    pub fn audit_lines_in(dir: &Path) -> Vec<Value> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map(|entries| entries.filter_map(|e| Some(e.ok()?.path())).collect())
+            .unwrap_or_default();
+        files.retain(|p| p.extension().is_some_and(|e| e == "jsonl"));
+        files.sort();
+        files
+            .iter()
+            .flat_map(|p| {
+                std::fs::read_to_string(p).expect("read audit file").lines().map(str::to_string).collect::<Vec<_>>()
+            })
+            .map(|line| serde_json::from_str(&line).unwrap_or_else(|e| panic!("audit line is not JSON ({e}): {line}")))
+            .collect()
+    }
+
+    /// The event records (digests left out) of the agent's audit trail so far.
+    pub fn audit_events(&self) -> Vec<Value> {
+        TestAgent::audit_lines_in(&self.audit_dir()).into_iter().filter(|r| r["eventType"] != "Digest").collect()
+    }
+
     /// Everything the agent has logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()

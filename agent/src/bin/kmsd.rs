@@ -44,6 +44,19 @@ struct Args {
     /// trusted or tunneled network.
     #[arg(long)]
     allow_remote_tcp: bool,
+    /// The audit trail: `on` records every request (and refuses requests it cannot
+    /// record); `off` serves requests without any record, for benchmarks and tests only.
+    #[arg(long, value_enum, default_value = "on", value_name = "on|off")]
+    audit: Switch,
+    /// Where the audit trail's files go (default STATE_DIR/audit).
+    #[arg(long, env = "KMSD_AUDIT_DIR")]
+    audit_dir: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Switch {
+    On,
+    Off,
 }
 
 fn main() -> ExitCode {
@@ -63,6 +76,8 @@ fn main() -> ExitCode {
         config_dir: args.config_dir.unwrap_or_else(daemon::default_config_dir),
         listen_tcp: args.listen_tcp,
         allow_remote_tcp: args.allow_remote_tcp,
+        audit: args.audit == Switch::On,
+        audit_dir: args.audit_dir,
     };
     match daemon::run(config) {
         Ok(()) => ExitCode::SUCCESS,

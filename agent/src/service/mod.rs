@@ -37,6 +37,11 @@ impl Reply {
         Reply { body, secret: Some((member, base64)) }
     }
 
+    /// The body without its secret member.
+    pub fn public_body(&self) -> &Value {
+        &self.body
+    }
+
     /// The JSON body. The secret member (base64, which needs no JSON escaping) is spliced
     /// in before the closing brace, inside a buffer that is zeroized when dropped.
     pub fn to_bytes(&self) -> Zeroizing<Vec<u8>> {

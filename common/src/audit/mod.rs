@@ -126,13 +126,13 @@ impl Chain {
         Chain { next_sequence: 0, last_hash: GENESIS_HASH.to_string(), unsealed: None }
     }
 
-    /// Turns an event (a CloudTrail-shaped object without `sequence` and `previousHash`)
-    /// into the next line (without its newline) and advances the chain past it.
+    /// Turns an event (a CloudTrail-shaped object) into the next line (without its newline)
+    /// and advances the chain past it; `sequence` and `previousHash` are set in `event`.
     /// `now_ms` is when the span it opens began, if it opens one.
-    pub fn append_event(&mut self, mut event: Map<String, Value>, now_ms: i64) -> Vec<u8> {
+    pub fn append_event(&mut self, event: &mut Map<String, Value>, now_ms: i64) -> Vec<u8> {
         event.insert("sequence".into(), Value::from(self.next_sequence));
         event.insert("previousHash".into(), Value::from(self.last_hash.clone()));
-        let line = serde_json::to_vec(&Value::Object(event)).unwrap_or_default();
+        let line = serde_json::to_vec(&*event).unwrap_or_default();
         self.unsealed.get_or_insert((self.next_sequence, now_ms));
         self.advance(&line);
         line
@@ -276,8 +276,8 @@ mod tests {
         let key = SigningKey::from_bytes(&[7; 32]);
         let mut chain = Chain::genesis();
         assert!(chain.append_digest(&key, 0).is_none(), "nothing to seal");
-        let a = chain.append_event(Map::new(), 1000);
-        let b = chain.append_event(Map::new(), 2000);
+        let a = chain.append_event(&mut Map::new(), 1000);
+        let b = chain.append_event(&mut Map::new(), 2000);
         let a_v: Value = serde_json::from_slice(&a).unwrap();
         let b_v: Value = serde_json::from_slice(&b).unwrap();
         assert_eq!(a_v["previousHash"], GENESIS_HASH);

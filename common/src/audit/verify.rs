@@ -310,7 +310,7 @@ mod tests {
             for i in 0..n {
                 let mut event = Map::new();
                 event.insert("eventName".into(), Value::from(format!("Encrypt{i}")));
-                files[file].push(String::from_utf8(chain.append_event(event, 1000 * i)).unwrap());
+                files[file].push(String::from_utf8(chain.append_event(&mut event, 1000 * i)).unwrap());
             }
             files[file].push(String::from_utf8(chain.append_digest(key, 9000).unwrap()).unwrap());
         }

@@ -1,0 +1,385 @@
+//! End-to-end tests of the audit trail against a real kmsd: one record per request with the
+//! right eventName and outcome, for every action and every kind of failure; no secret in
+//! the trail or the agent's log; the identity and kmsfs IDs recorded; fail-closed on a full
+//! disk; and `kmsctl audit` verify (with a tamper matrix), query and public-key.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use kmsfs_common::client::KeyEventStream;
+use kmsfs_common::ErrorKind;
+use kmsfs_tests::{b64, is_root, unb64, Rng, TestAgent};
+use serde_json::{json, Value};
+
+/// Every action of the API the agent serves.
+const ACTIONS: [&str; 29] = [
+    "CreateKey",
+    "DescribeKey",
+    "ListKeys",
+    "EnableKey",
+    "DisableKey",
+    "UpdateKeyDescription",
+    "ScheduleKeyDeletion",
+    "CancelKeyDeletion",
+    "CreateAlias",
+    "UpdateAlias",
+    "DeleteAlias",
+    "ListAliases",
+    "TagResource",
+    "UntagResource",
+    "ListResourceTags",
+    "Encrypt",
+    "Decrypt",
+    "ReEncrypt",
+    "GenerateDataKey",
+    "GenerateDataKeyWithoutPlaintext",
+    "GenerateRandom",
+    "PutKeyPolicy",
+    "GetKeyPolicy",
+    "ListKeyPolicies",
+    "CreateGrant",
+    "ListGrants",
+    "ListRetirableGrants",
+    "RetireGrant",
+    "RevokeGrant",
+];
+
+/// Calls `action` and checks that exactly one record was added for it, with `error` as its
+/// errorCode (or none); returns the response (or `null`) and the record.
+fn audited(agent: &TestAgent, action: &str, request: Value, error: Option<&str>) -> (Value, Value) {
+    let before = agent.audit_events().len();
+    let result = agent.call(action, request);
+    match (&result, error) {
+        (Ok(_), None) => {}
+        (Err(e), Some(code)) => assert_eq!(e.kind.as_str(), code, "{action}: {e}"),
+        (other, _) => panic!("{action}: expected {error:?}, got {other:?}"),
+    }
+    (result.unwrap_or(Value::Null), one_new_record(agent, before, action, error))
+}
+
+fn one_new_record(agent: &TestAgent, before: usize, action: &str, error: Option<&str>) -> Value {
+    let events = agent.audit_events();
+    assert_eq!(events.len(), before + 1, "{action}: exactly one record, got {:#?}", &events[before..]);
+    let record = events[before].clone();
+    assert_eq!(record["eventName"], action, "{record}");
+    assert_eq!(record["errorCode"].as_str(), error, "{record}");
+    assert_eq!(record["eventVersion"], "1.08");
+    assert!(record["requestID"].as_str().is_some_and(|id| id.len() == 36), "{record}");
+    assert!(record["eventID"].as_str().is_some_and(|id| id.len() == 36), "{record}");
+    record
+}
+
+#[test]
+fn every_action_and_every_failure_is_recorded_once() {
+    let agent = TestAgent::start();
+    let (created, record) = audited(&agent, "CreateKey", json!({"Description": "audited"}), None);
+    let key = created["KeyMetadata"]["KeyId"].as_str().unwrap().to_string();
+    let arn = created["KeyMetadata"]["Arn"].as_str().unwrap().to_string();
+    let account = created["KeyMetadata"]["AWSAccountId"].as_str().unwrap().to_string();
+    assert_eq!(record["readOnly"], false);
+    assert_eq!(record["resources"][0]["ARN"], arn.as_str());
+    assert_eq!(record["responseElements"]["keyMetadata"]["KeyId"], key.as_str());
+    let key2 = audited(&agent, "CreateKey", json!({}), None).0["KeyMetadata"]["KeyId"].as_str().unwrap().to_string();
+    let root = format!("arn:aws:iam::{account}:user/root");
+
+    let (_, record) = audited(&agent, "DescribeKey", json!({"KeyId": key}), None);
+    assert_eq!((record["readOnly"].clone(), record["responseElements"].clone()), (json!(true), Value::Null));
+    audited(&agent, "ListKeys", json!({}), None);
+    audited(&agent, "UpdateKeyDescription", json!({"KeyId": key, "Description": "renamed"}), None);
+    audited(&agent, "DisableKey", json!({"KeyId": key}), None);
+    audited(&agent, "EnableKey", json!({"KeyId": key}), None);
+    let (_, record) = audited(&agent, "CreateAlias", json!({"AliasName": "alias/audit", "TargetKeyId": key}), None);
+    assert_eq!(record["requestParameters"], json!({"aliasName": "alias/audit", "targetKeyId": key}));
+    audited(&agent, "UpdateAlias", json!({"AliasName": "alias/audit", "TargetKeyId": key2}), None);
+    audited(&agent, "ListAliases", json!({}), None);
+    audited(&agent, "TagResource", json!({"KeyId": key, "Tags": [{"TagKey": "env", "TagValue": "dev"}]}), None);
+    audited(&agent, "UntagResource", json!({"KeyId": key, "TagKeys": ["env"]}), None);
+    audited(&agent, "ListResourceTags", json!({"KeyId": key}), None);
+
+    // Through the alias: the record names the key it resolved to.
+    let (sealed, record) =
+        audited(&agent, "Encrypt", json!({"KeyId": "alias/audit", "Plaintext": b64(b"audited secret")}), None);
+    assert_eq!(record["resources"][0]["ARN"], format!("arn:aws:kms:local:{account}:key/{key2}").as_str());
+    assert_eq!(record["requestParameters"], json!({"keyId": "alias/audit"}));
+    let (_, record) = audited(&agent, "Decrypt", json!({"CiphertextBlob": sealed["CiphertextBlob"]}), None);
+    assert_eq!(record["resources"][0]["ARN"], format!("arn:aws:kms:local:{account}:key/{key2}").as_str());
+    assert_eq!(record["requestParameters"], json!({}), "the blob appears only as its key");
+    audited(&agent, "ReEncrypt", json!({"CiphertextBlob": sealed["CiphertextBlob"], "DestinationKeyId": key}), None);
+    audited(&agent, "GenerateDataKey", json!({"KeyId": key, "KeySpec": "AES_256"}), None);
+    audited(&agent, "GenerateDataKeyWithoutPlaintext", json!({"KeyId": key, "KeySpec": "AES_256"}), None);
+    audited(&agent, "GenerateRandom", json!({"NumberOfBytes": 16}), None);
+    audited(&agent, "DeleteAlias", json!({"AliasName": "alias/audit"}), None);
+
+    let (policy, _) = audited(&agent, "GetKeyPolicy", json!({"KeyId": key, "PolicyName": "default"}), None);
+    audited(&agent, "ListKeyPolicies", json!({"KeyId": key}), None);
+    audited(&agent, "PutKeyPolicy", json!({"KeyId": key, "PolicyName": "default", "Policy": policy["Policy"]}), None);
+    let grant = json!({"KeyId": key, "GranteePrincipal": root, "RetiringPrincipal": root, "Operations": ["Decrypt"]});
+    let (granted, record) = audited(&agent, "CreateGrant", grant.clone(), None);
+    assert!(record["responseElements"]["grantId"].is_string(), "{record}");
+    assert!(record["responseElements"].get("grantToken").is_none(), "{record}");
+    audited(&agent, "ListGrants", json!({"KeyId": key}), None);
+    audited(&agent, "ListRetirableGrants", json!({"RetiringPrincipal": root}), None);
+    let (_, record) = audited(&agent, "RetireGrant", json!({"GrantToken": granted["GrantToken"]}), None);
+    assert!(record["requestParameters"].get("grantToken").is_none(), "{record}");
+    let revocable = audited(&agent, "CreateGrant", grant, None).0;
+    audited(&agent, "RevokeGrant", json!({"KeyId": key, "GrantId": revocable["GrantId"]}), None);
+    audited(&agent, "ScheduleKeyDeletion", json!({"KeyId": key2, "PendingWindowInDays": 7}), None);
+    audited(&agent, "CancelKeyDeletion", json!({"KeyId": key2}), None);
+
+    // Failures of every kind, each one record with its errorCode.
+    audited(&agent, "Encrypt", json!({"Plaintext": b64(b"x")}), Some("ValidationException"));
+    let missing = "11111111-2222-3333-4444-555555555555";
+    let (_, record) = audited(&agent, "DescribeKey", json!({"KeyId": missing}), Some("NotFoundException"));
+    assert!(record["errorMessage"].as_str().unwrap().contains(missing), "{record}");
+    audited(&agent, "Encrypt", json!({"KeyId": key2, "Plaintext": b64(b"x")}), Some("DisabledException"));
+    audited(&agent, "Frobnicate", json!({}), Some("UnknownOperationException"));
+    let before = agent.audit_events().len();
+    let raw = agent.client().call_raw("Decrypt", b"{not json").unwrap();
+    assert_eq!(raw.status, 400);
+    let record = one_new_record(&agent, before, "Decrypt", Some("SerializationException"));
+    assert_eq!(record["requestParameters"], Value::Null);
+    let before = agent.audit_events().len();
+    // Refused from its Content-Length alone, on one connection that sends no body.
+    let mut stream = std::os::unix::net::UnixStream::connect(agent.socket()).unwrap();
+    let head = format!(
+        "POST / HTTP/1.1\r\nHost: kmsd\r\nX-Amz-Target: TrentService.Encrypt\r\nContent-Length: {}\r\n\r\n",
+        600 * 1024
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    let mut reply = String::new();
+    let _ = std::io::Read::read_to_string(&mut stream, &mut reply);
+    assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+    one_new_record(&agent, before, "Encrypt", Some("ValidationException"));
+
+    // kmsd's extensions are requests too.
+    audited(&agent, "Kmsfs.GetAgentStats", json!({}), None);
+    let (info, _) = audited(&agent, "Kmsfs.GetAuditInfo", json!({}), None);
+    assert_eq!(info["Directory"], std::fs::canonicalize(agent.audit_dir()).unwrap().to_str().unwrap());
+    let before = agent.audit_events().len();
+    let mut stream = KeyEventStream::subscribe(&agent.socket(), Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(stream.next_event().unwrap().unwrap()["Event"], "Subscribed");
+    one_new_record(&agent, before, "Kmsfs.WatchKeyEvents", None);
+
+    // Denied: root without its identity policy may no longer use keys.
+    agent.set_policy("users/root.json", None);
+    let (_, record) =
+        audited(&agent, "Encrypt", json!({"KeyId": key, "Plaintext": b64(b"x")}), Some("AccessDeniedException"));
+    assert_eq!(record["userIdentity"]["arn"], root.as_str());
+
+    let recorded: BTreeSet<String> =
+        agent.audit_events().iter().map(|r| r["eventName"].as_str().unwrap().to_string()).collect();
+    for action in ACTIONS {
+        assert!(recorded.contains(action), "{action} was never exercised");
+    }
+}
+
+#[test]
+fn records_name_the_caller_and_kmsfs_volume_and_file() {
+    let agent = TestAgent::start();
+    let key = kmsfs_tests::create_key(&agent);
+    let context = json!({"kmsfs:volume": "ab".repeat(16), "kmsfs:file": "cd".repeat(16)});
+    let (_, record) = audited(
+        &agent,
+        "GenerateDataKey",
+        json!({"KeyId": key, "KeySpec": "AES_256", "EncryptionContext": context}),
+        None,
+    );
+    assert_eq!(record["requestParameters"]["encryptionContext"], context);
+    assert_eq!(record["additionalEventData"], json!({"kmsfsVolume": "ab".repeat(16), "kmsfsFile": "cd".repeat(16)}));
+    assert_eq!(record["responseElements"], Value::Null);
+    let who = &record["userIdentity"];
+    assert_eq!(who["uid"], own_uid());
+    assert_eq!(who["pid"], std::process::id());
+    assert!(who["gid"].is_u64(), "{who}");
+    let exe = std::env::current_exe().unwrap();
+    assert_eq!(who["executable"], exe.to_str().unwrap());
+    assert_eq!(record["sourceIPAddress"], "unix");
+    assert_eq!(record["eventSource"], "kms.amazonaws.com");
+    assert!(record["eventTime"].as_str().unwrap().ends_with('Z'));
+}
+
+/// The test's own uid, from /proc.
+fn own_uid() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Every form a secret could leak in: raw, hex, and base64 at each alignment (a secret inside
+/// a longer base64 string shows only its middle).
+fn leak_forms(secret: &[u8]) -> Vec<(String, Vec<u8>)> {
+    use base64::Engine;
+    let mut forms = vec![("raw".to_string(), secret.to_vec())];
+    let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+    forms.push(("hex".into(), hex.clone().into_bytes()));
+    forms.push(("HEX".into(), hex.to_uppercase().into_bytes()));
+    for engine in [base64::engine::general_purpose::STANDARD, base64::engine::general_purpose::URL_SAFE] {
+        for offset in 0..3 {
+            let encoded = engine.encode(&secret[offset..]);
+            // Drop the characters that depend on neighbouring bytes.
+            let core = &encoded[4..encoded.len() - 4];
+            forms.push((format!("base64@{offset}"), core.as_bytes().to_vec()));
+        }
+    }
+    forms
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn no_secret_reaches_the_trail_or_the_log() {
+    let agent = TestAgent::start();
+    let key = kmsfs_tests::create_key(&agent);
+    let other = kmsfs_tests::create_key(&agent);
+    agent.ok("DisableKey", json!({"KeyId": other}));
+    let mut rng = Rng(0xa0d17);
+    let mut secrets: Vec<(String, Vec<u8>)> = Vec::new();
+    for i in 0..4 {
+        let plaintext = rng.bytes(32);
+        let context = json!({"kmsfs:volume": "ab".repeat(16), "kmsfs:file": format!("{i:032x}")});
+        let sealed =
+            agent.ok("Encrypt", json!({"KeyId": key, "Plaintext": b64(&plaintext), "EncryptionContext": context}));
+        let blob = unb64(&sealed["CiphertextBlob"]);
+        let opened = agent.ok("Decrypt", json!({"CiphertextBlob": b64(&blob), "EncryptionContext": context}));
+        assert_eq!(unb64(&opened["Plaintext"]), plaintext);
+        agent.ok(
+            "ReEncrypt",
+            json!({"CiphertextBlob": b64(&blob), "SourceEncryptionContext": context, "DestinationKeyId": key}),
+        );
+        // A failing request carries its plaintext too.
+        agent.call("Encrypt", json!({"KeyId": other, "Plaintext": b64(&plaintext)})).unwrap_err();
+        let data_key =
+            agent.ok("GenerateDataKey", json!({"KeyId": key, "KeySpec": "AES_256", "EncryptionContext": context}));
+        let random = agent.ok("GenerateRandom", json!({"NumberOfBytes": 32}));
+        secrets.push((format!("plaintext {i}"), plaintext));
+        secrets.push((format!("ciphertext blob {i}"), blob));
+        secrets.push((format!("data key {i}"), unb64(&data_key["Plaintext"])));
+        secrets.push((format!("wrapped data key {i}"), unb64(&data_key["CiphertextBlob"])));
+        secrets.push((format!("random {i}"), unb64(&random["Plaintext"])));
+    }
+    let grant = agent.ok(
+        "CreateGrant",
+        json!({"KeyId": key, "GranteePrincipal": "arn:aws:iam::111122223333:user/x", "Operations": ["Decrypt"]}),
+    );
+    secrets.push(("grant token".into(), grant["GrantToken"].as_str().unwrap().as_bytes().to_vec()));
+    let root_key = std::fs::read(agent.state_dir().join("root.key")).unwrap();
+    secrets.push(("root key".into(), root_key));
+
+    let mut haystacks: Vec<(String, Vec<u8>)> = std::fs::read_dir(agent.audit_dir())
+        .unwrap()
+        .map(|e| {
+            let path = e.unwrap().path();
+            (path.display().to_string(), std::fs::read(&path).unwrap())
+        })
+        .collect();
+    haystacks.push(("kmsd log".into(), std::fs::read(agent.log_path()).unwrap()));
+    let trail: Vec<u8> = haystacks[..haystacks.len() - 1].iter().flat_map(|(_, b)| b.clone()).collect();
+    assert!(contains(&trail, b"\"eventName\":\"GenerateDataKey\""), "the scan must look at real records");
+    assert!(contains(&trail, b"kmsfsFile"));
+    for (what, secret) in &secrets {
+        for (form, needle) in leak_forms(secret) {
+            for (place, bytes) in &haystacks {
+                assert!(!contains(bytes, &needle), "{what} appears ({form}) in {place}");
+            }
+        }
+    }
+}
+
+/// A tmpfs mounted for the test, unmounted on drop.
+struct Tmpfs {
+    path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size: &str) -> Tmpfs {
+        let dir = tempfile::Builder::new().prefix("kmsfs-audit-fs-").tempdir().unwrap();
+        let path = dir.path().join("audit");
+        std::fs::create_dir(&path).unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700")])
+            .arg("tmpfs")
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(status.success(), "mount tmpfs");
+        Tmpfs { path, _dir: dir }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
+/// Fills the filesystem of `dir` with one file, until it is full.
+fn fill(dir: &Path) -> PathBuf {
+    let path = dir.join("filler");
+    let mut file = std::fs::File::create(&path).unwrap();
+    let chunk = vec![0u8; 4096];
+    while file.write_all(&chunk).is_ok() {}
+    let _ = file.sync_all();
+    path
+}
+
+#[test]
+fn a_full_audit_disk_refuses_requests_and_executes_nothing() {
+    assert!(is_root(), "mounting a small filesystem for the audit trail needs root (CI runs as root)");
+    let tmpfs = Tmpfs::mount("4m");
+    let dir = tmpfs.path.to_str().unwrap().to_string();
+    let agent = TestAgent::start_with(&["--audit-dir", &dir]);
+    let key = kmsfs_tests::create_key(&agent);
+    agent.ok("Encrypt", json!({"KeyId": key, "Plaintext": b64(b"before")}));
+    let filler = fill(&tmpfs.path);
+
+    // The records already reserved may still be written; once the disk is truly full,
+    // Encrypt fails without returning a ciphertext.
+    let mut refused = None;
+    for attempt in 0..64 {
+        match agent.call("Encrypt", json!({"KeyId": key, "Plaintext": b64(b"during")})) {
+            Ok(v) => assert!(v["CiphertextBlob"].is_string(), "attempt {attempt}"),
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+    }
+    let e = refused.expect("Encrypt kept succeeding on a full audit disk");
+    assert_eq!(e.kind, ErrorKind::KMSInternalException, "{e}");
+    assert!(e.message.contains("audit"), "{e}");
+    // From now on every request is refused before it is executed.
+    for (action, request) in [
+        ("CreateKey", json!({"Description": "must not exist"})),
+        ("Encrypt", json!({"KeyId": key, "Plaintext": b64(b"x")})),
+        ("GenerateDataKey", json!({"KeyId": key, "KeySpec": "AES_256"})),
+        ("DisableKey", json!({"KeyId": key})),
+    ] {
+        let e = agent.call(action, request).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::KMSInternalException, "{action}: {e}");
+    }
+    assert!(agent.log().contains("the audit log cannot be written"), "{}", agent.log());
+
+    // Space again: the agent recovers by itself, and nothing refused had happened.
+    std::fs::remove_file(filler).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let keys = loop {
+        match agent.call("ListKeys", json!({})) {
+            Ok(keys) => break keys,
+            Err(e) => assert!(Instant::now() < deadline, "the agent did not recover: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(keys["Keys"].as_array().unwrap().len(), 1, "{keys}");
+    assert_eq!(agent.ok("DescribeKey", json!({"KeyId": key}))["KeyMetadata"]["KeyState"], "Enabled");
+    let events = TestAgent::audit_lines_in(&tmpfs.path);
+    assert!(events
+        .iter()
+        .all(|r| r["eventName"] != "CreateKey" || r["requestParameters"]["description"] != "must not exist"));
+    assert_eq!(events.iter().filter(|r| r["eventName"] == "DisableKey").count(), 0);
+}
