@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use kmsfs_common::client::KeyEventStream;
@@ -382,4 +382,217 @@ fn a_full_audit_disk_refuses_requests_and_executes_nothing() {
         .iter()
         .all(|r| r["eventName"] != "CreateKey" || r["requestParameters"]["description"] != "must not exist"));
     assert_eq!(events.iter().filter(|r| r["eventName"] == "DisableKey").count(), 0);
+}
+
+fn run(mut cmd: Command, args: &[&str]) -> Output {
+    cmd.args(args).stdin(Stdio::null()).output().expect("run kmsctl")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// An agent with a few dozen records over two keys, some denied and some failed, and a
+/// digest in the middle; returns it with its two key IDs.
+fn busy_agent() -> (TestAgent, String, String) {
+    let agent = TestAgent::start();
+    let one = kmsfs_tests::create_key(&agent);
+    let two = kmsfs_tests::create_key(&agent);
+    for i in 0..6 {
+        let key = if i % 2 == 0 { &one } else { &two };
+        let sealed = agent.ok("Encrypt", json!({"KeyId": key, "Plaintext": b64(format!("secret {i}").as_bytes())}));
+        agent.ok("Decrypt", json!({"CiphertextBlob": sealed["CiphertextBlob"]}));
+        if i == 2 {
+            agent.ok("Kmsfs.GetAuditInfo", json!({"Seal": true}));
+        }
+    }
+    agent.call("DescribeKey", json!({"KeyId": "alias/missing"})).unwrap_err();
+    agent.set_policy("users/root.json", None);
+    agent.call("Encrypt", json!({"KeyId": one, "Plaintext": b64(b"denied")})).unwrap_err();
+    agent.set_policy("users/root.json", Some(kmsfs_tests::ROOT_USES_EVERYTHING));
+    (agent, one, two)
+}
+
+#[test]
+fn verify_proves_a_live_log_and_public_key_exports_the_key() {
+    let (mut agent, _, _) = busy_agent();
+    // The live log: kmsctl has the agent seal it first, so it verifies to this moment.
+    let out = run(agent.kmsctl(), &["audit", "verify"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("verified: 1 file(s)") && stdout(&out).contains("from the log's first line"),
+        "{}",
+        stdout(&out)
+    );
+    let key = run(agent.kmsctl(), &["audit", "public-key"]);
+    assert!(key.status.success(), "{}", stderr(&key));
+    let key = stdout(&key).trim().to_string();
+    assert_eq!(key.len(), 44, "{key}");
+    assert!(agent.log().contains(&key), "kmsd logs its public key at start");
+
+    // Restarts continue the chain; a SIGKILL's unsealed tail is sealed at the next start.
+    agent.ok("ListKeys", json!({}));
+    agent.kill();
+    agent.start_again();
+    agent.ok("ListKeys", json!({}));
+    agent.restart();
+    let out = run(agent.kmsctl(), &["audit", "verify", "--public-key", &key]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // A key that is not the agent's: the first digest names the mismatch.
+    let other =
+        kmsfs_common::audit::encode_public_key(&ed25519_dalek::SigningKey::from_bytes(&[5; 32]).verifying_key());
+    let out = run(agent.kmsctl(), &["audit", "verify", "--public-key", &other]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("wrong key"), "{}", stderr(&out));
+}
+
+/// The one audit file of `dir`: its name and lines.
+fn the_log(dir: &Path) -> (String, Vec<String>) {
+    let mut names: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    let name = names.pop().expect("an audit file");
+    assert!(names.is_empty(), "the test expects one day's file: {names:?} and {name}");
+    let text = std::fs::read_to_string(dir.join(&name)).unwrap();
+    (name, text.lines().map(str::to_string).collect())
+}
+
+#[test]
+fn verify_names_the_first_tampered_line() {
+    let (mut agent, _, _) = busy_agent();
+    let key = stdout(&run(agent.kmsctl(), &["audit", "public-key"])).trim().to_string();
+    assert_eq!(agent.stop(), Some(0));
+    let (name, lines) = the_log(&agent.audit_dir());
+    let digests: Vec<usize> = (0..lines.len()).filter(|&i| lines[i].contains("\"eventType\":\"Digest\"")).collect();
+    assert!(digests.len() >= 2 && *digests.last().unwrap() == lines.len() - 1, "{digests:?} of {}", lines.len());
+    let encrypt = lines.iter().position(|l| l.contains("\"eventName\":\"Encrypt\"")).unwrap();
+
+    // Each case: what is done to the lines, the line (1-based) and the words verify must name.
+    type Tamper = Box<dyn Fn(&mut Vec<String>)>;
+    let resigned = resign(&lines, &ed25519_dalek::SigningKey::from_bytes(&[6; 32]));
+    let first_digest = digests[0];
+    let cases: Vec<(&str, Tamper, usize, &str)> = vec![
+        ("untouched", Box::new(|_| {}), 0, ""),
+        (
+            "edit a field",
+            Box::new(move |l| l[encrypt] = l[encrypt].replace("\"Encrypt\"", "\"Decrypt\"")),
+            encrypt + 1,
+            "modified",
+        ),
+        ("delete a line", Box::new(|l| drop(l.remove(4))), 5, "deleted"),
+        (
+            "insert a line",
+            Box::new(|l| {
+                let copy = l[1].clone();
+                l.insert(6, copy)
+            }),
+            7,
+            "inserted",
+        ),
+        ("swap two lines", Box::new(|l| l.swap(3, 4)), 4, "reordered"),
+        ("truncate the tail", Box::new(|l| l.truncate(l.len() - 2)), lines.len() - 2, "truncated"),
+        (
+            "replace a digest",
+            Box::new(move |l| {
+                let last = l[l.len() - 1].clone();
+                let first = first_digest;
+                l[first] = forge(&l[first], &last)
+            }),
+            first_digest + 1,
+            "bad digest",
+        ),
+        ("re-sign with another key", Box::new(move |l| *l = resigned.clone()), first_digest + 1, "wrong key"),
+    ];
+    for (what, tamper, line, problem) in cases {
+        let copy = tempfile::tempdir().unwrap();
+        let mut edited = lines.clone();
+        tamper(&mut edited);
+        std::fs::write(copy.path().join(&name), edited.join("\n") + "\n").unwrap();
+        let dir = copy.path().to_str().unwrap();
+        // Offline: only the files and the public key (the agent is stopped).
+        let out =
+            run(Command::new(kmsfs_tests::bin("kmsctl")), &["audit", "verify", "--dir", dir, "--public-key", &key]);
+        if line == 0 {
+            assert!(out.status.success(), "{what}: {}", stderr(&out));
+            continue;
+        }
+        assert_eq!(out.status.code(), Some(1), "{what}: {}{}", stdout(&out), stderr(&out));
+        let place = format!("{name}:{line}: {problem}");
+        assert!(stderr(&out).contains(&place), "{what}: expected {place:?} in {}", stderr(&out));
+    }
+}
+
+/// The digest line `digest` with the signature of `other` put in: a forged digest.
+fn forge(digest: &str, other: &str) -> String {
+    let mut d: Value = serde_json::from_str(digest).unwrap();
+    let o: Value = serde_json::from_str(other).unwrap();
+    d["signature"] = o["signature"].clone();
+    serde_json::to_string(&d).unwrap()
+}
+
+/// The same events rechained and every digest re-signed with `key`: what someone who
+/// rewrote the log with their own key would produce.
+fn resign(lines: &[String], key: &ed25519_dalek::SigningKey) -> Vec<String> {
+    let mut chain = kmsfs_common::audit::Chain::genesis();
+    lines
+        .iter()
+        .map(|line| {
+            let mut record: serde_json::Map<String, Value> = serde_json::from_str(line).unwrap();
+            let out = if record["eventType"] == "Digest" {
+                chain.append_digest(key, 0).unwrap()
+            } else {
+                record.insert("eventName".into(), "Rewritten".into());
+                chain.append_event(&mut record, 0)
+            };
+            String::from_utf8(out).unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn query_filters_by_key_principal_action_outcome_and_time() {
+    let (agent, one, two) = busy_agent();
+    let query = |args: &[&str]| -> Vec<Value> {
+        let out = run(agent.kmsctl(), &[&["audit", "query"], args].concat());
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        stdout(&out).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let encrypts = query(&["--action", "Encrypt"]);
+    assert_eq!(encrypts.len(), 7, "6 allowed and 1 denied");
+    assert!(encrypts.iter().all(|r| r["eventName"] == "Encrypt"));
+    let denied = query(&["--outcome", "denied"]);
+    assert_eq!(denied.len(), 1);
+    assert_eq!(denied[0]["errorCode"], "AccessDeniedException");
+    let failed = query(&["--outcome", "failure"]);
+    assert_eq!(failed.len(), 2, "the denial and the missing alias");
+    // Key one: its CreateKey, three Encrypts and Decrypts, the denied Encrypt.
+    let by_key = query(&["--key-id", &one]);
+    assert_eq!(by_key.len(), 8, "{by_key:#?}");
+    assert_eq!(query(&["--key-id", &two, "--action", "decrypt", "--outcome", "success"]).len(), 3);
+    let principal = encrypts[0]["userIdentity"]["arn"].as_str().unwrap().to_string();
+    assert_eq!(query(&["--principal", &principal]).len(), agent.audit_events().len());
+    assert!(query(&["--principal", "arn:aws:iam::111122223333:user/nobody"]).is_empty());
+    let first = encrypts[0]["eventTime"].as_str().unwrap();
+    let last = encrypts[6]["eventTime"].as_str().unwrap();
+    assert_eq!(query(&["--action", "Encrypt", "--from", first, "--to", last]).len(), 7);
+    assert_eq!(query(&["--action", "Encrypt", "--from", "2999-01-01"]).len(), 0);
+    assert_eq!(query(&["--action", "Encrypt", "--to", "2000-01-01"]).len(), 0);
+    let today = &first[..10];
+    assert_eq!(query(&["--action", "Encrypt", "--from", today, "--to", today]).len(), 7);
+
+    let out = run(agent.kmsctl(), &["audit", "query", "--outcome", "denied", "--format", "table"]);
+    let table = stdout(&out);
+    let rows: Vec<&str> = table.lines().collect();
+    assert_eq!(rows.len(), 2, "{table}");
+    assert!(rows[0].starts_with("TIME") && rows[0].contains("PRINCIPAL"), "{table}");
+    assert!(
+        rows[1].contains("Encrypt") && rows[1].contains("AccessDeniedException") && rows[1].contains(&one),
+        "{table}"
+    );
+    let out = run(agent.kmsctl(), &["audit", "query", "--from", "yesterday"]);
+    assert_eq!(out.status.code(), Some(252), "{}", stderr(&out));
 }

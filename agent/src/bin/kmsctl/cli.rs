@@ -52,7 +52,100 @@ pub struct Cli {
     pub output: OutputFormat,
 
     #[command(subcommand)]
-    pub command: Command,
+    pub command: TopCommand,
+}
+
+/// kmsctl's subcommands: the KMS actions, and the audit trail's tools.
+#[derive(Debug, Subcommand)]
+pub enum TopCommand {
+    #[command(flatten)]
+    Kms(Command),
+    /// The agent's audit trail: verify it, query it, export its public key.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+/// `kmsctl audit ...`: these read the audit files directly. Without --dir and --public-key,
+/// the agent names its audit directory and public key (Kmsfs.GetAuditInfo).
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Prints the audit signing key's public half (base64 of the 32-byte Ed25519 key). Keep
+    /// a copy off the machine to verify copies of the log with --public-key.
+    PublicKey,
+    /// Proves a range of audit files untampered, or names the first line that was modified,
+    /// inserted, deleted, reordered or cut off. Exit 0: verified; 1: tampered; other: error.
+    Verify(AuditVerify),
+    /// Prints the records that match every filter given, as JSON lines or a table.
+    Query(AuditQuery),
+}
+
+/// Which audit files, and with which key.
+#[derive(Debug, Args)]
+pub struct AuditSource {
+    /// A directory of audit files (e.g. a copy from another machine) instead of the agent's.
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    /// The trusted public key: base64, or file://PATH holding it (as `audit public-key`
+    /// prints it). Default: the agent's.
+    #[arg(long, value_name = "KEY", value_parser = args::text)]
+    pub public_key: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct AuditVerify {
+    #[command(flatten)]
+    pub source: AuditSource,
+    /// The first day to verify (YYYY-MM-DD, UTC). Default: the first file.
+    #[arg(long, value_name = "DATE")]
+    pub from: Option<String>,
+    /// The last day to verify (YYYY-MM-DD, UTC). Default: the last file.
+    #[arg(long, value_name = "DATE")]
+    pub to: Option<String>,
+}
+
+/// How query results are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum QueryFormat {
+    /// One record per line, exactly as stored.
+    Jsonl,
+    /// Aligned columns: time, action, outcome, principal, key.
+    Table,
+}
+
+/// Whether a request succeeded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Outcome {
+    Success,
+    /// Any error, denials included.
+    Failure,
+    /// AccessDeniedException only.
+    Denied,
+}
+
+#[derive(Debug, Args)]
+pub struct AuditQuery {
+    /// A directory of audit files instead of the agent's.
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    /// Records from this time on (YYYY-MM-DD or YYYY-MM-DDTHH:MM:SS[.mmm]Z, UTC).
+    #[arg(long, value_name = "TIME")]
+    pub from: Option<String>,
+    /// Records up to this time (a bare date includes that whole day).
+    #[arg(long, value_name = "TIME")]
+    pub to: Option<String>,
+    /// Records naming this key (key ID, key ARN, or the alias the request used).
+    #[arg(short = 'k', long, value_name = "KEY_ID")]
+    pub key_id: Option<String>,
+    /// Records by this principal (ARN, user name, role ARN or access key ID).
+    #[arg(long, value_name = "PRINCIPAL")]
+    pub principal: Option<String>,
+    /// Records of this action (eventName, e.g. Decrypt).
+    #[arg(long, value_name = "ACTION")]
+    pub action: Option<String>,
+    #[arg(long, value_enum)]
+    pub outcome: Option<Outcome>,
+    #[arg(long, value_enum, default_value_t = QueryFormat::Jsonl)]
+    pub format: QueryFormat,
 }
 
 /// How responses are printed.

@@ -334,7 +334,10 @@ mod tests {
 
     fn plan_for(argv: &[&str]) -> Call {
         let cli = Cli::try_parse_from(std::iter::once("kmsctl").chain(argv.iter().copied())).unwrap();
-        plan(&cli.command)
+        match cli.command {
+            crate::cli::TopCommand::Kms(command) => plan(&command),
+            crate::cli::TopCommand::Audit(a) => panic!("not a KMS action: {a:?}"),
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! maps failures to the aws CLI's exit codes.
 
 mod args;
+mod audit;
 mod cli;
 mod commands;
 mod model;
@@ -23,7 +24,7 @@ use kmsfs_common::client::{AgentClient, ClientError};
 use kmsfs_common::KmsError;
 use serde_json::Value;
 
-use cli::Cli;
+use cli::{Cli, TopCommand};
 use commands::Mode;
 
 /// Exit code of a command-line usage error (the aws CLI's).
@@ -32,6 +33,8 @@ const EXIT_USAGE: u8 = 252;
 const EXIT_SERVICE: u8 = 254;
 /// Exit code of any other failure: connection, I/O, malformed response (the aws CLI's).
 const EXIT_OTHER: u8 = 255;
+/// Exit code of `audit verify` on a log that was tampered with.
+const EXIT_TAMPERED: u8 = 1;
 
 /// Stdin larger than this is refused in pipe mode; KMS's own limits are a few KiB.
 const MAX_STDIN: u64 = 1 << 20;
@@ -45,6 +48,8 @@ pub enum Failure {
     Service { operation: &'static str, error: KmsError },
     /// Anything else: the agent cannot be reached, I/O failed, the response is malformed.
     Other(String),
+    /// `audit verify` found the log tampered with.
+    Tampered(String),
 }
 
 impl Failure {
@@ -69,6 +74,7 @@ impl Failure {
                 EXIT_SERVICE,
             ),
             Failure::Other(message) => (format!("kmsctl: {message}"), EXIT_OTHER),
+            Failure::Tampered(message) => (format!("kmsctl: audit log verification FAILED: {message}"), EXIT_TAMPERED),
         };
         let _ = writeln!(stderr, "{message}");
         ExitCode::from(code)
@@ -95,7 +101,12 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<(), Failure> {
-    let commands::Call { action, mut request, mode } = commands::plan(&cli.command);
+    let socket = cli.socket.filter(|path| !path.as_os_str().is_empty());
+    let command = match cli.command {
+        TopCommand::Kms(command) => command,
+        TopCommand::Audit(command) => return audit::run(&command, socket.as_deref()),
+    };
+    let commands::Call { action, mut request, mode } = commands::plan(&command);
     let stdout = io::stdout();
     if let Mode::Pipe { input, .. } = mode {
         if stdout.is_terminal() {
@@ -110,7 +121,6 @@ fn run(cli: Cli) -> Result<(), Failure> {
             members.insert(input.to_string(), blob);
         }
     }
-    let socket = cli.socket.filter(|path| !path.as_os_str().is_empty());
     let mut client = AgentClient::connect_or_start(socket.as_deref()).map_err(|e| Failure::Other(e.to_string()))?;
     let mut call = |request: &Value| client.call(action, request).map_err(|e| Failure::from_client(action, e));
     let response = match mode {
