@@ -194,7 +194,7 @@ fn grant_view(g: &GrantRow) -> GrantView {
 
 /// A request context for `action` by `caller`, on `resource`, at the current time.
 pub fn context(action: &str, resource: &str, caller: &Caller) -> RequestContext {
-    RequestContext::new(format!("kms:{action}"), resource, caller.clone())
+    RequestContext::for_caller(format!("kms:{action}"), resource, caller)
         .with_current_time(kmsfs_common::time::now_millis() / 1000)
 }
 

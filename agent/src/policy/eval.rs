@@ -18,6 +18,7 @@
 //! - `Null: true` holds when the key is absent (or empty), `Null: false` when present.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use super::document::{
     ActionElement, BaseOperator, Condition, PolicyVersion, ResourceElement, SetQualifier, Statement, ValueType,
@@ -152,14 +153,64 @@ struct Entry {
 
 /// One request to authorize: the action (`kms:Encrypt`), the resource (the key's ARN, or
 /// `*` for actions on no key such as `kms:CreateKey`), the caller, and its condition keys.
+///
+/// The caller's own keys are computed once per caller and shared (`base`); each request
+/// adds only its own (`keys`), which may also override or remove a caller key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestContext {
     pub action: String,
     pub resource: String,
-    pub caller: Caller,
-    /// Condition keys by lower-cased name.
-    keys: BTreeMap<String, Entry>,
+    pub caller: Arc<Caller>,
+    /// The caller's condition keys by lower-cased name.
+    base: Arc<BTreeMap<String, Entry>>,
+    /// This request's condition keys by lower-cased name; `None` removes a caller key.
+    keys: BTreeMap<String, Option<Entry>>,
     encryption_context: Option<BTreeMap<String, String>>,
+}
+
+/// The condition keys a caller brings to every request.
+fn caller_keys(c: &Caller) -> BTreeMap<String, Entry> {
+    let mut map = BTreeMap::new();
+    let mut set = |key: &str, values: Vec<String>| {
+        map.insert(key.to_ascii_lowercase(), Entry { name: key.to_owned(), values });
+    };
+    set(keys::PRINCIPAL_ARN, c.principal_arns());
+    set(keys::USERNAME, vec![c.user.clone()]);
+    set(keys::PRINCIPAL_ACCOUNT, vec![c.account.clone()]);
+    set(keys::CALLER_ACCOUNT, vec![c.account.clone()]);
+    set(keys::UID, vec![c.uid.to_string()]);
+    set(keys::GIDS, c.gids.iter().map(u32::to_string).collect());
+    set(keys::GROUPS, c.groups.clone());
+    if let Some(unit) = &c.unit {
+        set(keys::UNIT, vec![unit.clone()]);
+    }
+    if let Some(exe) = &c.executable {
+        set(keys::EXECUTABLE, vec![exe.clone()]);
+    }
+    map
+}
+
+type SharedCaller = (Arc<Caller>, Arc<BTreeMap<String, Entry>>);
+
+/// The shared caller and its keys: a request's caller is almost always one of the few
+/// this thread served last, so they are kept in a small per-thread cache.
+fn shared_caller(caller: &Caller) -> SharedCaller {
+    const CAPACITY: usize = 16;
+    thread_local! {
+        static CACHE: std::cell::RefCell<Vec<SharedCaller>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    CACHE.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        if let Some(hit) = cache.iter().find(|(c, _)| **c == *caller) {
+            return hit.clone();
+        }
+        let entry = (Arc::new(caller.clone()), Arc::new(caller_keys(caller)));
+        if cache.len() == CAPACITY {
+            cache.remove(0);
+        }
+        cache.push(entry.clone());
+        entry
+    })
 }
 
 impl RequestContext {
@@ -167,32 +218,25 @@ impl RequestContext {
     /// `aws:PrincipalArn`, `aws:username`, `aws:PrincipalAccount`, `kms:CallerAccount`,
     /// `kmsd:Uid`, `kmsd:Gids`, `kmsd:Groups`, `kmsd:Unit`, `kmsd:Executable`.
     pub fn new(action: impl Into<String>, resource: impl Into<String>, caller: Caller) -> RequestContext {
-        let mut ctx = RequestContext {
+        RequestContext::for_caller(action, resource, &caller)
+    }
+
+    /// [`RequestContext::new`] for a borrowed caller, sharing its keys with its other
+    /// requests.
+    pub fn for_caller(action: impl Into<String>, resource: impl Into<String>, caller: &Caller) -> RequestContext {
+        let (caller, base) = shared_caller(caller);
+        RequestContext {
             action: action.into(),
             resource: resource.into(),
             caller,
+            base,
             keys: BTreeMap::new(),
             encryption_context: None,
-        };
-        let c = ctx.caller.clone();
-        ctx.set(keys::PRINCIPAL_ARN, c.principal_arns());
-        ctx.set(keys::USERNAME, vec![c.user.clone()]);
-        ctx.set(keys::PRINCIPAL_ACCOUNT, vec![c.account.clone()]);
-        ctx.set(keys::CALLER_ACCOUNT, vec![c.account.clone()]);
-        ctx.set(keys::UID, vec![c.uid.to_string()]);
-        ctx.set(keys::GIDS, c.gids.iter().map(u32::to_string).collect());
-        ctx.set(keys::GROUPS, c.groups.clone());
-        if let Some(unit) = &c.unit {
-            ctx.set(keys::UNIT, vec![unit.clone()]);
         }
-        if let Some(exe) = &c.executable {
-            ctx.set(keys::EXECUTABLE, vec![exe.clone()]);
-        }
-        ctx
     }
 
     fn set(&mut self, key: &str, values: Vec<String>) {
-        self.keys.insert(key.to_ascii_lowercase(), Entry { name: key.to_owned(), values });
+        self.keys.insert(key.to_ascii_lowercase(), Some(Entry { name: key.to_owned(), values }));
     }
 
     /// Sets a single-valued condition key (replacing any earlier value).
@@ -213,7 +257,7 @@ impl RequestContext {
 
     /// Removes a condition key.
     pub fn without(mut self, key: &str) -> RequestContext {
-        self.keys.remove(&key.to_ascii_lowercase());
+        self.keys.insert(key.to_ascii_lowercase(), None);
         self
     }
 
@@ -227,11 +271,8 @@ impl RequestContext {
         for (k, v) in context {
             // Pairs whose keys differ only by case share one condition key, multi-valued.
             let name = format!("{}{k}", keys::ENCRYPTION_CONTEXT_PREFIX);
-            self.keys
-                .entry(name.to_ascii_lowercase())
-                .or_insert_with(|| Entry { name, values: Vec::new() })
-                .values
-                .push(v.clone());
+            let slot = self.keys.entry(name.to_ascii_lowercase()).or_insert(None);
+            slot.get_or_insert_with(|| Entry { name, values: Vec::new() }).values.push(v.clone());
         }
         if !context.is_empty() {
             self.set(keys::ENCRYPTION_CONTEXT_KEYS, context.keys().cloned().collect());
@@ -264,7 +305,12 @@ impl RequestContext {
 
     /// The values of a condition key (case-insensitive name); `None` if absent or empty.
     pub fn get(&self, key: &str) -> Option<&[String]> {
-        self.keys.get(&key.to_ascii_lowercase()).map(|e| e.values.as_slice()).filter(|v| !v.is_empty())
+        let name = key.to_ascii_lowercase();
+        let entry = match self.keys.get(&name) {
+            Some(overridden) => overridden.as_ref(),
+            None => self.base.get(&name),
+        };
+        entry.map(|e| e.values.as_slice()).filter(|v| !v.is_empty())
     }
 
     /// The request's encryption context, if one was set.
@@ -274,7 +320,8 @@ impl RequestContext {
 
     /// The keys set, with their values (canonical spelling as first set).
     pub fn entries(&self) -> impl Iterator<Item = (&str, &[String])> {
-        self.keys.values().map(|e| (e.name.as_str(), e.values.as_slice()))
+        let caller = self.base.iter().filter(|(k, _)| !self.keys.contains_key(*k)).map(|(_, e)| e);
+        caller.chain(self.keys.values().flatten()).map(|e| (e.name.as_str(), e.values.as_slice()))
     }
 }
 
