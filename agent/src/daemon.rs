@@ -38,6 +38,11 @@ pub struct DaemonConfig {
     pub audit: bool,
     /// Where the audit trail's files go; default `audit/` in the state directory.
     pub audit_dir: Option<PathBuf>,
+    /// Mirror audit records to the journal: `Some(true)` always (failing to start if the
+    /// journal's socket cannot be reached), `Some(false)` never, `None` when run by systemd.
+    pub audit_journald: Option<bool>,
+    /// The journal's native socket (for tests; default `/run/systemd/journal/socket`).
+    pub journal_socket: PathBuf,
 }
 
 /// The account ID when none is configured: twelve digits derived from the machine ID, so
@@ -99,7 +104,7 @@ pub fn run(config: DaemonConfig) -> Result<(), String> {
         Arc::new(Agent::open(AgentConfig { state_dir: config.state_dir.clone(), scope, authz }, Box::new(root))?);
     let audit = if config.audit {
         let dir = config.audit_dir.clone().unwrap_or_else(|| config.state_dir.join("audit"));
-        let log = AuditLog::open(&dir, crate::audit::signing_key(&agent)?)?;
+        let log = AuditLog::open(&dir, crate::audit::signing_key(&agent)?, journal_mirror(&config)?)?;
         tracing::info!(directory = %dir.display(), public_key = %kmsfs_common::audit::encode_public_key(log.public_key()), "audit trail open");
         Some(Arc::new(log))
     } else {
@@ -138,6 +143,28 @@ pub fn run(config: DaemonConfig) -> Result<(), String> {
         tracing::info!("kmsd stopped");
         Ok(())
     })
+}
+
+/// The journal mirror `config` asks for: under systemd (`INVOCATION_ID` set by the
+/// service manager) unless turned off, or always when turned on.
+fn journal_mirror(config: &DaemonConfig) -> Result<Option<crate::audit::journal::Journal>, String> {
+    let wanted = config.audit_journald.unwrap_or_else(|| std::env::var_os("INVOCATION_ID").is_some());
+    if !wanted {
+        return Ok(None);
+    }
+    match crate::audit::journal::Journal::connect(&config.journal_socket) {
+        Ok(journal) => {
+            tracing::info!(socket = %config.journal_socket.display(), "mirroring audit records to the journal");
+            Ok(Some(journal))
+        }
+        Err(e) if config.audit_journald.is_none() => {
+            tracing::warn!("not mirroring audit records to the journal: {e}");
+            Ok(None)
+        }
+        Err(e) => {
+            Err(format!("--audit-journald on: cannot reach the journal at {}: {e}", config.journal_socket.display()))
+        }
+    }
 }
 
 /// One agent per state directory: a second one would race the first on the database.

@@ -4,6 +4,11 @@
 //! and p99. Client threads and the agent share the machine's cores, so on a small machine
 //! the clients' own work is part of what is measured.
 //!
+//! Each table is measured twice: with the audit trail (the default: every request's record
+//! synced to disk before its reply, in groups) and with `kmsd --audit off`; a last table
+//! gives the cost of auditing. The audit files go to the benchmark's temporary directory,
+//! so the figures depend on that filesystem's fsync.
+//!
 //! Run with the release binaries (cargo bench runs from target/release and starts the
 //! `kmsd` beside it, so build it first):
 //!
@@ -56,7 +61,7 @@ struct Agent {
 }
 
 impl Agent {
-    fn start(binary: &Path) -> Agent {
+    fn start(binary: &Path, audit: bool) -> Agent {
         let dir = tempfile::Builder::new().prefix("kmsfs-bench-").tempdir().expect("tempdir");
         let socket = dir.path().join("kmsd.sock");
         // Root may use keys only where a policy says so: the benchmark says so for itself.
@@ -70,7 +75,8 @@ impl Agent {
             .arg(dir.path().join("state"))
             .arg("--config-dir")
             .arg(dir.path().join("config"))
-            .env("KMSD_LOG", "warn")
+            .args(["--audit", if audit { "on" } else { "off" }])
+            .env("KMSD_LOG", "error")
             .stdin(Stdio::null())
             .spawn()
             .expect("start kmsd");
@@ -178,20 +184,39 @@ fn main() {
     println!("nproc: {cores}; the client threads and kmsd share these cores, so clients' own work is in the figures");
     println!("{:.1} s per cell after a {:.1} s warm-up\n", measure.as_secs_f64(), warm_up.as_secs_f64());
 
-    let agent = Agent::start(&binary);
-    let operations = operations(&agent.socket);
-    println!("{:<16} {:>7} {:>10} {:>9} {:>9}", "operation", "clients", "ops/s", "p50 µs", "p99 µs");
-    for op in &operations {
-        for clients in CONCURRENCY {
-            let m = run(&agent.socket, op, clients, warm_up, measure);
-            println!(
-                "{:<16} {:>7} {:>10.0} {:>9.1} {:>9.1}",
-                op.action,
-                clients,
-                m.ops_per_sec,
-                m.p50.as_secs_f64() * 1e6,
-                m.p99.as_secs_f64() * 1e6
-            );
+    let mut tables = Vec::new();
+    for audit in [true, false] {
+        println!("audit trail {}:", if audit { "on" } else { "off (kmsd --audit off)" });
+        let agent = Agent::start(&binary, audit);
+        let operations = operations(&agent.socket);
+        println!("{:<16} {:>7} {:>10} {:>9} {:>9}", "operation", "clients", "ops/s", "p50 µs", "p99 µs");
+        let mut table = Vec::new();
+        for op in &operations {
+            for clients in CONCURRENCY {
+                let m = run(&agent.socket, op, clients, warm_up, measure);
+                println!(
+                    "{:<16} {:>7} {:>10.0} {:>9.1} {:>9.1}",
+                    op.action,
+                    clients,
+                    m.ops_per_sec,
+                    m.p50.as_secs_f64() * 1e6,
+                    m.p99.as_secs_f64() * 1e6
+                );
+                table.push((op.action, clients, m));
+            }
         }
+        println!();
+        tables.push(table);
+    }
+    println!("cost of the audit trail (on / off):");
+    println!("{:<16} {:>7} {:>12} {:>12}", "operation", "clients", "ops/s ratio", "p50 ratio");
+    for ((action, clients, on), (_, _, off)) in tables[0].iter().zip(&tables[1]) {
+        println!(
+            "{:<16} {:>7} {:>12.2} {:>12.2}",
+            action,
+            clients,
+            on.ops_per_sec / off.ops_per_sec.max(f64::MIN_POSITIVE),
+            on.p50.as_secs_f64() / off.p50.as_secs_f64().max(f64::MIN_POSITIVE)
+        );
     }
 }

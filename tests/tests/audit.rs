@@ -338,10 +338,10 @@ fn a_full_audit_disk_refuses_requests_and_executes_nothing() {
     agent.ok("Encrypt", json!({"KeyId": key, "Plaintext": b64(b"before")}));
     let filler = fill(&tmpfs.path);
 
-    // The records already reserved may still be written; once the disk is truly full,
-    // Encrypt fails without returning a ciphertext.
+    // Records go on into space already allocated (up to 256 KiB ahead of the 1 MiB kept in
+    // reserve); once that is used up, Encrypt fails without returning a ciphertext.
     let mut refused = None;
-    for attempt in 0..64 {
+    for attempt in 0..4000 {
         match agent.call("Encrypt", json!({"KeyId": key, "Plaintext": b64(b"during")})) {
             Ok(v) => assert!(v["CiphertextBlob"].is_string(), "attempt {attempt}"),
             Err(e) => {
@@ -595,4 +595,47 @@ fn query_filters_by_key_principal_action_outcome_and_time() {
     );
     let out = run(agent.kmsctl(), &["audit", "query", "--from", "yesterday"]);
     assert_eq!(out.status.code(), Some(252), "{}", stderr(&out));
+}
+
+#[test]
+fn records_are_mirrored_to_the_journal_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("journal.sock");
+    let journal = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    journal.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let agent = TestAgent::start_with(&["--audit-journald", "on", "--journal-socket", socket_path.to_str().unwrap()]);
+    let key = kmsfs_tests::create_key(&agent);
+    agent.call("Decrypt", json!({"CiphertextBlob": b64(&[1u8; 64])})).unwrap_err();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut entries = Vec::new();
+    while entries.len() < 2 {
+        let n = journal.recv(&mut buf).expect("a journal entry");
+        entries.push(String::from_utf8(buf[..n].to_vec()).unwrap());
+    }
+    let field = |entry: &str, name: &str| {
+        entry.lines().find_map(|l| l.strip_prefix(&format!("{name}="))).map(str::to_string).unwrap_or_default()
+    };
+    assert_eq!(field(&entries[0], "KMSD_AUDIT_EVENT_NAME"), "CreateKey");
+    assert!(field(&entries[0], "KMSD_AUDIT_KEY_ARN").ends_with(&key), "{}", entries[0]);
+    assert_eq!(field(&entries[0], "SYSLOG_IDENTIFIER"), "kmsd-audit");
+    assert_eq!(field(&entries[1], "KMSD_AUDIT_OUTCOME"), "InvalidCiphertextException");
+    // The journal holds each line's hash: an anchor outside the audit files.
+    let (_, lines) = the_log(&agent.audit_dir());
+    for (entry, line) in entries.iter().zip(&lines) {
+        assert_eq!(field(entry, "KMSD_AUDIT_HASH"), kmsfs_common::audit::line_hash(line.as_bytes()));
+        assert_eq!(field(entry, "KMSD_AUDIT_RECORD"), *line);
+    }
+    // Asked for a journal that is not there, kmsd refuses to start.
+    let out = Command::new(kmsfs_tests::bin("kmsd"))
+        .args([
+            "--socket",
+            dir.path().join("s").to_str().unwrap(),
+            "--state-dir",
+            dir.path().join("st").to_str().unwrap(),
+        ])
+        .args(["--audit-journald", "on", "--journal-socket", dir.path().join("none").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("cannot reach the journal"), "{}", stderr(&out));
 }

@@ -3,6 +3,7 @@
 //!
 //! - [`event`] builds a request's record, secrets removed.
 //! - [`writer`] owns the files: group commit, digests, fail-closed.
+//! - [`journal`] mirrors each line to the systemd journal, when asked to.
 //! - [`AuditLog`] is the server's handle: [`AuditLog::append`] returns once the record is
 //!   durable, or with the error that must replace the request's result.
 //!
@@ -10,6 +11,7 @@
 //! ([`crate::agent::Agent::internal_secret`]); only its public half leaves the agent.
 
 pub mod event;
+pub mod journal;
 pub mod writer;
 
 use std::path::{Path, PathBuf};
@@ -44,11 +46,12 @@ pub struct AuditLog {
 }
 
 impl AuditLog {
-    /// Opens (or starts) the log in `directory` and its writer thread.
-    pub fn open(directory: &Path, key: SigningKey) -> Result<AuditLog, String> {
+    /// Opens (or starts) the log in `directory` and its writer thread; lines are mirrored
+    /// to `mirror` once durable.
+    pub fn open(directory: &Path, key: SigningKey, mirror: Option<journal::Journal>) -> Result<AuditLog, String> {
         let healthy = Arc::new(AtomicBool::new(false));
         let public_key = key.verifying_key();
-        let writer = Writer::open(directory.to_path_buf(), key, healthy.clone())?;
+        let writer = Writer::open(directory.to_path_buf(), key, healthy.clone(), mirror)?;
         // Clients read the files themselves (`kmsctl audit verify`): name them absolutely.
         let directory = std::fs::canonicalize(directory).unwrap_or_else(|_| directory.to_path_buf());
         let (tx, rx) = mpsc::channel();

@@ -29,6 +29,8 @@ use serde_json::{Map, Value};
 pub const DIGEST_INTERVAL_MS: i64 = 60_000;
 /// Bytes kept allocated past the end of the live file for records of executed mutations.
 pub const RESERVE: u64 = 1 << 20;
+/// The reserve is topped up in steps of this much, so that most groups need no `fallocate`.
+const RESERVE_STEP: u64 = 256 << 10;
 /// How often an unhealthy log retries.
 const RETRY: Duration = Duration::from_millis(500);
 /// At most this many records share one sync.
@@ -56,6 +58,8 @@ struct Live {
     file: File,
     /// The length of the complete lines in it.
     len: u64,
+    /// How far space is known to be allocated.
+    allocated: u64,
 }
 
 pub struct Writer {
@@ -66,18 +70,25 @@ pub struct Writer {
     healthy: Arc<AtomicBool>,
     /// False once the filesystem turned out not to support `fallocate`.
     can_reserve: bool,
+    /// Where durable lines are mirrored, if anywhere.
+    mirror: Option<super::journal::Journal>,
 }
 
 impl Writer {
     /// Opens the log in `dir`: finds where the chain stands from the newest file, cuts a torn
     /// last line, and seals lines a crash left unsealed.
-    pub fn open(dir: PathBuf, key: SigningKey, healthy: Arc<AtomicBool>) -> Result<Writer, String> {
+    pub fn open(
+        dir: PathBuf,
+        key: SigningKey,
+        healthy: Arc<AtomicBool>,
+        mirror: Option<super::journal::Journal>,
+    ) -> Result<Writer, String> {
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(&dir)
             .map_err(|e| format!("cannot create the audit directory {}: {e}", dir.display()))?;
-        let mut writer = Writer { dir, key, chain: Chain::genesis(), live: None, healthy, can_reserve: true };
+        let mut writer = Writer { dir, key, chain: Chain::genesis(), live: None, healthy, can_reserve: true, mirror };
         let mut days: Vec<i64> = fs::read_dir(&writer.dir)
             .map_err(|e| format!("cannot read the audit directory {}: {e}", writer.dir.display()))?
             .filter_map(|entry| audit::parse_file_name(&entry.ok()?.file_name().to_string_lossy()))
@@ -147,7 +158,7 @@ impl Writer {
             Some((first, now_millis()))
         };
         self.chain = Chain { next_sequence: sequence + 1, last_hash: audit::line_hash(last), unsealed };
-        self.live = Some(Live { day, name, file, len: complete as u64 });
+        self.live = Some(Live { day, name, file, len: complete as u64, allocated: 0 });
         Ok(true)
     }
 
@@ -305,7 +316,7 @@ impl Writer {
                 .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
             let len = file.metadata().map_err(|e| e.to_string())?.len();
             sync_dir(&self.dir).map_err(|e| format!("cannot sync {}: {e}", self.dir.display()))?;
-            self.live = Some(Live { day, name, file, len });
+            self.live = Some(Live { day, name, file, len, allocated: 0 });
         }
         Ok(())
     }
@@ -320,15 +331,20 @@ impl Writer {
         }
     }
 
-    /// Makes sure `RESERVE` bytes are allocated past `len` more bytes at the end of the file.
+    /// Makes sure `RESERVE` bytes are allocated past `len` more bytes at the end of the file,
+    /// allocating a further `RESERVE_STEP` when it takes a call.
     fn reserve(&mut self, len: u64) -> Result<(), String> {
-        let Some(live) = &self.live else { return Ok(()) };
-        if !self.can_reserve {
+        let Some(live) = &mut self.live else { return Ok(()) };
+        if !self.can_reserve || live.len + len + RESERVE <= live.allocated {
             return Ok(());
         }
         let flags = nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE;
-        match nix::fcntl::fallocate(live.file.as_raw_fd(), flags, live.len as i64, (len + RESERVE) as i64) {
-            Ok(()) => Ok(()),
+        let want = len + RESERVE + RESERVE_STEP;
+        match nix::fcntl::fallocate(live.file.as_raw_fd(), flags, live.len as i64, want as i64) {
+            Ok(()) => {
+                live.allocated = live.len + want;
+                Ok(())
+            }
             Err(nix::errno::Errno::EOPNOTSUPP) => {
                 tracing::warn!("the audit directory's filesystem cannot reserve space (no fallocate): a full disk may leave an executed mutation without its record");
                 self.can_reserve = false;
@@ -346,6 +362,11 @@ impl Writer {
             format!("cannot write {}: {e}", live.name)
         })?;
         live.len += bytes.len() as u64;
+        if let Some(mirror) = &self.mirror {
+            for line in bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+                mirror.send(line);
+            }
+        }
         Ok(())
     }
 
@@ -414,7 +435,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key = SigningKey::from_bytes(&[3; 32]);
         let healthy = Arc::new(AtomicBool::new(false));
-        let mut writer = Writer::open(dir.path().to_path_buf(), key.clone(), healthy.clone()).unwrap();
+        let mut writer = Writer::open(dir.path().to_path_buf(), key.clone(), healthy.clone(), None).unwrap();
         assert!(healthy.load(Ordering::Acquire));
         let (pending, mut answers) = group(3, true);
         writer.commit(pending);
@@ -431,7 +452,7 @@ mod tests {
         let mut bytes = fs::read(&live).unwrap();
         bytes.extend_from_slice(b"{\"eventName\":\"torn");
         fs::write(&live, bytes).unwrap();
-        let mut writer = Writer::open(dir.path().to_path_buf(), key.clone(), healthy).unwrap();
+        let mut writer = Writer::open(dir.path().to_path_buf(), key.clone(), healthy, None).unwrap();
         assert_eq!(verify(dir.path(), &key), Ok(5));
         let (pending, _answers) = group(1, true);
         writer.commit(pending);

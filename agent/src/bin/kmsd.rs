@@ -51,6 +51,20 @@ struct Args {
     /// Where the audit trail's files go (default STATE_DIR/audit).
     #[arg(long, env = "KMSD_AUDIT_DIR")]
     audit_dir: Option<PathBuf>,
+    /// Mirror each audit record to the systemd journal as structured fields: `auto` when
+    /// run by systemd, `on` always (fails to start without a journal), `off` never.
+    #[arg(long, value_enum, default_value = "auto", value_name = "auto|on|off")]
+    audit_journald: Mirror,
+    /// The journal's native socket.
+    #[arg(long, hide = true, default_value = kmsfs_agent::audit::journal::JOURNAL_SOCKET)]
+    journal_socket: PathBuf,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Mirror {
+    Auto,
+    On,
+    Off,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -78,6 +92,12 @@ fn main() -> ExitCode {
         allow_remote_tcp: args.allow_remote_tcp,
         audit: args.audit == Switch::On,
         audit_dir: args.audit_dir,
+        audit_journald: match args.audit_journald {
+            Mirror::Auto => None,
+            Mirror::On => Some(true),
+            Mirror::Off => Some(false),
+        },
+        journal_socket: args.journal_socket,
     };
     match daemon::run(config) {
         Ok(()) => ExitCode::SUCCESS,
