@@ -67,7 +67,7 @@ pub struct GrantConstraints {
 /// Grant operations whose requests carry an encryption context; constraints apply only to
 /// them ("Grant constraints are not applied to operations that do not support an
 /// encryption context", AWS's GrantConstraints reference).
-const OPERATIONS_WITH_ENCRYPTION_CONTEXT: [&str; 8] = [
+pub const OPERATIONS_WITH_ENCRYPTION_CONTEXT: [&str; 8] = [
     "Encrypt",
     "Decrypt",
     "ReEncryptFrom",

@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 
 use super::wire::{dry_run, paginate, parse, with_page_info};
 use crate::agent::{Agent, Change, KeyRecord};
+use crate::policy::decide::OPERATIONS_WITH_ENCRYPTION_CONTEXT;
 use crate::policy::eval::Caller;
 use crate::policy::keys as ck;
 use crate::store::{GrantRow, KeyState};
@@ -34,18 +35,6 @@ const SYMMETRIC_OPERATIONS: &[&str] = &[
     "CreateGrant",
     "RetireGrant",
     "DescribeKey",
-    "GenerateDataKeyPair",
-    "GenerateDataKeyPairWithoutPlaintext",
-];
-
-/// Operations that carry an encryption context, the only ones a constraint can apply to.
-const CONTEXT_OPERATIONS: &[&str] = &[
-    "Decrypt",
-    "Encrypt",
-    "GenerateDataKey",
-    "GenerateDataKeyWithoutPlaintext",
-    "ReEncryptFrom",
-    "ReEncryptTo",
     "GenerateDataKeyPair",
     "GenerateDataKeyPairWithoutPlaintext",
 ];
@@ -138,7 +127,9 @@ pub fn create_grant(agent: &Agent, caller: &Caller, request: Value) -> Result<Va
         }
         Some(c) if c.encryption_context_subset.is_none() && c.encryption_context_equals.is_none() => None,
         Some(c) => {
-            if let Some(op) = operations.iter().find(|op| !CONTEXT_OPERATIONS.contains(&op.as_str())) {
+            // Constraints apply only to operations that carry an encryption context (the
+            // evaluator's own list, so that what CreateGrant accepts is what it enforces).
+            if let Some(op) = operations.iter().find(|op| !OPERATIONS_WITH_ENCRYPTION_CONTEXT.contains(&op.as_str())) {
                 return Err(KmsError::validation(format!(
                     "Grant constraints apply only to operations with an encryption context; {op} has none"
                 )));
