@@ -353,7 +353,9 @@ fn a_full_audit_disk_refuses_requests_and_executes_nothing() {
     let e = refused.expect("Encrypt kept succeeding on a full audit disk");
     assert_eq!(e.kind, ErrorKind::KMSInternalException, "{e}");
     assert!(e.message.contains("audit"), "{e}");
-    // From now on every request is refused before it is executed.
+    // From now on every request is refused before it is executed — also after the writer's
+    // retries (every 500 ms) have found the disk still full.
+    std::thread::sleep(Duration::from_millis(1200));
     for (action, request) in [
         ("CreateKey", json!({"Description": "must not exist"})),
         ("Encrypt", json!({"KeyId": key, "Plaintext": b64(b"x")})),

@@ -211,7 +211,11 @@ impl Writer {
     /// With nothing queued: retry an unhealthy log, and seal lines that are due.
     fn tick(&mut self) {
         if !self.healthy.load(Ordering::Acquire) {
-            match self.cut().and_then(|()| self.reserve(0)) {
+            // Heal only once the disk has room again: the reserve left allocated from
+            // before the failure says nothing about free space, so ask for a further step
+            // (a full disk refuses it). Healing on the old reserve alone let a mutation run
+            // on a still-full disk and spend the reserve on its record.
+            match self.cut().and_then(|()| self.reserve(RESERVE_STEP)) {
                 Ok(()) => self.heal(),
                 Err(e) => tracing::debug!("the audit log still cannot be written: {e}"),
             }
