@@ -381,38 +381,16 @@ fn compile(pattern: &str, wildcards: bool, variables: Option<&RequestContext>) -
     Some(out)
 }
 
-/// Matches `text` against compiled tokens; linear backtracking on the last `*` only, so
-/// hostile patterns cannot make it exponential.
+/// Matches `text` against compiled tokens.
 fn matches_tokens(tokens: &[Token], text: &str, ignore_case: bool) -> bool {
     let text: Vec<char> = text.chars().collect();
+    let token = |t: &Token| match t {
+        Token::Star => Glob::Star,
+        Token::One => Glob::One,
+        Token::Char(c) => Glob::Char(*c),
+    };
     let eq = |a: char, b: char| if ignore_case { a.to_lowercase().eq(b.to_lowercase()) } else { a == b };
-    let (mut t, mut p) = (0usize, 0usize);
-    let mut star: Option<(usize, usize)> = None;
-    while t < text.len() {
-        match tokens.get(p) {
-            Some(Token::Star) => {
-                star = Some((p, t));
-                p += 1;
-            }
-            Some(Token::One) => {
-                p += 1;
-                t += 1;
-            }
-            Some(Token::Char(c)) if eq(*c, text[t]) => {
-                p += 1;
-                t += 1;
-            }
-            _ => match star {
-                Some((sp, st)) => {
-                    p = sp + 1;
-                    t = st + 1;
-                    star = Some((sp, st + 1));
-                }
-                None => return false,
-            },
-        }
-    }
-    tokens[p.min(tokens.len())..].iter().all(|tok| *tok == Token::Star)
+    glob(tokens, &text, token, eq)
 }
 
 /// Whether `text` matches `pattern` with `*`/`?` wildcards.
@@ -423,23 +401,41 @@ pub fn wildcard_match(pattern: &str, text: &str, ignore_case: bool) -> bool {
     compile(pattern, true, None).is_some_and(|tokens| matches_tokens(&tokens, text, ignore_case))
 }
 
-/// [`matches_tokens`] for ASCII pattern and text, without allocating: every request
-/// matches each statement's actions and resources, so this is the evaluator's hot path.
+/// [`glob`] on ASCII pattern and text, without allocating: every request matches each
+/// statement's actions and resources, so this is the evaluator's hot path.
 fn ascii_glob(pattern: &[u8], text: &[u8], ignore_case: bool) -> bool {
+    let byte = |b: &u8| match b {
+        b'*' => Glob::Star,
+        b'?' => Glob::One,
+        c => Glob::Char(*c),
+    };
     let eq = |a: u8, b: u8| if ignore_case { a.eq_ignore_ascii_case(&b) } else { a == b };
+    glob(pattern, text, byte, eq)
+}
+
+/// One pattern element, as [`glob`] sees it.
+enum Glob<C> {
+    Star,
+    One,
+    Char(C),
+}
+
+/// Wildcard matching with backtracking on the last `*` only, so that hostile patterns
+/// cannot make it exponential.
+fn glob<P, C: Copy>(pattern: &[P], text: &[C], kind: impl Fn(&P) -> Glob<C>, eq: impl Fn(C, C) -> bool) -> bool {
     let (mut t, mut p) = (0usize, 0usize);
     let mut star: Option<(usize, usize)> = None;
     while t < text.len() {
-        match pattern.get(p) {
-            Some(b'*') => {
+        match pattern.get(p).map(&kind) {
+            Some(Glob::Star) => {
                 star = Some((p, t));
                 p += 1;
             }
-            Some(b'?') => {
+            Some(Glob::One) => {
                 p += 1;
                 t += 1;
             }
-            Some(&c) if eq(c, text[t]) => {
+            Some(Glob::Char(c)) if eq(c, text[t]) => {
                 p += 1;
                 t += 1;
             }
@@ -453,7 +449,7 @@ fn ascii_glob(pattern: &[u8], text: &[u8], ignore_case: bool) -> bool {
             },
         }
     }
-    pattern[p.min(pattern.len())..].iter().all(|&c| c == b'*')
+    pattern[p.min(pattern.len())..].iter().all(|x| matches!(kind(x), Glob::Star))
 }
 
 // ---------------------------------------------------------------------------------------
