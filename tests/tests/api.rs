@@ -740,13 +740,6 @@ fn passphrase_root_of_trust() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("wrong root key or passphrase"), "{out:?}");
 }
 
-fn nix_is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
-        .unwrap_or(false)
-}
-
 /// SIGTERM lets a request already in progress finish: half a request is on the wire when
 /// the signal arrives, the rest follows, and its answer still comes back before exit.
 #[test]
@@ -814,7 +807,7 @@ fn process_is_hardened_and_logs_carry_no_secrets() {
 /// uid 65534, then reads its principals back from the AccessDenied message.
 #[test]
 fn callers_in_a_system_service_carry_its_role() {
-    assert!(nix_is_root(), "this test creates a cgroup and needs root (CI runs as root)");
+    assert!(kmsfs_tests::is_root(), "this test creates a cgroup and needs root (CI runs as root)");
     let hierarchy = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup", "/sys/fs/cgroup/systemd"]
         .into_iter()
         .map(std::path::PathBuf::from)

@@ -196,12 +196,8 @@ fn text_output_and_exit_codes() {
 /// touched.
 #[test]
 fn starts_a_per_user_agent_on_demand() {
-    let is_root = std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"));
     assert!(
-        is_root,
+        kmsfs_tests::is_root(),
         "this test runs kmsctl as an unprivileged user and needs root; the README's test command runs as root"
     );
     let home = tempfile::tempdir().unwrap();
