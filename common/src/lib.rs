@@ -10,6 +10,7 @@ pub mod blob;
 pub mod client;
 pub mod context;
 pub mod error;
+pub mod files;
 pub mod format;
 pub mod ids;
 pub mod paths;

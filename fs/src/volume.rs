@@ -8,7 +8,7 @@ use std::fs::{self, File};
 use std::io::{self, Read};
 use std::num::NonZeroUsize;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +16,7 @@ use std::time::Duration;
 use base64::Engine;
 use kmsfs_common::client::ClientError;
 use kmsfs_common::context::EncryptionContext;
+use kmsfs_common::files::write_atomically;
 use kmsfs_common::format::block::{ContentKey, FileId, Layout};
 use kmsfs_common::format::header::{self, DataKey, HEADER_SIZE};
 use kmsfs_common::format::names::{self, EncryptedName, EntryKind, NameKey, XattrOwner};
@@ -538,27 +539,4 @@ pub struct StoredName {
     pub entry: OsString,
     /// For a long name, the full encrypted name kept in the entry's side file.
     pub long: Option<String>,
-}
-
-/// Writes a small file so that a crash leaves the old one or the new one, never a mix.
-pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
-    let tmp = path.with_file_name(format!(
-        ".{}.tmp{}",
-        path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-        std::process::id()
-    ));
-    let result = (|| {
-        let mut file = fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
-        io::Write::write_all(&mut file, bytes)?;
-        file.sync_all()?;
-        fs::rename(&tmp, path)?;
-        if let Some(dir) = path.parent() {
-            File::open(dir)?.sync_all()?;
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
 }

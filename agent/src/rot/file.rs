@@ -3,9 +3,9 @@
 //! in `root.kdf`, nothing secret on disk). Meant for laptops, CI and the quickstart; on a
 //! server prefer a TPM or an HSM, which keep the root key off the disk.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::fs::{self, File};
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
@@ -116,24 +116,10 @@ fn derive(params: &KdfParams, passphrase: &str) -> Result<KeyBytes, String> {
     Ok(KeyBytes::from_array(*out))
 }
 
-/// Writes `bytes` to `path` so that a crash leaves either the old file or the new one:
-/// a temporary file with `mode`, fsynced, renamed over, and the directory fsynced.
-pub fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<(), String> {
-    let dir = path.parent().ok_or_else(|| format!("{} has no parent directory", path.display()))?;
-    let tmp = path.with_extension("tmp");
-    let fail = |what: &str, e: std::io::Error| format!("cannot {what} {}: {e}", path.display());
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(|e| fail("create", e))?;
-    file.write_all(bytes).map_err(|e| fail("write", e))?;
-    file.sync_all().map_err(|e| fail("sync", e))?;
-    fs::rename(&tmp, path).map_err(|e| fail("rename into place", e))?;
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| fail("sync the directory of", e))?;
-    Ok(())
+/// [`kmsfs_common::files::write_atomically`], with the path in the error.
+fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> Result<(), String> {
+    kmsfs_common::files::write_atomically(path, bytes, mode)
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
 #[cfg(test)]
