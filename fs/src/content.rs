@@ -12,9 +12,11 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 
-use kmsfs_common::format::block::{open_block, seal_block, BlockIndex, ContentKey, FileId, Layout};
+use kmsfs_common::format::block::{
+    open_block_in_place, seal_block, seal_blocks_in_place, BlockIndex, ContentKey, FileId, Layout,
+};
 use kmsfs_common::format::FormatError;
-use zeroize::Zeroize;
+use zeroize::Zeroizing;
 
 /// Why a content operation failed.
 #[derive(Debug)]
@@ -65,42 +67,61 @@ impl Content<'_> {
         self.layout().plaintext_size(stored).map_err(|_| ContentError::BadSize(stored))
     }
 
-    /// Reads blocks `first..=last` (in one pread) of a file of plaintext length `size`
-    /// and appends their plaintext to `out`.
-    fn read_blocks(&self, first: u64, last: u64, size: u64, out: &mut Vec<u8>) -> Result<(), ContentError> {
+    /// Reads blocks `first..=last` of a file of plaintext length `size` with one pread,
+    /// decrypts them where they lie, and moves their plaintext together at the start of
+    /// the buffer, which is returned holding exactly that plaintext.
+    fn read_blocks(&self, first: u64, last: u64, size: u64) -> Result<Zeroizing<Vec<u8>>, ContentError> {
         let layout = self.layout();
         let final_index = layout.final_block(size).0;
         let start = layout.stored_offset(BlockIndex(first));
         let end = layout.stored_offset(BlockIndex(last)) + layout.stored_block_len(BlockIndex(last), size) as u64;
-        let mut stored = vec![0u8; (end - start) as usize];
-        self.file.read_exact_at(&mut stored, start)?;
-        for (i, chunk) in stored.chunks(layout.stored_block_size() as usize).enumerate() {
-            let index = first + i as u64;
-            open_block(self.key, &self.file_id, BlockIndex(index), index == final_index, chunk, out)
-                .map_err(|error| ContentError::Corrupt { block: index, error })?;
+        let mut buf = Zeroizing::new(vec![0u8; (end - start) as usize]);
+        self.file.read_exact_at(&mut buf, start)?;
+        let chunk = layout.stored_block_size() as usize;
+        let nonce_len = layout.cipher.nonce_len();
+        let mut plain_len = 0;
+        for index in first..=last {
+            let at = ((index - first) as usize) * chunk;
+            let block_end = (at + chunk).min(buf.len());
+            let body_len = open_block_in_place(
+                self.key,
+                &self.file_id,
+                BlockIndex(index),
+                index == final_index,
+                &mut buf[at..block_end],
+            )
+            .map_err(|error| ContentError::Corrupt { block: index, error })?
+            .len();
+            buf.copy_within(at + nonce_len..at + nonce_len + body_len, plain_len);
+            plain_len += body_len;
         }
-        Ok(())
+        buf.truncate(plain_len);
+        Ok(buf)
     }
 
-    /// Reads up to `len` bytes at `offset` into `out` (cleared first); short at the end.
-    pub fn read_at(&self, offset: u64, len: usize, out: &mut Vec<u8>) -> Result<(), ContentError> {
-        out.clear();
+    /// Reads up to `len` bytes at `offset`; short at the end of the file.
+    pub fn read_at(&self, offset: u64, len: usize) -> Result<Zeroizing<Vec<u8>>, ContentError> {
         let size = self.len()?;
         if offset >= size || len == 0 {
-            return Ok(());
+            return Ok(Zeroizing::new(Vec::new()));
         }
         let end = size.min(offset + len as u64);
         let b = self.layout().block_size();
         let (first, last) = (offset / b, (end - 1) / b);
-        let mut plain = Vec::with_capacity(((last - first + 1) * b) as usize);
-        self.read_blocks(first, last, size, &mut plain)?;
+        let mut plain = self.read_blocks(first, last, size)?;
         let skip = (offset - first * b) as usize;
-        out.extend_from_slice(&plain[skip..skip + (end - offset) as usize]);
-        plain.zeroize();
-        Ok(())
+        let wanted = (end - offset) as usize;
+        if skip > 0 {
+            plain.copy_within(skip..skip + wanted, 0);
+        }
+        plain.truncate(wanted);
+        Ok(plain)
     }
 
-    /// Writes `data` at `offset`, growing the file if needed.
+    /// Writes `data` at `offset`, growing the file if needed: the blocks it touches are
+    /// laid out in one buffer as they will be stored, with the plaintext in place (the
+    /// existing contents of blocks it covers only in part, then `data` over them), sealed
+    /// there, and written with one pwrite.
     pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), ContentError> {
         if data.is_empty() {
             return Ok(());
@@ -113,49 +134,42 @@ impl Content<'_> {
         let (first, last) = (offset / b, (end - 1) / b);
         let old_final = layout.final_block(size).0;
         let new_final = layout.final_block(new_size).0;
-        let seal = |index: u64, plain: &[u8], out: &mut Vec<u8>| {
-            seal_block(self.key, &self.file_id, BlockIndex(index), index == new_final, plain, out)
-                .map_err(|error| ContentError::Corrupt { block: index, error })
-        };
 
         // The old last block stops being last and the write does not cover it: re-seal
         // it as a full non-final block (the gap after its end reads as zeros).
         if old_final < first {
-            let mut plain = Vec::with_capacity(b as usize);
-            self.read_blocks(old_final, old_final, size, &mut plain)?;
+            let mut plain = self.read_blocks(old_final, old_final, size)?;
             plain.resize(b as usize, 0);
             let mut sealed = Vec::with_capacity(layout.stored_block_size() as usize);
-            seal(old_final, &plain, &mut sealed)?;
-            plain.zeroize();
+            seal_block(self.key, &self.file_id, BlockIndex(old_final), false, &plain, &mut sealed)
+                .map_err(|error| ContentError::Corrupt { block: old_final, error })?;
             self.file.write_all_at(&sealed, layout.stored_offset(BlockIndex(old_final)))?;
         }
 
-        // The plaintext of blocks first..=last: the existing contents of blocks the write
-        // covers only in part, then the new data over them.
-        let mut plain = vec![0u8; ((last - first + 1) * b) as usize];
+        let chunk = layout.stored_block_size() as usize;
+        let nonce_len = layout.cipher.nonce_len();
+        let last_len = layout.block_len(BlockIndex(last), new_size) + layout.cipher.overhead();
+        let mut stored = Zeroizing::new(vec![0u8; ((last - first) as usize) * chunk + last_len]);
+        let body = |index: u64| ((index - first) as usize) * chunk + nonce_len;
         let partial_first = !offset.is_multiple_of(b) || (first == last && !end.is_multiple_of(b));
         let partial_last = last != first && !end.is_multiple_of(b);
-        let mut existing = Vec::new();
         for (index, partial) in [(first, partial_first), (last, partial_last)] {
             if partial && index * b < size {
-                existing.clear();
-                self.read_blocks(index, index, size, &mut existing)?;
-                let at = ((index - first) * b) as usize;
-                plain[at..at + existing.len()].copy_from_slice(&existing);
+                let existing = self.read_blocks(index, index, size)?;
+                stored[body(index)..body(index) + existing.len()].copy_from_slice(&existing);
             }
         }
-        existing.zeroize();
-        let at = (offset - first * b) as usize;
-        plain[at..at + data.len()].copy_from_slice(data);
-
-        let mut sealed = Vec::with_capacity(((last - first + 1) * layout.stored_block_size()) as usize);
-        for index in first..=last {
-            let at = ((index - first) * b) as usize;
-            let len = layout.block_len(BlockIndex(index), new_size);
-            seal(index, &plain[at..at + len], &mut sealed)?;
+        let (mut at, mut rest) = (offset, data);
+        while !rest.is_empty() {
+            let (index, within) = (at / b, (at % b) as usize);
+            let take = rest.len().min(b as usize - within);
+            let to = body(index) + within;
+            stored[to..to + take].copy_from_slice(&rest[..take]);
+            (at, rest) = (at + take as u64, &rest[take..]);
         }
-        plain.zeroize();
-        self.file.write_all_at(&sealed, layout.stored_offset(BlockIndex(first)))?;
+        seal_blocks_in_place(self.key, &self.file_id, BlockIndex(first), BlockIndex(new_final), &mut stored)
+            .map_err(|error| ContentError::Corrupt { block: first, error })?;
+        self.file.write_all_at(&stored, layout.stored_offset(BlockIndex(first)))?;
         Ok(())
     }
 
@@ -172,13 +186,11 @@ impl Content<'_> {
         }
         let layout = self.layout();
         let last = layout.final_block(new_size).0;
-        let mut plain = Vec::with_capacity(layout.block_size() as usize);
-        self.read_blocks(last, last, size, &mut plain)?;
+        let mut plain = self.read_blocks(last, last, size)?;
         plain.truncate(layout.block_len(BlockIndex(last), new_size));
         let mut sealed = Vec::new();
         seal_block(self.key, &self.file_id, BlockIndex(last), true, &plain, &mut sealed)
             .map_err(|error| ContentError::Corrupt { block: last, error })?;
-        plain.zeroize();
         // Cut first, then write the new last block: a crash in between leaves a last block
         // sealed as non-final (or cut short), which reads as an error, never as silently
         // shortened contents.
@@ -258,9 +270,8 @@ mod tests {
         fn check(&self) {
             let c = self.content();
             assert_eq!(c.len().unwrap(), self.model.len() as u64);
-            let mut out = Vec::new();
-            c.read_at(0, self.model.len() + 100, &mut out).unwrap();
-            assert!(out == self.model, "contents differ from the model");
+            let out = c.read_at(0, self.model.len() + 100).unwrap();
+            assert!(*out == self.model, "contents differ from the model");
         }
     }
 
@@ -310,11 +321,10 @@ mod tests {
                 }
                 _ => {
                     let offset = next(50_000);
-                    let mut out = Vec::new();
-                    f.content().read_at(offset, 5000, &mut out).unwrap();
+                    let out = f.content().read_at(offset, 5000).unwrap();
                     let start = (offset as usize).min(f.model.len());
                     let end = (offset as usize + 5000).min(f.model.len());
-                    assert_eq!(out, f.model[start..end]);
+                    assert_eq!(*out, f.model[start..end]);
                 }
             }
         }
@@ -329,15 +339,14 @@ mod tests {
         let mut byte = [0u8; 1];
         f.file.read_exact_at(&mut byte, at).unwrap();
         f.file.write_all_at(&[byte[0] ^ 1], at).unwrap();
-        let mut out = Vec::new();
-        match f.content().read_at(4096, 10, &mut out) {
+        match f.content().read_at(4096, 10) {
             Err(ContentError::Corrupt { block: 1, .. }) => {}
             other => panic!("expected block 1 to fail: {other:?}"),
         }
         f.file.write_all_at(&byte, at).unwrap();
         // Cut at a block boundary: block 1 is now last but was sealed non-final.
         f.file.set_len(f.layout().stored_offset(BlockIndex(2))).unwrap();
-        assert!(matches!(f.content().read_at(0, 100_000, &mut out), Err(ContentError::Corrupt { block: 1, .. })));
+        assert!(matches!(f.content().read_at(0, 100_000), Err(ContentError::Corrupt { block: 1, .. })));
         // Cut off a boundary: the size itself is impossible.
         f.file.set_len(f.layout().stored_offset(BlockIndex(1)) + 5).unwrap();
         assert!(matches!(f.content().len(), Err(ContentError::BadSize(_))));

@@ -22,10 +22,10 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig,
-    LockOwner, Notifier, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
-    WriteFlags,
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, Notifier, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
+    Request, TimeOrNow, WriteFlags,
 };
 
 use crate::content::{Content, ContentError};
@@ -515,6 +515,7 @@ impl KmsFs {
     /// The status document `kmsfs status` reads through the root's `user.kmsfs.status`.
     fn status_json(&self) -> Vec<u8> {
         let stats = self.vol.cache_stats();
+        let pool = self.vol.pool_stats();
         serde_json::to_vec_pretty(&serde_json::json!({
             "Backing": self.vol.root(),
             "KeyId": self.vol.key_id(),
@@ -527,6 +528,13 @@ impl KmsFs {
                 "Misses": stats.misses,
                 "Evictions": stats.evictions,
                 "Revocations": stats.revocations,
+            },
+            "DataKeyPool": {
+                "Ready": pool.ready,
+                "Target": pool.target,
+                "Hits": pool.hits,
+                "Misses": pool.misses,
+                "Discarded": pool.discarded,
             },
         }))
         .unwrap_or_default()
@@ -562,6 +570,14 @@ fn reply_xattr(reply: ReplyXattr, size: u32, data: &[u8]) {
 impl Filesystem for KmsFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         let _ = config.set_max_write(MAX_WRITE);
+        // Lookups and creations in one directory may run in parallel (we lock what needs
+        // it); listings come with attributes (one request instead of a lookup per entry);
+        // symlink targets, which never change in place, stay in the kernel's cache.
+        let wanted = InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_READDIRPLUS_AUTO
+            | InitFlags::FUSE_CACHE_SYMLINKS;
+        let _ = config.add_capabilities(wanted & config.capabilities());
         Ok(())
     }
 
@@ -912,9 +928,7 @@ impl Filesystem for KmsFs {
     ) {
         let result = self.open_file(fh).and_then(|h| {
             let _guard = h.lock.read().unwrap_or_else(|p| p.into_inner());
-            let mut out = Vec::with_capacity(size as usize);
-            self.with_content(&h.path, &h.file, &h.header, |c| c.read_at(offset, size as usize, &mut out))?;
-            Ok(zeroize::Zeroizing::new(out))
+            self.with_content(&h.path, &h.file, &h.header, |c| c.read_at(offset, size as usize))
         });
         match result {
             Ok(data) => reply.data(&data),

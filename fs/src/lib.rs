@@ -5,4 +5,5 @@ pub mod content;
 pub mod fsck;
 pub mod fuse;
 pub mod keys;
+pub mod pool;
 pub mod volume;

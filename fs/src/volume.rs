@@ -17,10 +17,10 @@ use base64::Engine;
 use kmsfs_common::client::ClientError;
 use kmsfs_common::context::EncryptionContext;
 use kmsfs_common::files::write_atomically;
-use kmsfs_common::format::block::{ContentKey, FileId, Layout};
+use kmsfs_common::format::block::{seal_block, BlockIndex, ContentKey, FileId, Layout};
 use kmsfs_common::format::header::{self, DataKey, HEADER_SIZE};
 use kmsfs_common::format::names::{self, EncryptedName, EntryKind, NameKey, XattrOwner};
-use kmsfs_common::format::volume::{file_key_context, name_key_context, NameMode, VolumeConfig, VOLUME_FILE};
+use kmsfs_common::format::volume::{file_key_context, name_key_context, NameMode, VolumeConfig, VolumeId, VOLUME_FILE};
 use kmsfs_common::format::FormatError;
 use kmsfs_common::{ErrorKind, KmsError};
 use serde_json::json;
@@ -29,6 +29,7 @@ pub use kmsfs_common::format::header::FileHeader;
 pub use kmsfs_common::format::names::DirId;
 
 use crate::keys::{AgentPool, CacheStats, KeyCache};
+use crate::pool::{self, FreshKey, KeyPool, PoolStats};
 
 /// The root's extended attribute through which `kmsfs status` reads a mount's counters.
 pub const STATUS_XATTR: &str = "user.kmsfs.status";
@@ -131,8 +132,9 @@ pub struct Volume {
     root: PathBuf,
     config: VolumeConfig,
     names: NameKey,
-    agent: AgentPool,
+    agent: Arc<AgentPool>,
     cache: KeyCache<FileId, FileKeys>,
+    pool: KeyPool,
 }
 
 fn b64(bytes: &[u8]) -> String {
@@ -207,7 +209,16 @@ impl Volume {
             .map_err(|e| format!("the agent could not unwrap the volume's name key: {e}"))?;
         let plaintext = unb64(&unwrapped["Plaintext"]).map_err(|e| e.to_string())?;
         let names = NameKey::from_bytes(&plaintext).map_err(|e| format!("the volume's name key is unusable: {e}"))?;
-        Ok(Volume { root, config, names, agent, cache: KeyCache::new(options.cache_capacity, options.cache_max_age) })
+        let agent = Arc::new(agent);
+        let pool = {
+            let (agent, key_id, volume_id) = (agent.clone(), config.key_id.clone(), config.volume_id);
+            KeyPool::new(
+                Box::new(move |file_id| generate_data_key(&agent, &key_id, &volume_id, file_id)),
+                pool::WORKERS,
+            )
+        };
+        let cache = KeyCache::new(options.cache_capacity, options.cache_max_age);
+        Ok(Volume { root, config, names, agent, cache, pool })
     }
 
     pub fn root(&self) -> &Path {
@@ -238,12 +249,19 @@ impl Volume {
         self.cache.stats()
     }
 
-    /// Drops the cached data keys of the KMS key `arn` (it was disabled).
+    pub fn pool_stats(&self) -> PoolStats {
+        self.pool.stats()
+    }
+
+    /// Drops the cached data keys of the KMS key `arn` (it was disabled), and the keys
+    /// generated ahead of need (all from the volume's KMS key, which `arn` may name).
     pub fn revoke(&self, arn: &str) -> usize {
+        self.pool.clear();
         self.cache.revoke(arn)
     }
 
     pub fn revoke_all(&self) {
+        self.pool.clear();
         self.cache.clear()
     }
 
@@ -435,32 +453,20 @@ impl Volume {
 
     // ---- file headers and keys ----
 
-    /// Makes `file` (new, empty) an encrypted file: a new data key from the agent, the
-    /// header, and the empty final block. The key is cached.
+    /// Makes `file` (new, empty) an encrypted file: a new data key (generated ahead of need
+    /// by the pool, or now), the header, and the empty final block, in one write. The key
+    /// is cached.
     pub fn init_file(&self, file: &File) -> Result<FileHeader, VolError> {
-        let file_id = FileId::random();
-        let context = file_key_context(&self.config.volume_id, &file_id);
-        let generated = self
-            .agent
-            .call(
-                "GenerateDataKey",
-                &json!({"KeyId": self.config.key_id, "KeySpec": "AES_256", "EncryptionContext": context_json(&context)}),
-            )
-            .map_err(agent_error)?;
-        let plaintext = unb64(&generated["Plaintext"])?;
-        let data = DataKey::from_bytes(&plaintext).map_err(|error| VolError::Corrupt { what: "data key", error })?;
-        let wrapped = unb64(&generated["CiphertextBlob"])?.to_vec();
-        let arn = generated["KeyId"].as_str().unwrap_or(&self.config.key_id).to_string();
+        let FreshKey { file_id, data, wrapped, kms_key_arn, .. } = self.pool.take()?;
         let layout = self.layout();
         let header = FileHeader::new(file_id, layout, wrapped)
             .map_err(|error| VolError::Corrupt { what: "new header", error })?;
-        file.write_all_at(&header::encode_new(&header, &data), 0)?;
         let keys = Arc::new(FileKeys { content: ContentKey::derive(&data, layout), data });
-        crate::content::Content { file, key: &keys.content, file_id }.init_empty().map_err(|e| match e {
-            crate::content::ContentError::Io(io) => VolError::Io(io),
-            _ => VolError::Io(io::Error::other("cannot write the empty block")),
-        })?;
-        self.cache.insert(file_id, &arn, keys);
+        let mut contents = header::encode_new(&header, &keys.data).to_vec();
+        seal_block(&keys.content, &file_id, BlockIndex(0), true, &[], &mut contents)
+            .map_err(|error| VolError::Corrupt { what: "empty block", error })?;
+        file.write_all_at(&contents, 0)?;
+        self.cache.insert(file_id, &kms_key_arn, keys);
         Ok(header)
     }
 
@@ -525,6 +531,28 @@ impl Volume {
         self.cache.insert(file_id, &arn, keys.clone());
         Ok(keys)
     }
+}
+
+/// Asks the agent for a data key for file `file_id` of volume `volume_id`, under the
+/// volume's KMS key.
+fn generate_data_key(
+    agent: &AgentPool,
+    key_id: &str,
+    volume_id: &VolumeId,
+    file_id: FileId,
+) -> Result<FreshKey, VolError> {
+    let context = file_key_context(volume_id, &file_id);
+    let generated = agent
+        .call(
+            "GenerateDataKey",
+            &json!({"KeyId": key_id, "KeySpec": "AES_256", "EncryptionContext": context_json(&context)}),
+        )
+        .map_err(agent_error)?;
+    let plaintext = unb64(&generated["Plaintext"])?;
+    let data = DataKey::from_bytes(&plaintext).map_err(|error| VolError::Corrupt { what: "data key", error })?;
+    let wrapped = unb64(&generated["CiphertextBlob"])?.to_vec();
+    let arn = generated["KeyId"].as_str().unwrap_or(key_id).to_string();
+    Ok(FreshKey::new(file_id, data, wrapped, arn))
 }
 
 /// The side file holding the full encrypted name of long-name entry `entry`.
