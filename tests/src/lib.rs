@@ -14,17 +14,22 @@ use kmsfs_common::client::{AgentClient, ClientError};
 use kmsfs_common::KmsError;
 use serde_json::Value;
 
-/// The path of one of the workspace's binaries.
-pub fn bin(name: &str) -> PathBuf {
-    let dir = match std::env::var_os("KMSFS_BIN_DIR") {
+/// Where the workspace's binaries are: `KMSFS_BIN_DIR`, or the target directory of the
+/// test or benchmark that is running.
+pub fn bin_dir() -> PathBuf {
+    match std::env::var_os("KMSFS_BIN_DIR") {
         Some(dir) => PathBuf::from(dir),
         None => {
             // target/<profile>/deps/<test binary> → target/<profile>
             let exe = std::env::current_exe().expect("current_exe");
             exe.parent().and_then(Path::parent).expect("target directory").to_path_buf()
         }
-    };
-    let path = dir.join(name);
+    }
+}
+
+/// The path of one of the workspace's binaries.
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
     assert!(
         path.is_file(),
         "{} not found: build the binaries first with `cargo build --bins` (the README's test command does)",
@@ -33,11 +38,29 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// The tests' log levels: the debug detail that explains a failure. Benchmarks leave the
+/// binaries at their defaults instead, as deployed, so that logging is not what they measure.
+const AGENT_TEST_LOG: &str = "info,kmsfs_agent=debug";
+const FS_TEST_LOG: &str = "info,kmsfs_fs=debug";
+
+/// A new temporary directory, under `parent` if given.
+fn tempdir(prefix: &str, parent: Option<&Path>) -> tempfile::TempDir {
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(prefix);
+    match parent {
+        Some(parent) => builder.tempdir_in(parent),
+        None => builder.tempdir(),
+    }
+    .expect("tempdir")
+}
+
 /// A running `kmsd` with its own socket and state directory, killed on drop.
 pub struct TestAgent {
     dir: tempfile::TempDir,
     child: Option<Child>,
     extra_args: Vec<String>,
+    /// `KMSD_LOG`; `None` leaves kmsd's default.
+    log_filter: Option<&'static str>,
 }
 
 impl TestAgent {
@@ -55,17 +78,30 @@ impl TestAgent {
     /// Starts a fresh agent whose configuration directory holds exactly `policies`:
     /// `(path under policies/, document)` pairs.
     pub fn start_configured(args: &[&str], policies: &[(&str, &str)]) -> TestAgent {
-        TestAgent::start_in(args, policies, None)
+        TestAgent::start_in(args, policies, None, Some(AGENT_TEST_LOG), None)
+    }
+
+    /// Starts a fresh agent as deployed, for benchmarks: kmsd's default log level and
+    /// otherwise default settings (audit trail on), its directory under `parent`, and the
+    /// root policy of [`TestAgent::start`].
+    pub fn start_quiet_in(parent: &Path) -> TestAgent {
+        TestAgent::start_in(&[], &[("users/root.json", ROOT_USES_EVERYTHING)], None, None, Some(parent))
     }
 
     /// Starts a fresh agent whose configuration directory holds `policies` (as
     /// [`TestAgent::start_configured`]) and `access-keys.json` (mode 0600) with `access_keys`.
     pub fn start_with_access_keys(args: &[&str], policies: &[(&str, &str)], access_keys: &str) -> TestAgent {
-        TestAgent::start_in(args, policies, Some(access_keys))
+        TestAgent::start_in(args, policies, Some(access_keys), Some(AGENT_TEST_LOG), None)
     }
 
-    fn start_in(args: &[&str], policies: &[(&str, &str)], access_keys: Option<&str>) -> TestAgent {
-        let dir = tempfile::Builder::new().prefix("kmsfs-test-").tempdir().expect("tempdir");
+    fn start_in(
+        args: &[&str],
+        policies: &[(&str, &str)],
+        access_keys: Option<&str>,
+        log_filter: Option<&'static str>,
+        parent: Option<&Path>,
+    ) -> TestAgent {
+        let dir = tempdir("kmsfs-test-", parent);
         let config = dir.path().join("config");
         std::fs::create_dir_all(&config).expect("config dir");
         for (path, document) in policies {
@@ -79,7 +115,8 @@ impl TestAgent {
             std::fs::write(&keys, access_keys).expect("access keys");
             std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o600)).expect("chmod access keys");
         }
-        let mut agent = TestAgent { dir, child: None, extra_args: args.iter().map(|s| s.to_string()).collect() };
+        let extra_args = args.iter().map(|s| s.to_string()).collect();
+        let mut agent = TestAgent { dir, child: None, extra_args, log_filter };
         agent.launch();
         agent
     }
@@ -112,7 +149,12 @@ impl TestAgent {
 
     fn launch(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).expect("agent log");
-        let child = Command::new(bin("kmsd"))
+        let mut cmd = Command::new(bin("kmsd"));
+        match self.log_filter {
+            Some(filter) => cmd.env("KMSD_LOG", filter),
+            None => cmd.env_remove("KMSD_LOG"),
+        };
+        let child = cmd
             .arg("--socket")
             .arg(self.socket())
             .arg("--state-dir")
@@ -120,7 +162,6 @@ impl TestAgent {
             .arg("--config-dir")
             .arg(self.config_dir())
             .args(&self.extra_args)
-            .env("KMSD_LOG", "info,kmsfs_agent=debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -282,6 +323,8 @@ pub struct TestMount {
     dir: tempfile::TempDir,
     child: Option<Child>,
     mount_options: Vec<String>,
+    /// `KMSFS_LOG`; `None` leaves kmsfs's default.
+    log_filter: Option<&'static str>,
 }
 
 impl TestMount {
@@ -293,14 +336,28 @@ impl TestMount {
 
     /// A fresh volume: `init_args` go to `kmsfs init`, `mount_options` to `-o`.
     pub fn with(init_args: &[&str], mount_options: &[&str]) -> TestMount {
+        TestMount::create(init_args, mount_options, None)
+    }
+
+    /// A fresh volume mounted as deployed, for benchmarks: kmsfs and kmsd at their default
+    /// log levels ([`TestAgent::start_quiet_in`]), both their directories under `parent`.
+    pub fn quiet_in(parent: &Path, init_args: &[&str], mount_options: &[&str]) -> TestMount {
+        TestMount::create(init_args, mount_options, Some(parent))
+    }
+
+    /// With `quiet_in`, as [`TestMount::quiet_in`]; without, as the tests run.
+    fn create(init_args: &[&str], mount_options: &[&str], quiet_in: Option<&Path>) -> TestMount {
         assert!(
             Path::new("/dev/fuse").exists(),
             "/dev/fuse is missing: the filesystem tests need FUSE (CI runs as root with /dev/fuse)"
         );
         assert!(is_root(), "the filesystem tests mount filesystems and need root (CI runs as root)");
-        let agent = TestAgent::start();
+        let (agent, log_filter) = match quiet_in {
+            None => (TestAgent::start(), Some(FS_TEST_LOG)),
+            Some(parent) => (TestAgent::start_quiet_in(parent), None),
+        };
         let key_id = create_key(&agent);
-        let dir = tempfile::Builder::new().prefix("kmsfs-mount-").tempdir().expect("tempdir");
+        let dir = tempdir("kmsfs-mount-", quiet_in);
         std::fs::create_dir(dir.path().join("cipher")).expect("cipher dir");
         std::fs::create_dir(dir.path().join("mnt")).expect("mount point");
         let out = Command::new(bin("kmsfs"))
@@ -319,6 +376,7 @@ impl TestMount {
             dir,
             child: None,
             mount_options: mount_options.iter().map(|s| s.to_string()).collect(),
+            log_filter,
         };
         mount.mount();
         mount
@@ -369,9 +427,12 @@ impl TestMount {
         if !self.mount_options.is_empty() {
             cmd.arg("-o").arg(self.mount_options.join(","));
         }
+        match self.log_filter {
+            Some(filter) => cmd.env("KMSFS_LOG", filter),
+            None => cmd.env_remove("KMSFS_LOG"),
+        };
         let mut child = cmd
             .env("KMSFS_READY_PIPE", "1")
-            .env("KMSFS_LOG", "info,kmsfs_fs=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)
