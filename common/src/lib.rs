@@ -15,5 +15,6 @@ pub mod format;
 pub mod ids;
 pub mod paths;
 pub mod time;
+pub mod wipe;
 
 pub use error::{ErrorKind, KmsError};

@@ -16,7 +16,10 @@ use kmsfs_common::format::block::{
     open_block_in_place, seal_block, seal_blocks_in_place, BlockIndex, ContentKey, FileId, Layout,
 };
 use kmsfs_common::format::FormatError;
-use zeroize::Zeroizing;
+use kmsfs_common::wipe::{wipe, PlainBuf};
+
+/// Writes of at least this many blocks are sealed and written by two threads.
+const PARALLEL_BLOCKS: u64 = 64;
 
 /// Why a content operation failed.
 #[derive(Debug)]
@@ -70,12 +73,12 @@ impl Content<'_> {
     /// Reads blocks `first..=last` of a file of plaintext length `size` with one pread,
     /// decrypts them where they lie, and moves their plaintext together at the start of
     /// the buffer, which is returned holding exactly that plaintext.
-    fn read_blocks(&self, first: u64, last: u64, size: u64) -> Result<Zeroizing<Vec<u8>>, ContentError> {
+    fn read_blocks(&self, first: u64, last: u64, size: u64) -> Result<PlainBuf, ContentError> {
         let layout = self.layout();
         let final_index = layout.final_block(size).0;
         let start = layout.stored_offset(BlockIndex(first));
         let end = layout.stored_offset(BlockIndex(last)) + layout.stored_block_len(BlockIndex(last), size) as u64;
-        let mut buf = Zeroizing::new(vec![0u8; (end - start) as usize]);
+        let mut buf = PlainBuf::zeroed((end - start) as usize);
         self.file.read_exact_at(&mut buf, start)?;
         let chunk = layout.stored_block_size() as usize;
         let nonce_len = layout.cipher.nonce_len();
@@ -100,10 +103,10 @@ impl Content<'_> {
     }
 
     /// Reads up to `len` bytes at `offset`; short at the end of the file.
-    pub fn read_at(&self, offset: u64, len: usize) -> Result<Zeroizing<Vec<u8>>, ContentError> {
+    pub fn read_at(&self, offset: u64, len: usize) -> Result<PlainBuf, ContentError> {
         let size = self.len()?;
         if offset >= size || len == 0 {
-            return Ok(Zeroizing::new(Vec::new()));
+            return Ok(PlainBuf::new());
         }
         let end = size.min(offset + len as u64);
         let b = self.layout().block_size();
@@ -149,7 +152,8 @@ impl Content<'_> {
         let chunk = layout.stored_block_size() as usize;
         let nonce_len = layout.cipher.nonce_len();
         let last_len = layout.block_len(BlockIndex(last), new_size) + layout.cipher.overhead();
-        let mut stored = Zeroizing::new(vec![0u8; ((last - first) as usize) * chunk + last_len]);
+        // Plaintext until sealed, ciphertext after: wiped only if something fails.
+        let mut stored = vec![0u8; ((last - first) as usize) * chunk + last_len];
         let body = |index: u64| ((index - first) as usize) * chunk + nonce_len;
         let partial_first = !offset.is_multiple_of(b) || (first == last && !end.is_multiple_of(b));
         let partial_last = last != first && !end.is_multiple_of(b);
@@ -167,10 +171,39 @@ impl Content<'_> {
             stored[to..to + take].copy_from_slice(&rest[..take]);
             (at, rest) = (at + take as u64, &rest[take..]);
         }
-        seal_blocks_in_place(self.key, &self.file_id, BlockIndex(first), BlockIndex(new_final), &mut stored)
-            .map_err(|error| ContentError::Corrupt { block: first, error })?;
-        self.file.write_all_at(&stored, layout.stored_offset(BlockIndex(first)))?;
-        Ok(())
+        let result = self.seal_and_write(first, new_final, &mut stored);
+        if result.is_err() {
+            wipe(&mut stored);
+        }
+        result
+    }
+
+    /// Seals the laid-out blocks `stored` (block `first` onwards) in place and writes them.
+    /// A large write is cut in two at a block boundary and each half sealed and written on
+    /// its own core: the chain of a sequential writer (its copy in, our encryption, the
+    /// copy into the backing file's page cache) is otherwise one core long.
+    fn seal_and_write(&self, first: u64, final_index: u64, stored: &mut [u8]) -> Result<(), ContentError> {
+        let layout = self.layout();
+        let chunk = layout.stored_block_size() as usize;
+        let blocks = stored.len().div_ceil(chunk) as u64;
+        let seal_write = |first: u64, part: &mut [u8]| -> Result<(), ContentError> {
+            seal_blocks_in_place(self.key, &self.file_id, BlockIndex(first), BlockIndex(final_index), part)
+                .map_err(|error| ContentError::Corrupt { block: first, error })?;
+            self.file.write_all_at(part, layout.stored_offset(BlockIndex(first)))?;
+            Ok(())
+        };
+        if blocks < PARALLEL_BLOCKS {
+            return seal_write(first, stored);
+        }
+        let half = blocks / 2;
+        let (front, back) = stored.split_at_mut(half as usize * chunk);
+        std::thread::scope(|scope| {
+            let helper = scope.spawn(|| seal_write(first + half, back));
+            let ours = seal_write(first, front);
+            let theirs =
+                helper.join().unwrap_or_else(|_| Err(ContentError::Io(io::Error::other("sealing thread failed"))));
+            ours.and(theirs)
+        })
     }
 
     /// Truncates or extends the file to `new_size` bytes of plaintext.
@@ -295,6 +328,18 @@ mod tests {
             f.truncate(1);
             f.truncate(0);
             f.write(0, &pattern(3, 5));
+        }
+    }
+
+    #[test]
+    fn large_writes_sealed_by_two_threads_match_a_plain_model() {
+        for cipher in [CipherSuite::Aes256Gcm, CipherSuite::XChaCha20Poly1305] {
+            let mut f = Fixture::new(cipher, 4096);
+            f.write(0, &pattern(1 << 20, 1)); // 256 blocks, split in two halves
+            f.write(100, &pattern(300_000, 2)); // unaligned, inside the file
+            f.write((1 << 20) - 10, &pattern(700_001, 3)); // across the end, growing
+            f.write(5 << 20, &pattern(64 * 4096, 4)); // far past the end: holes, then 64 blocks
+            f.truncate(3 << 20);
         }
     }
 

@@ -35,6 +35,9 @@ use crate::volume::{DirId, FileHeader, StoredName, VolError, Volume, STATUS_XATT
 /// is ours alone, but a second mount or an offline tool could change it.
 const TTL: Duration = Duration::from_secs(1);
 const ROOT: u64 = 1;
+/// Open files need no FLUSH on close: writes reach the backing file when they are made,
+/// so there is nothing to flush, and a close saves a round trip.
+const FILE_OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_NOFLUSH;
 /// The largest write the kernel sends (its own ceiling is 1 MiB).
 pub const MAX_WRITE: u32 = 1 << 20;
 
@@ -86,7 +89,31 @@ struct OpenFile {
     header: FileHeader,
     path: PathBuf,
     lock: Arc<RwLock<()>>,
+    behind: Mutex<WriteBehind>,
 }
+
+impl OpenFile {
+    fn new(ino: u64, file: File, header: FileHeader, path: PathBuf, lock: Arc<RwLock<()>>) -> OpenFile {
+        OpenFile { ino, file, header, path, lock, behind: Mutex::new(WriteBehind::default()) }
+    }
+}
+
+/// Write-behind for a file written in sequence (a copy, a download, a log): every
+/// [`WRITE_BEHIND`] bytes, the backing file is told to start writing the stretch just
+/// written out to disk. Otherwise nothing reaches the disk until the kernel's dirty-page
+/// thresholds or the writer's fsync, which then waits for all of it at once; this way
+/// encryption and disk writes overlap. The stretch before is dropped from the backing
+/// file's page cache (the kernel caches the plaintext above us), which is what
+/// `POSIX_FADV_DONTNEED` does: start writeback of dirty pages, drop clean ones.
+#[derive(Default)]
+struct WriteBehind {
+    /// Where the next write continues the sequence (plaintext offset).
+    next: u64,
+    /// Where the stretch not yet handed to writeback begins.
+    mark: u64,
+}
+
+const WRITE_BEHIND: u64 = 8 << 20;
 
 struct OpenDir {
     entries: Vec<(OsString, u64, FileType, Option<OsString>)>,
@@ -460,6 +487,32 @@ impl KmsFs {
                 Errno::EIO
             }
         })
+    }
+
+    /// Hands the stretch of a sequentially written file behind `offset + len` to the
+    /// backing file's writeback once it is [`WRITE_BEHIND`] long (see [`WriteBehind`]).
+    fn write_behind(&self, h: &OpenFile, offset: u64, len: u64) {
+        let mut behind = lock(&h.behind);
+        let end = offset + len;
+        if offset != behind.next {
+            // Not in sequence: start a new sequence here.
+            behind.mark = offset;
+        }
+        behind.next = end;
+        if end - behind.mark < WRITE_BEHIND {
+            return;
+        }
+        let layout = self.vol.layout();
+        let stored = |at: u64| layout.stored_offset(layout.block_of(at).0) as i64;
+        // From the stretch before this one (clean by now, dropped) to the end of this one
+        // (whole blocks only: the last may still change).
+        let from = stored(behind.mark.saturating_sub(WRITE_BEHIND));
+        let to = stored(end);
+        behind.mark = end;
+        let advice = nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED;
+        if let Err(e) = nix::fcntl::posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(&h.file), from, to - from, advice) {
+            tracing::debug!(path = %h.path.display(), "write-behind: {e}");
+        }
     }
 
     fn new_handle(&self) -> u64 {
@@ -903,13 +956,13 @@ impl Filesystem for KmsFs {
         let write = !matches!(flags.acc_mode(), OpenAccMode::O_RDONLY);
         let result = self.path_of(ino.0).and_then(|path| {
             let (file, header) = self.open_backing(&path, write)?;
-            Ok(OpenFile { ino: ino.0, file, header, path, lock: self.content_lock(ino.0) })
+            Ok(OpenFile::new(ino.0, file, header, path, self.content_lock(ino.0)))
         });
         match result {
             Ok(open) => {
                 let fh = self.new_handle();
                 lock(&self.files).insert(fh, Arc::new(open));
-                reply.opened(FileHandle(fh), FopenFlags::empty());
+                reply.opened(FileHandle(fh), FILE_OPEN_FLAGS);
             }
             Err(e) => reply.error(e),
         }
@@ -950,7 +1003,9 @@ impl Filesystem for KmsFs {
     ) {
         let result = self.open_file(fh).and_then(|h| {
             let _guard = h.lock.write().unwrap_or_else(|p| p.into_inner());
-            self.with_content(&h.path, &h.file, &h.header, |c| c.write_at(offset, data))
+            self.with_content(&h.path, &h.file, &h.header, |c| c.write_at(offset, data))?;
+            self.write_behind(&h, offset, data.len() as u64);
+            Ok(())
         });
         match result {
             Ok(()) => reply.written(data.len() as u32),
@@ -959,7 +1014,8 @@ impl Filesystem for KmsFs {
     }
 
     fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
-        // Writes go straight to the backing file; nothing is buffered here.
+        // Writes go straight to the backing file; nothing is buffered here. (Files are
+        // opened with FOPEN_NOFLUSH; kernels that ignore it still ask.)
         reply.ok();
     }
 
@@ -1187,13 +1243,13 @@ impl Filesystem for KmsFs {
             let attr = self.attr(&path)?;
             self.remember(&attr, parent.0, &stored.entry);
             let lock = self.content_lock(attr.ino.0);
-            Ok((attr, OpenFile { ino: attr.ino.0, file, header, path, lock }))
+            Ok((attr, OpenFile::new(attr.ino.0, file, header, path, lock)))
         })();
         match result {
             Ok((attr, open)) => {
                 let fh = self.new_handle();
                 lock(&self.files).insert(fh, Arc::new(open));
-                reply.created(&TTL, &attr, Generation(0), FileHandle(fh), FopenFlags::empty());
+                reply.created(&TTL, &attr, Generation(0), FileHandle(fh), FILE_OPEN_FLAGS);
             }
             Err(e) => reply.error(e),
         }

@@ -29,7 +29,8 @@ pub struct CacheStats {
 
 struct Entry<V> {
     value: Arc<V>,
-    kms_key_arn: String,
+    /// Shared between the entries of one KMS key: a volume has one or a few.
+    kms_key_arn: Arc<str>,
     inserted: Instant,
 }
 
@@ -38,6 +39,7 @@ struct Entry<V> {
 /// once the cache and the last caller let go.
 pub struct KeyCache<K: Hash + Eq, V> {
     entries: Mutex<LruCache<K, Entry<V>>>,
+    arns: Mutex<Vec<Arc<str>>>,
     max_age: Duration,
     hits: AtomicU64,
     misses: AtomicU64,
@@ -49,6 +51,7 @@ impl<K: Hash + Eq + Clone, V> KeyCache<K, V> {
     pub fn new(capacity: NonZeroUsize, max_age: Duration) -> KeyCache<K, V> {
         KeyCache {
             entries: Mutex::new(LruCache::new(capacity)),
+            arns: Mutex::new(Vec::new()),
             max_age,
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
@@ -80,7 +83,18 @@ impl<K: Hash + Eq + Clone, V> KeyCache<K, V> {
 
     /// Caches `value`, unwrapped by the KMS key `kms_key_arn`.
     pub fn insert(&self, key: K, kms_key_arn: &str, value: Arc<V>) {
-        let entry = Entry { value, kms_key_arn: kms_key_arn.to_string(), inserted: Instant::now() };
+        let kms_key_arn = {
+            let mut arns = self.arns.lock().unwrap_or_else(|p| p.into_inner());
+            match arns.iter().find(|a| ***a == *kms_key_arn) {
+                Some(shared) => shared.clone(),
+                None => {
+                    let shared: Arc<str> = Arc::from(kms_key_arn);
+                    arns.push(shared.clone());
+                    shared
+                }
+            }
+        };
+        let entry = Entry { value, kms_key_arn, inserted: Instant::now() };
         if let Some((evicted, _)) = self.lock().push(key.clone(), entry) {
             if evicted != key {
                 self.evictions.fetch_add(1, Ordering::Relaxed);
@@ -92,7 +106,7 @@ impl<K: Hash + Eq + Clone, V> KeyCache<K, V> {
     pub fn revoke(&self, kms_key_arn: &str) -> usize {
         let mut entries = self.lock();
         let doomed: Vec<K> =
-            entries.iter().filter(|(_, e)| e.kms_key_arn == kms_key_arn).map(|(k, _)| k.clone()).collect();
+            entries.iter().filter(|(_, e)| *e.kms_key_arn == *kms_key_arn).map(|(k, _)| k.clone()).collect();
         for k in &doomed {
             entries.pop(k);
         }

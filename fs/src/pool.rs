@@ -37,9 +37,9 @@ pub const MAX_TARGET: usize = 256;
 pub const MAX_AGE: Duration = Duration::from_secs(300);
 /// Without a creation for this long, the workers stop refilling.
 pub const IDLE: Duration = Duration::from_secs(60);
-/// Generations in flight at once: enough for the agent to sync several audit records
-/// together, few enough to leave it time for everyone else.
-pub const WORKERS: usize = 4;
+/// Generations in flight at once. The agent syncs the audit records of requests that
+/// arrive together with one fdatasync, so the more in flight, the less each key costs it.
+pub const WORKERS: usize = 16;
 
 /// A data key just generated for the file `file_id`.
 pub struct FreshKey {

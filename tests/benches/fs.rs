@@ -26,7 +26,9 @@
 //!
 //! Settings (environment): `KMSFS_BENCH_DIR` (where the three targets live; default
 //! /var/tmp), `KMSFS_BENCH_REPEATS` (3), `KMSFS_BENCH_SEQ_MIB` (1024),
-//! `KMSFS_BENCH_FIO_SECS` (10), `KMSFS_BENCH_RSS_FILES` (100000), `KMSFS_BENCH_TARBALL`
+//! `KMSFS_BENCH_FIO_SECS` (10), `KMSFS_BENCH_RSS_FILES` (100000), `KMSFS_BENCH_ONLY`
+//! (a comma-separated list of groups: sequential, random read, random write, small files,
+//! tarball; default all), `KMSFS_BENCH_TARBALL`
 //! (another tarball, e.g. /usr/src/linux-source-*.tar.xz for a large run).
 
 use std::collections::BTreeMap;
@@ -644,10 +646,15 @@ fn main() {
         ("small files", small_files),
         ("tarball", tarball),
     ];
+    // KMSFS_BENCH_ONLY="small files,tarball" runs only those groups, to iterate on one.
+    let only: Option<Vec<String>> =
+        std::env::var("KMSFS_BENCH_ONLY").ok().map(|v| v.split(',').map(|g| g.trim().to_string()).collect());
+    let groups: Vec<(&str, Group)> =
+        groups.into_iter().filter(|(name, _)| only.as_ref().is_none_or(|o| o.iter().any(|g| g == name))).collect();
     let mut values: BTreeMap<(Workload, &str), Vec<f64>> = BTreeMap::new();
     let mut cpu: BTreeMap<(Workload, &str), Vec<f64>> = BTreeMap::new();
     for repeat in 0..settings.repeats {
-        for (group, run_group) in groups {
+        for &(group, run_group) in &groups {
             for i in 0..targets.len() {
                 let target = &targets[(i + repeat) % targets.len()];
                 let samples = run_group(&settings, target);
