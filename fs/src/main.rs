@@ -266,7 +266,6 @@ fn mount_foreground(mount: &MountArgs, _daemon: bool) -> Result<(), String> {
     let session = fuser::spawn_mount(fs, &mount.mountpoint, &config)
         .map_err(|e| format!("cannot mount {}: {e}", mount.mountpoint.display()))?;
     revoker.set_notifier(session.notifier());
-    raise_readahead(&mount.mountpoint);
     let revoke_all = revoker.clone();
     kmsfs_fs::keys::watch_key_events(socket, move |arn| revoker.revoke(arn), move || revoke_all.revoke_all());
     tracing::info!(cipherdir = %volume.root().display(), mountpoint = %mount.mountpoint.display(), "mounted");
@@ -280,22 +279,6 @@ fn mount_foreground(mount: &MountArgs, _daemon: bool) -> Result<(), String> {
     session.join().map_err(|e| format!("the FUSE session failed: {e}"))?;
     tracing::info!("unmounted");
     Ok(())
-}
-
-/// The kernel reads ahead at most 128 KiB on a FUSE mount unless told otherwise, which
-/// splits a sequential read into requests of that size. Raising the mount's readahead to
-/// the largest request we accept halves the round trips of a large read or better. Only
-/// root may; others keep the kernel's default.
-fn raise_readahead(mountpoint: &Path) {
-    use std::os::unix::fs::MetadataExt;
-    // Stat waits for the kernel's INIT exchange, which would otherwise reset the setting.
-    let Ok(meta) = std::fs::metadata(mountpoint) else { return };
-    let dev = meta.dev();
-    let path = format!("/sys/class/bdi/{}:{}/read_ahead_kb", nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
-    match std::fs::write(&path, (kmsfs_fs::fuse::MAX_WRITE / 1024).to_string()) {
-        Ok(()) => tracing::debug!(path, "readahead raised to {} KiB", kmsfs_fs::fuse::MAX_WRITE / 1024),
-        Err(e) => tracing::debug!(path, "readahead left at the kernel's default: {e}"),
-    }
 }
 
 /// SIGTERM or SIGINT unmounts (lazily, so that busy mounts still go away); the session
