@@ -74,12 +74,20 @@ impl Content<'_> {
     /// decrypts them where they lie, and moves their plaintext together at the start of
     /// the buffer, which is returned holding exactly that plaintext.
     fn read_blocks(&self, first: u64, last: u64, size: u64) -> Result<PlainBuf, ContentError> {
+        let mut buf = PlainBuf::new();
+        self.read_blocks_into(first, last, size, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// [`Content::read_blocks`] into `buf` (cleared first), reusing its allocation.
+    fn read_blocks_into(&self, first: u64, last: u64, size: u64, buf: &mut PlainBuf) -> Result<(), ContentError> {
         let layout = self.layout();
         let final_index = layout.final_block(size).0;
         let start = layout.stored_offset(BlockIndex(first));
         let end = layout.stored_offset(BlockIndex(last)) + layout.stored_block_len(BlockIndex(last), size) as u64;
-        let mut buf = PlainBuf::zeroed((end - start) as usize);
-        self.file.read_exact_at(&mut buf, start)?;
+        buf.clear();
+        buf.resize((end - start) as usize, 0);
+        self.file.read_exact_at(buf, start)?;
         let chunk = layout.stored_block_size() as usize;
         let nonce_len = layout.cipher.nonce_len();
         let mut plain_len = 0;
@@ -99,26 +107,35 @@ impl Content<'_> {
             plain_len += body_len;
         }
         buf.truncate(plain_len);
-        Ok(buf)
+        Ok(())
     }
 
     /// Reads up to `len` bytes at `offset`; short at the end of the file.
     pub fn read_at(&self, offset: u64, len: usize) -> Result<PlainBuf, ContentError> {
+        let mut buf = PlainBuf::new();
+        self.read_at_into(offset, len, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// [`Content::read_at`] into `buf` (cleared first): a caller that reads often keeps one
+    /// buffer, sparing an allocation and its page faults per request.
+    pub fn read_at_into(&self, offset: u64, len: usize, buf: &mut PlainBuf) -> Result<(), ContentError> {
+        buf.clear();
         let size = self.len()?;
         if offset >= size || len == 0 {
-            return Ok(PlainBuf::new());
+            return Ok(());
         }
         let end = size.min(offset + len as u64);
         let b = self.layout().block_size();
         let (first, last) = (offset / b, (end - 1) / b);
-        let mut plain = self.read_blocks(first, last, size)?;
+        self.read_blocks_into(first, last, size, buf)?;
         let skip = (offset - first * b) as usize;
         let wanted = (end - offset) as usize;
         if skip > 0 {
-            plain.copy_within(skip..skip + wanted, 0);
+            buf.copy_within(skip..skip + wanted, 0);
         }
-        plain.truncate(wanted);
-        Ok(plain)
+        buf.truncate(wanted);
+        Ok(())
     }
 
     /// Writes `data` at `offset`, growing the file if needed: the blocks it touches are

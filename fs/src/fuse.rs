@@ -30,6 +30,7 @@ use fuser::{
 
 use crate::content::{Content, ContentError};
 use crate::volume::{DirId, FileHeader, StoredName, VolError, Volume, STATUS_XATTR};
+use kmsfs_common::wipe::{wipe, PlainBuf};
 
 /// How long the kernel may cache attributes and entries. Short: the backing directory
 /// is ours alone, but a second mount or an offline tool could change it.
@@ -979,14 +980,22 @@ impl Filesystem for KmsFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let result = self.open_file(fh).and_then(|h| {
-            let _guard = h.lock.read().unwrap_or_else(|p| p.into_inner());
-            self.with_content(&h.path, &h.file, &h.header, |c| c.read_at(offset, size as usize))
-        });
-        match result {
-            Ok(data) => reply.data(&data),
-            Err(e) => reply.error(e),
+        thread_local! {
+            /// Each worker thread's read buffer, kept between requests (wiped after each).
+            static READ_BUFFER: std::cell::RefCell<PlainBuf> = std::cell::RefCell::new(PlainBuf::new());
         }
+        READ_BUFFER.with_borrow_mut(|buf| {
+            let result = self.open_file(fh).and_then(|h| {
+                let _guard = h.lock.read().unwrap_or_else(|p| p.into_inner());
+                self.with_content(&h.path, &h.file, &h.header, |c| c.read_at_into(offset, size as usize, buf))
+            });
+            match result {
+                Ok(()) => reply.data(buf),
+                Err(e) => reply.error(e),
+            }
+            wipe(buf);
+            buf.clear();
+        });
     }
 
     fn write(
