@@ -63,7 +63,7 @@ impl FreshKey {
 pub type Generate = dyn Fn(FileId) -> Result<FreshKey, VolError> + Send + Sync;
 
 /// Counters shown by `kmsfs status`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PoolStats {
     pub ready: usize,
     pub target: usize,
@@ -81,7 +81,9 @@ struct State {
     last_demand: Instant,
     workers_started: bool,
     closed: bool,
-    stats: PoolStats,
+    hits: u64,
+    misses: u64,
+    discarded: u64,
 }
 
 struct Shared {
@@ -112,7 +114,9 @@ impl KeyPool {
             last_demand: Instant::now(),
             workers_started: false,
             closed: false,
-            stats: PoolStats::default(),
+            hits: 0,
+            misses: 0,
+            discarded: 0,
         };
         KeyPool { shared: Arc::new(Shared { state: Mutex::new(state), wake: Condvar::new(), generate }), workers }
     }
@@ -124,7 +128,7 @@ impl KeyPool {
             state.last_demand = Instant::now();
             discard_stale(&mut state);
             if let Some(key) = state.ready.pop_front() {
-                state.stats.hits += 1;
+                state.hits += 1;
                 // Refill in bursts, from half full: the workers' requests then arrive at
                 // the agent together and share its audit syncs.
                 let refill = state.ready.len() + state.in_flight <= state.target / 2;
@@ -134,7 +138,7 @@ impl KeyPool {
                 }
                 return Ok(key);
             }
-            state.stats.misses += 1;
+            state.misses += 1;
             state.target = (state.target * 2).clamp(MIN_TARGET, MAX_TARGET);
             if !state.workers_started && self.workers > 0 {
                 state.workers_started = true;
@@ -151,14 +155,20 @@ impl KeyPool {
         let mut state = self.shared.lock();
         let dropped = state.ready.len() as u64;
         state.ready.clear();
-        state.stats.discarded += dropped;
+        state.discarded += dropped;
         state.epoch += 1;
         state.target = 0;
     }
 
     pub fn stats(&self) -> PoolStats {
         let state = self.shared.lock();
-        PoolStats { ready: state.ready.len(), target: state.target, ..state.stats }
+        PoolStats {
+            ready: state.ready.len(),
+            target: state.target,
+            hits: state.hits,
+            misses: state.misses,
+            discarded: state.discarded,
+        }
     }
 
     fn start_workers(&self) {
@@ -186,7 +196,7 @@ impl Drop for KeyPool {
 fn discard_stale(state: &mut State) {
     while state.ready.front().is_some_and(|k| k.made.elapsed() > MAX_AGE) {
         state.ready.pop_front();
-        state.stats.discarded += 1;
+        state.discarded += 1;
     }
 }
 
@@ -218,7 +228,7 @@ fn refill(shared: &Shared) {
         match result {
             Ok(key) if state.epoch == epoch && !state.closed => state.ready.push_back(key),
             // Cleared meanwhile: the key may belong to a disabled KMS key.
-            Ok(_) => state.stats.discarded += 1,
+            Ok(_) => state.discarded += 1,
             Err(e) => {
                 if state.target > 0 {
                     tracing::warn!(

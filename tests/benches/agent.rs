@@ -18,86 +18,16 @@
 //!
 //! `KMSFS_BENCH_SECS` sets the measured duration per cell (default 3 s).
 
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use kmsfs_common::client::AgentClient;
-use kmsfs_tests::{b64, unb64};
+use kmsfs_tests::{b64, unb64, TestAgent};
 use serde_json::{json, Value};
 
 const CONCURRENCY: [usize; 3] = [1, 4, 16];
-
-/// The release `kmsd` (or `KMSFS_BIN_DIR/kmsd`), or a clear message and exit.
-fn kmsd_binary() -> PathBuf {
-    let dir = match std::env::var_os("KMSFS_BIN_DIR") {
-        Some(dir) => PathBuf::from(dir),
-        // target/release/deps/<bench binary> → target/release
-        None => std::env::current_exe()
-            .ok()
-            .and_then(|exe| exe.parent().and_then(Path::parent).map(Path::to_path_buf))
-            .unwrap_or_default(),
-    };
-    let path = dir.join("kmsd");
-    if !path.is_file() {
-        eprintln!(
-            "{} not found: build the release binaries first with `cargo build --release --bins`, \
-             then run `cargo bench -p kmsfs-tests --bench agent`",
-            path.display()
-        );
-        std::process::exit(2);
-    }
-    path
-}
-
-/// A `kmsd` on a temporary socket, quiet (no per-request logging), killed on drop.
-struct Agent {
-    child: Child,
-    socket: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Agent {
-    fn start(binary: &Path, audit: bool) -> Agent {
-        let dir = tempfile::Builder::new().prefix("kmsfs-bench-").tempdir().expect("tempdir");
-        let socket = dir.path().join("kmsd.sock");
-        // Root may use keys only where a policy says so: the benchmark says so for itself.
-        let policies = dir.path().join("config/policies/users");
-        std::fs::create_dir_all(&policies).expect("policy dir");
-        std::fs::write(policies.join("root.json"), kmsfs_tests::ROOT_USES_EVERYTHING).expect("policy");
-        let mut child = Command::new(binary)
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
-            .arg("--config-dir")
-            .arg(dir.path().join("config"))
-            .args(["--audit", if audit { "on" } else { "off" }])
-            .env("KMSD_LOG", "error")
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start kmsd");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while UnixStream::connect(&socket).is_err() {
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!("kmsd exited with {status}");
-            }
-            assert!(Instant::now() < deadline, "kmsd did not start within 20 s");
-            thread::sleep(Duration::from_millis(10));
-        }
-        Agent { child, socket, _dir: dir }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// One benchmarked operation: the action and its pre-serialized request body, so that
 /// the clients spend no time building JSON.
@@ -178,7 +108,7 @@ fn main() {
     };
     let measure = Duration::from_secs_f64(secs);
     let warm_up = Duration::from_secs_f64((secs / 3.0).min(1.0));
-    let binary = kmsd_binary();
+    let binary = kmsfs_tests::bin("kmsd");
     let cores = thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     println!("kmsd: {}", binary.display());
     println!("nproc: {cores}; the client threads and kmsd share these cores, so clients' own work is in the figures");
@@ -187,13 +117,15 @@ fn main() {
     let mut tables = Vec::new();
     for audit in [true, false] {
         println!("audit trail {}:", if audit { "on" } else { "off (kmsd --audit off)" });
-        let agent = Agent::start(&binary, audit);
-        let operations = operations(&agent.socket);
+        // As deployed (default log level: nothing per request), in the system's temporary directory.
+        let agent = TestAgent::start_quiet_in(&std::env::temp_dir(), &["--audit", if audit { "on" } else { "off" }]);
+        let socket = agent.socket();
+        let operations = operations(&socket);
         println!("{:<16} {:>7} {:>10} {:>9} {:>9}", "operation", "clients", "ops/s", "p50 µs", "p99 µs");
         let mut table = Vec::new();
         for op in &operations {
             for clients in CONCURRENCY {
-                let m = run(&agent.socket, op, clients, warm_up, measure);
+                let m = run(&socket, op, clients, warm_up, measure);
                 println!(
                     "{:<16} {:>7} {:>10.0} {:>9.1} {:>9.1}",
                     op.action,

@@ -81,11 +81,11 @@ impl TestAgent {
         TestAgent::start_in(args, policies, None, Some(AGENT_TEST_LOG), None)
     }
 
-    /// Starts a fresh agent as deployed, for benchmarks: kmsd's default log level and
-    /// otherwise default settings (audit trail on), its directory under `parent`, and the
-    /// root policy of [`TestAgent::start`].
-    pub fn start_quiet_in(parent: &Path) -> TestAgent {
-        TestAgent::start_in(&[], &[("users/root.json", ROOT_USES_EVERYTHING)], None, None, Some(parent))
+    /// Starts a fresh agent as deployed, for benchmarks: kmsd's default log level, its
+    /// directory under `parent`, the root policy of [`TestAgent::start`], and otherwise
+    /// default settings (audit trail on) but for `args`.
+    pub fn start_quiet_in(parent: &Path, args: &[&str]) -> TestAgent {
+        TestAgent::start_in(args, &[("users/root.json", ROOT_USES_EVERYTHING)], None, None, Some(parent))
     }
 
     /// Starts a fresh agent whose configuration directory holds `policies` (as
@@ -354,7 +354,7 @@ impl TestMount {
         assert!(is_root(), "the filesystem tests mount filesystems and need root (CI runs as root)");
         let (agent, log_filter) = match quiet_in {
             None => (TestAgent::start(), Some(FS_TEST_LOG)),
-            Some(parent) => (TestAgent::start_quiet_in(parent), None),
+            Some(parent) => (TestAgent::start_quiet_in(parent, &[]), None),
         };
         let key_id = create_key(&agent);
         let dir = tempdir("kmsfs-mount-", quiet_in);

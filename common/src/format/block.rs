@@ -339,17 +339,17 @@ pub fn seal_block(
     plaintext: &[u8],
     out: &mut Vec<u8>,
 ) -> Result<(), FormatError> {
+    // Checked before the plaintext is copied, so that an error leaves no copy behind.
     key.layout.check_len(index, is_final, plaintext.len())?;
     let nonce_len = key.layout.cipher.nonce_len();
     let start = out.len();
     out.reserve(nonce_len + plaintext.len() + TAG_LEN);
     out.resize(start + nonce_len, 0);
-    crate::aead::random_bytes(&mut out[start..]);
     out.extend_from_slice(plaintext);
-    let (nonce, body) = out[start..].split_at_mut(nonce_len);
-    let tag = key.seal_in_place(nonce, &aad(file_id, index, is_final), body);
-    out.extend_from_slice(&tag);
-    Ok(())
+    out.resize(out.len() + TAG_LEN, 0);
+    // A run of one block; a non-final one names a final index past it.
+    let final_index = if is_final { index } else { BlockIndex(index.0.wrapping_add(1)) };
+    seal_blocks_in_place(key, file_id, index, final_index, &mut out[start..])
 }
 
 /// Seals consecutive blocks in place: `stored` holds blocks `first, first + 1, …` laid out
