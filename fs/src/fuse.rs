@@ -279,7 +279,7 @@ impl KmsFs {
         if let Some(id) = lock(&self.nodes).get(&ino).and_then(|n| n.dir_id) {
             return Ok((path, id));
         }
-        let id = self.vol.read_dir_id(&path).map_err(|e| self.fail(&path, &e))?;
+        let id = self.vol.dir_id(&path).map_err(|e| self.fail(&path, &e))?;
         if let Some(node) = lock(&self.nodes).get_mut(&ino) {
             node.dir_id = Some(id);
         }

@@ -5,12 +5,12 @@
 use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::fs::{self, File};
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::num::NonZeroUsize;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use base64::Engine;
@@ -135,6 +135,8 @@ pub struct Volume {
     agent: Arc<AgentPool>,
     cache: KeyCache<FileId, FileKeys>,
     pool: KeyPool,
+    /// Held while an interrupted `mkdir` is given its directory ID (`dir_id`).
+    dir_id_recovery: Mutex<()>,
 }
 
 fn b64(bytes: &[u8]) -> String {
@@ -218,7 +220,7 @@ impl Volume {
             )
         };
         let cache = KeyCache::new(options.cache_capacity, options.cache_max_age);
-        Ok(Volume { root, config, names, agent, cache, pool })
+        Ok(Volume { root, config, names, agent, cache, pool, dir_id_recovery: Mutex::new(()) })
     }
 
     pub fn root(&self) -> &Path {
@@ -272,6 +274,8 @@ impl Volume {
 
     // ---- directories and names ----
 
+    /// The ID of directory `dir`, as stored (`kmsfs fsck` reports what it finds; the
+    /// filesystem uses [`Volume::dir_id`]).
     pub fn read_dir_id(&self, dir: &Path) -> Result<DirId, VolError> {
         if dir == self.root {
             return Ok(self.config.root_dir_id);
@@ -280,10 +284,60 @@ impl Volume {
         DirId::parse(&bytes).map_err(|error| VolError::Corrupt { what: "directory ID", error })
     }
 
-    /// Gives the new directory `dir` its ID file.
+    /// The ID of directory `dir`, giving one to an interrupted `mkdir`. A crash between
+    /// creating a directory and syncing its ID file can leave the directory with no ID file
+    /// or a short one, and nothing else in it: no name was ever encrypted under an ID it
+    /// never had, so it gets a new one. A directory with entries and no valid ID is damage,
+    /// and stays an error.
+    pub fn dir_id(&self, dir: &Path) -> Result<DirId, VolError> {
+        let missing = match self.read_dir_id(dir) {
+            Err(VolError::Io(e)) if e.kind() == io::ErrorKind::NotFound => VolError::Corrupt {
+                what: "directory ID",
+                error: FormatError::Malformed { what: "no directory ID file" },
+            },
+            Err(e @ VolError::Corrupt { .. }) => e,
+            other => return other,
+        };
+        let _recovering = self.dir_id_recovery.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Ok(id) = self.read_dir_id(dir) {
+            return Ok(id); // another thread got here first
+        }
+        let mut leftovers = Vec::new();
+        for entry in fs::read_dir(dir)? {
+            let name = entry?.file_name();
+            match name.to_str() {
+                Some(names::DIR_ID_FILE) => {}
+                // write_atomically's temporary, from versions that wrote the ID that way.
+                Some(n) if n.starts_with(".kmsfs.dirid.tmp") => leftovers.push(dir.join(n)),
+                _ => return Err(missing),
+            }
+        }
+        for leftover in leftovers {
+            fs::remove_file(leftover)?;
+        }
+        let id = DirId::random();
+        write_atomically(&dir.join(names::DIR_ID_FILE), &id.encode(), 0o444)?;
+        tracing::warn!(dir = %dir.display(), "empty directory without a valid ID (an interrupted mkdir): gave it a new one");
+        Ok(id)
+    }
+
+    /// Gives the new, empty directory `dir` its ID file, durably: written in place (there
+    /// is no old ID to keep, so no temporary and rename), the file synced, then the
+    /// directory. A crash part way leaves an empty directory without a valid ID, which
+    /// [`Volume::dir_id`] recovers. On failure the ID file is removed, so that the caller
+    /// can remove the directory.
     pub fn write_new_dir_id(&self, dir: &Path) -> Result<(), VolError> {
-        write_atomically(&dir.join(names::DIR_ID_FILE), &DirId::random().encode(), 0o444)?;
-        Ok(())
+        let path = dir.join(names::DIR_ID_FILE);
+        let mut file = fs::OpenOptions::new().write(true).create_new(true).mode(0o444).open(&path)?;
+        let written = (|| {
+            file.write_all(&DirId::random().encode())?;
+            file.sync_all()?;
+            File::open(dir)?.sync_all()
+        })();
+        if written.is_err() {
+            let _ = fs::remove_file(&path);
+        }
+        Ok(written?)
     }
 
     /// Removes the empty (to its user) directory `dir`: its ID file, then itself.
@@ -425,7 +479,7 @@ impl Volume {
     pub fn xattr_owner(&self, path: &Path) -> Result<XattrOwner, VolError> {
         let meta = fs::symlink_metadata(path)?;
         if meta.is_dir() {
-            return Ok(XattrOwner::Dir(self.read_dir_id(path)?));
+            return Ok(XattrOwner::Dir(self.dir_id(path)?));
         }
         if !meta.is_file() {
             return Err(VolError::Io(io::Error::from_raw_os_error(libc::EPERM)));
