@@ -416,10 +416,19 @@ impl KmsFs {
         }
     }
 
+    /// As `give_to_caller`, for a file already open (and not yet linked into place).
+    fn give_file_to_caller(&self, req: &Request, file: &File, path: &Path) {
+        if self.as_root {
+            if let Err(e) = std::os::unix::fs::fchown(file, Some(req.uid()), Some(req.gid())) {
+                tracing::warn!(path = %path.display(), "cannot give the new file to its creator: {e}");
+            }
+        }
+    }
+
     /// Creates an empty encrypted regular file at `path`.
     fn create_file(&self, req: &Request, path: &Path, mode: u32) -> Result<(File, FileHeader), Errno> {
-        // The file gets its header and empty block while still anonymous (O_TMPFILE) and is
-        // linked into place only then, so a crash (SIGKILL during the agent call) never
+        // The file gets its header, empty block and owner while still anonymous (O_TMPFILE)
+        // and is linked into place only then, so a crash (SIGKILL during the agent call) never
         // leaves a named file without a header. Backing file systems without O_TMPFILE get
         // the file created in place, as below.
         let dir = path.parent().unwrap_or(self.vol.root());
@@ -428,11 +437,11 @@ impl KmsFs {
         match anonymous {
             Ok(file) => {
                 let header = self.vol.init_file(&file).map_err(|e| self.fail(path, &e))?;
+                self.give_file_to_caller(req, &file, path);
                 let fd_path = PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&file)));
                 let path_buf = path.to_path_buf();
                 nix::unistd::linkat(None, &fd_path, None, &path_buf, nix::fcntl::AtFlags::AT_SYMLINK_FOLLOW)
                     .map_err(|e| Errno::from_i32(e as i32))?;
-                self.give_to_caller(req, path);
                 return Ok((file, header));
             }
             Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)) => {}
@@ -1167,8 +1176,13 @@ impl Filesystem for KmsFs {
             }
             return reply.error(Errno::NO_XATTR);
         }
+        // Names the volume does not store (the kernel asks for security.capability before
+        // every write) are answered before the path is resolved.
+        let stored = match self.vol.xattr_name(name) {
+            Ok(stored) => stored,
+            Err(e) => return reply.error(Errno::from_i32(e.errno())),
+        };
         let result = self.path_of(ino.0).and_then(|path| {
-            let stored = self.vol.xattr_name(name).map_err(|e| self.fail(&path, &e))?;
             let sealed = xattr::get(&path, &stored).map_err(|e| errno(&e))?.ok_or(Errno::NO_XATTR)?;
             let owner = self.vol.xattr_owner(&path).map_err(|e| self.fail(&path, &e))?;
             self.vol.decrypt_xattr(&owner, name, &sealed).map_err(|e| self.fail(&path, &e))
@@ -1249,7 +1263,7 @@ impl Filesystem for KmsFs {
                     return Err(e);
                 }
             };
-            let attr = self.attr(&path)?;
+            let attr = self.attr_of(&path, &file.metadata().map_err(|e| errno(&e))?)?;
             self.remember(&attr, parent.0, &stored.entry);
             let lock = self.content_lock(attr.ino.0);
             Ok((attr, OpenFile::new(attr.ino.0, file, header, path, lock)))
