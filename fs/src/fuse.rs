@@ -410,7 +410,8 @@ impl KmsFs {
     /// New files and directories belong to the caller when we run as root (allow_other).
     fn give_to_caller(&self, req: &Request, path: &Path) {
         if self.as_root {
-            if let Err(e) = std::os::unix::fs::lchown(path, Some(req.uid()), Some(req.gid())) {
+            let gid = self.new_entry_gid(req, path);
+            if let Err(e) = std::os::unix::fs::lchown(path, Some(req.uid()), gid) {
                 tracing::warn!(path = %path.display(), "cannot give the new entry to its creator: {e}");
             }
         }
@@ -419,10 +420,20 @@ impl KmsFs {
     /// As `give_to_caller`, for a file already open (and not yet linked into place).
     fn give_file_to_caller(&self, req: &Request, file: &File, path: &Path) {
         if self.as_root {
-            if let Err(e) = std::os::unix::fs::fchown(file, Some(req.uid()), Some(req.gid())) {
+            let gid = self.new_entry_gid(req, path);
+            if let Err(e) = std::os::unix::fs::fchown(file, Some(req.uid()), gid) {
                 tracing::warn!(path = %path.display(), "cannot give the new file to its creator: {e}");
             }
         }
+    }
+
+    /// The group a new entry at `path` takes from its creator: theirs, except in a setgid
+    /// directory, whose group the backing file system already gave it (and, to a new
+    /// directory, the setgid bit).
+    fn new_entry_gid(&self, req: &Request, path: &Path) -> Option<u32> {
+        let setgid_parent =
+            path.parent().and_then(|dir| fs::metadata(dir).ok()).is_some_and(|meta| meta.mode() & libc::S_ISGID != 0);
+        (!setgid_parent).then(|| req.gid())
     }
 
     /// Creates an empty encrypted regular file at `path`.

@@ -637,6 +637,20 @@ fn allow_other_permissions_are_enforced_and_creators_own_their_files() {
     assert_eq!(fs::read(&made).unwrap(), b"hi\n");
     let back = as_nobody(&["cat", made.to_str().unwrap()]);
     assert_eq!(back.stdout, b"hi\n", "{back:?}");
+
+    // In a setgid directory, new entries take the directory's group, and new directories
+    // the setgid bit too.
+    fs::create_dir(m.path("team")).unwrap();
+    std::os::unix::fs::chown(m.path("team"), None, Some(4242)).unwrap();
+    fs::set_permissions(m.path("team"), fs::Permissions::from_mode(0o2777)).unwrap();
+    let made = m.path("team/by-nobody");
+    let out = as_nobody(&["sh", "-c", &format!("echo hi > '{}' && mkdir '{}.d'", made.display(), made.display())]);
+    assert!(out.status.success(), "{out:?}\n{}", m.log());
+    let meta = fs::metadata(&made).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (65534, 4242), "a new file in a setgid directory takes its group");
+    let dir_meta = fs::metadata(format!("{}.d", made.display())).unwrap();
+    assert_eq!((dir_meta.uid(), dir_meta.gid()), (65534, 4242), "so does a new directory");
+    assert_ne!(dir_meta.mode() & libc::S_ISGID, 0, "and it is setgid too");
 }
 
 // ---- 6. extended attributes ----
