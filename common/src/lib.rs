@@ -14,6 +14,8 @@ pub mod files;
 pub mod format;
 pub mod ids;
 pub mod paths;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod time;
 pub mod wipe;
 

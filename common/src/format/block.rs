@@ -468,7 +468,7 @@ pub fn open_block_in_place<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::format::testing::Rng;
+    use crate::testing::Rng;
 
     const SUITES: [CipherSuite; 2] = [CipherSuite::Aes256Gcm, CipherSuite::XChaCha20Poly1305];
 
@@ -744,12 +744,12 @@ mod tests {
 
     #[test]
     fn random_bytes_never_panic_the_block_opener() {
-        let mut rng = Rng::new(2);
+        let mut rng = Rng(2);
         for cipher in SUITES {
             let key = key(cipher);
             let id = FileId::random();
             for _ in 0..500 {
-                let len = rng.below(4200);
+                let len = rng.index(4200);
                 let bytes = rng.bytes(len);
                 let i = rng.next_u64();
                 let fin = rng.next_u64() & 1 == 1;

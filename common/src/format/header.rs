@@ -323,7 +323,7 @@ pub fn parse_slots(bytes: &[u8; HEADER_SIZE]) -> Result<Vec<UnverifiedSlot>, For
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::format::testing::Rng;
+    use crate::testing::Rng;
 
     fn setup() -> (FileHeader, DataKey, [u8; HEADER_SIZE]) {
         let key = DataKey::random();
@@ -484,12 +484,12 @@ mod tests {
 
     #[test]
     fn random_bytes_never_panic_the_header_parser() {
-        let mut rng = Rng::new(3);
+        let mut rng = Rng(3);
         let (_, key, valid) = setup();
         for _ in 0..3000 {
             let mut bytes = valid;
-            for _ in 0..1 + rng.below(6) {
-                let at = rng.below(HEADER_SIZE);
+            for _ in 0..1 + rng.index(6) {
+                let at = rng.index(HEADER_SIZE);
                 bytes[at] = rng.next_u64() as u8;
             }
             if let Ok(slots) = parse_slots(&bytes) {

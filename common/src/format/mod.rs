@@ -68,37 +68,6 @@ pub(crate) fn parse_hex16(s: &str) -> Option<[u8; 16]> {
 }
 
 #[cfg(test)]
-pub(crate) mod testing {
-    //! A tiny deterministic generator for the fuzz-style tests: no new dependency, and a
-    //! failing seed can be replayed.
-
-    pub struct Rng(u64);
-
-    impl Rng {
-        pub fn new(seed: u64) -> Rng {
-            Rng(seed ^ 0x9e37_79b9_7f4a_7c15)
-        }
-
-        pub fn next_u64(&mut self) -> u64 {
-            // splitmix64
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        }
-
-        pub fn below(&mut self, n: usize) -> usize {
-            (self.next_u64() % n as u64) as usize
-        }
-
-        pub fn bytes(&mut self, len: usize) -> Vec<u8> {
-            (0..len).map(|_| self.next_u64() as u8).collect()
-        }
-    }
-}
-
-#[cfg(test)]
 mod tests {
     use super::*;
 

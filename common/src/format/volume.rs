@@ -303,7 +303,7 @@ pub fn name_key_context(volume_id: &VolumeId) -> EncryptionContext {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::format::testing::Rng;
+    use crate::testing::Rng;
 
     fn sample() -> VolumeConfig {
         VolumeConfig {
@@ -459,16 +459,16 @@ mod tests {
 
     #[test]
     fn random_bytes_never_panic() {
-        let mut rng = Rng::new(1);
+        let mut rng = Rng(1);
         let valid = sample().to_json().into_bytes();
         for _ in 0..2000 {
             let mut bytes = valid.clone();
-            for _ in 0..1 + rng.below(4) {
-                let at = rng.below(bytes.len());
+            for _ in 0..1 + rng.index(4) {
+                let at = rng.index(bytes.len());
                 bytes[at] = rng.next_u64() as u8;
             }
             let _ = VolumeConfig::parse(&bytes);
-            let len = rng.below(200);
+            let len = rng.index(200);
             let _ = VolumeConfig::parse(&rng.bytes(len));
         }
     }
