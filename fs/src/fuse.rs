@@ -408,21 +408,17 @@ impl KmsFs {
     }
 
     /// New files and directories belong to the caller when we run as root (allow_other).
-    fn give_to_caller(&self, req: &Request, path: &Path) {
+    /// `opened` is the new entry, when it is a file already open (possibly not yet linked
+    /// at `path`); otherwise the entry at `path` itself is changed.
+    fn give_to_caller(&self, req: &Request, path: &Path, opened: Option<&File>) {
         if self.as_root {
-            let gid = self.new_entry_gid(req, path);
-            if let Err(e) = std::os::unix::fs::lchown(path, Some(req.uid()), gid) {
+            let (uid, gid) = (Some(req.uid()), self.new_entry_gid(req, path));
+            let given = match opened {
+                Some(file) => std::os::unix::fs::fchown(file, uid, gid),
+                None => std::os::unix::fs::lchown(path, uid, gid),
+            };
+            if let Err(e) = given {
                 tracing::warn!(path = %path.display(), "cannot give the new entry to its creator: {e}");
-            }
-        }
-    }
-
-    /// As `give_to_caller`, for a file already open (and not yet linked into place).
-    fn give_file_to_caller(&self, req: &Request, file: &File, path: &Path) {
-        if self.as_root {
-            let gid = self.new_entry_gid(req, path);
-            if let Err(e) = std::os::unix::fs::fchown(file, Some(req.uid()), gid) {
-                tracing::warn!(path = %path.display(), "cannot give the new file to its creator: {e}");
             }
         }
     }
@@ -448,7 +444,7 @@ impl KmsFs {
         match anonymous {
             Ok(file) => {
                 let header = self.vol.init_file(&file).map_err(|e| self.fail(path, &e))?;
-                self.give_file_to_caller(req, &file, path);
+                self.give_to_caller(req, path, Some(&file));
                 let fd_path = PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&file)));
                 let path_buf = path.to_path_buf();
                 nix::unistd::linkat(None, &fd_path, None, &path_buf, nix::fcntl::AtFlags::AT_SYMLINK_FOLLOW)
@@ -467,7 +463,7 @@ impl KmsFs {
             .map_err(|e| errno(&e))?;
         match self.vol.init_file(&file) {
             Ok(header) => {
-                self.give_to_caller(req, path);
+                self.give_to_caller(req, path, Some(&file));
                 Ok((file, header))
             }
             Err(e) => {
@@ -796,7 +792,7 @@ impl Filesystem for KmsFs {
                     let flag = SFlag::from_bits_truncate(kind);
                     mknod(&path, flag, Mode::from_bits_truncate(perm), u64::from(rdev))
                         .map_err(|e| Errno::from_i32(e as i32))
-                        .map(|()| self.give_to_caller(req, &path))
+                        .map(|()| self.give_to_caller(req, &path, None))
                 }
                 _ => Err(Errno::EINVAL),
             };
@@ -826,7 +822,7 @@ impl Filesystem for KmsFs {
                 let _ = self.vol.remove_long_name(&dir, &stored);
                 return Err(self.fail(&path, &e));
             }
-            self.give_to_caller(req, &path);
+            self.give_to_caller(req, &path, None);
             Ok((path, stored))
         })();
         match result {
@@ -871,7 +867,7 @@ impl Filesystem for KmsFs {
                 let _ = self.vol.remove_long_name(&dir, &stored);
                 return Err(errno(&e));
             }
-            self.give_to_caller(req, &path);
+            self.give_to_caller(req, &path, None);
             Ok((path, stored))
         })();
         match result {
