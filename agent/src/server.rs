@@ -6,14 +6,16 @@
 //! Version 4 with one of the agent's access keys ([`crate::sigv4`], [`crate::access_keys`]).
 //! A request is `POST /` with `X-Amz-Target: TrentService.<Action>`; bodies larger than
 //! [`MAX_BODY`] are refused from their Content-Length, or as soon as they grow past it.
-//! Actions that write to the store run on the blocking pool; the others run inline.
+//! Actions that write to the store, and batches, run on the blocking pool; the others run
+//! inline.
 //!
 //! On TCP, a `POST /` without `X-Amz-Target` is an AWS query-protocol request for STS, of
 //! which only `GetCallerIdentity` is answered (in STS's XML), so that SDK tooling that asks
 //! who it is works.
 //!
-//! Beyond AWS's `TrentService`, two kmsd extensions share the socket under the `Kmsfs.`
-//! target prefix: `Kmsfs.WatchKeyEvents` streams key state changes as JSON lines (kmsfs
+//! Beyond AWS's `TrentService`, kmsd's extensions share the socket under the `Kmsfs.`
+//! target prefix: `Kmsfs.GenerateDataKeys` is GenerateDataKey for many encryption contexts
+//! at once (kmsfs's key pool uses it), `Kmsfs.WatchKeyEvents` streams key state changes as JSON lines (kmsfs
 //! drops cached data keys of a key the moment it is disabled), `Kmsfs.GetAgentStats`
 //! reports request counts per action, and `Kmsfs.GetAuditInfo` names the audit directory
 //! and public key (and with `"Seal": true` has the log sealed by a digest).
@@ -348,9 +350,9 @@ async fn answer(
     let result = match target {
         // Answered above, once authenticated; the Unix socket never reads a request as STS.
         Target::Sts => Err(KmsError::new(ErrorKind::UnknownOperationException, "STS is served on TCP only")),
-        Target::Kms(action) => {
+        Target::Kms(_) | Target::Extension(Extension::GenerateDataKeys) => {
             outcome.mutation = service::mutates(&action);
-            run(shared.agent.clone(), caller.clone(), action, body).await.map(|reply| {
+            run(shared.agent.clone(), caller.clone(), action.clone(), body).await.map(|reply| {
                 if audited {
                     outcome.response_elements = audit_event::response_elements(outcome.mutation, reply.public_body());
                     outcome.inspected.resources.extend(audit_event::reply_resources(reply.public_body()));
@@ -471,6 +473,7 @@ enum Target {
 }
 
 enum Extension {
+    GenerateDataKeys,
     WatchKeyEvents,
     GetAgentStats,
     GetAuditInfo,
@@ -480,6 +483,7 @@ impl Target {
     fn name(&self) -> &str {
         match self {
             Target::Kms(action) => action,
+            Target::Extension(Extension::GenerateDataKeys) => service::GENERATE_DATA_KEYS,
             Target::Extension(Extension::WatchKeyEvents) => "Kmsfs.WatchKeyEvents",
             Target::Extension(Extension::GetAgentStats) => "Kmsfs.GetAgentStats",
             Target::Extension(Extension::GetAuditInfo) => "Kmsfs.GetAuditInfo",
@@ -489,9 +493,9 @@ impl Target {
 }
 
 /// Runs the action: inline if it only reads memory, on the blocking pool if it commits
-/// to the store. The request body is zeroized once handled.
+/// to the store or is a batch. The request body is zeroized once handled.
 async fn run(agent: Arc<Agent>, caller: Arc<Caller>, action: String, body: Bytes) -> Result<service::Reply, KmsError> {
-    let mutates = service::mutates(&action);
+    let blocking = service::blocking(&action);
     let work = move || {
         let result = service::handle(&agent, &caller, &action, &body);
         if let Ok(mut owned) = body.try_into_mut() {
@@ -499,7 +503,7 @@ async fn run(agent: Arc<Agent>, caller: Arc<Caller>, action: String, body: Bytes
         }
         result
     };
-    if !mutates {
+    if !blocking {
         return work();
     }
     tokio::task::spawn_blocking(work)
@@ -534,6 +538,7 @@ async fn read_request(
     }
     let header = req.headers().get("x-amz-target").and_then(|v| v.to_str().ok()).unwrap_or("");
     let target = match header {
+        service::GENERATE_DATA_KEYS => Target::Extension(Extension::GenerateDataKeys),
         "Kmsfs.WatchKeyEvents" => Target::Extension(Extension::WatchKeyEvents),
         "Kmsfs.GetAgentStats" => Target::Extension(Extension::GetAgentStats),
         "Kmsfs.GetAuditInfo" => Target::Extension(Extension::GetAuditInfo),

@@ -11,6 +11,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use base64::Engine;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer};
+use zeroize::{Zeroize, Zeroizing};
+
 use crate::error::KmsError;
 use crate::paths;
 
@@ -45,6 +50,20 @@ impl ClientError {
 pub struct RawResponse {
     pub status: u16,
     pub body: Vec<u8>,
+}
+
+/// A base64 secret in a response (a plaintext, a data key), decoded into memory that is
+/// zeroized when dropped; the base64 text is zeroized as soon as it is decoded.
+pub struct SecretBytes(pub Zeroizing<Vec<u8>>);
+
+impl<'de> Deserialize<'de> for SecretBytes {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<SecretBytes, D::Error> {
+        let text = Zeroizing::new(String::deserialize(d)?);
+        base64::engine::general_purpose::STANDARD
+            .decode(text.as_bytes())
+            .map(|bytes| SecretBytes(Zeroizing::new(bytes)))
+            .map_err(|_| serde::de::Error::custom("a secret is not valid base64"))
+    }
 }
 
 /// A connection to one agent socket.
@@ -105,6 +124,35 @@ impl AgentClient {
             Some(e) => Err(ClientError::Service(e)),
             None => Err(ClientError::Protocol(format!("HTTP {} without an error body", response.status))),
         }
+    }
+
+    /// [`call`](Self::call) for answers that carry secrets: the response is read straight
+    /// into `T`, whose secret members should be [`SecretBytes`], and its text is zeroized.
+    pub fn call_secret<T: DeserializeOwned>(
+        &mut self,
+        action: &str,
+        request: &serde_json::Value,
+    ) -> Result<T, ClientError> {
+        let body = serde_json::to_vec(request).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let mut response = self.call_raw(action, &body)?;
+        let answer = if response.status == 200 {
+            // serde's message could quote the response: only say where it went wrong.
+            serde_json::from_slice::<T>(&response.body).map_err(|e| {
+                ClientError::Protocol(format!(
+                    "unexpected answer to {action} (line {}, column {})",
+                    e.line(),
+                    e.column()
+                ))
+            })
+        } else {
+            let value = serde_json::from_slice::<serde_json::Value>(&response.body).unwrap_or_default();
+            Err(KmsError::from_wire(&value).map_or_else(
+                || ClientError::Protocol(format!("HTTP {} without an error body", response.status)),
+                ClientError::Service,
+            ))
+        };
+        response.body.zeroize();
+        answer
     }
 
     /// Sends a request body as-is and returns the status and body. Retries once on a fresh

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use kmsfs_common::client::{AgentClient, ClientError, KeyEventStream};
 use lru::LruCache;
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 /// Counters shown by `kmsfs status`.
@@ -152,12 +153,27 @@ impl AgentPool {
 
     /// Calls `action` on a pooled connection.
     pub fn call(&self, action: &str, request: &Value) -> Result<Value, ClientError> {
+        self.with_client(|client| client.call(action, request))
+    }
+
+    /// Calls `action`, whose answer carries secrets, on a pooled connection
+    /// ([`AgentClient::call_secret`]).
+    pub fn call_secret<T: DeserializeOwned>(&self, action: &str, request: &Value) -> Result<T, ClientError> {
+        self.with_client(|client| client.call_secret(action, request))
+    }
+
+    /// Runs `exchange` on an idle connection (or a new one), and keeps the connection for
+    /// the next call unless it failed.
+    fn with_client<T>(
+        &self,
+        exchange: impl FnOnce(&mut AgentClient) -> Result<T, ClientError>,
+    ) -> Result<T, ClientError> {
         let pooled = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
         let mut client = match pooled {
             Some(c) => c,
             None => AgentClient::connect(&self.socket)?,
         };
-        let result = client.call(action, request);
+        let result = exchange(&mut client);
         if !matches!(result, Err(ClientError::Io(_) | ClientError::Connect { .. } | ClientError::Protocol(_))) {
             self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(client);
         }

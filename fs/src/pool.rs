@@ -1,22 +1,24 @@
-//! Data keys made ahead of need. Every new file gets its own data key from the agent's
-//! GenerateDataKey, and with the agent's audit trail synced before each reply that round
-//! trip is most of what creating a small file costs. The pool keeps a few keys generated
-//! in the background, so that a creation takes one at once and the agent's work overlaps
-//! the filesystem's.
+//! Data keys made ahead of need. Every new file gets its own data key from the agent, and
+//! with the agent's audit trail synced before each reply that round trip is most of what
+//! creating a small file costs. The pool keeps keys generated in the background, so that a
+//! creation takes one at once and the agent's work overlaps the filesystem's; and it asks
+//! for them in batches (`Kmsfs.GenerateDataKeys`, up to [`BATCH`] files' keys in one
+//! request), so that the agent's request handling, audit record and audit sync are paid
+//! once per batch rather than once per file.
 //!
 //! - Demand-driven: an idle mount asks for nothing. The first creation finds the pool empty
 //!   (a miss), generates its own key as before, and asks the pool to hold some; each later
 //!   miss doubles how many, up to [`MAX_TARGET`]. After [`IDLE`] without a creation the
 //!   workers stop refilling.
-//! - Each key is generated for a file ID chosen beforehand, since the encryption context
-//!   names it: a pooled key is usable for exactly one file.
+//! - Each key is generated for its own file ID, chosen beforehand, since the encryption
+//!   context names it: a pooled key is usable for exactly one file.
 //! - Revocation: [`KeyPool::clear`] (the KMS key was disabled, or key events may have been
 //!   missed) drops every pooled key, and the results of generations already in flight are
 //!   dropped when they arrive. A generation that fails (a disabled key, an unreachable
 //!   agent) stops the refilling until the next miss, which reports the failure to its caller.
 //! - Freshness: a key older than [`MAX_AGE`] is discarded, never used.
-//! - The audit trail records each key's GenerateDataKey when it is made; keys still in the
-//!   pool at unmount are never used (at most [`MAX_TARGET`] of them).
+//! - The audit trail records each batch when it is made, naming every file ID in it; keys
+//!   still in the pool at unmount are never used (at most [`MAX_TARGET`] of them).
 //!
 //! Keys are zeroized when dropped, like those of the data-key cache.
 
@@ -37,10 +39,10 @@ pub const MAX_TARGET: usize = 256;
 pub const MAX_AGE: Duration = Duration::from_secs(300);
 /// Without a creation for this long, the workers stop refilling.
 pub const IDLE: Duration = Duration::from_secs(60);
-/// Generations in flight at once. The agent syncs the audit records of requests that
-/// arrive together with one fdatasync, so several in flight make each key cheaper; more
-/// than a few cost the agent more in scheduling than they save (16 was measured worse).
-pub const WORKERS: usize = 4;
+/// The most keys asked for in one request.
+pub const BATCH: usize = 64;
+/// Batches in flight at once: two, so that one is made while the other's answer is read.
+pub const WORKERS: usize = 2;
 
 /// A data key just generated for the file `file_id`.
 pub struct FreshKey {
@@ -59,8 +61,8 @@ impl FreshKey {
     }
 }
 
-/// Makes a data key for a file ID: the agent's GenerateDataKey.
-pub type Generate = dyn Fn(FileId) -> Result<FreshKey, VolError> + Send + Sync;
+/// Makes data keys, each for a new file ID: `Kmsfs.GenerateDataKeys` for that many.
+pub type Generate = dyn Fn(usize) -> Result<Vec<FreshKey>, VolError> + Send + Sync;
 
 /// Counters shown by `kmsfs status`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,11 +131,9 @@ impl KeyPool {
             discard_stale(&mut state);
             if let Some(key) = state.ready.pop_front() {
                 state.hits += 1;
-                // Refill in bursts, from half full: the workers' requests then arrive at
-                // the agent together and share its audit syncs.
-                let refill = state.ready.len() + state.in_flight <= state.target / 2;
+                let due = next_batch(&state).is_some();
                 drop(state);
-                if refill {
+                if due {
                     self.shared.wake.notify_all();
                 }
                 return Ok(key);
@@ -146,7 +146,8 @@ impl KeyPool {
             }
         }
         self.shared.wake.notify_all();
-        (self.shared.generate)(FileId::random())
+        let mut keys = (self.shared.generate)(1)?;
+        keys.pop().ok_or_else(|| VolError::Io(std::io::Error::other("the agent made no data key")))
     }
 
     /// Drops every pooled key, and those being generated, and stops refilling until the
@@ -200,35 +201,40 @@ fn discard_stale(state: &mut State) {
     }
 }
 
-/// One worker: generates keys while the pool holds fewer than its target.
+/// How many keys to ask for now, if a batch is due: only once a full batch (or half the
+/// target, while it is small) is missing, so that every request brings many keys.
+fn next_batch(state: &State) -> Option<usize> {
+    let missing = state.target.saturating_sub(state.ready.len() + state.in_flight);
+    (missing > 0 && missing >= BATCH.min(state.target / 2)).then(|| missing.min(BATCH))
+}
+
+/// One worker: generates keys, a batch at a time, while the pool holds fewer than its target.
 fn refill(shared: &Shared) {
     loop {
-        let epoch = {
+        let (epoch, count) = {
             let mut state = shared.lock();
             loop {
                 if state.closed {
                     return;
                 }
                 discard_stale(&mut state);
-                let wanted = state.ready.len() + state.in_flight < state.target;
-                if wanted && state.last_demand.elapsed() < IDLE {
-                    break;
+                if let Some(count) = next_batch(&state).filter(|_| state.last_demand.elapsed() < IDLE) {
+                    state.in_flight += count;
+                    break (state.epoch, count);
                 }
                 state = match shared.wake.wait_timeout(state, Duration::from_secs(10)) {
                     Ok((state, _)) => state,
                     Err(p) => p.into_inner().0,
                 };
             }
-            state.in_flight += 1;
-            state.epoch
         };
-        let result = (shared.generate)(FileId::random());
+        let result = (shared.generate)(count);
         let mut state = shared.lock();
-        state.in_flight -= 1;
+        state.in_flight -= count;
         match result {
-            Ok(key) if state.epoch == epoch && !state.closed => state.ready.push_back(key),
-            // Cleared meanwhile: the key may belong to a disabled KMS key.
-            Ok(_) => state.discarded += 1,
+            Ok(keys) if state.epoch == epoch && !state.closed => state.ready.extend(keys),
+            // Cleared meanwhile: the keys may belong to a disabled KMS key.
+            Ok(keys) => state.discarded += keys.len() as u64,
             Err(e) => {
                 if state.target > 0 {
                     tracing::warn!(
@@ -251,13 +257,15 @@ mod tests {
         let calls = Arc::new(AtomicU64::new(0));
         let refuse = Arc::new(AtomicBool::new(false));
         let (c, r) = (calls.clone(), refuse.clone());
-        let generate = Box::new(move |file_id| {
+        let generate = Box::new(move |count| {
             c.fetch_add(1, Ordering::SeqCst);
             std::thread::sleep(Duration::from_millis(1));
             if r.load(Ordering::SeqCst) {
                 return Err(VolError::Io(std::io::Error::other("refused")));
             }
-            Ok(FreshKey::new(file_id, DataKey::random(), vec![1, 2, 3], "arn:k".into()))
+            Ok((0..count)
+                .map(|_| FreshKey::new(FileId::random(), DataKey::random(), vec![1, 2, 3], "arn:k".into()))
+                .collect())
         });
         (KeyPool::new(generate, workers), calls, refuse)
     }
@@ -277,6 +285,7 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 0, "an idle pool asks for nothing");
         pool.take().unwrap();
         wait_until("the pool holds its target", || pool.stats().ready == MIN_TARGET);
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "the miss's own key, then the target in one batch");
         let ids: std::collections::HashSet<_> = (0..MIN_TARGET).map(|_| pool.take().unwrap().file_id).collect();
         assert_eq!(ids.len(), MIN_TARGET, "every key is for its own file");
         let s = pool.stats();

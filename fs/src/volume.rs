@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use base64::Engine;
-use kmsfs_common::client::ClientError;
+use kmsfs_common::client::{ClientError, SecretBytes};
 use kmsfs_common::context::EncryptionContext;
 use kmsfs_common::files::write_atomically;
 use kmsfs_common::format::block::{seal_block, BlockIndex, ContentKey, FileId, Layout};
@@ -23,6 +23,7 @@ use kmsfs_common::format::names::{self, EncryptedName, EntryKind, NameKey, Xattr
 use kmsfs_common::format::volume::{file_key_context, name_key_context, NameMode, VolumeConfig, VolumeId, VOLUME_FILE};
 use kmsfs_common::format::FormatError;
 use kmsfs_common::{ErrorKind, KmsError};
+use serde::Deserialize;
 use serde_json::json;
 
 pub use kmsfs_common::format::header::FileHeader;
@@ -144,7 +145,10 @@ fn b64(bytes: &[u8]) -> String {
 }
 
 fn unb64(value: &serde_json::Value) -> Result<zeroize::Zeroizing<Vec<u8>>, VolError> {
-    let text = value.as_str().ok_or(VolError::Unreachable(ClientError::Protocol("missing blob".into())))?;
+    decode_b64(value.as_str().ok_or(VolError::Unreachable(ClientError::Protocol("missing blob".into())))?)
+}
+
+fn decode_b64(text: &str) -> Result<zeroize::Zeroizing<Vec<u8>>, VolError> {
     base64::engine::general_purpose::STANDARD
         .decode(text)
         .map(zeroize::Zeroizing::new)
@@ -214,10 +218,7 @@ impl Volume {
         let agent = Arc::new(agent);
         let pool = {
             let (agent, key_id, volume_id) = (agent.clone(), config.key_id.clone(), config.volume_id);
-            KeyPool::new(
-                Box::new(move |file_id| generate_data_key(&agent, &key_id, &volume_id, file_id)),
-                pool::WORKERS,
-            )
+            KeyPool::new(Box::new(move |count| generate_data_keys(&agent, &key_id, &volume_id, count)), pool::WORKERS)
         };
         let cache = KeyCache::new(options.cache_capacity, options.cache_max_age);
         Ok(Volume { root, config, names, agent, cache, pool, dir_id_recovery: Mutex::new(()) })
@@ -587,26 +588,53 @@ impl Volume {
     }
 }
 
-/// Asks the agent for a data key for file `file_id` of volume `volume_id`, under the
-/// volume's KMS key.
-fn generate_data_key(
+/// The agent's answer to `Kmsfs.GenerateDataKeys`.
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct GeneratedKeys {
+    key_id: String,
+    data_keys: Vec<GeneratedKey>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct GeneratedKey {
+    ciphertext_blob: String,
+    plaintext: SecretBytes,
+}
+
+/// Asks the agent for `count` data keys, each for a new file of volume `volume_id`, under
+/// the volume's KMS key: one `Kmsfs.GenerateDataKeys` request (GenerateDataKey for each
+/// file's encryption context), so one audit record and one audit sync for them all.
+fn generate_data_keys(
     agent: &AgentPool,
     key_id: &str,
     volume_id: &VolumeId,
-    file_id: FileId,
-) -> Result<FreshKey, VolError> {
-    let context = file_key_context(volume_id, &file_id);
-    let generated = agent
-        .call(
-            "GenerateDataKey",
-            &json!({"KeyId": key_id, "KeySpec": "AES_256", "EncryptionContext": context_json(&context)}),
+    count: usize,
+) -> Result<Vec<FreshKey>, VolError> {
+    let file_ids: Vec<FileId> = (0..count).map(|_| FileId::random()).collect();
+    let contexts: Vec<serde_json::Value> =
+        file_ids.iter().map(|file_id| context_json(&file_key_context(volume_id, file_id))).collect();
+    let generated: GeneratedKeys = agent
+        .call_secret(
+            "Kmsfs.GenerateDataKeys",
+            &json!({"KeyId": key_id, "KeySpec": "AES_256", "EncryptionContexts": contexts}),
         )
         .map_err(agent_error)?;
-    let plaintext = unb64(&generated["Plaintext"])?;
-    let data = DataKey::from_bytes(&plaintext).map_err(|error| VolError::Corrupt { what: "data key", error })?;
-    let wrapped = unb64(&generated["CiphertextBlob"])?.to_vec();
-    let arn = generated["KeyId"].as_str().unwrap_or(key_id).to_string();
-    Ok(FreshKey::new(file_id, data, wrapped, arn))
+    if generated.data_keys.len() != count {
+        let got = generated.data_keys.len();
+        return Err(VolError::Unreachable(ClientError::Protocol(format!("asked for {count} data keys, got {got}"))));
+    }
+    file_ids
+        .into_iter()
+        .zip(generated.data_keys)
+        .map(|(file_id, key)| {
+            let data =
+                DataKey::from_bytes(&key.plaintext.0).map_err(|error| VolError::Corrupt { what: "data key", error })?;
+            let wrapped = decode_b64(&key.ciphertext_blob)?.to_vec();
+            Ok(FreshKey::new(file_id, data, wrapped, generated.key_id.clone()))
+        })
+        .collect()
 }
 
 /// The side file holding the full encrypted name of long-name entry `entry`.

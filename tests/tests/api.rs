@@ -534,6 +534,83 @@ fn generate_data_keys() {
 }
 
 #[test]
+fn generate_data_keys_in_a_batch() {
+    let agent = TestAgent::start();
+    let key = create_key(&agent);
+    let contexts: Vec<Value> = (0..5).map(|i| json!({"kmsfs:volume": "v1", "kmsfs:file": format!("f{i}")})).collect();
+    let v =
+        agent.ok("Kmsfs.GenerateDataKeys", json!({"KeyId": key, "KeySpec": "AES_256", "EncryptionContexts": contexts}));
+    assert!(v["KeyId"].as_str().unwrap().ends_with(&key));
+    assert_eq!(v["KeyMaterialId"].as_str().unwrap().len(), 64);
+    let keys = v["DataKeys"].as_array().unwrap();
+    assert_eq!(keys.len(), contexts.len());
+    let mut seen = std::collections::HashSet::new();
+    for (i, (data_key, context)) in keys.iter().zip(&contexts).enumerate() {
+        let plaintext = unb64(&data_key["Plaintext"]);
+        assert_eq!(plaintext.len(), 32);
+        assert!(seen.insert(plaintext.clone()), "key {i} repeats an earlier one");
+        let blob = &data_key["CiphertextBlob"];
+        let d = agent.ok("Decrypt", json!({"CiphertextBlob": blob, "EncryptionContext": context}));
+        assert_eq!(unb64(&d["Plaintext"]), plaintext, "key {i} is wrapped under its own context");
+        let other = &contexts[(i + 1) % contexts.len()];
+        let e = agent.call("Decrypt", json!({"CiphertextBlob": blob, "EncryptionContext": other})).unwrap_err();
+        assert_eq!(e.kind, InvalidCiphertextException, "key {i} opened under another file's context");
+    }
+    let v = agent.ok("Kmsfs.GenerateDataKeys", json!({"KeyId": key, "NumberOfBytes": 7, "EncryptionContexts": [{}]}));
+    assert_eq!(unb64(&v["DataKeys"][0]["Plaintext"]).len(), 7);
+
+    // Validated as GenerateDataKey is, with the batch's own limits.
+    let one = json!([{}]);
+    for bad in [
+        json!({"KeyId": key, "EncryptionContexts": one}),
+        json!({"KeyId": key, "KeySpec": "AES_256", "NumberOfBytes": 32, "EncryptionContexts": one}),
+        json!({"KeyId": key, "KeySpec": "AES_512", "EncryptionContexts": one}),
+        json!({"KeyId": key, "KeySpec": "AES_256", "EncryptionContexts": []}),
+        json!({"KeyId": key, "KeySpec": "AES_256", "EncryptionContexts": vec![json!({}); 257]}),
+        json!({"KeyId": key, "KeySpec": "AES_256"}),
+    ] {
+        assert_eq!(fails(&agent, "Kmsfs.GenerateDataKeys", bad.clone()), ValidationException, "{bad}");
+    }
+    let wrong_type = json!({"KeyId": key, "KeySpec": "AES_256", "EncryptionContexts": [{"a": 1}]});
+    assert_eq!(fails(&agent, "Kmsfs.GenerateDataKeys", wrong_type), SerializationException);
+    let missing = json!({"KeyId": "alias/none", "KeySpec": "AES_256", "EncryptionContexts": one});
+    assert_eq!(fails(&agent, "Kmsfs.GenerateDataKeys", missing), NotFoundException);
+    agent.ok("DisableKey", json!({"KeyId": key}));
+    let disabled = json!({"KeyId": key, "KeySpec": "AES_256", "EncryptionContexts": one});
+    assert_eq!(fails(&agent, "Kmsfs.GenerateDataKeys", disabled), DisabledException);
+}
+
+#[test]
+fn a_batch_is_authorized_for_every_context() {
+    let agent = TestAgent::start();
+    let account = agent.ok("DescribeKey", json!({"KeyId": create_key(&agent)}))["KeyMetadata"]["AWSAccountId"].clone();
+    // Data keys of volume v1 only, whoever asks.
+    let policy = json!({"Version": "2012-10-17", "Statement": [
+        {"Sid": "Account", "Effect": "Allow", "Principal": {"AWS": format!("arn:aws:iam::{}:root", account.as_str().unwrap())},
+         "Action": "kms:*", "Resource": "*"},
+        {"Sid": "OneVolume", "Effect": "Deny", "Principal": "*", "Action": "kms:GenerateDataKey", "Resource": "*",
+         "Condition": {"StringNotEquals": {"kms:EncryptionContext:kmsfs:volume": "v1"}}}
+    ]});
+    let key = agent.ok("CreateKey", json!({"Policy": policy.to_string()}))["KeyMetadata"]["KeyId"].clone();
+    let batch = |volumes: &[&str]| {
+        let contexts: Vec<Value> = volumes.iter().map(|v| json!({"kmsfs:volume": v})).collect();
+        json!({"KeyId": key, "KeySpec": "AES_256", "EncryptionContexts": contexts})
+    };
+    assert_eq!(agent.ok("Kmsfs.GenerateDataKeys", batch(&["v1", "v1"]))["DataKeys"].as_array().unwrap().len(), 2);
+    let before = agent.audit_events().len();
+    let e = agent.call("Kmsfs.GenerateDataKeys", batch(&["v1", "v2", "v1"])).unwrap_err();
+    assert_eq!(e.kind, AccessDeniedException, "{e}");
+    assert!(e.message.starts_with("EncryptionContexts[1]: "), "the refused context is named: {e}");
+    let events = agent.audit_events();
+    assert_eq!(events.len(), before + 1);
+    assert_eq!(events[before]["errorCode"], "AccessDeniedException");
+    assert_eq!(events[before]["responseElements"], Value::Null);
+    // The same refusal as GenerateDataKey's.
+    let single = json!({"KeyId": key, "KeySpec": "AES_256", "EncryptionContext": {"kmsfs:volume": "v2"}});
+    assert_eq!(fails(&agent, "GenerateDataKey", single), AccessDeniedException);
+}
+
+#[test]
 fn generate_random() {
     let agent = TestAgent::start();
     for n in [1usize, 32, 1024] {

@@ -201,6 +201,27 @@ fn records_name_the_caller_and_kmsfs_volume_and_file() {
     assert!(record["eventTime"].as_str().unwrap().ends_with('Z'));
 }
 
+#[test]
+fn a_batch_is_one_record_naming_every_file() {
+    let agent = TestAgent::start();
+    let key = kmsfs_tests::create_key(&agent);
+    let contexts: Vec<Value> =
+        (0..3).map(|i| json!({"kmsfs:volume": "ab".repeat(16), "kmsfs:file": format!("{i:032x}")})).collect();
+    let (reply, record) = audited(
+        &agent,
+        "Kmsfs.GenerateDataKeys",
+        json!({"KeyId": key, "KeySpec": "AES_256", "EncryptionContexts": contexts}),
+        None,
+    );
+    assert_eq!(reply["DataKeys"].as_array().unwrap().len(), 3);
+    assert_eq!(record["eventSource"], "kmsd");
+    assert_eq!(record["requestParameters"]["encryptionContexts"], json!(contexts));
+    let files: Vec<String> = (0..3).map(|i| format!("{i:032x}")).collect();
+    assert_eq!(record["additionalEventData"], json!({"kmsfsVolume": "ab".repeat(16), "kmsfsFiles": files}));
+    assert_eq!(record["responseElements"], Value::Null, "no data key, wrapped or not, is recorded");
+    assert!(record["resources"][0]["ARN"].as_str().unwrap().ends_with(&key));
+}
+
 /// The test's own uid, from /proc.
 fn own_uid() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
@@ -256,6 +277,14 @@ fn no_secret_reaches_the_trail_or_the_log() {
         let data_key =
             agent.ok("GenerateDataKey", json!({"KeyId": key, "KeySpec": "AES_256", "EncryptionContext": context}));
         let random = agent.ok("GenerateRandom", json!({"NumberOfBytes": 32}));
+        let batch = agent.ok(
+            "Kmsfs.GenerateDataKeys",
+            json!({"KeyId": key, "KeySpec": "AES_256", "EncryptionContexts": [context, context]}),
+        );
+        for (j, generated) in batch["DataKeys"].as_array().unwrap().iter().enumerate() {
+            secrets.push((format!("batch data key {i}.{j}"), unb64(&generated["Plaintext"])));
+            secrets.push((format!("batch wrapped data key {i}.{j}"), unb64(&generated["CiphertextBlob"])));
+        }
         secrets.push((format!("plaintext {i}"), plaintext));
         secrets.push((format!("ciphertext blob {i}"), blob));
         secrets.push((format!("data key {i}"), unb64(&data_key["Plaintext"])));

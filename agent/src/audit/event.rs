@@ -25,6 +25,8 @@ const SECRET_RESPONSE_MEMBERS: [&str; 4] = ["Plaintext", "CiphertextBlob", "Ciph
 const KEY_MEMBERS: [&str; 4] = ["KeyId", "TargetKeyId", "SourceKeyId", "DestinationKeyId"];
 /// Request members holding an encryption context.
 const CONTEXT_MEMBERS: [&str; 2] = ["EncryptionContext", "SourceEncryptionContext"];
+/// The request member holding a batch's encryption contexts (`Kmsfs.GenerateDataKeys`).
+const BATCH_CONTEXTS_MEMBER: &str = "EncryptionContexts";
 
 /// `userIdentity` of a caller on the Unix socket, from the kernel's account of it.
 pub fn unix_identity(identity: &Identity, caller: &Caller) -> Value {
@@ -137,15 +139,27 @@ fn zeroize_value(value: &mut Value) {
     }
 }
 
-/// kmsfs's volume and file IDs from an encryption context, as `additionalEventData`.
+/// kmsfs's volume and file IDs from an encryption context, as `additionalEventData`; from
+/// a batch's `EncryptionContexts`, the volume they share and every file, in order.
 fn kmsfs_ids(request: &Map<String, Value>) -> Option<Value> {
-    let context = CONTEXT_MEMBERS.iter().find_map(|m| request.get(*m)?.as_object())?;
     let mut out = Map::new();
-    if let Some(volume) = context.get(CONTEXT_VOLUME) {
-        out.insert("kmsfsVolume".into(), volume.clone());
-    }
-    if let Some(file) = context.get(CONTEXT_FILE) {
-        out.insert("kmsfsFile".into(), file.clone());
+    if let Some(context) = CONTEXT_MEMBERS.iter().find_map(|m| request.get(*m)?.as_object()) {
+        if let Some(volume) = context.get(CONTEXT_VOLUME) {
+            out.insert("kmsfsVolume".into(), volume.clone());
+        }
+        if let Some(file) = context.get(CONTEXT_FILE) {
+            out.insert("kmsfsFile".into(), file.clone());
+        }
+    } else if let Some(contexts) = request.get(BATCH_CONTEXTS_MEMBER).and_then(Value::as_array) {
+        let contexts: Vec<&Map<String, Value>> = contexts.iter().filter_map(Value::as_object).collect();
+        let volume = contexts.first().and_then(|c| c.get(CONTEXT_VOLUME));
+        if volume.is_some() && contexts.iter().all(|c| c.get(CONTEXT_VOLUME) == volume) {
+            out.insert("kmsfsVolume".into(), volume.cloned().unwrap_or_default());
+        }
+        let files: Vec<Value> = contexts.iter().filter_map(|c| c.get(CONTEXT_FILE).cloned()).collect();
+        if !files.is_empty() {
+            out.insert("kmsfsFiles".into(), Value::Array(files));
+        }
     }
     (!out.is_empty()).then_some(Value::Object(out))
 }
@@ -270,6 +284,14 @@ mod tests {
         let ids = kmsfs_ids(request.as_object().unwrap()).unwrap();
         assert_eq!(ids, json!({"kmsfsVolume": "aa", "kmsfsFile": "bb"}));
         assert_eq!(kmsfs_ids(json!({"EncryptionContext": {"app": "x"}}).as_object().unwrap()), None);
+        let batch = json!({"EncryptionContexts": [
+            {"kmsfs:volume": "aa", "kmsfs:file": "b1"},
+            {"kmsfs:volume": "aa", "kmsfs:file": "b2"},
+        ]});
+        let ids = kmsfs_ids(batch.as_object().unwrap()).unwrap();
+        assert_eq!(ids, json!({"kmsfsVolume": "aa", "kmsfsFiles": ["b1", "b2"]}));
+        let mixed = json!({"EncryptionContexts": [{"kmsfs:volume": "aa", "kmsfs:file": "b1"}, {"kmsfs:file": "b2"}]});
+        assert_eq!(kmsfs_ids(mixed.as_object().unwrap()).unwrap(), json!({"kmsfsFiles": ["b1", "b2"]}));
     }
 
     #[test]

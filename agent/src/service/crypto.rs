@@ -1,5 +1,6 @@
 //! Cryptographic operations: Encrypt, Decrypt, ReEncrypt, GenerateDataKey,
-//! GenerateDataKeyWithoutPlaintext and GenerateRandom.
+//! GenerateDataKeyWithoutPlaintext and GenerateRandom, and kmsd's batch GenerateDataKey
+//! (`Kmsfs.GenerateDataKeys`).
 //!
 //! Plaintexts and data keys live in zeroizing buffers from the request body to the
 //! response body, and never appear in an error or a log line.
@@ -213,6 +214,32 @@ struct GenerateDataKeyRequest {
     dry_run: Option<bool>,
 }
 
+/// The length of the data key a request asks for by `KeySpec` or `NumberOfBytes`.
+fn data_key_length(key_spec: Option<&str>, number_of_bytes: Option<i64>) -> Result<usize, KmsError> {
+    match (key_spec, number_of_bytes) {
+        (Some("AES_128"), None) => Ok(16),
+        (Some(_), None) => Ok(32),
+        (None, Some(n)) => Ok(n as usize),
+        (Some(_), Some(_)) => Err(KmsError::validation("Specify either KeySpec or NumberOfBytes, not both")),
+        (None, None) => Err(KmsError::validation("Specify either KeySpec or NumberOfBytes")),
+    }
+}
+
+/// A fresh data key, its ciphertext blob, and the ID of the key material that sealed it.
+struct NewDataKey {
+    plaintext: Zeroizing<Vec<u8>>,
+    blob: Vec<u8>,
+    material_id: String,
+}
+
+/// A fresh data key of `length` bytes, sealed under `key` bound to `ctx`.
+fn new_data_key(key: &KeyRecord, ctx: &EncryptionContext, length: usize) -> Result<NewDataKey, KmsError> {
+    let mut plaintext = Zeroizing::new(vec![0u8; length]);
+    random_bytes(&mut plaintext);
+    let (blob, material_id) = seal(key, ctx, &plaintext)?;
+    Ok(NewDataKey { plaintext, blob, material_id })
+}
+
 /// GenerateDataKey (`with_plaintext`) and GenerateDataKeyWithoutPlaintext.
 pub fn generate_data_key(
     agent: &Agent,
@@ -221,15 +248,7 @@ pub fn generate_data_key(
     with_plaintext: bool,
 ) -> Result<Reply, KmsError> {
     let req: GenerateDataKeyRequest = parse(request)?;
-    let length = match (req.key_spec.as_deref(), req.number_of_bytes) {
-        (Some("AES_128"), None) => 16,
-        (Some(_), None) => 32,
-        (None, Some(n)) => n as usize,
-        (Some(_), Some(_)) => {
-            return Err(KmsError::validation("Specify either KeySpec or NumberOfBytes, not both"));
-        }
-        (None, None) => return Err(KmsError::validation("Specify either KeySpec or NumberOfBytes")),
-    };
+    let length = data_key_length(req.key_spec.as_deref(), req.number_of_bytes)?;
     no_recipient(&req.recipient)?;
     let key = agent.resolve(&req.key_id, true)?;
     let ctx = context(req.encryption_context);
@@ -240,15 +259,76 @@ pub fn generate_data_key(
     if req.dry_run == Some(true) {
         return Err(dry_run());
     }
-    let mut data_key = Zeroizing::new(vec![0u8; length]);
-    random_bytes(&mut data_key);
-    let (blob, material_id) = seal(&key, &ctx, &data_key)?;
+    let new = new_data_key(&key, &ctx, length)?;
     let body = json!({
-        "CiphertextBlob": b64(&blob),
+        "CiphertextBlob": b64(&new.blob),
         "KeyId": agent.key_arn(&key.row.id),
-        "KeyMaterialId": material_id,
+        "KeyMaterialId": new.material_id,
     });
-    Ok(if with_plaintext { Reply::with_secret(body, "Plaintext", b64_secret(&data_key)) } else { body.into() })
+    Ok(if with_plaintext { Reply::with_secret(body, "Plaintext", b64_secret(&new.plaintext)) } else { body.into() })
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct GenerateDataKeysRequest {
+    key_id: String,
+    encryption_contexts: Vec<BTreeMap<String, String>>,
+    number_of_bytes: Option<i64>,
+    key_spec: Option<String>,
+    dry_run: Option<bool>,
+}
+
+/// `Kmsfs.GenerateDataKeys`: GenerateDataKey once for each of `EncryptionContexts` (at
+/// most 256), in one request. kmsfs makes its files' data keys ahead of need this way, so
+/// that a batch costs the agent one request and one audit record, synced once, instead of
+/// one of each per file.
+///
+/// Each key is exactly what GenerateDataKey with that context would give, and is
+/// authorized as such: the policy action is `kms:GenerateDataKey`, and conditions on the
+/// encryption context are evaluated for every context. If any is refused, none is made.
+/// The answer: `KeyId`, `KeyMaterialId`, and `DataKeys`, one `{CiphertextBlob, Plaintext}`
+/// per context, in order.
+pub fn generate_data_keys(agent: &Agent, caller: &Caller, request: Value) -> Result<Reply, KmsError> {
+    let req: GenerateDataKeysRequest = parse(request)?;
+    let length = data_key_length(req.key_spec.as_deref(), req.number_of_bytes)?;
+    let key = agent.resolve(&req.key_id, true)?;
+    let contexts: Vec<EncryptionContext> = req.encryption_contexts.into_iter().map(|c| context(Some(c))).collect();
+    for (i, ctx) in contexts.iter().enumerate() {
+        agent
+            .authorize_key(caller, "GenerateDataKey", &key, |c| {
+                with_request_alias(c, &req.key_id).with_encryption_context(&ctx.0)
+            })
+            .map_err(|e| KmsError::new(e.kind, format!("EncryptionContexts[{i}]: {}", e.message)))?;
+    }
+    require_usable(agent, &key)?;
+    if req.dry_run == Some(true) {
+        return Err(dry_run());
+    }
+    // Each entry's JSON text, then all of them joined into a buffer of the exact size (so
+    // that no plaintext is left behind by a reallocation). Base64 needs no JSON escaping.
+    let mut entries = Vec::with_capacity(contexts.len());
+    let mut material = String::new();
+    for ctx in &contexts {
+        let new = new_data_key(&key, ctx, length)?;
+        let (blob, plaintext) = (b64(&new.blob), b64_secret(&new.plaintext));
+        let mut entry = Zeroizing::new(String::with_capacity(blob.len() + plaintext.len() + 40));
+        for part in ["{\"CiphertextBlob\":\"", &blob, "\",\"Plaintext\":\"", &plaintext, "\"}"] {
+            entry.push_str(part);
+        }
+        entries.push(entry);
+        material = new.material_id;
+    }
+    let mut keys = Zeroizing::new(String::with_capacity(entries.iter().map(|e| e.len() + 1).sum::<usize>() + 1));
+    keys.push('[');
+    for (i, entry) in entries.iter().enumerate() {
+        if i > 0 {
+            keys.push(',');
+        }
+        keys.push_str(entry);
+    }
+    keys.push(']');
+    let body = json!({"KeyId": agent.key_arn(&key.row.id), "KeyMaterialId": material});
+    Ok(Reply::with_secret_json(body, "DataKeys", keys))
 }
 
 #[derive(Deserialize)]

@@ -19,8 +19,8 @@ use zeroize::Zeroizing;
 use crate::agent::Agent;
 use crate::policy::eval::Caller;
 
-/// A successful response: a JSON object and, for actions that return a plaintext, that
-/// one secret member kept out of the `Value` so that it lives only in zeroizing buffers.
+/// A successful response: a JSON object and, for actions that return plaintexts, the one
+/// member holding them kept out of the `Value`, as JSON text in a zeroizing buffer.
 pub struct Reply {
     body: Value,
     secret: Option<(&'static str, Zeroizing<String>)>,
@@ -33,8 +33,18 @@ impl From<Value> for Reply {
 }
 
 impl Reply {
+    /// `body` with the secret string member `member`, whose value is base64.
     pub fn with_secret(body: Value, member: &'static str, base64: Zeroizing<String>) -> Reply {
-        Reply { body, secret: Some((member, base64)) }
+        let mut quoted = Zeroizing::new(String::with_capacity(base64.len() + 2));
+        quoted.push('"');
+        quoted.push_str(&base64);
+        quoted.push('"');
+        Reply::with_secret_json(body, member, quoted)
+    }
+
+    /// `body` with the secret member `member`, whose value is the JSON text `json`.
+    pub fn with_secret_json(body: Value, member: &'static str, json: Zeroizing<String>) -> Reply {
+        Reply { body, secret: Some((member, json)) }
     }
 
     /// The body without its secret member.
@@ -42,21 +52,21 @@ impl Reply {
         &self.body
     }
 
-    /// The JSON body. The secret member (base64, which needs no JSON escaping) is spliced
-    /// in before the closing brace, inside a buffer that is zeroized when dropped.
+    /// The JSON body. The secret member is spliced in before the closing brace, inside a
+    /// buffer that is zeroized when dropped.
     pub fn to_bytes(&self) -> Zeroizing<Vec<u8>> {
         let mut out = Zeroizing::new(serde_json::to_vec(&self.body).unwrap_or_else(|_| b"{}".to_vec()));
-        if let Some((member, value)) = &self.secret {
+        if let Some((member, json)) = &self.secret {
             out.pop(); // the closing brace of the object
-            out.reserve(member.len() + value.len() + 8);
+            out.reserve(member.len() + json.len() + 5);
             if out.len() > 1 {
                 out.push(b',');
             }
             out.push(b'"');
             out.extend_from_slice(member.as_bytes());
-            out.extend_from_slice(b"\":\"");
-            out.extend_from_slice(value.as_bytes());
-            out.extend_from_slice(b"\"}");
+            out.extend_from_slice(b"\":");
+            out.extend_from_slice(json.as_bytes());
+            out.push(b'}');
         }
         out
     }
@@ -94,6 +104,7 @@ pub fn handle(agent: &Agent, caller: &Caller, action: &str, body: &[u8]) -> Resu
         "GenerateDataKey" => crypto::generate_data_key(agent, caller, request, true),
         "GenerateDataKeyWithoutPlaintext" => crypto::generate_data_key(agent, caller, request, false),
         "GenerateRandom" => crypto::generate_random(agent, caller, request),
+        GENERATE_DATA_KEYS => crypto::generate_data_keys(agent, caller, request),
         "PutKeyPolicy" => policies::put_key_policy(agent, caller, request).map(Reply::from),
         "GetKeyPolicy" => policies::get_key_policy(agent, caller, request).map(Reply::from),
         "ListKeyPolicies" => policies::list_key_policies(agent, caller, request).map(Reply::from),
@@ -109,8 +120,16 @@ pub fn handle(agent: &Agent, caller: &Caller, action: &str, body: &[u8]) -> Resu
     }
 }
 
-/// Actions that write to the metadata store (and so block on fsync); the server runs
-/// them off the async executor.
+/// kmsd's batch GenerateDataKey (`crypto::generate_data_keys`), served beside AWS's actions.
+pub const GENERATE_DATA_KEYS: &str = "Kmsfs.GenerateDataKeys";
+
+/// Actions the server runs off the async executor: those that block on the store's
+/// fsync, and batches, which take a while.
+pub fn blocking(action: &str) -> bool {
+    mutates(action) || action == GENERATE_DATA_KEYS
+}
+
+/// Actions that write to the metadata store (and so block on fsync).
 pub fn mutates(action: &str) -> bool {
     matches!(
         action,
@@ -145,5 +164,10 @@ mod tests {
         let reply = Reply::with_secret(json!({}), "Plaintext", Zeroizing::new("AA==".into()));
         let v: Value = serde_json::from_slice(&reply.to_bytes()).unwrap();
         assert_eq!(v, json!({"Plaintext": "AA=="}));
+        let list = Zeroizing::new(r#"[{"Plaintext":"AA=="},{"Plaintext":"AQ=="}]"#.to_string());
+        let reply = Reply::with_secret_json(json!({"KeyId": "k"}), "DataKeys", list);
+        assert_eq!(reply.public_body(), &json!({"KeyId": "k"}));
+        let v: Value = serde_json::from_slice(&reply.to_bytes()).unwrap();
+        assert_eq!(v, json!({"KeyId": "k", "DataKeys": [{"Plaintext": "AA=="}, {"Plaintext": "AQ=="}]}));
     }
 }

@@ -6,6 +6,9 @@
 //! members, string and blob lengths, integer ranges, list sizes, enumerations and patterns
 //! (violations are one `ValidationException` listing each, in AWS's wording). The limits
 //! are thus exactly the model's, for every operation, without copying them by hand.
+//!
+//! kmsd's own request/response actions (`Kmsfs.*`, in `agent/model/kmsd-extensions.json`)
+//! are added to the model at load, built from AWS's shapes, so they are validated the same way.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::LazyLock;
@@ -17,6 +20,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 const MODEL_JSON: &str = include_str!("../../model/kms-2014-11-01.min.json");
+const EXTENSIONS_JSON: &str = include_str!("../../model/kmsd-extensions.json");
 
 #[derive(Deserialize)]
 struct RawModel {
@@ -62,7 +66,11 @@ pub struct Model {
 
 static MODEL: LazyLock<Model> = LazyLock::new(|| {
     #[allow(clippy::expect_used)] // the model is compiled into the binary and tested
-    let raw: RawModel = serde_json::from_str(MODEL_JSON).expect("embedded service model parses");
+    let mut raw: RawModel = serde_json::from_str(MODEL_JSON).expect("embedded service model parses");
+    #[allow(clippy::expect_used)] // as above
+    let extensions: RawModel = serde_json::from_str(EXTENSIONS_JSON).expect("embedded extension model parses");
+    raw.operations.extend(extensions.operations);
+    raw.shapes.extend(extensions.shapes);
     let patterns = raw
         .shapes
         .iter()
@@ -305,7 +313,7 @@ mod tests {
     #[test]
     fn the_model_has_all_54_operations_and_compiles_every_pattern() {
         let m = model();
-        assert_eq!(m.raw.operations.len(), 54);
+        assert_eq!(m.raw.operations.keys().filter(|op| !op.starts_with("Kmsfs.")).count(), 54);
         let with_patterns = m.raw.shapes.values().filter(|s| s.pattern.is_some()).count();
         assert_eq!(m.patterns.len(), with_patterns);
     }
@@ -338,6 +346,22 @@ mod tests {
         let e = err("TagResource", json!({"KeyId": "k", "Tags": [{"TagKey": ""}]}));
         assert!(e.message.contains("tags.1.member.tagKey"), "{e}");
         assert!(e.message.contains("tags.1.member.tagValue"), "{e}");
+    }
+
+    #[test]
+    fn extensions_are_validated_with_aws_shapes() {
+        let contexts = |n: usize| vec![json!({"kmsfs:file": "f"}); n];
+        let ok = json!({"KeyId": "k", "KeySpec": "AES_256", "EncryptionContexts": contexts(256)});
+        assert!(model().validate("Kmsfs.GenerateDataKeys", &ok).is_ok());
+        let e = err("Kmsfs.GenerateDataKeys", json!({"KeyId": "k", "EncryptionContexts": contexts(257)}));
+        assert!(e.message.contains("'encryptionContexts' failed to satisfy constraint"), "{e}");
+        let e = err("Kmsfs.GenerateDataKeys", json!({"KeyId": "k", "EncryptionContexts": []}));
+        assert!(e.message.contains("greater than or equal to 1"), "{e}");
+        let e = err("Kmsfs.GenerateDataKeys", json!({"KeyId": "k", "EncryptionContexts": [{}, {"a": 1}]}));
+        assert_eq!(e.kind, ErrorKind::SerializationException);
+        assert!(e.message.contains("encryptionContexts.2.member.a"), "{e}");
+        let e = err("Kmsfs.GenerateDataKeys", json!({"EncryptionContexts": [{}]}));
+        assert!(e.message.contains("'keyId' failed to satisfy constraint: Member must not be null"), "{e}");
     }
 
     #[test]
