@@ -1244,9 +1244,17 @@ impl Filesystem for KmsFs {
         reply.error(Errno::ENOTTY);
     }
 
-    fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
-        // Permission checks are the kernel's (default_permissions).
-        reply.ok();
+    fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        // Asked only on mounts without default_permissions, which the mounting user alone
+        // enters: the backing entry, with kmsfs's (that user's) rights, has the answer.
+        let result = self.path_of(ino.0).and_then(|path| {
+            let mode = nix::unistd::AccessFlags::from_bits_truncate(mask.bits());
+            nix::unistd::access(&path, mode).map_err(|e| Errno::from_i32(e as i32))
+        });
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
     }
 
     fn create(

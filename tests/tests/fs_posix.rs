@@ -606,9 +606,40 @@ fn as_nobody(args: &[&str]) -> std::process::Output {
         .expect("run setpriv")
 }
 
+/// The options the kernel shows for the mount at `mnt`.
+fn mount_options(mnt: &Path) -> String {
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
+    let line = mounts.lines().find(|l| l.split(' ').nth(1) == mnt.to_str()).expect("the mount is listed");
+    line.split(' ').nth(3).unwrap().to_string()
+}
+
+#[test]
+fn a_private_mount_admits_its_owner_alone_and_the_backing_directory_decides() {
+    let m = TestMount::new();
+    fs::set_permissions(m.mnt().parent().unwrap(), fs::Permissions::from_mode(0o755)).unwrap();
+    assert!(!mount_options(&m.mnt()).contains("default_permissions"), "{}", mount_options(&m.mnt()));
+    fs::write(m.path("plain"), b"#!/bin/sh\necho ran\n").unwrap();
+    fs::set_permissions(m.path("plain"), fs::Permissions::from_mode(0o644)).unwrap();
+    let out = as_nobody(&["cat", m.path("plain").to_str().unwrap()]);
+    assert!(!out.status.success(), "another user entered a mount without allow_other: {out:?}");
+
+    // access(2) is answered from the backing file (kmsfs runs as root here, as the caller).
+    use nix::unistd::{access, AccessFlags};
+    let plain = m.path("plain");
+    assert_eq!(access(&plain, AccessFlags::R_OK | AccessFlags::W_OK), Ok(()));
+    assert_eq!(access(&plain, AccessFlags::X_OK), Err(nix::errno::Errno::EACCES), "no x bit, even for root");
+    assert_eq!(access(&m.path("missing"), AccessFlags::F_OK), Err(nix::errno::Errno::ENOENT));
+    let ran = Command::new(&plain).output();
+    assert_eq!(ran.map_err(|e| os_error(&e)).err(), Some(libc::EACCES), "executing a file without an x bit");
+    fs::set_permissions(&plain, fs::Permissions::from_mode(0o755)).unwrap();
+    assert_eq!(access(&plain, AccessFlags::X_OK), Ok(()));
+    assert_eq!(Command::new(&plain).output().unwrap().stdout, b"ran\n");
+}
+
 #[test]
 fn allow_other_permissions_are_enforced_and_creators_own_their_files() {
     let m = TestMount::with(&[], &["allow_other"]);
+    assert!(mount_options(&m.mnt()).contains("default_permissions"), "the kernel checks every caller");
     // nobody must be able to reach the mount point.
     fs::set_permissions(m.mnt().parent().unwrap(), fs::Permissions::from_mode(0o755)).unwrap();
     fs::write(m.path("private"), b"root only").unwrap();
