@@ -75,17 +75,20 @@ impl Content<'_> {
     /// the buffer, which is returned holding exactly that plaintext.
     fn read_blocks(&self, first: u64, last: u64, size: u64) -> Result<PlainBuf, ContentError> {
         let mut buf = PlainBuf::new();
-        self.read_blocks_into(first, last, size, &mut buf)?;
+        let plain_len = self.read_blocks_into(first, last, size, &mut buf)?;
+        buf.truncate(plain_len);
         Ok(buf)
     }
 
-    /// [`Content::read_blocks`] into `buf` (cleared first), reusing its allocation.
-    fn read_blocks_into(&self, first: u64, last: u64, size: u64, buf: &mut PlainBuf) -> Result<(), ContentError> {
+    /// [`Content::read_blocks`] into `buf`, reusing its allocation: `buf` is made exactly
+    /// as long as the stored blocks (zero-filling only what it grows by, as the pread
+    /// overwrites the rest) and the plaintext length is returned; what lies after the
+    /// plaintext is ciphertext and moved-from plaintext, for the caller to wipe.
+    fn read_blocks_into(&self, first: u64, last: u64, size: u64, buf: &mut PlainBuf) -> Result<usize, ContentError> {
         let layout = self.layout();
         let final_index = layout.final_block(size).0;
         let start = layout.stored_offset(BlockIndex(first));
         let end = layout.stored_offset(BlockIndex(last)) + layout.stored_block_len(BlockIndex(last), size) as u64;
-        buf.clear();
         buf.resize((end - start) as usize, 0);
         self.file.read_exact_at(buf, start)?;
         let chunk = layout.stored_block_size() as usize;
@@ -106,24 +109,25 @@ impl Content<'_> {
             buf.copy_within(at + nonce_len..at + nonce_len + body_len, plain_len);
             plain_len += body_len;
         }
-        buf.truncate(plain_len);
-        Ok(())
+        Ok(plain_len)
     }
 
     /// Reads up to `len` bytes at `offset`; short at the end of the file.
     pub fn read_at(&self, offset: u64, len: usize) -> Result<PlainBuf, ContentError> {
         let mut buf = PlainBuf::new();
-        self.read_at_into(offset, len, &mut buf)?;
+        let n = self.read_at_into(offset, len, &mut buf)?;
+        buf.truncate(n);
         Ok(buf)
     }
 
-    /// [`Content::read_at`] into `buf` (cleared first): a caller that reads often keeps one
-    /// buffer, sparing an allocation and its page faults per request.
-    pub fn read_at_into(&self, offset: u64, len: usize, buf: &mut PlainBuf) -> Result<(), ContentError> {
-        buf.clear();
+    /// [`Content::read_at`] into `buf`, for a caller that reads often and keeps one buffer
+    /// (sparing an allocation, its page faults and its zero-filling per request). The bytes
+    /// read are `buf[..n]` for the `n` returned; the caller wipes `buf` (all of its length:
+    /// past `n` lie ciphertext and moved-from plaintext) once done with them.
+    pub fn read_at_into(&self, offset: u64, len: usize, buf: &mut PlainBuf) -> Result<usize, ContentError> {
         let size = self.len()?;
         if offset >= size || len == 0 {
-            return Ok(());
+            return Ok(0);
         }
         let end = size.min(offset + len as u64);
         let b = self.layout().block_size();
@@ -134,8 +138,7 @@ impl Content<'_> {
         if skip > 0 {
             buf.copy_within(skip..skip + wanted, 0);
         }
-        buf.truncate(wanted);
-        Ok(())
+        Ok(wanted)
     }
 
     /// Writes `data` at `offset`, growing the file if needed: the blocks it touches are

@@ -997,7 +997,8 @@ impl Filesystem for KmsFs {
         reply: ReplyData,
     ) {
         thread_local! {
-            /// Each worker thread's read buffer, kept between requests (wiped after each).
+            /// Each worker thread's read buffer, kept between requests (wiped after each;
+            /// its length stays, so that the next request need not zero-fill it again).
             static READ_BUFFER: std::cell::RefCell<PlainBuf> = std::cell::RefCell::new(PlainBuf::new());
         }
         READ_BUFFER.with_borrow_mut(|buf| {
@@ -1006,11 +1007,10 @@ impl Filesystem for KmsFs {
                 self.with_content(&h.path, &h.file, &h.header, |c| c.read_at_into(offset, size as usize, buf))
             });
             match result {
-                Ok(()) => reply.data(buf),
+                Ok(n) => reply.data(&buf[..n]),
                 Err(e) => reply.error(e),
             }
             wipe(buf);
-            buf.clear();
         });
     }
 

@@ -21,7 +21,7 @@ use std::ops::Range;
 
 use aes_gcm::aead::array::Array;
 use aes_gcm::aead::{AeadInOut, KeyInit};
-use aes_gcm::Aes256Gcm;
+use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use chacha20poly1305::XChaCha20Poly1305;
 
 use super::error::FormatError;
@@ -251,13 +251,18 @@ impl Layout {
 }
 
 enum Aead {
-    Aes(Box<Aes256Gcm>),
+    /// AES-256-GCM by AWS-LC (through aws-lc-rs), whose stitched AES-GCM seals 4 KiB
+    /// blocks about 3.5x as fast as the RustCrypto crate on this project's machines (12 vs
+    /// 3.5 GB/s per core), where the cipher was a third of a sequential read's CPU. Its key
+    /// schedule lives in AWS-LC's memory, which AWS-LC cleanses when it frees it.
+    Aes(LessSafeKey),
     XChaCha(Box<XChaCha20Poly1305>),
 }
 
 /// The key that seals one file's blocks: derived from the file's data key with HKDF-SHA256
 /// under a label naming the cipher suite, with the cipher's key schedule computed once.
-/// Zeroized on drop (the cipher crates' `zeroize` feature); never printed.
+/// Zeroized on drop (AWS-LC's cleansing free; the RustCrypto crates' `zeroize` feature);
+/// never printed.
 pub struct ContentKey {
     layout: Layout,
     aead: Aead,
@@ -268,7 +273,10 @@ impl ContentKey {
         let aead = match layout.cipher {
             CipherSuite::Aes256Gcm => {
                 let key = kdf::derive::<32>(data_key.expose(), kdf::LABEL_CONTENT_AES_GCM);
-                Aead::Aes(Box::new(Aes256Gcm::new(&Array::from(*key))))
+                // A 32-byte key is what AES_256_GCM takes: this cannot fail.
+                #[allow(clippy::expect_used)]
+                let unbound = UnboundKey::new(&AES_256_GCM, &*key).expect("a 256-bit key for AES-256-GCM");
+                Aead::Aes(LessSafeKey::new(unbound))
             }
             CipherSuite::XChaCha20Poly1305 => {
                 let key = kdf::derive::<32>(data_key.expose(), kdf::LABEL_CONTENT_XCHACHA);
@@ -283,30 +291,36 @@ impl ContentKey {
     }
 
     fn seal_in_place(&self, nonce: &[u8], aad: &[u8], buf: &mut [u8]) -> [u8; TAG_LEN] {
-        let tag = match &self.aead {
-            Aead::Aes(c) => {
-                Array::try_from(nonce).ok().and_then(|n| c.encrypt_inout_detached(&n, aad, buf.into()).ok())
-            }
-            Aead::XChaCha(c) => {
-                Array::try_from(nonce).ok().and_then(|n| c.encrypt_inout_detached(&n, aad, buf.into()).ok())
-            }
+        let tag: Option<[u8; TAG_LEN]> = match &self.aead {
+            Aead::Aes(k) => Nonce::try_assume_unique_for_key(nonce)
+                .ok()
+                .and_then(|n| k.seal_in_place_separate_tag(n, Aad::from(aad), buf).ok())
+                .and_then(|tag| tag.as_ref().try_into().ok()),
+            Aead::XChaCha(c) => Array::try_from(nonce)
+                .ok()
+                .and_then(|n| c.encrypt_inout_detached(&n, aad, buf.into()).ok())
+                .map(Into::into),
         };
         // Nonce lengths come from the cipher suite and blocks are at most 1 MiB, far below
         // either AEAD's message limit: sealing cannot fail.
         #[allow(clippy::expect_used)]
-        tag.expect("nonce length and message length are within the AEAD's limits").into()
+        tag.expect("nonce length and message length are within the AEAD's limits")
     }
 
-    fn open_in_place(&self, nonce: &[u8], aad: &[u8], buf: &mut [u8], tag: &[u8]) -> Result<(), ()> {
-        let tag = Array::try_from(tag).map_err(|_| ())?;
+    /// Opens `sealed` (ciphertext then tag) in place: on success its first
+    /// `len - TAG_LEN` bytes hold the plaintext.
+    fn open_in_place(&self, nonce: &[u8], aad: &[u8], sealed: &mut [u8]) -> Result<(), ()> {
         match &self.aead {
-            Aead::Aes(c) => {
-                let nonce = Array::try_from(nonce).map_err(|_| ())?;
-                c.decrypt_inout_detached(&nonce, aad, buf.into(), &tag).map_err(|_| ())
+            Aead::Aes(k) => {
+                let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| ())?;
+                k.open_in_place(nonce, Aad::from(aad), sealed).map(|_| ()).map_err(|_| ())
             }
             Aead::XChaCha(c) => {
                 let nonce = Array::try_from(nonce).map_err(|_| ())?;
-                c.decrypt_inout_detached(&nonce, aad, buf.into(), &tag).map_err(|_| ())
+                let body_len = sealed.len().checked_sub(TAG_LEN).ok_or(())?;
+                let (body, tag) = sealed.split_at_mut(body_len);
+                let tag = Array::try_from(&*tag).map_err(|_| ())?;
+                c.decrypt_inout_detached(&nonce, aad, body.into(), &tag).map_err(|_| ())
             }
         }
     }
@@ -431,15 +445,15 @@ pub fn open_block(
         out.resize(out.len() + key.layout.block_size.as_usize(), 0);
         return Ok(());
     }
-    let (nonce, rest) = stored.split_at(nonce_len);
-    let (ciphertext, tag) = rest.split_at(rest.len() - TAG_LEN);
+    let (nonce, sealed) = stored.split_at(nonce_len);
     let start = out.len();
-    out.extend_from_slice(ciphertext);
-    if key.open_in_place(nonce, &aad(file_id, index, is_final), &mut out[start..], tag).is_err() {
+    out.extend_from_slice(sealed);
+    if key.open_in_place(nonce, &aad(file_id, index, is_final), &mut out[start..]).is_err() {
         zeroize::Zeroize::zeroize(&mut out[start..]);
         out.truncate(start);
         return Err(FormatError::Authentication { what: "block" });
     }
+    out.truncate(out.len() - TAG_LEN);
     Ok(())
 }
 
@@ -455,14 +469,13 @@ pub fn open_block_in_place<'a>(
 ) -> Result<&'a mut [u8], FormatError> {
     let nonce_len = key.layout.cipher.nonce_len();
     let hole = classify(key, index, is_final, stored)?;
-    let (nonce, rest) = stored.split_at_mut(nonce_len);
-    let body_len = rest.len() - TAG_LEN;
-    let (body, tag) = rest.split_at_mut(body_len);
+    let (nonce, sealed) = stored.split_at_mut(nonce_len);
     if !hole {
-        key.open_in_place(nonce, &aad(file_id, index, is_final), body, tag)
+        key.open_in_place(nonce, &aad(file_id, index, is_final), sealed)
             .map_err(|_| FormatError::Authentication { what: "block" })?;
     }
-    Ok(body)
+    let body_len = sealed.len() - TAG_LEN;
+    Ok(&mut sealed[..body_len])
 }
 
 #[cfg(test)]
@@ -493,6 +506,48 @@ mod tests {
         let in_place = open_block_in_place(key, id, BlockIndex(i), fin, &mut copy)?.to_vec();
         assert_eq!(in_place, out, "the two ways of opening agree");
         Ok(out)
+    }
+
+    /// AES-256-GCM blocks are plain AES-256-GCM (NIST SP 800-38D) whichever library seals
+    /// them: blocks sealed by the RustCrypto crate, as kmsfs did before it used AWS-LC,
+    /// open, and blocks sealed now open with that crate.
+    #[test]
+    fn aes_gcm_blocks_match_an_independent_implementation() {
+        let data_key = DataKey::random();
+        let key = ContentKey::derive(&data_key, layout(CipherSuite::Aes256Gcm));
+        let other =
+            aes_gcm::Aes256Gcm::new(&Array::from(*kdf::derive::<32>(data_key.expose(), kdf::LABEL_CONTENT_AES_GCM)));
+        let id = FileId::random();
+        let plaintext = Rng(0x6c63).bytes(4096);
+        for (index, is_final, len) in [(0u64, true, 0usize), (2, false, 4096), (7, true, 1000)] {
+            let nonce = Rng(index).bytes(12);
+            let mut stored = nonce.clone();
+            let mut body = plaintext[..len].to_vec();
+            let tag = other
+                .encrypt_inout_detached(
+                    &Array::try_from(&nonce[..]).unwrap(),
+                    &aad(&id, BlockIndex(index), is_final),
+                    (&mut body[..]).into(),
+                )
+                .unwrap();
+            stored.extend_from_slice(&body);
+            stored.extend_from_slice(&tag);
+            assert_eq!(open(&key, &id, index, is_final, &stored).unwrap(), &plaintext[..len], "block {index}");
+
+            let ours = seal(&key, &id, index, is_final, &plaintext[..len]);
+            let (nonce, rest) = ours.split_at(12);
+            let (body, tag) = rest.split_at(rest.len() - TAG_LEN);
+            let mut body = body.to_vec();
+            other
+                .decrypt_inout_detached(
+                    &Array::try_from(nonce).unwrap(),
+                    &aad(&id, BlockIndex(index), is_final),
+                    (&mut body[..]).into(),
+                    &Array::try_from(tag).unwrap(),
+                )
+                .unwrap();
+            assert_eq!(body, &plaintext[..len], "block {index}");
+        }
     }
 
     #[test]
