@@ -13,6 +13,11 @@ use kmsfs_common::format::volume::{BlockSize, CipherSuite, NameMode};
 use kmsfs_fs::keys::AgentPool;
 use kmsfs_fs::volume::{InitOptions, OpenOptions, Volume, STATUS_XATTR};
 
+/// FUSE worker threads by default: more than the cores, since a request's round trip is
+/// mostly waiting for the next wake-up. On 2 cores, 8 created small files about 15%
+/// faster than 4 (and 16 no faster than 8).
+const DEFAULT_THREADS: usize = 8;
+
 /// kmsfs: a transparent encrypting filesystem whose file keys come from kmsd.
 #[derive(Parser)]
 #[command(version, about, args_conflicts_with_subcommands = true)]
@@ -63,7 +68,7 @@ enum Cmd {
         #[arg(long)]
         log_file: Option<PathBuf>,
         /// Threads serving FUSE requests.
-        #[arg(long, default_value_t = 4)]
+        #[arg(long, default_value_t = DEFAULT_THREADS)]
         threads: usize,
     },
     /// Check every header, block and name of a volume offline.
@@ -107,7 +112,7 @@ fn main() -> ExitCode {
                 mountpoint: cli.mount_helper[1].clone(),
                 socket: std::env::var_os("KMSD_SOCKET").map(PathBuf::from),
                 options: cli.options,
-                threads: 4,
+                threads: DEFAULT_THREADS,
             };
             mount_background(&mount, None)
         }
