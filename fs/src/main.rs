@@ -225,25 +225,6 @@ fn default_log_file() -> PathBuf {
     }
 }
 
-/// Sequential reads reach kmsfs in requests as large as the mount's readahead window,
-/// which the kernel sets to 128 KiB for FUSE; kmsfs takes requests of up to [`MAX_WRITE`]
-/// (1 MiB), so it widens its own mount's window to that: an eighth of the requests, and
-/// of their round trips, for a sequential read. Only root may (sysfs); otherwise, and on
-/// any error, the kernel's default stays.
-fn widen_readahead(mountpoint: &Path) {
-    use std::os::unix::fs::MetadataExt;
-    // Answered once the kernel has our INIT reply, which sets the window too.
-    let dev = match std::fs::metadata(mountpoint) {
-        Ok(meta) => meta.dev(),
-        Err(e) => return tracing::debug!("readahead left as it is: {e}"),
-    };
-    let knob = format!("/sys/class/bdi/{}:{}/read_ahead_kb", nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
-    match std::fs::write(&knob, (kmsfs_fs::fuse::MAX_WRITE / 1024).to_string()) {
-        Ok(()) => tracing::debug!(%knob, kib = kmsfs_fs::fuse::MAX_WRITE / 1024, "readahead widened"),
-        Err(e) => tracing::debug!(%knob, "readahead left as it is: {e}"),
-    }
-}
-
 fn mount_foreground(mount: &MountArgs, _daemon: bool) -> Result<(), String> {
     let agent = agent(mount.socket.as_deref())?;
     let socket = agent.socket().to_path_buf();
@@ -298,7 +279,6 @@ fn mount_foreground(mount: &MountArgs, _daemon: bool) -> Result<(), String> {
     let session = fuser::spawn_mount(fs, &mount.mountpoint, &config)
         .map_err(|e| format!("cannot mount {}: {e}", mount.mountpoint.display()))?;
     revoker.set_notifier(session.notifier());
-    widen_readahead(&mount.mountpoint);
     let revoke_all = revoker.clone();
     kmsfs_fs::keys::watch_key_events(socket, move |arn| revoker.revoke(arn), move || revoke_all.revoke_all());
     tracing::info!(cipherdir = %volume.root().display(), mountpoint = %mount.mountpoint.display(), "mounted");

@@ -566,17 +566,6 @@ fn statfs_reports_the_backing_filesystem() {
     assert!(s.name_max() >= 255);
 }
 
-#[test]
-fn sequential_reads_come_a_mebibyte_at_a_time() {
-    if !kmsfs_tests::is_root() {
-        return; // only root may widen a mount's readahead
-    }
-    let m = TestMount::new();
-    let dev = fs::metadata(m.mnt()).unwrap().dev();
-    let knob = format!("/sys/class/bdi/{}:{}/read_ahead_kb", nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
-    assert_eq!(fs::read_to_string(&knob).unwrap().trim(), "1024", "{knob}");
-}
-
 // ---- 5. modes, owners, times, permissions ----
 
 #[test]
