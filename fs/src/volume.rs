@@ -204,8 +204,8 @@ impl Volume {
             .and_then(|f| f.take(kmsfs_common::format::volume::MAX_VOLUME_FILE_LEN as u64 + 1).read_to_end(&mut bytes))
             .map_err(|e| format!("{} is not a kmsfs volume ({}: {e})", root.display(), path.display()))?;
         let config = VolumeConfig::parse(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
-        let unwrapped = agent
-            .call(
+        let unwrapped: Decrypted = agent
+            .call_secret(
                 "Decrypt",
                 &json!({
                     "CiphertextBlob": b64(&config.wrapped_name_key),
@@ -213,8 +213,8 @@ impl Volume {
                 }),
             )
             .map_err(|e| format!("the agent could not unwrap the volume's name key: {e}"))?;
-        let plaintext = unb64(&unwrapped["Plaintext"]).map_err(|e| e.to_string())?;
-        let names = NameKey::from_bytes(&plaintext).map_err(|e| format!("the volume's name key is unusable: {e}"))?;
+        let names = NameKey::from_bytes(&unwrapped.plaintext.0)
+            .map_err(|e| format!("the volume's name key is unusable: {e}"))?;
         let agent = Arc::new(agent);
         let pool = {
             let (agent, key_id, volume_id) = (agent.clone(), config.key_id.clone(), config.volume_id);
@@ -575,17 +575,28 @@ impl Volume {
             return Ok(keys);
         }
         let context = file_key_context(&self.config.volume_id, &file_id);
-        let unwrapped = self
+        let unwrapped: Decrypted = self
             .agent
-            .call("Decrypt", &json!({"CiphertextBlob": b64(wrapped), "EncryptionContext": context_json(&context)}))
+            .call_secret(
+                "Decrypt",
+                &json!({"CiphertextBlob": b64(wrapped), "EncryptionContext": context_json(&context)}),
+            )
             .map_err(agent_error)?;
-        let plaintext = unb64(&unwrapped["Plaintext"])?;
-        let data = DataKey::from_bytes(&plaintext).map_err(|error| VolError::Corrupt { what: "data key", error })?;
-        let arn = unwrapped["KeyId"].as_str().unwrap_or(&self.config.key_id).to_string();
+        let data = DataKey::from_bytes(&unwrapped.plaintext.0)
+            .map_err(|error| VolError::Corrupt { what: "data key", error })?;
+        let arn = unwrapped.key_id;
         let keys = Arc::new(FileKeys { content: ContentKey::derive(&data, self.layout()), data });
         self.cache.insert(file_id, &arn, keys.clone());
         Ok(keys)
     }
+}
+
+/// The agent's answer to Decrypt, its plaintext never in a `serde_json::Value`.
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct Decrypted {
+    key_id: String,
+    plaintext: SecretBytes,
 }
 
 /// The agent's answer to `Kmsfs.GenerateDataKeys`.
