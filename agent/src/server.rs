@@ -15,10 +15,11 @@
 //!
 //! Beyond AWS's `TrentService`, kmsd's extensions share the socket under the `Kmsfs.`
 //! target prefix: `Kmsfs.GenerateDataKeys` is GenerateDataKey for many encryption contexts
-//! at once (kmsfs's key pool uses it), `Kmsfs.WatchKeyEvents` streams key state changes as JSON lines (kmsfs
-//! drops cached data keys of a key the moment it is disabled), `Kmsfs.GetAgentStats`
-//! reports request counts per action, and `Kmsfs.GetAuditInfo` names the audit directory
-//! and public key (and with `"Seal": true` has the log sealed by a digest).
+//! at once (kmsfs's key pool uses it), `Kmsfs.WatchKeyEvents` streams key state changes as
+//! JSON lines (kmsfs drops cached data keys of a key the moment it is disabled),
+//! `Kmsfs.GetAgentStats` reports request counts per action, and `Kmsfs.GetAuditInfo` names
+//! the audit directory and public key (and with `"Seal": true` has the log sealed by a
+//! digest).
 //!
 //! Every request is audited ([`crate::audit`]): [`respond`] answers it, then appends its
 //! record and replies only once the record is durable — or, if it cannot be written, with

@@ -66,6 +66,14 @@ impl<'de> Deserialize<'de> for SecretBytes {
     }
 }
 
+/// The error a non-200 answer with JSON body `body` carries.
+fn refusal(status: u16, body: &serde_json::Value) -> ClientError {
+    match KmsError::from_wire(body) {
+        Some(e) => ClientError::Service(e),
+        None => ClientError::Protocol(format!("HTTP {status} without an error body")),
+    }
+}
+
 /// A connection to one agent socket.
 pub struct AgentClient {
     path: PathBuf,
@@ -120,10 +128,7 @@ impl AgentClient {
         if response.status == 200 {
             return Ok(value);
         }
-        match KmsError::from_wire(&value) {
-            Some(e) => Err(ClientError::Service(e)),
-            None => Err(ClientError::Protocol(format!("HTTP {} without an error body", response.status))),
-        }
+        Err(refusal(response.status, &value))
     }
 
     /// [`call`](Self::call) for answers that carry secrets: the response is read straight
@@ -145,11 +150,7 @@ impl AgentClient {
                 ))
             })
         } else {
-            let value = serde_json::from_slice::<serde_json::Value>(&response.body).unwrap_or_default();
-            Err(KmsError::from_wire(&value).map_or_else(
-                || ClientError::Protocol(format!("HTTP {} without an error body", response.status)),
-                ClientError::Service,
-            ))
+            Err(refusal(response.status, &serde_json::from_slice(&response.body).unwrap_or_default()))
         };
         response.body.zeroize();
         answer

@@ -307,7 +307,6 @@ pub fn generate_data_keys(agent: &Agent, caller: &Caller, request: Value) -> Res
     // Each entry's JSON text, then all of them joined into a buffer of the exact size (so
     // that no plaintext is left behind by a reallocation). Base64 needs no JSON escaping.
     let mut entries = Vec::with_capacity(contexts.len());
-    let mut material = String::new();
     for ctx in &contexts {
         let new = new_data_key(&key, ctx, length)?;
         let (blob, plaintext) = (b64(&new.blob), b64_secret(&new.plaintext));
@@ -316,7 +315,6 @@ pub fn generate_data_keys(agent: &Agent, caller: &Caller, request: Value) -> Res
             entry.push_str(part);
         }
         entries.push(entry);
-        material = new.material_id;
     }
     let mut keys = Zeroizing::new(String::with_capacity(entries.iter().map(|e| e.len() + 1).sum::<usize>() + 1));
     keys.push('[');
@@ -327,7 +325,8 @@ pub fn generate_data_keys(agent: &Agent, caller: &Caller, request: Value) -> Res
         keys.push_str(entry);
     }
     keys.push(']');
-    let body = json!({"KeyId": agent.key_arn(&key.row.id), "KeyMaterialId": material});
+    // Every key of the batch was sealed under the key's current material.
+    let body = json!({"KeyId": agent.key_arn(&key.row.id), "KeyMaterialId": key.current()?.material_id});
     Ok(Reply::with_secret_json(body, "DataKeys", keys))
 }
 
