@@ -306,6 +306,13 @@ impl KmsFs {
         }
     }
 
+    /// Syncs the IDs of the directories made since the last durability point, before an
+    /// operation that makes something in them durable or moves something into them (see
+    /// [`Volume::write_new_dir_id`]).
+    fn sync_new_dir_ids(&self) -> Result<(), Errno> {
+        self.vol.sync_new_dir_ids().map_err(|e| self.fail(self.vol.root(), &e))
+    }
+
     fn attr_of(&self, path: &Path, meta: &fs::Metadata) -> Result<FileAttr, Errno> {
         let kind = file_type(meta.mode());
         let size = match kind {
@@ -887,6 +894,9 @@ impl Filesystem for KmsFs {
         reply: ReplyEmpty,
     ) {
         let result = (|| -> Result<(), Errno> {
+            // Something old may move into a new directory (and a new directory's path is
+            // what its pending sync goes by).
+            self.sync_new_dir_ids()?;
             let (old_dir, _, old) = self.child(parent.0, name)?;
             let (new_dir, _, new) = self.child(newparent.0, newname)?;
             let (old_path, new_path) = (old_dir.join(&old.entry), new_dir.join(&new.entry));
@@ -953,6 +963,7 @@ impl Filesystem for KmsFs {
 
     fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
         let result = (|| -> Result<(PathBuf, StoredName), Errno> {
+            self.sync_new_dir_ids()?; // something old may get a name in a new directory
             let old_path = self.path_of(ino.0)?;
             let (dir, _, stored) = self.child(newparent.0, newname)?;
             let path = dir.join(&stored.entry);
@@ -1060,7 +1071,8 @@ impl Filesystem for KmsFs {
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
         let result = self
-            .open_file(fh)
+            .sync_new_dir_ids()
+            .and_then(|()| self.open_file(fh))
             .and_then(|h| if datasync { h.file.sync_data() } else { h.file.sync_all() }.map_err(|e| errno(&e)));
         match result {
             Ok(()) => reply.ok(),
@@ -1123,7 +1135,10 @@ impl Filesystem for KmsFs {
     }
 
     fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        let result = self.path_of(ino.0).and_then(|p| File::open(p).and_then(|d| d.sync_all()).map_err(|e| errno(&e)));
+        let result = self
+            .sync_new_dir_ids()
+            .and_then(|()| self.path_of(ino.0))
+            .and_then(|p| File::open(p).and_then(|d| d.sync_all()).map_err(|e| errno(&e)));
         match result {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),

@@ -138,6 +138,39 @@ pub struct Volume {
     pool: KeyPool,
     /// Held while an interrupted `mkdir` is given its directory ID (`dir_id`).
     dir_id_recovery: Mutex<()>,
+    /// Directories made by this mount whose ID file is not yet synced, in the order made.
+    unsynced_dir_ids: Mutex<Vec<PathBuf>>,
+}
+
+/// How many new directories' IDs may wait for a durability point before they are synced
+/// anyway: a bound on the open work, which costs about one journal commit per batch.
+pub const UNSYNCED_DIR_IDS: usize = 64;
+
+/// Starts writing `file`'s dirty pages out without waiting for them (as
+/// `POSIX_FADV_DONTNEED` does on Linux; the pages it would drop are still dirty).
+fn start_writeback(file: &File) {
+    let advice = nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED;
+    if let Err(e) = nix::fcntl::posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(file), 0, 0, advice) {
+        tracing::debug!("starting writeback: {e}");
+    }
+}
+
+/// Syncs each directory's ID file, then the directory (which holds the ID's entry), and
+/// empties the list. A directory removed since has nothing left to protect. On failure
+/// the directories not yet synced stay listed, for the next attempt.
+fn sync_dir_ids(dirs: &mut Vec<PathBuf>) -> io::Result<()> {
+    while let Some(dir) = dirs.last() {
+        let synced = File::open(dir.join(names::DIR_ID_FILE))
+            .and_then(|id| id.sync_all())
+            .and_then(|()| File::open(dir)?.sync_all());
+        match synced {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {
+                dirs.pop();
+            }
+        }
+    }
+    Ok(())
 }
 
 fn b64(bytes: &[u8]) -> String {
@@ -221,7 +254,16 @@ impl Volume {
             KeyPool::new(Box::new(move |count| generate_data_keys(&agent, &key_id, &volume_id, count)), pool::WORKERS)
         };
         let cache = KeyCache::new(options.cache_capacity, options.cache_max_age);
-        Ok(Volume { root, config, names, agent, cache, pool, dir_id_recovery: Mutex::new(()) })
+        Ok(Volume {
+            root,
+            config,
+            names,
+            agent,
+            cache,
+            pool,
+            dir_id_recovery: Mutex::new(()),
+            unsynced_dir_ids: Mutex::new(Vec::new()),
+        })
     }
 
     pub fn root(&self) -> &Path {
@@ -322,23 +364,43 @@ impl Volume {
         Ok(id)
     }
 
-    /// Gives the new, empty directory `dir` its ID file, durably: written in place (there
-    /// is no old ID to keep, so no temporary and rename), the file synced, then the
-    /// directory. A crash part way leaves an empty directory without a valid ID, which
-    /// [`Volume::dir_id`] recovers. On failure the ID file is removed, so that the caller
+    /// Gives the new, empty directory `dir` its ID file: written in place (there is no old
+    /// ID to keep, so no temporary and rename) and handed to writeback at once, but not
+    /// waited for. Nothing made in the directory is durable before something is synced,
+    /// and only then is the ID's durability owed: the mount syncs the waiting IDs at its
+    /// durability points ([`Volume::sync_new_dir_ids`]: before an fsync, an fsyncdir, a
+    /// rename or a link), or once [`UNSYNCED_DIR_IDS`] of them wait. (Waiting for each
+    /// made a mkdir cost two syncs, 0.7 ms here, a quarter of a source tree's extraction.)
+    /// On ext4's default `data=ordered`, the early writeback also puts the ID on disk
+    /// before any journal commit that records entries made in the directory. A crash
+    /// before that leaves the directory without a valid ID, which [`Volume::dir_id`]
+    /// recovers when it is empty. On failure the ID file is removed, so that the caller
     /// can remove the directory.
     pub fn write_new_dir_id(&self, dir: &Path) -> Result<(), VolError> {
         let path = dir.join(names::DIR_ID_FILE);
         let mut file = fs::OpenOptions::new().write(true).create_new(true).mode(0o444).open(&path)?;
-        let written = (|| {
-            file.write_all(&DirId::random().encode())?;
-            file.sync_all()?;
-            File::open(dir)?.sync_all()
-        })();
-        if written.is_err() {
+        if let Err(e) = file.write_all(&DirId::random().encode()) {
             let _ = fs::remove_file(&path);
+            return Err(e.into());
         }
-        Ok(written?)
+        start_writeback(&file);
+        let mut unsynced = self.unsynced_dir_ids.lock().unwrap_or_else(PoisonError::into_inner);
+        unsynced.push(dir.to_path_buf());
+        if unsynced.len() >= UNSYNCED_DIR_IDS {
+            // This directory exists either way; a failure shows at the next durability point.
+            if let Err(e) = sync_dir_ids(&mut unsynced) {
+                tracing::warn!("syncing new directories' IDs: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the IDs of the directories made since the last call durable (see
+    /// [`Volume::write_new_dir_id`]). The list stays locked throughout, so that no caller
+    /// returns while another is still syncing an ID its own durability depends on.
+    pub fn sync_new_dir_ids(&self) -> Result<(), VolError> {
+        let mut unsynced = self.unsynced_dir_ids.lock().unwrap_or_else(PoisonError::into_inner);
+        Ok(sync_dir_ids(&mut unsynced)?)
     }
 
     /// Removes the empty (to its user) directory `dir`: its ID file, then itself.
