@@ -1,6 +1,6 @@
 //! kmsfs against a plain directory and gocryptfs, side by side on the same disk, with the
 //! release binaries: a real `kmsd` (default settings: audit trail on) and a `kmsfs` mount
-//! (default: 4 threads), both at their default log levels, as deployed.
+//! (default: 8 threads), both at their default log levels, as deployed.
 //!
 //! Workloads, each run on each target in turn, the whole set repeated (target order rotated
 //! each repeat so that none always goes first); the tables show medians:
@@ -29,7 +29,11 @@
 //! `KMSFS_BENCH_FIO_SECS` (10), `KMSFS_BENCH_RSS_FILES` (100000), `KMSFS_BENCH_ONLY`
 //! (a comma-separated list of groups: sequential, random read, random write, small files,
 //! tarball; default all), `KMSFS_BENCH_TARBALL`
-//! (another tarball, e.g. /usr/src/linux-source-*.tar.xz for a large run).
+//! (another tarball, e.g. /usr/src/linux-source-*.tar.xz for a large run),
+//! `KMSFS_BENCH_ONE_CPU` (a CPU number: this process, the tools it runs and every thread of
+//! the filesystems' processes run on that CPU alone; what each filesystem costs when no FUSE
+//! request or answer has to wake another CPU, which on a VM without halt-polling is most of
+//! a small request's cost).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -61,6 +65,14 @@ struct Settings {
     rss_files: usize,
     tarball: Tarball,
     clock_ticks: f64,
+    /// `KMSFS_BENCH_ONE_CPU`: the CPU everything is pinned to.
+    one_cpu: Option<u64>,
+}
+
+/// Pins every thread of process `pid` (and so the threads and children it makes later) to
+/// `cpu`, with util-linux's `taskset`.
+fn pin(pid: u32, cpu: u64) {
+    run(Command::new("taskset").args(["--all-tasks", "--pid", "--cpu-list"]).arg(cpu.to_string()).arg(pid.to_string()));
 }
 
 /// A positive whole number from the environment, or `default`; a clear message and exit
@@ -591,6 +603,9 @@ fn print_machine(settings: &Settings) {
         "- {} repeat(s), target order rotated each time; medians; sequential {} MiB; fio random read {} s",
         settings.repeats, settings.seq_mib, settings.fio_secs
     );
+    if let Some(cpu) = settings.one_cpu {
+        println!("- KMSFS_BENCH_ONE_CPU: the benchmark, its tools and the filesystems' processes all on CPU {cpu}");
+    }
     println!("- tarball: {} ({} files)\n", settings.tarball.path.display(), settings.tarball.files);
 }
 
@@ -613,6 +628,12 @@ fn main() {
         rss_files: env_number("KMSFS_BENCH_RSS_FILES", 100_000) as usize,
         tarball: Tarball::find(),
         clock_ticks,
+        one_cpu: std::env::var("KMSFS_BENCH_ONE_CPU").ok().map(|v| {
+            v.parse().unwrap_or_else(|_| {
+                eprintln!("KMSFS_BENCH_ONE_CPU must be a CPU number, not {v:?}");
+                std::process::exit(2)
+            })
+        }),
     };
     print_machine(&settings);
 
@@ -638,6 +659,13 @@ fn main() {
             ],
         },
     ];
+
+    if let Some(cpu) = settings.one_cpu {
+        let serving = targets.iter().flat_map(|t| &t.processes).map(|p| p.pid);
+        for pid in serving.chain([std::process::id()]) {
+            pin(pid, cpu);
+        }
+    }
 
     let groups: [(&str, Group); 5] = [
         ("sequential", sequential),
