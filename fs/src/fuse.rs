@@ -29,7 +29,7 @@ use fuser::{
 };
 
 use crate::content::{Content, ContentError};
-use crate::volume::{DirId, FileHeader, StoredName, VolError, Volume, STATUS_XATTR};
+use crate::volume::{start_writeback, DirId, FileHeader, StoredName, VolError, Volume, STATUS_XATTR};
 use kmsfs_common::wipe::{wipe, PlainBuf};
 
 /// How long the kernel may cache attributes and entries. Short: the backing directory
@@ -104,8 +104,7 @@ impl OpenFile {
 /// written out to disk. Otherwise nothing reaches the disk until the kernel's dirty-page
 /// thresholds or the writer's fsync, which then waits for all of it at once; this way
 /// encryption and disk writes overlap. The stretch before is dropped from the backing
-/// file's page cache (the kernel caches the plaintext above us), which is what
-/// `POSIX_FADV_DONTNEED` does: start writeback of dirty pages, drop clean ones.
+/// file's page cache (the kernel caches the plaintext above us): [`start_writeback`].
 #[derive(Default)]
 struct WriteBehind {
     /// Where the next write continues the sequence (plaintext offset).
@@ -533,8 +532,7 @@ impl KmsFs {
         let from = stored(behind.mark.saturating_sub(WRITE_BEHIND));
         let to = stored(end);
         behind.mark = end;
-        let advice = nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED;
-        if let Err(e) = nix::fcntl::posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(&h.file), from, to - from, advice) {
+        if let Err(e) = start_writeback(&h.file, from, to - from) {
             tracing::debug!(path = %h.path.display(), "write-behind: {e}");
         }
     }

@@ -146,13 +146,12 @@ pub struct Volume {
 /// anyway: a bound on the open work, which costs about one journal commit per batch.
 pub const UNSYNCED_DIR_IDS: usize = 64;
 
-/// Starts writing `file`'s dirty pages out without waiting for them (as
-/// `POSIX_FADV_DONTNEED` does on Linux; the pages it would drop are still dirty).
-fn start_writeback(file: &File) {
+/// Starts writing the dirty pages of `file` in `len` bytes from `offset` (0: to its end)
+/// out to disk without waiting for them, and drops its clean pages there: what
+/// `POSIX_FADV_DONTNEED` does on Linux.
+pub fn start_writeback(file: &File, offset: i64, len: i64) -> nix::Result<()> {
     let advice = nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED;
-    if let Err(e) = nix::fcntl::posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(file), 0, 0, advice) {
-        tracing::debug!("starting writeback: {e}");
-    }
+    nix::fcntl::posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(file), offset, len, advice)
 }
 
 /// Syncs each directory's ID file, then the directory (which holds the ID's entry), and
@@ -165,10 +164,8 @@ fn sync_dir_ids(dirs: &mut Vec<PathBuf>) -> io::Result<()> {
             .and_then(|()| File::open(dir)?.sync_all());
         match synced {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-            _ => {
-                dirs.pop();
-            }
-        }
+            _ => dirs.pop(),
+        };
     }
     Ok(())
 }
@@ -383,7 +380,9 @@ impl Volume {
             let _ = fs::remove_file(&path);
             return Err(e.into());
         }
-        start_writeback(&file);
+        if let Err(e) = start_writeback(&file, 0, 0) {
+            tracing::debug!(dir = %dir.display(), "starting the directory ID's writeback: {e}");
+        }
         let mut unsynced = self.unsynced_dir_ids.lock().unwrap_or_else(PoisonError::into_inner);
         unsynced.push(dir.to_path_buf());
         if unsynced.len() >= UNSYNCED_DIR_IDS {
