@@ -279,6 +279,9 @@ fn mount_foreground(mount: &MountArgs, _daemon: bool) -> Result<(), String> {
     let session = fuser::spawn_mount(fs, &mount.mountpoint, &config)
         .map_err(|e| format!("cannot mount {}: {e}", mount.mountpoint.display()))?;
     revoker.set_notifier(session.notifier());
+    if let Err(e) = kmsfs_fs::fuse::widen_readahead(&mount.mountpoint) {
+        tracing::debug!("read-ahead stays at the kernel's default: {e}");
+    }
     let revoke_all = revoker.clone();
     kmsfs_fs::keys::watch_key_events(socket, move |arn| revoker.revoke(arn), move || revoke_all.revoke_all());
     tracing::info!(cipherdir = %volume.root().display(), mountpoint = %mount.mountpoint.display(), "mounted");

@@ -18,3 +18,14 @@ fn write_read_and_nothing_in_the_clear() {
     m.remount();
     assert_eq!(std::fs::read(m.path("plans.txt")).unwrap(), secret);
 }
+
+/// A mount made by root reads ahead a whole 1 MiB request (the kernel's default for a
+/// FUSE mount is 128 KiB), so sequential reads cost a round trip per MiB.
+#[test]
+fn a_root_mount_reads_ahead_a_whole_request() {
+    use std::os::unix::fs::MetadataExt;
+    let m = TestMount::new();
+    let dev = std::fs::metadata(m.mnt()).unwrap().dev();
+    let knob = format!("/sys/class/bdi/{}:{}/read_ahead_kb", nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
+    assert_eq!(std::fs::read_to_string(&knob).unwrap().trim(), "1024", "{knob}");
+}
