@@ -468,10 +468,7 @@ impl KmsFs {
             Ok(file) => {
                 let header = self.vol.init_file(&file).map_err(|e| self.fail(path, &e))?;
                 self.give_to_caller(req, path, Some(&file));
-                let fd_path = PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&file)));
-                let path_buf = path.to_path_buf();
-                nix::unistd::linkat(None, &fd_path, None, &path_buf, nix::fcntl::AtFlags::AT_SYMLINK_FOLLOW)
-                    .map_err(|e| Errno::from_i32(e as i32))?;
+                link_anonymous(&file, path).map_err(|e| Errno::from_i32(e as i32))?;
                 return Ok((file, header));
             }
             Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)) => {}
@@ -647,6 +644,22 @@ fn file_times(atime: Option<TimeOrNow>, mtime: Option<TimeOrNow>) -> fs::FileTim
         times = times.set_modified(at(t));
     }
     times
+}
+
+/// Gives the anonymous (O_TMPFILE) `file` its name `path`. Straight from the descriptor
+/// where the kernel allows it (AT_EMPTY_PATH needs CAP_DAC_READ_SEARCH, which a root
+/// mount has), otherwise through its /proc/self/fd link, which costs a walk of /proc.
+fn link_anonymous(file: &File, path: &Path) -> nix::Result<()> {
+    use nix::fcntl::AtFlags;
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    match nix::unistd::linkat(Some(fd), Path::new(""), None, path, AtFlags::AT_EMPTY_PATH) {
+        Err(nix::errno::Errno::EPERM | nix::errno::Errno::ENOENT) => {
+            let fd_path = PathBuf::from(format!("/proc/self/fd/{fd}"));
+            nix::unistd::linkat(None, fd_path.as_path(), None, path, AtFlags::AT_SYMLINK_FOLLOW)
+        }
+        linked => linked,
+    }
 }
 
 fn reply_xattr(reply: ReplyXattr, size: u32, data: &[u8]) {

@@ -155,15 +155,17 @@ pub fn start_writeback(file: &File, offset: i64, len: i64) -> nix::Result<()> {
 }
 
 /// Syncs each directory's ID file, then the directory (which holds the ID's entry), and
-/// empties the list. A directory removed since has nothing left to protect. On failure
-/// the directories not yet synced stay listed, for the next attempt.
+/// empties the list. A directory removed since has nothing left to protect, whatever took
+/// its name (rmdir takes it off the list, but one removed behind our back may now be a
+/// file: ENOTDIR). On failure the directories not yet synced stay listed, for the next
+/// attempt.
 fn sync_dir_ids(dirs: &mut Vec<PathBuf>) -> io::Result<()> {
     while let Some(dir) = dirs.last() {
         let synced = File::open(dir.join(names::DIR_ID_FILE))
             .and_then(|id| id.sync_all())
             .and_then(|()| File::open(dir)?.sync_all());
         match synced {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            Err(e) if !matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => return Err(e),
             _ => dirs.pop(),
         };
     }
@@ -418,6 +420,8 @@ impl Volume {
             }
             return Err(e.into());
         }
+        // Its ID no longer needs syncing, and its path may soon name something else.
+        self.unsynced_dir_ids.lock().unwrap_or_else(PoisonError::into_inner).retain(|d| d != dir);
         Ok(())
     }
 

@@ -235,6 +235,20 @@ fn fsync_and_fdatasync_succeed_and_keep_the_data() {
     assert_eq!(fs::read(&path).unwrap(), b"first second");
 }
 
+/// A new directory's ID is synced at the next fsync; one removed before that may have
+/// given its name to a file by then, and fsync, rename and link must still work.
+#[test]
+fn fsync_works_after_a_new_directory_gave_its_name_to_a_file() {
+    let m = TestMount::new();
+    fs::create_dir(m.path("short-lived")).unwrap();
+    fs::remove_dir(m.path("short-lived")).unwrap();
+    let mut f = File::create(m.path("short-lived")).unwrap();
+    f.write_all(b"data").unwrap();
+    f.sync_all().unwrap();
+    fs::hard_link(m.path("short-lived"), m.path("second name")).unwrap();
+    fs::rename(m.path("second name"), m.path("third name")).unwrap();
+}
+
 #[test]
 fn fallocate_extends_keeps_size_and_refuses_holes() {
     use nix::fcntl::{fallocate, FallocateFlags};
