@@ -60,6 +60,8 @@ pub fn widen_readahead(mountpoint: &Path) -> io::Result<()> {
 }
 
 struct Node {
+    /// The backing inode number, as the kernel would see it (see [`KmsFs::number`]).
+    number: u64,
     parent: u64,
     stored: OsString,
     /// The other places a hard-linked file was seen, so that it stays reachable when
@@ -97,6 +99,84 @@ impl Node {
         } else {
             self.parent = to.0;
             self.stored = to.1.to_os_string();
+        }
+    }
+}
+
+/// Whether the entry in a reply is an object the request made, or one found in place.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Made {
+    New,
+    Found,
+}
+
+/// Node IDs given to objects whose own number was still taken (see [`Nodes::id_for`]):
+/// above every inode number a backing file system hands out.
+const SPARE_IDS: u64 = 1 << 63;
+
+/// The objects the kernel knows, by the node ID it knows them by.
+///
+/// An object's node ID is its backing inode number, the number `stat` shows. But the
+/// backing file system gives a deleted inode's number to the next new object, possibly
+/// while the kernel still holds the deleted one (open, or not yet forgotten): the kernel
+/// would take the new object for the old (a directory removed is dead to it, so nothing
+/// could be made in the new one), and we would keep the old one's directory ID for the
+/// new. Such a newcomer gets a spare ID instead, until the old node is forgotten.
+struct Nodes {
+    by_id: HashMap<u64, Node>,
+    /// The newest node of each inode number.
+    by_number: HashMap<u64, u64>,
+    spares_given: u64,
+}
+
+impl Nodes {
+    fn get(&self, id: &u64) -> Option<&Node> {
+        self.by_id.get(id)
+    }
+
+    fn get_mut(&mut self, id: &u64) -> Option<&mut Node> {
+        self.by_id.get_mut(id)
+    }
+
+    /// The node that stands for the object with inode `number` now, if the kernel knows it.
+    fn id_of(&self, number: u64) -> Option<u64> {
+        self.by_number.get(&number).copied()
+    }
+
+    /// The ID for the object with inode `number`: its node's if it is the object the
+    /// kernel knows under that number, otherwise a new node's (and the old node, if any,
+    /// is dead: only open handles still reach it).
+    fn id_for(&mut self, number: u64, made: Made) -> u64 {
+        if let Some(id) = self.id_of(number) {
+            match self.by_id.get_mut(&id) {
+                Some(node) if made == Made::Found && !node.unlinked => return id,
+                Some(node) => {
+                    node.unlinked = true;
+                    node.links.clear();
+                }
+                None => {}
+            }
+        }
+        if self.by_id.contains_key(&number) {
+            self.spares_given += 1;
+            SPARE_IDS | self.spares_given
+        } else {
+            number
+        }
+    }
+
+    /// The kernel dropped `count` of its lookups of node `id`; at none, it forgets it.
+    fn drop_lookups(&mut self, id: u64, count: u64) {
+        let Some(node) = self.by_id.get_mut(&id) else { return };
+        node.lookups = node.lookups.saturating_sub(count);
+        // Keep nodes that still have children known to the kernel would be better,
+        // but the kernel forgets children before their parents.
+        if node.lookups == 0 {
+            let number = node.number;
+            self.by_id.remove(&id);
+            if self.by_number.get(&number) == Some(&id) {
+                self.by_number.remove(&number);
+            }
         }
     }
 }
@@ -140,7 +220,7 @@ struct OpenDir {
 pub struct KmsFs {
     vol: Arc<Volume>,
     backing_root_ino: u64,
-    nodes: Mutex<HashMap<u64, Node>>,
+    nodes: Mutex<Nodes>,
     files: Arc<Mutex<HashMap<u64, Arc<OpenFile>>>>,
     dirs: Mutex<HashMap<u64, Arc<OpenDir>>>,
     locks: Mutex<HashMap<u64, Weak<RwLock<()>>>>,
@@ -221,10 +301,11 @@ impl KmsFs {
         // must not be applied on top, or `umask 0; mkdir d` would give 0755, not 0777.
         nix::sys::stat::umask(nix::sys::stat::Mode::empty());
         let backing_root_ino = fs::metadata(vol.root())?.ino();
-        let mut nodes = HashMap::new();
-        nodes.insert(
+        let mut by_id = HashMap::new();
+        by_id.insert(
             ROOT,
             Node {
+                number: ROOT,
                 parent: ROOT,
                 stored: OsString::new(),
                 links: Vec::new(),
@@ -236,7 +317,7 @@ impl KmsFs {
         Ok(KmsFs {
             vol,
             backing_root_ino,
-            nodes: Mutex::new(nodes),
+            nodes: Mutex::new(Nodes { by_id, by_number: HashMap::from([(ROOT, ROOT)]), spares_given: 0 }),
             files: Arc::new(Mutex::new(HashMap::new())),
             dirs: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
@@ -255,8 +336,9 @@ impl KmsFs {
         &self.vol
     }
 
-    /// FUSE inode number of a backing inode number (the backing root's and 1 swap).
-    fn fuse_ino(&self, backing: u64) -> u64 {
+    /// The inode number the kernel sees for a backing inode number: the same, but for
+    /// the backing root's and 1, which swap (1 is the root of every FUSE mount).
+    fn number(&self, backing: u64) -> u64 {
         if backing == self.backing_root_ino {
             ROOT
         } else if backing == ROOT {
@@ -351,7 +433,7 @@ impl KmsFs {
             _ => meta.len(),
         };
         Ok(FileAttr {
-            ino: INodeNo(self.fuse_ino(meta.ino())),
+            ino: INodeNo(self.number(meta.ino())),
             size,
             blocks: meta.blocks(),
             atime: time(meta.atime(), meta.atime_nsec()),
@@ -374,10 +456,17 @@ impl KmsFs {
         self.attr_of(path, &meta)
     }
 
-    /// Records that the kernel looked up `attr.ino` as `stored` in `parent`.
-    fn remember(&self, attr: &FileAttr, parent: u64, stored: &OsStr) {
+    /// Records that the kernel looked up the object `attr` describes as `stored` in
+    /// `parent`, and gives `attr` the node ID the kernel knows it by (it comes with the
+    /// object's inode number, from [`Self::attr_of`]).
+    fn remember(&self, attr: &mut FileAttr, parent: u64, stored: &OsStr, made: Made) {
         let mut nodes = lock(&self.nodes);
-        let node = nodes.entry(attr.ino.0).or_insert_with(|| Node {
+        let number = attr.ino.0;
+        let id = nodes.id_for(number, made);
+        nodes.by_number.insert(number, id);
+        attr.ino = INodeNo(id);
+        let node = nodes.by_id.entry(id).or_insert_with(|| Node {
+            number,
             parent,
             stored: stored.to_os_string(),
             links: Vec::new(),
@@ -385,7 +474,6 @@ impl KmsFs {
             lookups: 0,
             dir_id: None,
         });
-        node.unlinked = false;
         if node.parent != parent || node.stored != stored {
             let previous = (node.parent, std::mem::replace(&mut node.stored, stored.to_os_string()));
             node.parent = parent;
@@ -396,6 +484,12 @@ impl KmsFs {
             }
         }
         node.lookups += 1;
+    }
+
+    /// The node of the object at `path` now, if the kernel knows it.
+    fn node_at(&self, path: &Path) -> Option<u64> {
+        let number = self.number(fs::symlink_metadata(path).ok()?.ino());
+        lock(&self.nodes).id_of(number)
     }
 
     /// An open handle of `ino`: what still reaches a file whose last name is gone.
@@ -572,15 +666,17 @@ impl KmsFs {
             let Some(name) = self.vol.plain_name(&dir, &dir_id, &stored) else { continue };
             let Ok(meta) = entry.metadata() else { continue };
             let kind = file_type(meta.mode());
-            entries.push((name, self.fuse_ino(meta.ino()), kind, Some(stored)));
+            let number = self.number(meta.ino());
+            let ino = lock(&self.nodes).id_of(number).unwrap_or(number);
+            entries.push((name, ino, kind, Some(stored)));
         }
         Ok(OpenDir { entries })
     }
 
-    fn reply_entry(&self, path: &Path, parent: u64, stored: &OsStr, reply: ReplyEntry) {
+    fn reply_entry(&self, path: &Path, parent: u64, stored: &OsStr, made: Made, reply: ReplyEntry) {
         match self.attr(path) {
-            Ok(attr) => {
-                self.remember(&attr, parent, stored);
+            Ok(mut attr) => {
+                self.remember(&mut attr, parent, stored, made);
                 reply.entry(&TTL, &attr, Generation(0));
             }
             Err(e) => reply.error(e),
@@ -609,7 +705,7 @@ impl KmsFs {
             "Backing": self.vol.root(),
             "KeyId": self.vol.key_id(),
             "OpenFiles": lock(&self.files).len(),
-            "KnownInodes": lock(&self.nodes).len(),
+            "KnownInodes": lock(&self.nodes).by_id.len(),
             "DataKeyCache": {
                 "Entries": stats.entries,
                 "Capacity": stats.capacity,
@@ -688,7 +784,9 @@ impl Filesystem for KmsFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.child(parent.0, name) {
-            Ok((dir, _, stored)) => self.reply_entry(&dir.join(&stored.entry), parent.0, &stored.entry, reply),
+            Ok((dir, _, stored)) => {
+                self.reply_entry(&dir.join(&stored.entry), parent.0, &stored.entry, Made::Found, reply)
+            }
             Err(e) => reply.error(e),
         }
     }
@@ -697,15 +795,7 @@ impl Filesystem for KmsFs {
         if ino.0 == ROOT {
             return;
         }
-        let mut nodes = lock(&self.nodes);
-        if let Some(node) = nodes.get_mut(&ino.0) {
-            node.lookups = node.lookups.saturating_sub(nlookup);
-            // Keep nodes that still have children known to the kernel would be better,
-            // but the kernel forgets children before their parents.
-            if node.lookups == 0 {
-                nodes.remove(&ino.0);
-            }
-        }
+        lock(&self.nodes).drop_lookups(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -713,7 +803,7 @@ impl Filesystem for KmsFs {
             // Works for open files that were unlinked, too.
             Some(handle) => self.handle_attr(&handle, ino),
             None => match self.path_of(ino.0) {
-                Ok(path) => self.attr(&path),
+                Ok(path) => self.attr(&path).map(|attr| FileAttr { ino, ..attr }),
                 // fstat(2) of an unlinked open file comes without its handle.
                 Err(Errno::ENOENT) => match self.any_handle(ino.0) {
                     Some(handle) => self.handle_attr(&handle, ino),
@@ -795,7 +885,7 @@ impl Filesystem for KmsFs {
             if atime.is_some() || mtime.is_some() {
                 Self::set_times(&path, atime, mtime).map_err(|e| errno(&e))?;
             }
-            self.attr(&path)
+            self.attr(&path).map(|attr| FileAttr { ino, ..attr })
         })();
         match result {
             Ok(attr) => reply.attr(&TTL, &attr),
@@ -838,7 +928,7 @@ impl Filesystem for KmsFs {
             Ok((path, stored))
         })();
         match result {
-            Ok((path, stored)) => self.reply_entry(&path, parent.0, &stored.entry, reply),
+            Ok((path, stored)) => self.reply_entry(&path, parent.0, &stored.entry, Made::New, reply),
             Err(e) => reply.error(e),
         }
     }
@@ -861,7 +951,7 @@ impl Filesystem for KmsFs {
             Ok((path, stored))
         })();
         match result {
-            Ok((path, stored)) => self.reply_entry(&path, parent.0, &stored.entry, reply),
+            Ok((path, stored)) => self.reply_entry(&path, parent.0, &stored.entry, Made::New, reply),
             Err(e) => reply.error(e),
         }
     }
@@ -869,7 +959,7 @@ impl Filesystem for KmsFs {
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let result = self.child(parent.0, name).and_then(|(dir, _, stored)| {
             let path = dir.join(&stored.entry);
-            let ino = fs::symlink_metadata(&path).map(|m| self.fuse_ino(m.ino())).ok();
+            let ino = self.node_at(&path);
             fs::remove_file(&path).map_err(|e| errno(&e))?;
             self.forget_location(ino, parent.0, &stored.entry);
             self.vol.remove_long_name(&dir, &stored).map_err(|e| self.fail(&dir, &e))
@@ -883,7 +973,9 @@ impl Filesystem for KmsFs {
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let result = self.child(parent.0, name).and_then(|(dir, _, stored)| {
             let path = dir.join(&stored.entry);
+            let ino = self.node_at(&path);
             self.vol.remove_dir(&path).map_err(|e| self.fail(&path, &e))?;
+            self.forget_location(ino, parent.0, &stored.entry);
             self.vol.remove_long_name(&dir, &stored).map_err(|e| self.fail(&dir, &e))
         });
         match result {
@@ -906,7 +998,7 @@ impl Filesystem for KmsFs {
             Ok((path, stored))
         })();
         match result {
-            Ok((path, stored)) => self.reply_entry(&path, parent.0, &stored.entry, reply),
+            Ok((path, stored)) => self.reply_entry(&path, parent.0, &stored.entry, Made::New, reply),
             Err(e) => reply.error(e),
         }
     }
@@ -930,8 +1022,7 @@ impl Filesystem for KmsFs {
             let (old_path, new_path) = (old_dir.join(&old.entry), new_dir.join(&new.entry));
             self.vol.write_long_name(&new_dir, &new).map_err(|e| self.fail(&new_dir, &e))?;
             let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE);
-            let ino_at = |path: &Path| fs::symlink_metadata(path).map(|m| self.fuse_ino(m.ino())).ok();
-            let (moved, replaced) = (ino_at(&old_path), ino_at(&new_path));
+            let (moved, replaced) = (self.node_at(&old_path), self.node_at(&new_path));
             // A directory replacing one that is empty to its user: the backing target still
             // holds its kmsfs.dirid, so rename(2) there would fail with ENOTEMPTY. Remove the
             // target first (ENOTEMPTY if it really is not empty). Not atomic: a crash in
@@ -1003,7 +1094,7 @@ impl Filesystem for KmsFs {
             Ok((path, stored))
         })();
         match result {
-            Ok((path, stored)) => self.reply_entry(&path, newparent.0, &stored.entry, reply),
+            Ok((path, stored)) => self.reply_entry(&path, newparent.0, &stored.entry, Made::Found, reply),
             Err(e) => reply.error(e),
         }
     }
@@ -1133,7 +1224,7 @@ impl Filesystem for KmsFs {
         let Some(dir) = lock(&self.dirs).get(&fh.0).cloned() else { return reply.error(Errno::EBADF) };
         let Ok(dir_path) = self.path_of(ino.0) else { return reply.error(Errno::ENOENT) };
         for (i, (name, entry_ino, _, stored)) in dir.entries.iter().enumerate().skip(offset as usize) {
-            let attr = match stored {
+            let mut attr = match stored {
                 Some(stored) => match self.attr(&dir_path.join(stored)) {
                     Ok(attr) => attr,
                     Err(_) => continue, // vanished since opendir
@@ -1146,12 +1237,15 @@ impl Filesystem for KmsFs {
                     Err(_) => continue,
                 },
             };
-            if reply.add(attr.ino, i as u64 + 1, name, &TTL, &attr, Generation(0)) {
-                break;
-            }
-            // The kernel counts a lookup for every entry but "." and "..".
+            // The kernel counts a lookup for every entry but "." and "..", if it fits.
             if let Some(stored) = stored {
-                self.remember(&attr, ino.0, stored);
+                self.remember(&mut attr, ino.0, stored, Made::Found);
+            }
+            if reply.add(attr.ino, i as u64 + 1, name, &TTL, &attr, Generation(0)) {
+                if stored.is_some() {
+                    lock(&self.nodes).drop_lookups(attr.ino.0, 1);
+                }
+                break;
             }
         }
         reply.ok();
@@ -1321,8 +1415,8 @@ impl Filesystem for KmsFs {
                     return Err(e);
                 }
             };
-            let attr = self.attr_of(&path, &file.metadata().map_err(|e| errno(&e))?)?;
-            self.remember(&attr, parent.0, &stored.entry);
+            let mut attr = self.attr_of(&path, &file.metadata().map_err(|e| errno(&e))?)?;
+            self.remember(&mut attr, parent.0, &stored.entry, Made::New);
             let lock = self.content_lock(attr.ino.0);
             Ok((attr, OpenFile::new(attr.ino.0, file, header, path, lock)))
         })();

@@ -249,6 +249,38 @@ fn fsync_works_after_a_new_directory_gave_its_name_to_a_file() {
     fs::rename(m.path("second name"), m.path("third name")).unwrap();
 }
 
+/// The backing file system gives a removed directory's inode number to the next new
+/// one, here while the kernel still holds the old directory open. Something can be made
+/// in the new directory (the kernel must not take it for the removed one), and its names
+/// are sealed under the new directory's own ID: they read back after a remount.
+#[test]
+fn a_new_directory_with_a_removed_ones_inode_number_seals_names_under_its_own_id() {
+    let mut m = TestMount::new();
+    let rounds = 20;
+    let mut reused = 0;
+    for round in 0..rounds {
+        let old = m.path(&format!("old{round}"));
+        fs::create_dir(&old).unwrap();
+        fs::write(old.join("x"), b"x").unwrap(); // kmsfs reads the old directory's ID
+        let held = File::open(&old).unwrap();
+        let old_ino = held.metadata().unwrap().ino();
+        fs::remove_file(old.join("x")).unwrap();
+        fs::remove_dir(&old).unwrap();
+        let new = m.path(&format!("new{round}"));
+        fs::create_dir(&new).unwrap();
+        let backing_inos = fs::read_dir(m.cipher()).unwrap().map(|e| e.unwrap().metadata().unwrap().ino());
+        reused += usize::from(backing_inos.into_iter().any(|ino| ino == old_ino));
+        fs::write(new.join("name"), format!("{round}")).unwrap();
+        drop(held);
+    }
+    assert!(reused > 0, "no inode number was reused in {rounds} rounds: this test proves nothing here");
+    m.remount();
+    for round in 0..rounds {
+        let name = m.path(&format!("new{round}/name"));
+        assert_eq!(fs::read_to_string(&name).unwrap(), format!("{round}"), "{} ({reused} reused)", name.display());
+    }
+}
+
 #[test]
 fn fallocate_extends_keeps_size_and_refuses_holes() {
     use nix::fcntl::{fallocate, FallocateFlags};
