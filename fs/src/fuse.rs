@@ -527,9 +527,9 @@ impl KmsFs {
     /// New files and directories belong to the caller when we run as root (allow_other).
     /// `opened` is the new entry, when it is a file already open (possibly not yet linked
     /// at `path`); otherwise the entry at `path` itself is changed.
-    fn give_to_caller(&self, req: &Request, path: &Path, opened: Option<&File>) {
+    fn give_to_caller(&self, caller: Caller, path: &Path, opened: Option<&File>) {
         if self.as_root {
-            let (uid, gid) = (Some(req.uid()), self.new_entry_gid(req, path));
+            let (uid, gid) = (Some(caller.uid), self.new_entry_gid(caller, path));
             let given = match opened {
                 Some(file) => std::os::unix::fs::fchown(file, uid, gid),
                 None => std::os::unix::fs::lchown(path, uid, gid),
@@ -543,14 +543,14 @@ impl KmsFs {
     /// The group a new entry at `path` takes from its creator: theirs, except in a setgid
     /// directory, whose group the backing file system already gave it (and, to a new
     /// directory, the setgid bit).
-    fn new_entry_gid(&self, req: &Request, path: &Path) -> Option<u32> {
+    fn new_entry_gid(&self, caller: Caller, path: &Path) -> Option<u32> {
         let setgid_parent =
             path.parent().and_then(|dir| fs::metadata(dir).ok()).is_some_and(|meta| meta.mode() & libc::S_ISGID != 0);
-        (!setgid_parent).then(|| req.gid())
+        (!setgid_parent).then_some(caller.gid)
     }
 
     /// Creates an empty encrypted regular file at `path`.
-    fn create_file(&self, req: &Request, path: &Path, mode: u32) -> Result<(File, FileHeader), Errno> {
+    fn create_file(&self, caller: Caller, path: &Path, mode: u32) -> Result<(File, FileHeader), Errno> {
         // The file gets its header, empty block and owner while still anonymous (O_TMPFILE)
         // and is linked into place only then, so a crash (SIGKILL during the agent call) never
         // leaves a named file without a header. Backing file systems without O_TMPFILE get
@@ -561,7 +561,7 @@ impl KmsFs {
         match anonymous {
             Ok(file) => {
                 let header = self.vol.init_file(&file).map_err(|e| self.fail(path, &e))?;
-                self.give_to_caller(req, path, Some(&file));
+                self.give_to_caller(caller, path, Some(&file));
                 link_anonymous(&file, path).map_err(|e| Errno::from_i32(e as i32))?;
                 return Ok((file, header));
             }
@@ -577,7 +577,7 @@ impl KmsFs {
             .map_err(|e| errno(&e))?;
         match self.vol.init_file(&file) {
             Ok(header) => {
-                self.give_to_caller(req, path, Some(&file));
+                self.give_to_caller(caller, path, Some(&file));
                 Ok((file, header))
             }
             Err(e) => {
@@ -673,14 +673,11 @@ impl KmsFs {
         Ok(OpenDir { entries })
     }
 
-    fn reply_entry(&self, path: &Path, parent: u64, stored: &OsStr, made: Made, reply: ReplyEntry) {
-        match self.attr(path) {
-            Ok(mut attr) => {
-                self.remember(&mut attr, parent, stored, made);
-                reply.entry(&TTL, &attr, Generation(0));
-            }
-            Err(e) => reply.error(e),
-        }
+    /// The attributes of the entry at `path`, now known to the kernel as `stored` in `parent`.
+    fn entry_attr(&self, path: &Path, parent: u64, stored: &OsStr, made: Made) -> Result<FileAttr, Errno> {
+        let mut attr = self.attr(path)?;
+        self.remember(&mut attr, parent, stored, made);
+        Ok(attr)
     }
 
     fn set_times(path: &Path, atime: Option<TimeOrNow>, mtime: Option<TimeOrNow>) -> io::Result<()> {
@@ -758,16 +755,561 @@ fn link_anonymous(file: &File, path: &Path) -> nix::Result<()> {
     }
 }
 
-fn reply_xattr(reply: ReplyXattr, size: u32, data: &[u8]) {
-    if size == 0 {
-        reply.size(data.len() as u32);
-    } else if data.len() > size as usize {
-        reply.error(Errno::ERANGE);
-    } else {
-        reply.data(data);
+fn reply_xattr(reply: ReplyXattr, size: u32, value: &[u8]) {
+    match xattr_answer(size, value) {
+        Ok(XattrAnswer::Size(len)) => reply.size(len),
+        Ok(XattrAnswer::Value(value)) => reply.data(value),
+        Err(e) => reply.error(e),
     }
 }
 
+/// Who made a request: the credentials in its FUSE header.
+#[derive(Clone, Copy, Debug)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl From<&Request> for Caller {
+    fn from(req: &Request) -> Caller {
+        Caller { uid: req.uid(), gid: req.gid() }
+    }
+}
+
+/// An extended attribute's value as a getxattr or listxattr with buffer `size` gets it:
+/// its length when asked for the size (0), the value when it fits, ERANGE when not.
+pub enum XattrAnswer<'a> {
+    Size(u32),
+    Value(&'a [u8]),
+}
+
+pub fn xattr_answer(size: u32, value: &[u8]) -> Result<XattrAnswer<'_>, Errno> {
+    if size == 0 {
+        Ok(XattrAnswer::Size(value.len() as u32))
+    } else if value.len() > size as usize {
+        Err(Errno::ERANGE)
+    } else {
+        Ok(XattrAnswer::Value(value))
+    }
+}
+
+/// The file system's operations, one per FUSE request, whichever transport brought it
+/// (fuser's /dev/fuse loop below, or the io_uring queues in [`crate::ring`]): each takes
+/// the request's arguments and returns what the reply carries.
+impl KmsFs {
+    pub(crate) fn lookup_op(&self, parent: INodeNo, name: &OsStr) -> Result<FileAttr, Errno> {
+        let (dir, _, stored) = self.child(parent.0, name)?;
+        self.entry_attr(&dir.join(&stored.entry), parent.0, &stored.entry, Made::Found)
+    }
+
+    pub(crate) fn forget_op(&self, ino: INodeNo, nlookup: u64) {
+        if ino.0 == ROOT {
+            return;
+        }
+        lock(&self.nodes).drop_lookups(ino.0, nlookup);
+    }
+
+    pub(crate) fn getattr_op(&self, ino: INodeNo, fh: Option<FileHandle>) -> Result<FileAttr, Errno> {
+        match fh.and_then(|fh| self.open_file(fh).ok()) {
+            // Works for open files that were unlinked, too.
+            Some(handle) => self.handle_attr(&handle, ino),
+            None => match self.path_of(ino.0) {
+                Ok(path) => self.attr(&path).map(|attr| FileAttr { ino, ..attr }),
+                // fstat(2) of an unlinked open file comes without its handle.
+                Err(Errno::ENOENT) => match self.any_handle(ino.0) {
+                    Some(handle) => self.handle_attr(&handle, ino),
+                    None => Err(Errno::ENOENT),
+                },
+                Err(e) => Err(e),
+            },
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn setattr_op(
+        &self,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        fh: Option<FileHandle>,
+    ) -> Result<FileAttr, Errno> {
+        let path = match self.path_of(ino.0) {
+            Ok(path) => path,
+            // Unlinked but still open (ftruncate, fchmod... of a temporary file): work
+            // on its descriptor, never on whatever now has its old name.
+            Err(Errno::ENOENT) => {
+                let h = fh.and_then(|fh| self.open_file(fh).ok()).or_else(|| self.any_handle(ino.0));
+                let h = h.ok_or(Errno::ENOENT)?;
+                if let Some(size) = size {
+                    let _guard = h.lock.write().unwrap_or_else(|p| p.into_inner());
+                    self.with_content(&h.path, &h.file, &h.header, |c| c.set_len(size))?;
+                }
+                if let Some(mode) = mode {
+                    h.file.set_permissions(fs::Permissions::from_mode(mode & 0o7777)).map_err(|e| errno(&e))?;
+                }
+                if uid.is_some() || gid.is_some() {
+                    std::os::unix::fs::fchown(&h.file, uid, gid).map_err(|e| errno(&e))?;
+                }
+                if atime.is_some() || mtime.is_some() {
+                    h.file.set_times(file_times(atime, mtime)).map_err(|e| errno(&e))?;
+                }
+                return self.handle_attr(&h, ino);
+            }
+            Err(e) => return Err(e),
+        };
+        if let Some(size) = size {
+            let handle = fh.and_then(|fh| self.open_file(fh).ok());
+            let lock = self.content_lock(ino.0);
+            let _guard = lock.write().unwrap_or_else(|p| p.into_inner());
+            match handle {
+                Some(h) => self.with_content(&path, &h.file, &h.header, |c| c.set_len(size))?,
+                None => {
+                    let (file, header) = self.open_backing(&path, true)?;
+                    self.with_content(&path, &file, &header, |c| c.set_len(size))?
+                }
+            }
+        }
+        if let Some(mode) = mode {
+            let meta = fs::symlink_metadata(&path).map_err(|e| errno(&e))?;
+            if !meta.file_type().is_symlink() {
+                fs::set_permissions(&path, fs::Permissions::from_mode(mode & 0o7777)).map_err(|e| errno(&e))?;
+            }
+        }
+        if uid.is_some() || gid.is_some() {
+            std::os::unix::fs::lchown(&path, uid, gid).map_err(|e| errno(&e))?;
+        }
+        if atime.is_some() || mtime.is_some() {
+            Self::set_times(&path, atime, mtime).map_err(|e| errno(&e))?;
+        }
+        self.attr(&path).map(|attr| FileAttr { ino, ..attr })
+    }
+
+    pub(crate) fn readlink_op(&self, ino: INodeNo) -> Result<Vec<u8>, Errno> {
+        let path = self.path_of(ino.0)?;
+        let stored = fs::read_link(&path).map_err(|e| errno(&e))?;
+        self.vol.decrypt_symlink(&stored).map_err(|e| self.fail(&path, &e))
+    }
+
+    pub(crate) fn mknod_op(
+        &self,
+        caller: Caller,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+    ) -> Result<FileAttr, Errno> {
+        let (dir, _, stored) = self.child(parent.0, name)?;
+        let path = dir.join(&stored.entry);
+        self.vol.write_long_name(&dir, &stored).map_err(|e| self.fail(&dir, &e))?;
+        let perm = mode & !umask & 0o7777;
+        let made = match mode & libc::S_IFMT {
+            libc::S_IFREG => self.create_file(caller, &path, perm).map(|_| ()),
+            kind @ (libc::S_IFIFO | libc::S_IFSOCK | libc::S_IFCHR | libc::S_IFBLK) => {
+                use nix::sys::stat::{mknod, Mode, SFlag};
+                let flag = SFlag::from_bits_truncate(kind);
+                mknod(&path, flag, Mode::from_bits_truncate(perm), u64::from(rdev))
+                    .map_err(|e| Errno::from_i32(e as i32))
+                    .map(|()| self.give_to_caller(caller, &path, None))
+            }
+            _ => Err(Errno::EINVAL),
+        };
+        if let Err(e) = made {
+            let _ = self.vol.remove_long_name(&dir, &stored);
+            return Err(e);
+        }
+        self.entry_attr(&path, parent.0, &stored.entry, Made::New)
+    }
+
+    pub(crate) fn mkdir_op(
+        &self,
+        caller: Caller,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+    ) -> Result<FileAttr, Errno> {
+        let (dir, _, stored) = self.child(parent.0, name)?;
+        let path = dir.join(&stored.entry);
+        self.vol.write_long_name(&dir, &stored).map_err(|e| self.fail(&dir, &e))?;
+        if let Err(e) = fs::DirBuilder::new().mode(mode & !umask & 0o7777).create(&path) {
+            let _ = self.vol.remove_long_name(&dir, &stored);
+            return Err(errno(&e));
+        }
+        if let Err(e) = self.vol.write_new_dir_id(&path) {
+            let _ = fs::remove_dir(&path);
+            let _ = self.vol.remove_long_name(&dir, &stored);
+            return Err(self.fail(&path, &e));
+        }
+        self.give_to_caller(caller, &path, None);
+        self.entry_attr(&path, parent.0, &stored.entry, Made::New)
+    }
+
+    pub(crate) fn unlink_op(&self, parent: INodeNo, name: &OsStr) -> Result<(), Errno> {
+        let (dir, _, stored) = self.child(parent.0, name)?;
+        let path = dir.join(&stored.entry);
+        let ino = self.node_at(&path);
+        fs::remove_file(&path).map_err(|e| errno(&e))?;
+        self.forget_location(ino, parent.0, &stored.entry);
+        self.vol.remove_long_name(&dir, &stored).map_err(|e| self.fail(&dir, &e))
+    }
+
+    pub(crate) fn rmdir_op(&self, parent: INodeNo, name: &OsStr) -> Result<(), Errno> {
+        let (dir, _, stored) = self.child(parent.0, name)?;
+        let path = dir.join(&stored.entry);
+        let ino = self.node_at(&path);
+        self.vol.remove_dir(&path).map_err(|e| self.fail(&path, &e))?;
+        self.forget_location(ino, parent.0, &stored.entry);
+        self.vol.remove_long_name(&dir, &stored).map_err(|e| self.fail(&dir, &e))
+    }
+
+    pub(crate) fn symlink_op(
+        &self,
+        caller: Caller,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+    ) -> Result<FileAttr, Errno> {
+        let (dir, _, stored) = self.child(parent.0, link_name)?;
+        let path = dir.join(&stored.entry);
+        let sealed = self.vol.encrypt_symlink(target.as_os_str().as_bytes()).map_err(|e| self.fail(&path, &e))?;
+        self.vol.write_long_name(&dir, &stored).map_err(|e| self.fail(&dir, &e))?;
+        if let Err(e) = std::os::unix::fs::symlink(&sealed, &path) {
+            let _ = self.vol.remove_long_name(&dir, &stored);
+            return Err(errno(&e));
+        }
+        self.give_to_caller(caller, &path, None);
+        self.entry_attr(&path, parent.0, &stored.entry, Made::New)
+    }
+
+    pub(crate) fn rename_op(
+        &self,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+    ) -> Result<(), Errno> {
+        // Something old may move into a new directory (and a new directory's path is
+        // what its pending sync goes by).
+        self.sync_new_dir_ids()?;
+        let (old_dir, _, old) = self.child(parent.0, name)?;
+        let (new_dir, _, new) = self.child(newparent.0, newname)?;
+        let (old_path, new_path) = (old_dir.join(&old.entry), new_dir.join(&new.entry));
+        self.vol.write_long_name(&new_dir, &new).map_err(|e| self.fail(&new_dir, &e))?;
+        let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE);
+        let (moved, replaced) = (self.node_at(&old_path), self.node_at(&new_path));
+        // A directory replacing one that is empty to its user: the backing target still
+        // holds its kmsfs.dirid, so rename(2) there would fail with ENOTEMPTY. Remove the
+        // target first (ENOTEMPTY if it really is not empty). Not atomic: a crash in
+        // between loses only the empty directory that was being replaced anyway.
+        let is_dir = |path: &Path| fs::symlink_metadata(path).is_ok_and(|m| m.is_dir());
+        if flags.is_empty() && old_path != new_path && is_dir(&old_path) && is_dir(&new_path) {
+            self.vol.remove_dir(&new_path).map_err(|e| self.fail(&new_path, &e))?;
+        }
+        let renamed = if flags.is_empty() {
+            fs::rename(&old_path, &new_path).map_err(|e| errno(&e))
+        } else {
+            let mut nix_flags = nix::fcntl::RenameFlags::empty();
+            if flags.contains(RenameFlags::RENAME_NOREPLACE) {
+                nix_flags |= nix::fcntl::RenameFlags::RENAME_NOREPLACE;
+            }
+            if exchange {
+                nix_flags |= nix::fcntl::RenameFlags::RENAME_EXCHANGE;
+            }
+            nix::fcntl::renameat2(None, &old_path, None, &new_path, nix_flags).map_err(|e| Errno::from_i32(e as i32))
+        };
+        if let Err(e) = renamed {
+            if fs::symlink_metadata(&new_path).is_err() {
+                let _ = self.vol.remove_long_name(&new_dir, &new);
+            }
+            return Err(e);
+        }
+        if moved == replaced {
+            // The same name, or two links of one file: rename(2) did nothing, and
+            // both names (with their long-name side files) remain.
+            return Ok(());
+        }
+        if !exchange {
+            let _ = self.vol.remove_long_name(&old_dir, &old);
+        }
+        // The moved objects' nodes now live at their new places; a replaced object
+        // (perhaps still reachable through another hard link) lost that name.
+        let (from, to) = ((parent.0, old.entry.as_os_str()), (newparent.0, new.entry.as_os_str()));
+        let mut nodes = lock(&self.nodes);
+        if let Some(node) = moved.and_then(|ino| nodes.get_mut(&ino)) {
+            node.move_location(from, to);
+        }
+        if let Some(node) = replaced.and_then(|ino| nodes.get_mut(&ino)) {
+            if exchange {
+                node.move_location(to, from);
+            } else {
+                node.forget_location(to.0, to.1);
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn link_op(&self, ino: INodeNo, newparent: INodeNo, newname: &OsStr) -> Result<FileAttr, Errno> {
+        self.sync_new_dir_ids()?; // something old may get a name in a new directory
+        let old_path = self.path_of(ino.0)?;
+        let (dir, _, stored) = self.child(newparent.0, newname)?;
+        let path = dir.join(&stored.entry);
+        self.vol.write_long_name(&dir, &stored).map_err(|e| self.fail(&dir, &e))?;
+        if let Err(e) = fs::hard_link(&old_path, &path) {
+            let _ = self.vol.remove_long_name(&dir, &stored);
+            return Err(errno(&e));
+        }
+        self.entry_attr(&path, newparent.0, &stored.entry, Made::Found)
+    }
+
+    /// Opens `ino`; the handle's number, which comes back with every request on it.
+    pub(crate) fn open_op(&self, ino: INodeNo, flags: OpenFlags) -> Result<u64, Errno> {
+        let write = !matches!(flags.acc_mode(), OpenAccMode::O_RDONLY);
+        let path = self.path_of(ino.0)?;
+        let (file, header) = self.open_backing(&path, write)?;
+        let open = OpenFile::new(ino.0, file, header, path, self.content_lock(ino.0));
+        let fh = self.new_handle();
+        lock(&self.files).insert(fh, Arc::new(open));
+        Ok(fh)
+    }
+
+    /// Reads up to `size` bytes at `offset` and hands them (or the error) to `answer`,
+    /// from a buffer that is wiped afterwards.
+    pub(crate) fn read_op(&self, fh: FileHandle, offset: u64, size: u32, answer: impl FnOnce(Result<&[u8], Errno>)) {
+        thread_local! {
+            /// Each worker thread's read buffer, kept between requests (wiped after each;
+            /// its length stays, so that the next request need not zero-fill it again).
+            static READ_BUFFER: std::cell::RefCell<PlainBuf> = std::cell::RefCell::new(PlainBuf::new());
+        }
+        READ_BUFFER.with_borrow_mut(|buf| {
+            let result = self.open_file(fh).and_then(|h| {
+                let _guard = h.lock.read().unwrap_or_else(|p| p.into_inner());
+                self.with_content(&h.path, &h.file, &h.header, |c| c.read_at_into(offset, size as usize, buf))
+            });
+            answer(result.map(|n| &buf[..n]));
+            wipe(buf);
+        });
+    }
+
+    pub(crate) fn write_op(&self, fh: FileHandle, offset: u64, data: &[u8]) -> Result<u32, Errno> {
+        let h = self.open_file(fh)?;
+        let _guard = h.lock.write().unwrap_or_else(|p| p.into_inner());
+        self.with_content(&h.path, &h.file, &h.header, |c| c.write_at(offset, data))?;
+        self.write_behind(&h, offset, data.len() as u64);
+        Ok(data.len() as u32)
+    }
+
+    pub(crate) fn release_op(&self, fh: FileHandle) {
+        lock(&self.files).remove(&fh.0);
+    }
+
+    pub(crate) fn fsync_op(&self, fh: FileHandle, datasync: bool) -> Result<(), Errno> {
+        self.sync_new_dir_ids()?;
+        let h = self.open_file(fh)?;
+        if datasync { h.file.sync_data() } else { h.file.sync_all() }.map_err(|e| errno(&e))
+    }
+
+    pub(crate) fn opendir_op(&self, ino: INodeNo) -> Result<u64, Errno> {
+        let dir = self.list_dir(ino.0)?;
+        let fh = self.new_handle();
+        lock(&self.dirs).insert(fh, Arc::new(dir));
+        Ok(fh)
+    }
+
+    /// Lists directory handle `fh` from `offset` into `add`, which says when it is full.
+    pub(crate) fn readdir_op(
+        &self,
+        fh: FileHandle,
+        offset: u64,
+        mut add: impl FnMut(INodeNo, u64, FileType, &OsStr) -> bool,
+    ) -> Result<(), Errno> {
+        let dir = lock(&self.dirs).get(&fh.0).cloned().ok_or(Errno::EBADF)?;
+        for (i, (name, ino, kind, _)) in dir.entries.iter().enumerate().skip(offset as usize) {
+            if add(INodeNo(*ino), i as u64 + 1, *kind, name) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Lists directory handle `fh` from `offset` with each entry's attributes into `add`,
+    /// which says when it is full.
+    pub(crate) fn readdirplus_op(
+        &self,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut add: impl FnMut(&FileAttr, u64, &OsStr) -> bool,
+    ) -> Result<(), Errno> {
+        let dir = lock(&self.dirs).get(&fh.0).cloned().ok_or(Errno::EBADF)?;
+        let dir_path = self.path_of(ino.0)?;
+        for (i, (name, entry_ino, _, stored)) in dir.entries.iter().enumerate().skip(offset as usize) {
+            let mut attr = match stored {
+                Some(stored) => match self.attr(&dir_path.join(stored)) {
+                    Ok(attr) => attr,
+                    Err(_) => continue, // vanished since opendir
+                },
+                None => match self.path_of(*entry_ino).and_then(|p| self.attr(&p)) {
+                    Ok(mut attr) => {
+                        attr.ino = INodeNo(*entry_ino);
+                        attr
+                    }
+                    Err(_) => continue,
+                },
+            };
+            // The kernel counts a lookup for every entry but "." and "..", if it fits.
+            if let Some(stored) = stored {
+                self.remember(&mut attr, ino.0, stored, Made::Found);
+            }
+            if add(&attr, i as u64 + 1, name) {
+                if stored.is_some() {
+                    lock(&self.nodes).drop_lookups(attr.ino.0, 1);
+                }
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn releasedir_op(&self, fh: FileHandle) {
+        lock(&self.dirs).remove(&fh.0);
+    }
+
+    pub(crate) fn fsyncdir_op(&self, ino: INodeNo) -> Result<(), Errno> {
+        self.sync_new_dir_ids()?;
+        let path = self.path_of(ino.0)?;
+        File::open(path).and_then(|d| d.sync_all()).map_err(|e| errno(&e))
+    }
+
+    pub(crate) fn statfs_op(&self) -> Result<nix::sys::statvfs::Statvfs, Errno> {
+        nix::sys::statvfs::statvfs(self.vol.root()).map_err(|e| Errno::from_i32(e as i32))
+    }
+
+    pub(crate) fn setxattr_op(&self, ino: INodeNo, name: &OsStr, value: &[u8], flags: i32) -> Result<(), Errno> {
+        let path = self.path_of(ino.0)?;
+        let stored = self.vol.xattr_name(name).map_err(|e| self.fail(&path, &e))?;
+        let exists = xattr::get(&path, &stored).map_err(|e| errno(&e))?.is_some();
+        if flags & libc::XATTR_CREATE != 0 && exists {
+            return Err(Errno::EEXIST);
+        }
+        if flags & libc::XATTR_REPLACE != 0 && !exists {
+            return Err(Errno::NO_XATTR);
+        }
+        let owner = self.vol.xattr_owner(&path).map_err(|e| self.fail(&path, &e))?;
+        let sealed = self.vol.encrypt_xattr(&owner, name, value).map_err(|e| self.fail(&path, &e))?;
+        xattr::set(&path, &stored, &sealed).map_err(|e| errno(&e))
+    }
+
+    pub(crate) fn getxattr_op(&self, ino: INodeNo, name: &OsStr) -> Result<Vec<u8>, Errno> {
+        if name == STATUS_XATTR {
+            // Only the root has it; elsewhere it is simply absent, as any unset attribute.
+            return if ino.0 == ROOT { Ok(self.status_json()) } else { Err(Errno::NO_XATTR) };
+        }
+        // Names the volume does not store (the kernel asks for security.capability before
+        // every write) are answered before the path is resolved.
+        let stored = self.vol.xattr_name(name).map_err(|e| Errno::from_i32(e.errno()))?;
+        let path = self.path_of(ino.0)?;
+        let sealed = xattr::get(&path, &stored).map_err(|e| errno(&e))?.ok_or(Errno::NO_XATTR)?;
+        let owner = self.vol.xattr_owner(&path).map_err(|e| self.fail(&path, &e))?;
+        self.vol.decrypt_xattr(&owner, name, &sealed).map_err(|e| self.fail(&path, &e))
+    }
+
+    pub(crate) fn listxattr_op(&self, ino: INodeNo) -> Result<Vec<u8>, Errno> {
+        let path = self.path_of(ino.0)?;
+        let mut out = Vec::new();
+        for stored in xattr::list(&path).map_err(|e| errno(&e))? {
+            if let Some(name) = self.vol.plain_xattr_name(&stored) {
+                out.extend_from_slice(name.as_bytes());
+                out.push(0);
+            }
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn removexattr_op(&self, ino: INodeNo, name: &OsStr) -> Result<(), Errno> {
+        let path = self.path_of(ino.0)?;
+        let stored = self.vol.xattr_name(name).map_err(|e| self.fail(&path, &e))?;
+        xattr::remove(&path, &stored).map_err(|e| errno(&e))
+    }
+
+    pub(crate) fn access_op(&self, ino: INodeNo, mask: AccessFlags) -> Result<(), Errno> {
+        // Asked only on mounts without default_permissions, which the mounting user alone
+        // enters: the backing entry, with kmsfs's (that user's) rights, has the answer.
+        let path = self.path_of(ino.0)?;
+        let mode = nix::unistd::AccessFlags::from_bits_truncate(mask.bits());
+        nix::unistd::access(&path, mode).map_err(|e| Errno::from_i32(e as i32))
+    }
+
+    /// Creates and opens a regular file: its attributes and the handle's number.
+    pub(crate) fn create_op(
+        &self,
+        caller: Caller,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+    ) -> Result<(FileAttr, u64), Errno> {
+        let (dir, _, stored) = self.child(parent.0, name)?;
+        let path = dir.join(&stored.entry);
+        self.vol.write_long_name(&dir, &stored).map_err(|e| self.fail(&dir, &e))?;
+        let (file, header) = match self.create_file(caller, &path, mode & !umask) {
+            Ok(created) => created,
+            Err(e) => {
+                let _ = self.vol.remove_long_name(&dir, &stored);
+                return Err(e);
+            }
+        };
+        let mut attr = self.attr_of(&path, &file.metadata().map_err(|e| errno(&e))?)?;
+        self.remember(&mut attr, parent.0, &stored.entry, Made::New);
+        let open = OpenFile::new(attr.ino.0, file, header, path, self.content_lock(attr.ino.0));
+        let fh = self.new_handle();
+        lock(&self.files).insert(fh, Arc::new(open));
+        Ok((attr, fh))
+    }
+
+    pub(crate) fn fallocate_op(
+        &self,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+    ) -> Result<(), Errno> {
+        let h = self.open_file(fh)?;
+        if mode & !libc::FALLOC_FL_KEEP_SIZE != 0 {
+            return Err(Errno::EOPNOTSUPP);
+        }
+        if mode & libc::FALLOC_FL_KEEP_SIZE != 0 {
+            return Ok(());
+        }
+        let lock = self.content_lock(ino.0);
+        let _guard = lock.write().unwrap_or_else(|p| p.into_inner());
+        self.with_content(&h.path, &h.file, &h.header, |c| {
+            let end = offset.saturating_add(length);
+            if end > c.len()? {
+                c.set_len(end)?;
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Answers `reply` with `result`'s value through `ok`, or its error.
+macro_rules! answer {
+    ($reply:ident, $result:expr, |$v:pat_param| $ok:expr) => {
+        match $result {
+            Ok($v) => $ok,
+            Err(e) => $reply.error(e),
+        }
+    };
+}
+
+/// fuser's /dev/fuse loop: each request is handed to its operation above.
 impl Filesystem for KmsFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         let _ = config.set_max_write(MAX_WRITE);
@@ -783,39 +1325,15 @@ impl Filesystem for KmsFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.child(parent.0, name) {
-            Ok((dir, _, stored)) => {
-                self.reply_entry(&dir.join(&stored.entry), parent.0, &stored.entry, Made::Found, reply)
-            }
-            Err(e) => reply.error(e),
-        }
+        answer!(reply, self.lookup_op(parent, name), |attr| reply.entry(&TTL, &attr, Generation(0)))
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        if ino.0 == ROOT {
-            return;
-        }
-        lock(&self.nodes).drop_lookups(ino.0, nlookup);
+        self.forget_op(ino, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
-        let result = match fh.and_then(|fh| self.open_file(fh).ok()) {
-            // Works for open files that were unlinked, too.
-            Some(handle) => self.handle_attr(&handle, ino),
-            None => match self.path_of(ino.0) {
-                Ok(path) => self.attr(&path).map(|attr| FileAttr { ino, ..attr }),
-                // fstat(2) of an unlinked open file comes without its handle.
-                Err(Errno::ENOENT) => match self.any_handle(ino.0) {
-                    Some(handle) => self.handle_attr(&handle, ino),
-                    None => Err(Errno::ENOENT),
-                },
-                Err(e) => Err(e),
-            },
-        };
-        match result {
-            Ok(attr) => reply.attr(&TTL, &attr),
-            Err(e) => reply.error(e),
-        }
+        answer!(reply, self.getattr_op(ino, fh), |attr| reply.attr(&TTL, &attr))
     }
 
     fn setattr(
@@ -836,171 +1354,35 @@ impl Filesystem for KmsFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let result = (|| -> Result<FileAttr, Errno> {
-            let path = match self.path_of(ino.0) {
-                Ok(path) => path,
-                // Unlinked but still open (ftruncate, fchmod... of a temporary file): work
-                // on its descriptor, never on whatever now has its old name.
-                Err(Errno::ENOENT) => {
-                    let h = fh.and_then(|fh| self.open_file(fh).ok()).or_else(|| self.any_handle(ino.0));
-                    let h = h.ok_or(Errno::ENOENT)?;
-                    if let Some(size) = size {
-                        let _guard = h.lock.write().unwrap_or_else(|p| p.into_inner());
-                        self.with_content(&h.path, &h.file, &h.header, |c| c.set_len(size))?;
-                    }
-                    if let Some(mode) = mode {
-                        h.file.set_permissions(fs::Permissions::from_mode(mode & 0o7777)).map_err(|e| errno(&e))?;
-                    }
-                    if uid.is_some() || gid.is_some() {
-                        std::os::unix::fs::fchown(&h.file, uid, gid).map_err(|e| errno(&e))?;
-                    }
-                    if atime.is_some() || mtime.is_some() {
-                        h.file.set_times(file_times(atime, mtime)).map_err(|e| errno(&e))?;
-                    }
-                    return self.handle_attr(&h, ino);
-                }
-                Err(e) => return Err(e),
-            };
-            if let Some(size) = size {
-                let handle = fh.and_then(|fh| self.open_file(fh).ok());
-                let lock = self.content_lock(ino.0);
-                let _guard = lock.write().unwrap_or_else(|p| p.into_inner());
-                match handle {
-                    Some(h) => self.with_content(&path, &h.file, &h.header, |c| c.set_len(size))?,
-                    None => {
-                        let (file, header) = self.open_backing(&path, true)?;
-                        self.with_content(&path, &file, &header, |c| c.set_len(size))?
-                    }
-                }
-            }
-            if let Some(mode) = mode {
-                let meta = fs::symlink_metadata(&path).map_err(|e| errno(&e))?;
-                if !meta.file_type().is_symlink() {
-                    fs::set_permissions(&path, fs::Permissions::from_mode(mode & 0o7777)).map_err(|e| errno(&e))?;
-                }
-            }
-            if uid.is_some() || gid.is_some() {
-                std::os::unix::fs::lchown(&path, uid, gid).map_err(|e| errno(&e))?;
-            }
-            if atime.is_some() || mtime.is_some() {
-                Self::set_times(&path, atime, mtime).map_err(|e| errno(&e))?;
-            }
-            self.attr(&path).map(|attr| FileAttr { ino, ..attr })
-        })();
-        match result {
-            Ok(attr) => reply.attr(&TTL, &attr),
-            Err(e) => reply.error(e),
-        }
+        let result = self.setattr_op(ino, mode, uid, gid, size, atime, mtime, fh);
+        answer!(reply, result, |attr| reply.attr(&TTL, &attr))
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        let result = self.path_of(ino.0).and_then(|path| {
-            let stored = fs::read_link(&path).map_err(|e| errno(&e))?;
-            self.vol.decrypt_symlink(&stored).map_err(|e| self.fail(&path, &e))
-        });
-        match result {
-            Ok(target) => reply.data(&target),
-            Err(e) => reply.error(e),
-        }
+        answer!(reply, self.readlink_op(ino), |target| reply.data(&target))
     }
 
     fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
-        let result = (|| -> Result<(PathBuf, StoredName), Errno> {
-            let (dir, _, stored) = self.child(parent.0, name)?;
-            let path = dir.join(&stored.entry);
-            self.vol.write_long_name(&dir, &stored).map_err(|e| self.fail(&dir, &e))?;
-            let perm = mode & !umask & 0o7777;
-            let made = match mode & libc::S_IFMT {
-                libc::S_IFREG => self.create_file(req, &path, perm).map(|_| ()),
-                kind @ (libc::S_IFIFO | libc::S_IFSOCK | libc::S_IFCHR | libc::S_IFBLK) => {
-                    use nix::sys::stat::{mknod, Mode, SFlag};
-                    let flag = SFlag::from_bits_truncate(kind);
-                    mknod(&path, flag, Mode::from_bits_truncate(perm), u64::from(rdev))
-                        .map_err(|e| Errno::from_i32(e as i32))
-                        .map(|()| self.give_to_caller(req, &path, None))
-                }
-                _ => Err(Errno::EINVAL),
-            };
-            if let Err(e) = made {
-                let _ = self.vol.remove_long_name(&dir, &stored);
-                return Err(e);
-            }
-            Ok((path, stored))
-        })();
-        match result {
-            Ok((path, stored)) => self.reply_entry(&path, parent.0, &stored.entry, Made::New, reply),
-            Err(e) => reply.error(e),
-        }
+        let result = self.mknod_op(req.into(), parent, name, mode, umask, rdev);
+        answer!(reply, result, |attr| reply.entry(&TTL, &attr, Generation(0)))
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
-        let result = (|| -> Result<(PathBuf, StoredName), Errno> {
-            let (dir, _, stored) = self.child(parent.0, name)?;
-            let path = dir.join(&stored.entry);
-            self.vol.write_long_name(&dir, &stored).map_err(|e| self.fail(&dir, &e))?;
-            if let Err(e) = fs::DirBuilder::new().mode(mode & !umask & 0o7777).create(&path) {
-                let _ = self.vol.remove_long_name(&dir, &stored);
-                return Err(errno(&e));
-            }
-            if let Err(e) = self.vol.write_new_dir_id(&path) {
-                let _ = fs::remove_dir(&path);
-                let _ = self.vol.remove_long_name(&dir, &stored);
-                return Err(self.fail(&path, &e));
-            }
-            self.give_to_caller(req, &path, None);
-            Ok((path, stored))
-        })();
-        match result {
-            Ok((path, stored)) => self.reply_entry(&path, parent.0, &stored.entry, Made::New, reply),
-            Err(e) => reply.error(e),
-        }
+        let result = self.mkdir_op(req.into(), parent, name, mode, umask);
+        answer!(reply, result, |attr| reply.entry(&TTL, &attr, Generation(0)))
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let result = self.child(parent.0, name).and_then(|(dir, _, stored)| {
-            let path = dir.join(&stored.entry);
-            let ino = self.node_at(&path);
-            fs::remove_file(&path).map_err(|e| errno(&e))?;
-            self.forget_location(ino, parent.0, &stored.entry);
-            self.vol.remove_long_name(&dir, &stored).map_err(|e| self.fail(&dir, &e))
-        });
-        match result {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        answer!(reply, self.unlink_op(parent, name), |()| reply.ok())
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let result = self.child(parent.0, name).and_then(|(dir, _, stored)| {
-            let path = dir.join(&stored.entry);
-            let ino = self.node_at(&path);
-            self.vol.remove_dir(&path).map_err(|e| self.fail(&path, &e))?;
-            self.forget_location(ino, parent.0, &stored.entry);
-            self.vol.remove_long_name(&dir, &stored).map_err(|e| self.fail(&dir, &e))
-        });
-        match result {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        answer!(reply, self.rmdir_op(parent, name), |()| reply.ok())
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
-        let result = (|| -> Result<(PathBuf, StoredName), Errno> {
-            let (dir, _, stored) = self.child(parent.0, link_name)?;
-            let path = dir.join(&stored.entry);
-            let sealed = self.vol.encrypt_symlink(target.as_os_str().as_bytes()).map_err(|e| self.fail(&path, &e))?;
-            self.vol.write_long_name(&dir, &stored).map_err(|e| self.fail(&dir, &e))?;
-            if let Err(e) = std::os::unix::fs::symlink(&sealed, &path) {
-                let _ = self.vol.remove_long_name(&dir, &stored);
-                return Err(errno(&e));
-            }
-            self.give_to_caller(req, &path, None);
-            Ok((path, stored))
-        })();
-        match result {
-            Ok((path, stored)) => self.reply_entry(&path, parent.0, &stored.entry, Made::New, reply),
-            Err(e) => reply.error(e),
-        }
+        let result = self.symlink_op(req.into(), parent, link_name, target);
+        answer!(reply, result, |attr| reply.entry(&TTL, &attr, Generation(0)))
     }
 
     fn rename(
@@ -1013,106 +1395,15 @@ impl Filesystem for KmsFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        let result = (|| -> Result<(), Errno> {
-            // Something old may move into a new directory (and a new directory's path is
-            // what its pending sync goes by).
-            self.sync_new_dir_ids()?;
-            let (old_dir, _, old) = self.child(parent.0, name)?;
-            let (new_dir, _, new) = self.child(newparent.0, newname)?;
-            let (old_path, new_path) = (old_dir.join(&old.entry), new_dir.join(&new.entry));
-            self.vol.write_long_name(&new_dir, &new).map_err(|e| self.fail(&new_dir, &e))?;
-            let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE);
-            let (moved, replaced) = (self.node_at(&old_path), self.node_at(&new_path));
-            // A directory replacing one that is empty to its user: the backing target still
-            // holds its kmsfs.dirid, so rename(2) there would fail with ENOTEMPTY. Remove the
-            // target first (ENOTEMPTY if it really is not empty). Not atomic: a crash in
-            // between loses only the empty directory that was being replaced anyway.
-            let is_dir = |path: &Path| fs::symlink_metadata(path).is_ok_and(|m| m.is_dir());
-            if flags.is_empty() && old_path != new_path && is_dir(&old_path) && is_dir(&new_path) {
-                self.vol.remove_dir(&new_path).map_err(|e| self.fail(&new_path, &e))?;
-            }
-            let renamed = if flags.is_empty() {
-                fs::rename(&old_path, &new_path).map_err(|e| errno(&e))
-            } else {
-                let mut nix_flags = nix::fcntl::RenameFlags::empty();
-                if flags.contains(RenameFlags::RENAME_NOREPLACE) {
-                    nix_flags |= nix::fcntl::RenameFlags::RENAME_NOREPLACE;
-                }
-                if exchange {
-                    nix_flags |= nix::fcntl::RenameFlags::RENAME_EXCHANGE;
-                }
-                nix::fcntl::renameat2(None, &old_path, None, &new_path, nix_flags)
-                    .map_err(|e| Errno::from_i32(e as i32))
-            };
-            if let Err(e) = renamed {
-                if fs::symlink_metadata(&new_path).is_err() {
-                    let _ = self.vol.remove_long_name(&new_dir, &new);
-                }
-                return Err(e);
-            }
-            if moved == replaced {
-                // The same name, or two links of one file: rename(2) did nothing, and
-                // both names (with their long-name side files) remain.
-                return Ok(());
-            }
-            if !exchange {
-                let _ = self.vol.remove_long_name(&old_dir, &old);
-            }
-            // The moved objects' nodes now live at their new places; a replaced object
-            // (perhaps still reachable through another hard link) lost that name.
-            let (from, to) = ((parent.0, old.entry.as_os_str()), (newparent.0, new.entry.as_os_str()));
-            let mut nodes = lock(&self.nodes);
-            if let Some(node) = moved.and_then(|ino| nodes.get_mut(&ino)) {
-                node.move_location(from, to);
-            }
-            if let Some(node) = replaced.and_then(|ino| nodes.get_mut(&ino)) {
-                if exchange {
-                    node.move_location(to, from);
-                } else {
-                    node.forget_location(to.0, to.1);
-                }
-            }
-            Ok(())
-        })();
-        match result {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        answer!(reply, self.rename_op(parent, name, newparent, newname, flags), |()| reply.ok())
     }
 
     fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
-        let result = (|| -> Result<(PathBuf, StoredName), Errno> {
-            self.sync_new_dir_ids()?; // something old may get a name in a new directory
-            let old_path = self.path_of(ino.0)?;
-            let (dir, _, stored) = self.child(newparent.0, newname)?;
-            let path = dir.join(&stored.entry);
-            self.vol.write_long_name(&dir, &stored).map_err(|e| self.fail(&dir, &e))?;
-            if let Err(e) = fs::hard_link(&old_path, &path) {
-                let _ = self.vol.remove_long_name(&dir, &stored);
-                return Err(errno(&e));
-            }
-            Ok((path, stored))
-        })();
-        match result {
-            Ok((path, stored)) => self.reply_entry(&path, newparent.0, &stored.entry, Made::Found, reply),
-            Err(e) => reply.error(e),
-        }
+        answer!(reply, self.link_op(ino, newparent, newname), |attr| reply.entry(&TTL, &attr, Generation(0)))
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let write = !matches!(flags.acc_mode(), OpenAccMode::O_RDONLY);
-        let result = self.path_of(ino.0).and_then(|path| {
-            let (file, header) = self.open_backing(&path, write)?;
-            Ok(OpenFile::new(ino.0, file, header, path, self.content_lock(ino.0)))
-        });
-        match result {
-            Ok(open) => {
-                let fh = self.new_handle();
-                lock(&self.files).insert(fh, Arc::new(open));
-                reply.opened(FileHandle(fh), FILE_OPEN_FLAGS);
-            }
-            Err(e) => reply.error(e),
-        }
+        answer!(reply, self.open_op(ino, flags), |fh| reply.opened(FileHandle(fh), FILE_OPEN_FLAGS))
     }
 
     fn read(
@@ -1126,22 +1417,7 @@ impl Filesystem for KmsFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        thread_local! {
-            /// Each worker thread's read buffer, kept between requests (wiped after each;
-            /// its length stays, so that the next request need not zero-fill it again).
-            static READ_BUFFER: std::cell::RefCell<PlainBuf> = std::cell::RefCell::new(PlainBuf::new());
-        }
-        READ_BUFFER.with_borrow_mut(|buf| {
-            let result = self.open_file(fh).and_then(|h| {
-                let _guard = h.lock.read().unwrap_or_else(|p| p.into_inner());
-                self.with_content(&h.path, &h.file, &h.header, |c| c.read_at_into(offset, size as usize, buf))
-            });
-            match result {
-                Ok(n) => reply.data(&buf[..n]),
-                Err(e) => reply.error(e),
-            }
-            wipe(buf);
-        });
+        self.read_op(fh, offset, size, |result| answer!(reply, result, |data| reply.data(data)));
     }
 
     fn write(
@@ -1156,16 +1432,7 @@ impl Filesystem for KmsFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let result = self.open_file(fh).and_then(|h| {
-            let _guard = h.lock.write().unwrap_or_else(|p| p.into_inner());
-            self.with_content(&h.path, &h.file, &h.header, |c| c.write_at(offset, data))?;
-            self.write_behind(&h, offset, data.len() as u64);
-            Ok(())
-        });
-        match result {
-            Ok(()) => reply.written(data.len() as u32),
-            Err(e) => reply.error(e),
-        }
+        answer!(reply, self.write_op(fh, offset, data), |n| reply.written(n))
     }
 
     fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
@@ -1184,103 +1451,50 @@ impl Filesystem for KmsFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        lock(&self.files).remove(&fh.0);
+        self.release_op(fh);
         reply.ok();
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
-        let result = self
-            .sync_new_dir_ids()
-            .and_then(|()| self.open_file(fh))
-            .and_then(|h| if datasync { h.file.sync_data() } else { h.file.sync_all() }.map_err(|e| errno(&e)));
-        match result {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        answer!(reply, self.fsync_op(fh, datasync), |()| reply.ok())
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.list_dir(ino.0) {
-            Ok(dir) => {
-                let fh = self.new_handle();
-                lock(&self.dirs).insert(fh, Arc::new(dir));
-                reply.opened(FileHandle(fh), FopenFlags::empty());
-            }
-            Err(e) => reply.error(e),
-        }
+        answer!(reply, self.opendir_op(ino), |fh| reply.opened(FileHandle(fh), FopenFlags::empty()))
     }
 
     fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        let Some(dir) = lock(&self.dirs).get(&fh.0).cloned() else { return reply.error(Errno::EBADF) };
-        for (i, (name, ino, kind, _)) in dir.entries.iter().enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(*ino), i as u64 + 1, *kind, name) {
-                break;
-            }
-        }
-        reply.ok();
+        let result = self.readdir_op(fh, offset, |ino, offset, kind, name| reply.add(ino, offset, kind, name));
+        answer!(reply, result, |()| reply.ok())
     }
 
     fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
-        let Some(dir) = lock(&self.dirs).get(&fh.0).cloned() else { return reply.error(Errno::EBADF) };
-        let Ok(dir_path) = self.path_of(ino.0) else { return reply.error(Errno::ENOENT) };
-        for (i, (name, entry_ino, _, stored)) in dir.entries.iter().enumerate().skip(offset as usize) {
-            let mut attr = match stored {
-                Some(stored) => match self.attr(&dir_path.join(stored)) {
-                    Ok(attr) => attr,
-                    Err(_) => continue, // vanished since opendir
-                },
-                None => match self.path_of(*entry_ino).and_then(|p| self.attr(&p)) {
-                    Ok(mut attr) => {
-                        attr.ino = INodeNo(*entry_ino);
-                        attr
-                    }
-                    Err(_) => continue,
-                },
-            };
-            // The kernel counts a lookup for every entry but "." and "..", if it fits.
-            if let Some(stored) = stored {
-                self.remember(&mut attr, ino.0, stored, Made::Found);
-            }
-            if reply.add(attr.ino, i as u64 + 1, name, &TTL, &attr, Generation(0)) {
-                if stored.is_some() {
-                    lock(&self.nodes).drop_lookups(attr.ino.0, 1);
-                }
-                break;
-            }
-        }
-        reply.ok();
+        let result = self.readdirplus_op(ino, fh, offset, |attr, offset, name| {
+            reply.add(attr.ino, offset, name, &TTL, attr, Generation(0))
+        });
+        answer!(reply, result, |()| reply.ok())
     }
 
     fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
-        lock(&self.dirs).remove(&fh.0);
+        self.releasedir_op(fh);
         reply.ok();
     }
 
     fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        let result = self
-            .sync_new_dir_ids()
-            .and_then(|()| self.path_of(ino.0))
-            .and_then(|p| File::open(p).and_then(|d| d.sync_all()).map_err(|e| errno(&e)));
-        match result {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        answer!(reply, self.fsyncdir_op(ino), |()| reply.ok())
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        match nix::sys::statvfs::statvfs(self.vol.root()) {
-            Ok(s) => reply.statfs(
-                s.blocks(),
-                s.blocks_free(),
-                s.blocks_available(),
-                s.files(),
-                s.files_free(),
-                s.block_size() as u32,
-                255,
-                s.fragment_size() as u32,
-            ),
-            Err(e) => reply.error(Errno::from_i32(e as i32)),
-        }
+        answer!(reply, self.statfs_op(), |s| reply.statfs(
+            s.blocks(),
+            s.blocks_free(),
+            s.blocks_available(),
+            s.files(),
+            s.files_free(),
+            s.block_size() as u32,
+            255,
+            s.fragment_size() as u32,
+        ))
     }
 
     fn setxattr(
@@ -1293,76 +1507,19 @@ impl Filesystem for KmsFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        let result = self.path_of(ino.0).and_then(|path| {
-            let stored = self.vol.xattr_name(name).map_err(|e| self.fail(&path, &e))?;
-            let exists = xattr::get(&path, &stored).map_err(|e| errno(&e))?.is_some();
-            if flags & libc::XATTR_CREATE != 0 && exists {
-                return Err(Errno::EEXIST);
-            }
-            if flags & libc::XATTR_REPLACE != 0 && !exists {
-                return Err(Errno::NO_XATTR);
-            }
-            let owner = self.vol.xattr_owner(&path).map_err(|e| self.fail(&path, &e))?;
-            let sealed = self.vol.encrypt_xattr(&owner, name, value).map_err(|e| self.fail(&path, &e))?;
-            xattr::set(&path, &stored, &sealed).map_err(|e| errno(&e))
-        });
-        match result {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        answer!(reply, self.setxattr_op(ino, name, value, flags), |()| reply.ok())
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        if name == STATUS_XATTR {
-            // Only the root has it; elsewhere it is simply absent, as any unset attribute.
-            if ino.0 == ROOT {
-                return reply_xattr(reply, size, &self.status_json());
-            }
-            return reply.error(Errno::NO_XATTR);
-        }
-        // Names the volume does not store (the kernel asks for security.capability before
-        // every write) are answered before the path is resolved.
-        let stored = match self.vol.xattr_name(name) {
-            Ok(stored) => stored,
-            Err(e) => return reply.error(Errno::from_i32(e.errno())),
-        };
-        let result = self.path_of(ino.0).and_then(|path| {
-            let sealed = xattr::get(&path, &stored).map_err(|e| errno(&e))?.ok_or(Errno::NO_XATTR)?;
-            let owner = self.vol.xattr_owner(&path).map_err(|e| self.fail(&path, &e))?;
-            self.vol.decrypt_xattr(&owner, name, &sealed).map_err(|e| self.fail(&path, &e))
-        });
-        match result {
-            Ok(value) => reply_xattr(reply, size, &value),
-            Err(e) => reply.error(e),
-        }
+        answer!(reply, self.getxattr_op(ino, name), |value| reply_xattr(reply, size, &value))
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let result = self.path_of(ino.0).and_then(|path| {
-            let mut out = Vec::new();
-            for stored in xattr::list(&path).map_err(|e| errno(&e))? {
-                if let Some(name) = self.vol.plain_xattr_name(&stored) {
-                    out.extend_from_slice(name.as_bytes());
-                    out.push(0);
-                }
-            }
-            Ok(out)
-        });
-        match result {
-            Ok(list) => reply_xattr(reply, size, &list),
-            Err(e) => reply.error(e),
-        }
+        answer!(reply, self.listxattr_op(ino), |list| reply_xattr(reply, size, &list))
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let result = self.path_of(ino.0).and_then(|path| {
-            let stored = self.vol.xattr_name(name).map_err(|e| self.fail(&path, &e))?;
-            xattr::remove(&path, &stored).map_err(|e| errno(&e))
-        });
-        match result {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        answer!(reply, self.removexattr_op(ino, name), |()| reply.ok())
     }
 
     fn ioctl(
@@ -1382,16 +1539,7 @@ impl Filesystem for KmsFs {
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
-        // Asked only on mounts without default_permissions, which the mounting user alone
-        // enters: the backing entry, with kmsfs's (that user's) rights, has the answer.
-        let result = self.path_of(ino.0).and_then(|path| {
-            let mode = nix::unistd::AccessFlags::from_bits_truncate(mask.bits());
-            nix::unistd::access(&path, mode).map_err(|e| Errno::from_i32(e as i32))
-        });
-        match result {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        answer!(reply, self.access_op(ino, mask), |()| reply.ok())
     }
 
     fn create(
@@ -1404,30 +1552,13 @@ impl Filesystem for KmsFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        let result = (|| -> Result<(FileAttr, OpenFile), Errno> {
-            let (dir, _, stored) = self.child(parent.0, name)?;
-            let path = dir.join(&stored.entry);
-            self.vol.write_long_name(&dir, &stored).map_err(|e| self.fail(&dir, &e))?;
-            let (file, header) = match self.create_file(req, &path, mode & !umask) {
-                Ok(created) => created,
-                Err(e) => {
-                    let _ = self.vol.remove_long_name(&dir, &stored);
-                    return Err(e);
-                }
-            };
-            let mut attr = self.attr_of(&path, &file.metadata().map_err(|e| errno(&e))?)?;
-            self.remember(&mut attr, parent.0, &stored.entry, Made::New);
-            let lock = self.content_lock(attr.ino.0);
-            Ok((attr, OpenFile::new(attr.ino.0, file, header, path, lock)))
-        })();
-        match result {
-            Ok((attr, open)) => {
-                let fh = self.new_handle();
-                lock(&self.files).insert(fh, Arc::new(open));
-                reply.created(&TTL, &attr, Generation(0), FileHandle(fh), FILE_OPEN_FLAGS);
-            }
-            Err(e) => reply.error(e),
-        }
+        answer!(reply, self.create_op(req.into(), parent, name, mode, umask), |(attr, fh)| reply.created(
+            &TTL,
+            &attr,
+            Generation(0),
+            FileHandle(fh),
+            FILE_OPEN_FLAGS
+        ))
     }
 
     fn fallocate(
@@ -1440,26 +1571,6 @@ impl Filesystem for KmsFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let result = self.open_file(fh).and_then(|h| {
-            if mode & !libc::FALLOC_FL_KEEP_SIZE != 0 {
-                return Err(Errno::EOPNOTSUPP);
-            }
-            if mode & libc::FALLOC_FL_KEEP_SIZE != 0 {
-                return Ok(());
-            }
-            let lock = self.content_lock(ino.0);
-            let _guard = lock.write().unwrap_or_else(|p| p.into_inner());
-            self.with_content(&h.path, &h.file, &h.header, |c| {
-                let end = offset.saturating_add(length);
-                if end > c.len()? {
-                    c.set_len(end)?;
-                }
-                Ok(())
-            })
-        });
-        match result {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        answer!(reply, self.fallocate_op(ino, fh, offset, length, mode), |()| reply.ok())
     }
 }
