@@ -17,7 +17,7 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -34,11 +34,11 @@ use kmsfs_common::wipe::{wipe, PlainBuf};
 
 /// How long the kernel may cache attributes and entries. Short: the backing directory
 /// is ours alone, but a second mount or an offline tool could change it.
-const TTL: Duration = Duration::from_secs(1);
+pub(crate) const TTL: Duration = Duration::from_secs(1);
 const ROOT: u64 = 1;
 /// Open files need no FLUSH on close: writes reach the backing file when they are made,
 /// so there is nothing to flush, and a close saves a round trip.
-const FILE_OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_NOFLUSH;
+pub(crate) const FILE_OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_NOFLUSH;
 /// The largest write the kernel sends (its own ceiling is 1 MiB).
 pub const MAX_WRITE: u32 = 1 << 20;
 
@@ -216,7 +216,7 @@ struct OpenDir {
     entries: Vec<(OsString, u64, FileType, Option<OsString>)>,
 }
 
-/// The filesystem, shared between fuser's worker threads and the key-event watcher.
+/// The filesystem, shared between the transports' threads and the key-event watcher.
 pub struct KmsFs {
     vol: Arc<Volume>,
     backing_root_ino: u64,
@@ -227,6 +227,13 @@ pub struct KmsFs {
     next_handle: AtomicU64,
     as_root: bool,
     notifier: Arc<OnceLock<Notifier>>,
+    /// Whether FUSE_INIT is to ask for FUSE over io_uring (see [`crate::ring`]).
+    ring_wanted: AtomicBool,
+    /// Whether the kernel agreed: from then on it sends every request but FORGET and
+    /// INTERRUPT through the ring, and waits for the ring to be ready.
+    ring_negotiated: AtomicBool,
+    /// Requests served through the ring.
+    pub(crate) ring_served: AtomicU64,
 }
 
 /// What the key-event watcher holds of a mounted filesystem: enough to drop a revoked
@@ -324,6 +331,9 @@ impl KmsFs {
             next_handle: AtomicU64::new(1),
             as_root: nix::unistd::geteuid().is_root(),
             notifier: Arc::new(OnceLock::new()),
+            ring_wanted: AtomicBool::new(false),
+            ring_negotiated: AtomicBool::new(false),
+            ring_served: AtomicU64::new(0),
         })
     }
 
@@ -334,6 +344,16 @@ impl KmsFs {
 
     pub fn volume(&self) -> &Arc<Volume> {
         &self.vol
+    }
+
+    /// Has FUSE_INIT ask for FUSE over io_uring, if the kernel offers it.
+    pub fn want_ring(&self, wanted: bool) {
+        self.ring_wanted.store(wanted, Ordering::Relaxed);
+    }
+
+    /// Whether FUSE_INIT settled on FUSE over io_uring: the ring must then be started.
+    pub fn ring_negotiated(&self) -> bool {
+        self.ring_negotiated.load(Ordering::Relaxed)
     }
 
     /// The inode number the kernel sees for a backing inode number: the same, but for
@@ -701,6 +721,8 @@ impl KmsFs {
         serde_json::to_vec_pretty(&serde_json::json!({
             "Backing": self.vol.root(),
             "KeyId": self.vol.key_id(),
+            "Transport": if self.ring_negotiated() { "io_uring" } else { "/dev/fuse" },
+            "RingRequests": self.ring_served.load(Ordering::Relaxed),
             "OpenFiles": lock(&self.files).len(),
             "KnownInodes": lock(&self.nodes).by_id.len(),
             "DataKeyCache": {
@@ -1309,18 +1331,34 @@ macro_rules! answer {
     };
 }
 
-/// fuser's /dev/fuse loop: each request is handed to its operation above.
-impl Filesystem for KmsFs {
+/// The filesystem as fuser's session holds it: fuser mounts, negotiates FUSE_INIT and
+/// runs the /dev/fuse loop, handing each request to its operation above.
+pub struct DevFuse(pub Arc<KmsFs>);
+
+impl std::ops::Deref for DevFuse {
+    type Target = KmsFs;
+
+    fn deref(&self) -> &KmsFs {
+        &self.0
+    }
+}
+
+impl Filesystem for DevFuse {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         let _ = config.set_max_write(MAX_WRITE);
         // Lookups and creations in one directory may run in parallel (we lock what needs
         // it); listings come with attributes (one request instead of a lookup per entry);
         // symlink targets, which never change in place, stay in the kernel's cache.
-        let wanted = InitFlags::FUSE_PARALLEL_DIROPS
+        let mut wanted = InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_DO_READDIRPLUS
             | InitFlags::FUSE_READDIRPLUS_AUTO
             | InitFlags::FUSE_CACHE_SYMLINKS;
-        let _ = config.add_capabilities(wanted & config.capabilities());
+        let offered = config.capabilities();
+        if self.ring_wanted.load(Ordering::Relaxed) && offered.contains(InitFlags::FUSE_OVER_IO_URING) {
+            wanted |= InitFlags::FUSE_OVER_IO_URING;
+            self.ring_negotiated.store(true, Ordering::Relaxed);
+        }
+        let _ = config.add_capabilities(wanted & offered);
         Ok(())
     }
 

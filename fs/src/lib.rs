@@ -6,4 +6,5 @@ pub mod fsck;
 pub mod fuse;
 pub mod keys;
 pub mod pool;
+pub mod ring;
 pub mod volume;

@@ -229,8 +229,9 @@ fn mount_foreground(mount: &MountArgs, _daemon: bool) -> Result<(), String> {
     let agent = agent(mount.socket.as_deref())?;
     let socket = agent.socket().to_path_buf();
     let volume = Arc::new(Volume::open(&mount.cipherdir, agent, OpenOptions::default())?);
-    let fs = kmsfs_fs::fuse::KmsFs::new(volume.clone()).map_err(|e| e.to_string())?;
+    let fs = Arc::new(kmsfs_fs::fuse::KmsFs::new(volume.clone()).map_err(|e| e.to_string())?);
     let revoker = fs.revoker();
+    let mut ring_wanted = true;
 
     let mut config = fuser::Config::default();
     config.mount_options = vec![
@@ -254,6 +255,9 @@ fn mount_foreground(mount: &MountArgs, _daemon: bool) -> Result<(), String> {
             "sync" => config.mount_options.push(fuser::MountOption::Sync),
             "async" => config.mount_options.push(fuser::MountOption::Async),
             "dirsync" => config.mount_options.push(fuser::MountOption::DirSync),
+            // FUSE over io_uring, when the kernel offers it (the default), or /dev/fuse only.
+            "uring" => ring_wanted = true,
+            "nouring" => ring_wanted = false,
             // The kernel's access-time policies beyond atime/noatime are the backing
             // filesystem's business.
             "relatime" | "norelatime" | "strictatime" | "nostrictatime" | "lazytime" | "nolazytime" => {}
@@ -276,8 +280,34 @@ fn mount_foreground(mount: &MountArgs, _daemon: bool) -> Result<(), String> {
     config.n_threads = Some(mount.threads.max(1));
     config.clone_fd = true;
 
-    let session = fuser::spawn_mount(fs, &mount.mountpoint, &config)
+    // Ask for the ring only if this process can run one: once the kernel agreed, it holds
+    // every request until the ring's queues are registered.
+    if ring_wanted {
+        if let Err(e) = kmsfs_fs::ring::uring::probe() {
+            tracing::info!("FUSE over io_uring is not available to this process ({e}); using /dev/fuse");
+            ring_wanted = false;
+        }
+    }
+    fs.want_ring(ring_wanted);
+    // Session::new mounts and completes FUSE_INIT before it returns.
+    let session = fuser::Session::new(kmsfs_fs::fuse::DevFuse(fs.clone()), &mount.mountpoint, &config)
         .map_err(|e| format!("cannot mount {}: {e}", mount.mountpoint.display()))?;
+    let ring = if fs.ring_negotiated() {
+        let fd = std::os::fd::AsFd::as_fd(&session).try_clone_to_owned().map_err(|e| e.to_string())?;
+        let cpus = kmsfs_fs::ring::uring::possible_cpus().map_err(|e| e.to_string())?.len().max(1);
+        let ring_config = kmsfs_fs::ring::uring::RingConfig {
+            threads_per_queue: (mount.threads / cpus).max(1),
+            payload_size: kmsfs_fs::fuse::MAX_WRITE as usize + 4096,
+        };
+        // On failure the session is dropped, which unmounts.
+        let ring = kmsfs_fs::ring::uring::start(fd, &ring_config, fs.clone())
+            .map_err(|e| format!("cannot start FUSE over io_uring: {e}"))?;
+        tracing::info!(queues = cpus, threads_per_queue = ring_config.threads_per_queue, "serving through io_uring");
+        Some(ring)
+    } else {
+        None
+    };
+    let session = session.spawn().map_err(|e| format!("cannot start the FUSE session: {e}"))?;
     revoker.set_notifier(session.notifier());
     if let Err(e) = kmsfs_fs::fuse::widen_readahead(&mount.mountpoint) {
         tracing::debug!("read-ahead stays at the kernel's default: {e}");
@@ -293,6 +323,9 @@ fn mount_foreground(mount: &MountArgs, _daemon: bool) -> Result<(), String> {
     }
     stop_on_signals(mount.mountpoint.clone());
     session.join().map_err(|e| format!("the FUSE session failed: {e}"))?;
+    if let Some(ring) = ring {
+        ring.join();
+    }
     tracing::info!("unmounted");
     Ok(())
 }

@@ -313,6 +313,19 @@ pub fn unb64(value: &Value) -> Vec<u8> {
     base64::engine::general_purpose::STANDARD.decode(value.as_str().expect("a base64 string")).expect("valid base64")
 }
 
+/// Mount options every test mount gets besides its own: `KMSFS_TEST_MOUNT_OPTIONS`
+/// (comma-separated). The README's test command runs the filesystem suites a second time
+/// with `nouring`, so that both of kmsfs's transports (FUSE over io_uring, /dev/fuse)
+/// are tested.
+pub fn extra_mount_options() -> Vec<String> {
+    std::env::var("KMSFS_TEST_MOUNT_OPTIONS")
+        .unwrap_or_default()
+        .split(',')
+        .filter(|o| !o.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
 /// A mounted kmsfs volume on a real agent: `kmsfs init` then `kmsfs mount --foreground`
 /// as a child process; unmounted (and the agent stopped) on drop. Needs root and
 /// `/dev/fuse`, and fails loudly without them — a filesystem test must never pass
@@ -375,7 +388,7 @@ impl TestMount {
             key_id,
             dir,
             child: None,
-            mount_options: mount_options.iter().map(|s| s.to_string()).collect(),
+            mount_options: mount_options.iter().map(|s| s.to_string()).chain(extra_mount_options()).collect(),
             log_filter,
         };
         mount.mount();

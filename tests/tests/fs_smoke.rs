@@ -29,3 +29,26 @@ fn a_root_mount_reads_ahead_a_whole_request() {
     let knob = format!("/sys/class/bdi/{}:{}/read_ahead_kb", nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
     assert_eq!(std::fs::read_to_string(&knob).unwrap().trim(), "1024", "{knob}");
 }
+
+/// Requests come through FUSE over io_uring where the kernel offers it (its
+/// `fuse.enable_uring`, which the README's test command switches on) and the mount does
+/// not say `nouring`; through /dev/fuse otherwise. `kmsfs status` tells which.
+#[test]
+fn requests_take_the_ring_where_the_kernel_offers_it() {
+    let offered = std::fs::read_to_string("/sys/module/fuse/parameters/enable_uring").is_ok_and(|v| v.trim() == "Y");
+    let refused = kmsfs_tests::extra_mount_options().iter().any(|o| o == "nouring");
+    let m = TestMount::new();
+    std::fs::write(m.path("through"), b"which transport?").unwrap();
+    assert_eq!(std::fs::read(m.path("through")).unwrap(), b"which transport?");
+    let out = m.kmsfs().arg("status").arg(m.mnt()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let served = status["RingRequests"].as_u64().unwrap();
+    if offered && !refused {
+        assert_eq!(status["Transport"], "io_uring", "{status}");
+        assert!(served >= 3, "the create, write and read came through the ring: {status}");
+    } else {
+        assert_eq!(status["Transport"], "/dev/fuse", "{status}");
+        assert_eq!(served, 0, "{status}");
+    }
+}
