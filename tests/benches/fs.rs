@@ -800,11 +800,14 @@ fn fill_key_cache(settings: &Settings, kmsfs: &TestMount) -> Memory {
     }
     let files_per_sec = settings.rss_files as f64 / start.elapsed().as_secs_f64();
     let status = output_of(kmsfs.kmsfs().arg("status").arg(kmsfs.mnt()));
-    // The status document is JSON with one field a line: keep the cache's size.
+    // The status document is JSON with one field a line: keep the cache's size and the
+    // transport the requests came by (FUSE over io_uring where the kernel offers it).
     let cache_line = status
         .lines()
         .map(|l| l.trim().trim_end_matches(','))
-        .filter(|l| l.starts_with("\"Entries\"") || l.starts_with("\"Capacity\""))
+        .filter(|l| {
+            ["\"Entries\"", "\"Capacity\"", "\"Transport\"", "\"RingRequests\""].iter().any(|k| l.starts_with(k))
+        })
         .collect::<Vec<_>>()
         .join(", ");
     assert!(!cache_line.is_empty(), "`kmsfs status` shows no cache entries:\n{status}");
