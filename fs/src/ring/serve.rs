@@ -10,6 +10,9 @@ use super::abi::{self, Op};
 use super::{Incoming, Serve};
 use crate::fuse::{xattr_answer, Caller, KmsFs, XattrAnswer, FILE_OPEN_FLAGS, TTL};
 
+/// READs from this size up are served on a thread of their own (see `Op::Read` below).
+const READ_ELSEWHERE: u32 = 256 << 10;
+
 impl Serve for KmsFs {
     fn serve(&self, request: &Incoming<'_>, out: &mut Vec<u8>) -> Result<(), Errno> {
         self.ring_served.fetch_add(1, Ordering::Relaxed);
@@ -36,12 +39,25 @@ impl Serve for KmsFs {
             Op::Link { ino, newparent, newname } => abi::entry(out, &self.link_op(ino, newparent, newname)?, TTL, 0),
             Op::Open { flags } => abi::open(out, self.open_op(ino, flags)?, FILE_OPEN_FLAGS.bits()),
             Op::Read { fh, offset, size, .. } => {
-                let mut answer = Ok(());
-                self.read_op(fh, offset, size, |result| match result {
-                    Ok(data) => out.extend_from_slice(data),
-                    Err(e) => answer = Err(e),
-                });
-                answer?
+                let read = |out: &mut Vec<u8>| {
+                    let mut answer = Ok(());
+                    self.read_op(fh, offset, size, |result| match result {
+                        Ok(data) => {
+                            out.reserve_exact(data.len());
+                            out.extend_from_slice(data)
+                        }
+                        Err(e) => answer = Err(e),
+                    });
+                    answer
+                };
+                if size >= READ_ELSEWHERE {
+                    // Read-ahead: the kernel queues it on the reader's CPU, whose ring
+                    // threads are pinned there. Decrypting it on a thread of its own lets
+                    // another CPU do it while the reader copies what came before.
+                    std::thread::scope(|s| s.spawn(|| read(out)).join()).unwrap_or(Err(Errno::EIO))?
+                } else {
+                    read(out)?
+                }
             }
             Op::Write { fh, offset, data, .. } => abi::write(out, self.write_op(fh, offset, data)?),
             // Writes go straight to the backing file; nothing is buffered here.
