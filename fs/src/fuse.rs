@@ -1109,13 +1109,18 @@ impl KmsFs {
             static READ_BUFFER: std::cell::RefCell<PlainBuf> = std::cell::RefCell::new(PlainBuf::new());
         }
         READ_BUFFER.with_borrow_mut(|buf| {
-            let result = self.open_file(fh).and_then(|h| {
-                let _guard = h.lock.read().unwrap_or_else(|p| p.into_inner());
-                self.with_content(&h.path, &h.file, &h.header, |c| c.read_at_into(offset, size as usize, buf))
-            });
+            let result = self.read_into(fh, offset, size, buf);
             answer(result.map(|n| &buf[..n]));
             wipe(buf);
         });
+    }
+
+    /// Reads up to `size` bytes at `offset` into the start of `buf`, which it may also use
+    /// beyond them; their length.
+    pub(crate) fn read_into(&self, fh: FileHandle, offset: u64, size: u32, buf: &mut PlainBuf) -> Result<usize, Errno> {
+        let h = self.open_file(fh)?;
+        let _guard = h.lock.read().unwrap_or_else(|p| p.into_inner());
+        self.with_content(&h.path, &h.file, &h.header, |c| c.read_at_into(offset, size as usize, buf))
     }
 
     pub(crate) fn write_op(&self, fh: FileHandle, offset: u64, data: &[u8]) -> Result<u32, Errno> {

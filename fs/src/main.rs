@@ -296,8 +296,8 @@ fn mount_foreground(mount: &MountArgs, _daemon: bool) -> Result<(), String> {
         let fd = std::os::fd::AsFd::as_fd(&session).try_clone_to_owned().map_err(|e| e.to_string())?;
         let cpus = kmsfs_fs::ring::uring::possible_cpus().map_err(|e| e.to_string())?.len().max(1);
         // `--threads` shared among the CPUs' queues, at least two each: one request waiting
-        // on the disk or the agent does not hold up the next, and read-ahead (several
-        // READs queued at once on the reader's CPU) is served in parallel.
+        // on the disk or the agent does not hold up the next, and read-ahead (READs queued
+        // together on the reader's CPU) is served in parallel.
         let ring_config = kmsfs_fs::ring::uring::RingConfig {
             threads_per_queue: (mount.threads / cpus).max(2),
             payload_size: kmsfs_fs::fuse::MAX_WRITE as usize + 4096,

@@ -6,6 +6,8 @@ use std::sync::atomic::Ordering;
 
 use fuser::{Errno, INodeNo};
 
+use kmsfs_common::wipe::{wipe, PlainBuf};
+
 use super::abi::{self, Op};
 use super::{Incoming, Serve};
 use crate::fuse::{xattr_answer, Caller, KmsFs, XattrAnswer, FILE_OPEN_FLAGS, TTL};
@@ -39,25 +41,31 @@ impl Serve for KmsFs {
             Op::Link { ino, newparent, newname } => abi::entry(out, &self.link_op(ino, newparent, newname)?, TTL, 0),
             Op::Open { flags } => abi::open(out, self.open_op(ino, flags)?, FILE_OPEN_FLAGS.bits()),
             Op::Read { fh, offset, size, .. } => {
-                let read = |out: &mut Vec<u8>| {
-                    let mut answer = Ok(());
-                    self.read_op(fh, offset, size, |result| match result {
-                        Ok(data) => {
-                            out.reserve_exact(data.len());
-                            out.extend_from_slice(data)
-                        }
-                        Err(e) => answer = Err(e),
-                    });
-                    answer
-                };
-                if size >= READ_ELSEWHERE {
+                // Decrypted straight into `out` (lent to a PlainBuf for the while), with
+                // no buffer of its own: each ring thread keeps only `out` and its entry.
+                let mut buf = PlainBuf::new();
+                *buf = std::mem::take(out);
+                let result = if size >= READ_ELSEWHERE {
                     // Read-ahead: the kernel queues it on the reader's CPU, whose ring
                     // threads are pinned there. Decrypting it on a thread of its own lets
                     // another CPU do it while the reader copies what came before.
-                    std::thread::scope(|s| s.spawn(|| read(out)).join()).unwrap_or(Err(Errno::EIO))?
+                    let buf = &mut buf;
+                    std::thread::scope(|s| s.spawn(|| self.read_into(fh, offset, size, buf)).join())
+                        .unwrap_or(Err(Errno::EIO))
                 } else {
-                    read(out)?
-                }
+                    self.read_into(fh, offset, size, &mut buf)
+                };
+                *out = std::mem::take(&mut *buf);
+                let len = match result {
+                    Ok(len) => len,
+                    Err(e) => {
+                        wipe(out);
+                        out.clear();
+                        return Err(e);
+                    }
+                };
+                wipe(&mut out[len..]);
+                out.truncate(len);
             }
             Op::Write { fh, offset, data, .. } => abi::write(out, self.write_op(fh, offset, data)?),
             // Writes go straight to the backing file; nothing is buffered here.

@@ -50,9 +50,6 @@ use zeroize::Zeroize;
 
 use super::{abi, Incoming, Serve};
 
-/// Replies above this size are built in scratch memory that is freed after each.
-const LARGE_REPLY: usize = 256 << 10;
-
 /// Where the kernel lists the CPUs it makes queues for.
 const POSSIBLE_CPUS: &str = "/sys/devices/system/cpu/possible";
 
@@ -586,10 +583,6 @@ fn answer(serve: &dyn Serve, header: &mut [u8], payload: &mut [u8], out: &mut Ve
     payload[..reply_len].copy_from_slice(&out[..reply_len]);
     out[..].zeroize();
     out.clear();
-    // A large reply's scratch (a READ's megabyte) is given back rather than kept per thread.
-    if out.capacity() > LARGE_REPLY {
-        *out = Vec::new();
-    }
     *last_reply = reply_len;
     // payload_size ≤ u32::MAX - 16 (checked by `start`).
     let out_header = abi::out_header(unique, 0i32.saturating_sub(error), (OUT_HEADER_SIZE + reply_len) as u32);
