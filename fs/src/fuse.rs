@@ -232,8 +232,8 @@ pub struct KmsFs {
     /// Whether the kernel agreed: from then on it sends every request but FORGET and
     /// INTERRUPT through the ring, and waits for the ring to be ready.
     ring_negotiated: AtomicBool,
-    /// Requests served through the ring.
-    pub(crate) ring_served: AtomicU64,
+    /// The ring's request counters, once it runs.
+    ring_served: OnceLock<crate::ring::uring::Served>,
 }
 
 /// What the key-event watcher holds of a mounted filesystem: enough to drop a revoked
@@ -333,7 +333,7 @@ impl KmsFs {
             notifier: Arc::new(OnceLock::new()),
             ring_wanted: AtomicBool::new(false),
             ring_negotiated: AtomicBool::new(false),
-            ring_served: AtomicU64::new(0),
+            ring_served: OnceLock::new(),
         })
     }
 
@@ -354,6 +354,11 @@ impl KmsFs {
     /// Whether FUSE_INIT settled on FUSE over io_uring: the ring must then be started.
     pub fn ring_negotiated(&self) -> bool {
         self.ring_negotiated.load(Ordering::Relaxed)
+    }
+
+    /// Lets `kmsfs status` count the requests of the ring that was started.
+    pub fn count_ring(&self, served: crate::ring::uring::Served) {
+        let _ = self.ring_served.set(served);
     }
 
     /// The inode number the kernel sees for a backing inode number: the same, but for
@@ -700,6 +705,25 @@ impl KmsFs {
         Ok(attr)
     }
 
+    /// Gives `name` in `parent` to what `make` makes at its backing path: the long-name
+    /// side file first (taken back if `make` fails), then the entry's attributes.
+    fn make_entry(
+        &self,
+        parent: INodeNo,
+        name: &OsStr,
+        made: Made,
+        make: impl FnOnce(&Path) -> Result<(), Errno>,
+    ) -> Result<FileAttr, Errno> {
+        let (dir, _, stored) = self.child(parent.0, name)?;
+        let path = dir.join(&stored.entry);
+        self.vol.write_long_name(&dir, &stored).map_err(|e| self.fail(&dir, &e))?;
+        if let Err(e) = make(&path) {
+            let _ = self.vol.remove_long_name(&dir, &stored);
+            return Err(e);
+        }
+        self.entry_attr(&path, parent.0, &stored.entry, made)
+    }
+
     fn set_times(path: &Path, atime: Option<TimeOrNow>, mtime: Option<TimeOrNow>) -> io::Result<()> {
         use nix::sys::stat::{utimensat, UtimensatFlags};
         use nix::sys::time::TimeSpec;
@@ -722,7 +746,7 @@ impl KmsFs {
             "Backing": self.vol.root(),
             "KeyId": self.vol.key_id(),
             "Transport": if self.ring_negotiated() { "io_uring" } else { "/dev/fuse" },
-            "RingRequests": self.ring_served.load(Ordering::Relaxed),
+            "RingRequests": self.ring_served.get().map_or(0, |served| served.total()),
             "OpenFiles": lock(&self.files).len(),
             "KnownInodes": lock(&self.nodes).by_id.len(),
             "DataKeyCache": {
@@ -925,26 +949,18 @@ impl KmsFs {
         umask: u32,
         rdev: u32,
     ) -> Result<FileAttr, Errno> {
-        let (dir, _, stored) = self.child(parent.0, name)?;
-        let path = dir.join(&stored.entry);
-        self.vol.write_long_name(&dir, &stored).map_err(|e| self.fail(&dir, &e))?;
         let perm = mode & !umask & 0o7777;
-        let made = match mode & libc::S_IFMT {
-            libc::S_IFREG => self.create_file(caller, &path, perm).map(|_| ()),
+        self.make_entry(parent, name, Made::New, |path| match mode & libc::S_IFMT {
+            libc::S_IFREG => self.create_file(caller, path, perm).map(|_| ()),
             kind @ (libc::S_IFIFO | libc::S_IFSOCK | libc::S_IFCHR | libc::S_IFBLK) => {
                 use nix::sys::stat::{mknod, Mode, SFlag};
                 let flag = SFlag::from_bits_truncate(kind);
-                mknod(&path, flag, Mode::from_bits_truncate(perm), u64::from(rdev))
+                mknod(path, flag, Mode::from_bits_truncate(perm), u64::from(rdev))
                     .map_err(|e| Errno::from_i32(e as i32))
-                    .map(|()| self.give_to_caller(caller, &path, None))
+                    .map(|()| self.give_to_caller(caller, path, None))
             }
             _ => Err(Errno::EINVAL),
-        };
-        if let Err(e) = made {
-            let _ = self.vol.remove_long_name(&dir, &stored);
-            return Err(e);
-        }
-        self.entry_attr(&path, parent.0, &stored.entry, Made::New)
+        })
     }
 
     pub(crate) fn mkdir_op(
@@ -955,20 +971,15 @@ impl KmsFs {
         mode: u32,
         umask: u32,
     ) -> Result<FileAttr, Errno> {
-        let (dir, _, stored) = self.child(parent.0, name)?;
-        let path = dir.join(&stored.entry);
-        self.vol.write_long_name(&dir, &stored).map_err(|e| self.fail(&dir, &e))?;
-        if let Err(e) = fs::DirBuilder::new().mode(mode & !umask & 0o7777).create(&path) {
-            let _ = self.vol.remove_long_name(&dir, &stored);
-            return Err(errno(&e));
-        }
-        if let Err(e) = self.vol.write_new_dir_id(&path) {
-            let _ = fs::remove_dir(&path);
-            let _ = self.vol.remove_long_name(&dir, &stored);
-            return Err(self.fail(&path, &e));
-        }
-        self.give_to_caller(caller, &path, None);
-        self.entry_attr(&path, parent.0, &stored.entry, Made::New)
+        self.make_entry(parent, name, Made::New, |path| {
+            fs::DirBuilder::new().mode(mode & !umask & 0o7777).create(path).map_err(|e| errno(&e))?;
+            if let Err(e) = self.vol.write_new_dir_id(path) {
+                let _ = fs::remove_dir(path);
+                return Err(self.fail(path, &e));
+            }
+            self.give_to_caller(caller, path, None);
+            Ok(())
+        })
     }
 
     pub(crate) fn unlink_op(&self, parent: INodeNo, name: &OsStr) -> Result<(), Errno> {
@@ -996,16 +1007,12 @@ impl KmsFs {
         link_name: &OsStr,
         target: &Path,
     ) -> Result<FileAttr, Errno> {
-        let (dir, _, stored) = self.child(parent.0, link_name)?;
-        let path = dir.join(&stored.entry);
-        let sealed = self.vol.encrypt_symlink(target.as_os_str().as_bytes()).map_err(|e| self.fail(&path, &e))?;
-        self.vol.write_long_name(&dir, &stored).map_err(|e| self.fail(&dir, &e))?;
-        if let Err(e) = std::os::unix::fs::symlink(&sealed, &path) {
-            let _ = self.vol.remove_long_name(&dir, &stored);
-            return Err(errno(&e));
-        }
-        self.give_to_caller(caller, &path, None);
-        self.entry_attr(&path, parent.0, &stored.entry, Made::New)
+        self.make_entry(parent, link_name, Made::New, |path| {
+            let sealed = self.vol.encrypt_symlink(target.as_os_str().as_bytes()).map_err(|e| self.fail(path, &e))?;
+            std::os::unix::fs::symlink(&sealed, path).map_err(|e| errno(&e))?;
+            self.give_to_caller(caller, path, None);
+            Ok(())
+        })
     }
 
     pub(crate) fn rename_op(
@@ -1079,14 +1086,7 @@ impl KmsFs {
     pub(crate) fn link_op(&self, ino: INodeNo, newparent: INodeNo, newname: &OsStr) -> Result<FileAttr, Errno> {
         self.sync_new_dir_ids()?; // something old may get a name in a new directory
         let old_path = self.path_of(ino.0)?;
-        let (dir, _, stored) = self.child(newparent.0, newname)?;
-        let path = dir.join(&stored.entry);
-        self.vol.write_long_name(&dir, &stored).map_err(|e| self.fail(&dir, &e))?;
-        if let Err(e) = fs::hard_link(&old_path, &path) {
-            let _ = self.vol.remove_long_name(&dir, &stored);
-            return Err(errno(&e));
-        }
-        self.entry_attr(&path, newparent.0, &stored.entry, Made::Found)
+        self.make_entry(newparent, newname, Made::Found, |path| fs::hard_link(&old_path, path).map_err(|e| errno(&e)))
     }
 
     /// Opens `ino`; the handle's number, which comes back with every request on it.
@@ -1213,8 +1213,19 @@ impl KmsFs {
         File::open(path).and_then(|d| d.sync_all()).map_err(|e| errno(&e))
     }
 
-    pub(crate) fn statfs_op(&self) -> Result<nix::sys::statvfs::Statvfs, Errno> {
-        nix::sys::statvfs::statvfs(self.vol.root()).map_err(|e| Errno::from_i32(e as i32))
+    /// The backing file system's figures; names are at most 255 bytes, as the kernel's.
+    pub(crate) fn statfs_op(&self) -> Result<crate::ring::abi::Statfs, Errno> {
+        let s = nix::sys::statvfs::statvfs(self.vol.root()).map_err(|e| Errno::from_i32(e as i32))?;
+        Ok(crate::ring::abi::Statfs {
+            blocks: s.blocks(),
+            bfree: s.blocks_free(),
+            bavail: s.blocks_available(),
+            files: s.files(),
+            ffree: s.files_free(),
+            bsize: s.block_size() as u32,
+            namelen: 255,
+            frsize: s.fragment_size() as u32,
+        })
     }
 
     pub(crate) fn setxattr_op(&self, ino: INodeNo, name: &OsStr, value: &[u8], flags: i32) -> Result<(), Errno> {
@@ -1528,16 +1539,8 @@ impl Filesystem for DevFuse {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        answer!(reply, self.statfs_op(), |s| reply.statfs(
-            s.blocks(),
-            s.blocks_free(),
-            s.blocks_available(),
-            s.files(),
-            s.files_free(),
-            s.block_size() as u32,
-            255,
-            s.fragment_size() as u32,
-        ))
+        answer!(reply, self.statfs_op(), |s| reply
+            .statfs(s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize))
     }
 
     fn setxattr(

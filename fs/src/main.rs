@@ -306,6 +306,7 @@ fn mount_foreground(mount: &MountArgs, _daemon: bool) -> Result<(), String> {
         let ring = kmsfs_fs::ring::uring::start(fd, &ring_config, fs.clone())
             .map_err(|e| format!("cannot start FUSE over io_uring: {e}"))?;
         tracing::info!(queues = cpus, threads_per_queue = ring_config.threads_per_queue, "serving through io_uring");
+        fs.count_ring(ring.served());
         Some(ring)
     } else {
         None

@@ -788,24 +788,26 @@ pub fn write(out: &mut Vec<u8>, size: u32) {
     put_u32(out, 0);
 }
 
-/// `struct fuse_statfs_out` (80 bytes); the arguments are those of fuser's
-/// `ReplyStatfs::statfs`, in its order.
-#[allow(clippy::too_many_arguments)]
-pub fn statfs(
-    out: &mut Vec<u8>,
-    blocks: u64,
-    bfree: u64,
-    bavail: u64,
-    files: u64,
-    ffree: u64,
-    bsize: u32,
-    namelen: u32,
-    frsize: u32,
-) {
-    for count in [blocks, bfree, bavail, files, ffree] {
+/// A STATFS answer: the fields of `struct fuse_kstatfs`, those of fuser's
+/// `ReplyStatfs::statfs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Statfs {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub bavail: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+    pub namelen: u32,
+    pub frsize: u32,
+}
+
+/// `struct fuse_statfs_out` (80 bytes).
+pub fn statfs(out: &mut Vec<u8>, s: &Statfs) {
+    for count in [s.blocks, s.bfree, s.bavail, s.files, s.ffree] {
         put_u64(out, count);
     }
-    for size in [bsize, namelen, frsize] {
+    for size in [s.bsize, s.namelen, s.frsize] {
         put_u32(out, size);
     }
     // padding, spare[6]
@@ -1524,7 +1526,8 @@ mod tests {
     #[test]
     fn statfs_out() {
         let mut out = Vec::new();
-        statfs(&mut out, 1, 2, 3, 4, 5, 6, 7, 8);
+        let s = Statfs { blocks: 1, bfree: 2, bavail: 3, files: 4, ffree: 5, bsize: 6, namelen: 7, frsize: 8 };
+        statfs(&mut out, &s);
         let expected = raw().u64(1).u64(2).u64(3).u64(4).u64(5).u32(6).u32(7).u32(8).bytes(&[0; 28]).done();
         assert_eq!(out.len(), 80);
         assert_eq!(out, expected);

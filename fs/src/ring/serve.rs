@@ -2,8 +2,6 @@
 //! operation fuser's /dev/fuse loop calls ([`KmsFs`]'s `*_op` methods), and the answer is
 //! encoded as the reply's arguments.
 
-use std::sync::atomic::Ordering;
-
 use fuser::{Errno, INodeNo};
 
 use kmsfs_common::wipe::{wipe, PlainBuf};
@@ -17,7 +15,6 @@ const READ_ELSEWHERE: u32 = 256 << 10;
 
 impl Serve for KmsFs {
     fn serve(&self, request: &Incoming<'_>, out: &mut Vec<u8>) -> Result<(), Errno> {
-        self.ring_served.fetch_add(1, Ordering::Relaxed);
         let header = &request.header;
         let ino = INodeNo(header.nodeid);
         let caller = Caller { uid: header.uid, gid: header.gid };
@@ -85,20 +82,7 @@ impl Serve for KmsFs {
             }
             Op::Releasedir { fh, .. } => self.releasedir_op(fh),
             Op::Fsyncdir { .. } => self.fsyncdir_op(ino)?,
-            Op::Statfs => {
-                let s = self.statfs_op()?;
-                abi::statfs(
-                    out,
-                    s.blocks(),
-                    s.blocks_free(),
-                    s.blocks_available(),
-                    s.files(),
-                    s.files_free(),
-                    s.block_size() as u32,
-                    255,
-                    s.fragment_size() as u32,
-                );
-            }
+            Op::Statfs => abi::statfs(out, &self.statfs_op()?),
             Op::Setxattr { name, value, flags, .. } => self.setxattr_op(ino, name, value, flags)?,
             Op::Getxattr { name, size } => xattr_reply(out, size, &self.getxattr_op(ino, name)?)?,
             Op::Listxattr { size } => xattr_reply(out, size, &self.listxattr_op(ino)?)?,

@@ -152,13 +152,24 @@ pub fn probe() -> io::Result<()> {
 /// The running transport: its threads, and how many requests they have answered.
 pub struct Ring {
     threads: Vec<JoinHandle<()>>,
-    served: Arc<[Counter]>,
+    served: Served,
+}
+
+/// How many requests a ring's threads have answered: one counter per thread.
+#[derive(Clone)]
+pub struct Served(Arc<[Counter]>);
+
+impl Served {
+    /// Requests answered over the ring so far, by all threads.
+    pub fn total(&self) -> u64 {
+        self.0.iter().map(|counter| counter.0.load(Ordering::Relaxed)).sum()
+    }
 }
 
 impl Ring {
-    /// Requests answered over the ring so far, by all threads.
-    pub fn served(&self) -> u64 {
-        self.served.iter().map(|counter| counter.0.load(Ordering::Relaxed)).sum()
+    /// The ring's request counters (they keep counting after this call).
+    pub fn served(&self) -> Served {
+        self.served.clone()
     }
 
     /// Waits for every thread to end, which they do when the connection ends (unmount or
@@ -293,7 +304,7 @@ pub fn start(fuse_fd: OwnedFd, config: &RingConfig, serve: Arc<dyn Serve>) -> io
         unpinned,
         "FUSE over io_uring: ring entries submitted"
     );
-    Ok(Ring { threads, served })
+    Ok(Ring { threads, served: Served(served) })
 }
 
 /// After a failure to spawn: waits for the threads already spawned to set up (or fail),
