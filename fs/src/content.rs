@@ -13,7 +13,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 
 use kmsfs_common::format::block::{
-    open_block_in_place, seal_block, seal_blocks_in_place, BlockIndex, ContentKey, FileId, Layout,
+    open_block_into, seal_block, seal_blocks_in_place, BlockIndex, ContentKey, FileId, Layout,
 };
 use kmsfs_common::format::FormatError;
 use kmsfs_common::wipe::{wipe, PlainBuf};
@@ -70,73 +70,90 @@ impl Content<'_> {
         self.layout().plaintext_size(stored).map_err(|_| ContentError::BadSize(stored))
     }
 
-    /// Reads blocks `first..=last` of a file of plaintext length `size` with one pread,
-    /// decrypts them where they lie, and moves their plaintext together at the start of
-    /// the buffer, which is returned holding exactly that plaintext.
+    /// The plaintext of blocks `first..=last` of a file of plaintext length `size`.
     fn read_blocks(&self, first: u64, last: u64, size: u64) -> Result<PlainBuf, ContentError> {
-        let mut buf = PlainBuf::new();
-        let plain_len = self.read_blocks_into(first, last, size, &mut buf)?;
-        buf.truncate(plain_len);
-        Ok(buf)
-    }
-
-    /// [`Content::read_blocks`] into `buf`, reusing its allocation: `buf` is made exactly
-    /// as long as the stored blocks (zero-filling only what it grows by, as the pread
-    /// overwrites the rest) and the plaintext length is returned; what lies after the
-    /// plaintext is ciphertext and moved-from plaintext, for the caller to wipe.
-    fn read_blocks_into(&self, first: u64, last: u64, size: u64, buf: &mut PlainBuf) -> Result<usize, ContentError> {
-        let layout = self.layout();
-        let final_index = layout.final_block(size).0;
-        let start = layout.stored_offset(BlockIndex(first));
-        let end = layout.stored_offset(BlockIndex(last)) + layout.stored_block_len(BlockIndex(last), size) as u64;
-        buf.resize((end - start) as usize, 0);
-        self.file.read_exact_at(buf, start)?;
-        let chunk = layout.stored_block_size() as usize;
-        let nonce_len = layout.cipher.nonce_len();
-        let mut plain_len = 0;
-        for index in first..=last {
-            let at = ((index - first) as usize) * chunk;
-            let block_end = (at + chunk).min(buf.len());
-            let body_len = open_block_in_place(
-                self.key,
-                &self.file_id,
-                BlockIndex(index),
-                index == final_index,
-                &mut buf[at..block_end],
-            )
-            .map_err(|error| ContentError::Corrupt { block: index, error })?
-            .len();
-            buf.copy_within(at + nonce_len..at + nonce_len + body_len, plain_len);
-            plain_len += body_len;
-        }
-        Ok(plain_len)
-    }
-
-    /// Reads up to `len` bytes at `offset`; short at the end of the file.
-    pub fn read_at(&self, offset: u64, len: usize) -> Result<PlainBuf, ContentError> {
-        let mut buf = PlainBuf::new();
-        let n = self.read_at_into(offset, len, &mut buf)?;
+        let b = self.layout().block_size();
+        let start = first * b;
+        let mut buf = PlainBuf::zeroed((size.min((last + 1) * b) - start) as usize);
+        let n = self.read_range(start, &mut buf, &mut Vec::new(), size)?;
         buf.truncate(n);
         Ok(buf)
     }
 
-    /// [`Content::read_at`] into `buf`, for a caller that reads often and keeps one buffer
-    /// (sparing an allocation, its page faults and its zero-filling per request). The bytes
-    /// read are `buf[..n]` for the `n` returned; the caller wipes `buf` (all of its length:
-    /// past `n` lie ciphertext and moved-from plaintext) once done with them.
-    pub fn read_at_into(&self, offset: u64, len: usize, buf: &mut PlainBuf) -> Result<usize, ContentError> {
+    /// Reads up to `len` bytes at `offset`; short at the end of the file.
+    pub fn read_at(&self, offset: u64, len: usize) -> Result<PlainBuf, ContentError> {
+        let mut buf = PlainBuf::zeroed(len);
+        let n = self.read_at_to(offset, &mut buf, &mut Vec::new())?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    /// Reads up to `out.len()` bytes at `offset` into `out`: how many, short at the end of
+    /// the file. For a caller that reads often: `ciphertext` is a buffer it keeps between
+    /// reads (holding nothing secret, it needs no wiping), and the plaintext is written to
+    /// `out` only, where the caller wants it. On error `out` holds nothing of the file.
+    pub fn read_at_to(&self, offset: u64, out: &mut [u8], ciphertext: &mut Vec<u8>) -> Result<usize, ContentError> {
         let size = self.len()?;
-        if offset >= size || len == 0 {
+        self.read_range(offset, out, ciphertext, size)
+    }
+
+    /// [`Content::read_at_to`] in a file of plaintext length `size`. The stored blocks
+    /// are read with one pread into `ciphertext`, and each block is decrypted straight
+    /// into its place in `out`. Only a block `out` takes in part (the first, read from
+    /// inside; the last, cut short) is decrypted into a block-sized buffer of its own first.
+    fn read_range(
+        &self,
+        offset: u64,
+        out: &mut [u8],
+        ciphertext: &mut Vec<u8>,
+        size: u64,
+    ) -> Result<usize, ContentError> {
+        if offset >= size || out.is_empty() {
             return Ok(0);
         }
-        let end = size.min(offset + len as u64);
-        let b = self.layout().block_size();
+        let layout = self.layout();
+        let end = size.min(offset + out.len() as u64);
+        let b = layout.block_size();
         let (first, last) = (offset / b, (end - 1) / b);
-        self.read_blocks_into(first, last, size, buf)?;
-        let skip = (offset - first * b) as usize;
+        let start = layout.stored_offset(BlockIndex(first));
+        let stored_end =
+            layout.stored_offset(BlockIndex(last)) + layout.stored_block_len(BlockIndex(last), size) as u64;
+        // Grown only: the pread overwrites what is kept, and what it grows by is zero-filled once.
+        let stored_len = (stored_end - start) as usize;
+        if ciphertext.len() < stored_len {
+            ciphertext.resize(stored_len, 0);
+        }
+        let stored = &mut ciphertext[..stored_len];
+        self.file.read_exact_at(stored, start)?;
+
         let wanted = (end - offset) as usize;
-        if skip > 0 {
-            buf.copy_within(skip..skip + wanted, 0);
+        let final_index = layout.final_block(size).0;
+        let chunk = layout.stored_block_size() as usize;
+        let mut partial = None;
+        let opened = (first..=last).try_for_each(|index| {
+            let at = ((index - first) as usize) * chunk;
+            let block = &stored[at..stored.len().min(at + chunk)];
+            let block_start = index * b;
+            let block_len = layout.block_len(BlockIndex(index), size);
+            // The part of this block's plaintext wanted, in file offsets, and where it goes.
+            let (from, to) = (offset.max(block_start), end.min(block_start + block_len as u64));
+            let place = &mut out[(from - offset) as usize..(to - offset) as usize];
+            let open = |into: &mut [u8]| {
+                open_block_into(self.key, &self.file_id, BlockIndex(index), index == final_index, block, into)
+                    .map_err(|error| ContentError::Corrupt { block: index, error })
+            };
+            if place.len() == block_len {
+                return open(place);
+            }
+            let whole: &mut PlainBuf = partial.get_or_insert_with(|| PlainBuf::zeroed(b as usize));
+            open(&mut whole[..block_len])?;
+            let skip = (from - block_start) as usize;
+            place.copy_from_slice(&whole[skip..skip + place.len()]);
+            Ok(())
+        });
+        if let Err(e) = opened {
+            wipe(&mut out[..wanted]);
+            return Err(e);
         }
         Ok(wanted)
     }
@@ -217,13 +234,8 @@ impl Content<'_> {
         }
         let half = blocks / 2;
         let (front, back) = stored.split_at_mut(half as usize * chunk);
-        std::thread::scope(|scope| {
-            let helper = scope.spawn(|| seal_write(first + half, back));
-            let ours = seal_write(first, front);
-            let theirs =
-                helper.join().unwrap_or_else(|_| Err(ContentError::Io(io::Error::other("sealing thread failed"))));
-            ours.and(theirs)
-        })
+        let (ours, theirs) = rayon::join(|| seal_write(first, front), || seal_write(first + half, back));
+        ours.and(theirs)
     }
 
     /// Truncates or extends the file to `new_size` bytes of plaintext.

@@ -10,6 +10,7 @@
 //! Requests run on several threads (fuser's `n_threads`); per-inode content locks
 //! serialize writers of one file against each other and against its readers.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, OpenOptions};
@@ -29,6 +30,7 @@ use fuser::{
 };
 
 use crate::content::{Content, ContentError};
+use crate::helpers;
 use crate::volume::{start_writeback, DirId, FileHeader, StoredName, VolError, Volume, STATUS_XATTR};
 use kmsfs_common::wipe::{wipe, PlainBuf};
 
@@ -234,6 +236,8 @@ pub struct KmsFs {
     ring_negotiated: AtomicBool,
     /// The ring's request counters, once it runs.
     ring_served: OnceLock<crate::ring::uring::Served>,
+    /// Where large READs and WRITEs are done (see [`crate::helpers`]).
+    helpers: rayon::ThreadPool,
 }
 
 /// What the key-event watcher holds of a mounted filesystem: enough to drop a revoked
@@ -334,6 +338,7 @@ impl KmsFs {
             ring_wanted: AtomicBool::new(false),
             ring_negotiated: AtomicBool::new(false),
             ring_served: OnceLock::new(),
+            helpers: crate::helpers::pool()?,
         })
     }
 
@@ -1106,27 +1111,55 @@ impl KmsFs {
         thread_local! {
             /// Each worker thread's read buffer, kept between requests (wiped after each;
             /// its length stays, so that the next request need not zero-fill it again).
-            static READ_BUFFER: std::cell::RefCell<PlainBuf> = std::cell::RefCell::new(PlainBuf::new());
+            static READ_BUFFER: RefCell<PlainBuf> = RefCell::new(PlainBuf::new());
         }
         READ_BUFFER.with_borrow_mut(|buf| {
-            let result = self.read_into(fh, offset, size, buf);
-            answer(result.map(|n| &buf[..n]));
-            wipe(buf);
+            if buf.len() < size as usize {
+                buf.resize(size as usize, 0);
+            }
+            let out = &mut buf[..size as usize];
+            let result = self.read_to(fh, offset, out);
+            answer(result.map(|n| &out[..n]));
+            wipe(out);
         });
     }
 
-    /// Reads up to `size` bytes at `offset` into the start of `buf`, which it may also use
-    /// beyond them; their length.
-    pub(crate) fn read_into(&self, fh: FileHandle, offset: u64, size: u32, buf: &mut PlainBuf) -> Result<usize, Errno> {
+    /// Reads up to `out.len()` bytes at `offset` into `out`: how many. A large read is
+    /// done by a helper thread (see [`crate::helpers`]).
+    pub(crate) fn read_to(&self, fh: FileHandle, offset: u64, out: &mut [u8]) -> Result<usize, Errno> {
+        thread_local! {
+            /// Each thread's buffer for the ciphertext its reads read, kept between
+            /// requests (it holds nothing secret), so that a read allocates and zero-fills
+            /// nothing.
+            static CIPHERTEXT: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+        }
         let h = self.open_file(fh)?;
-        let _guard = h.lock.read().unwrap_or_else(|p| p.into_inner());
-        self.with_content(&h.path, &h.file, &h.header, |c| c.read_at_into(offset, size as usize, buf))
+        let large = out.len() >= helpers::LARGE;
+        let mut read = || {
+            let _guard = h.lock.read().unwrap_or_else(|p| p.into_inner());
+            CIPHERTEXT.with_borrow_mut(|ciphertext| {
+                self.with_content(&h.path, &h.file, &h.header, |c| c.read_at_to(offset, out, ciphertext))
+            })
+        };
+        if large {
+            self.helpers.install(read)
+        } else {
+            read()
+        }
     }
 
+    /// Writes `data` at `offset`; a large write is sealed by helper threads.
     pub(crate) fn write_op(&self, fh: FileHandle, offset: u64, data: &[u8]) -> Result<u32, Errno> {
         let h = self.open_file(fh)?;
-        let _guard = h.lock.write().unwrap_or_else(|p| p.into_inner());
-        self.with_content(&h.path, &h.file, &h.header, |c| c.write_at(offset, data))?;
+        let write = || {
+            let _guard = h.lock.write().unwrap_or_else(|p| p.into_inner());
+            self.with_content(&h.path, &h.file, &h.header, |c| c.write_at(offset, data))
+        };
+        if data.len() >= helpers::LARGE {
+            self.helpers.install(write)?;
+        } else {
+            write()?;
+        }
         self.write_behind(&h, offset, data.len() as u64);
         Ok(data.len() as u32)
     }

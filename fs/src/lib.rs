@@ -4,6 +4,7 @@
 pub mod content;
 pub mod fsck;
 pub mod fuse;
+mod helpers;
 pub mod keys;
 pub mod pool;
 pub mod ring;

@@ -20,6 +20,7 @@
 use std::ops::Range;
 
 use aes_gcm::aead::array::Array;
+use aes_gcm::aead::inout::InOutBuf;
 use aes_gcm::aead::{AeadInOut, KeyInit};
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use chacha20poly1305::XChaCha20Poly1305;
@@ -307,20 +308,21 @@ impl ContentKey {
         tag.expect("nonce length and message length are within the AEAD's limits")
     }
 
-    /// Opens `sealed` (ciphertext then tag) in place: on success its first
-    /// `len - TAG_LEN` bytes hold the plaintext.
-    fn open_in_place(&self, nonce: &[u8], aad: &[u8], sealed: &mut [u8]) -> Result<(), ()> {
+    /// Opens `sealed` (ciphertext then tag) into `out`, which is as long as the
+    /// ciphertext. On failure `out` may hold unauthenticated bytes: the caller wipes it.
+    fn open_to(&self, nonce: &[u8], aad: &[u8], sealed: &[u8], out: &mut [u8]) -> Result<(), ()> {
+        let body_len = sealed.len().checked_sub(TAG_LEN).ok_or(())?;
+        let (body, tag) = sealed.split_at(body_len);
         match &self.aead {
             Aead::Aes(k) => {
                 let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| ())?;
-                k.open_in_place(nonce, Aad::from(aad), sealed).map(|_| ()).map_err(|_| ())
+                k.open_separate_gather(nonce, Aad::from(aad), body, tag, out).map_err(|_| ())
             }
             Aead::XChaCha(c) => {
                 let nonce = Array::try_from(nonce).map_err(|_| ())?;
-                let body_len = sealed.len().checked_sub(TAG_LEN).ok_or(())?;
-                let (body, tag) = sealed.split_at_mut(body_len);
-                let tag = Array::try_from(&*tag).map_err(|_| ())?;
-                c.decrypt_inout_detached(&nonce, aad, body.into(), &tag).map_err(|_| ())
+                let tag = Array::try_from(tag).map_err(|_| ())?;
+                let inout = InOutBuf::new(body, out).map_err(|_| ())?;
+                c.decrypt_inout_detached(&nonce, aad, inout, &tag).map_err(|_| ())
             }
         }
     }
@@ -429,9 +431,8 @@ fn classify(key: &ContentKey, index: BlockIndex, is_final: bool, stored: &[u8]) 
 }
 
 /// Authenticates and decrypts stored block `index` of file `file_id`, appending its
-/// plaintext to `out` (no allocation when `out` has room). A non-final all-zero block is a
-/// hole and appends B zeros; an all-zero final block is [`FormatError::HoleAtEnd`]. On
-/// error `out` is left as it was.
+/// plaintext to `out` (no allocation when `out` has room). On error `out` is left as it
+/// was. See [`open_block_into`].
 pub fn open_block(
     key: &ContentKey,
     file_id: &FileId,
@@ -440,42 +441,56 @@ pub fn open_block(
     stored: &[u8],
     out: &mut Vec<u8>,
 ) -> Result<(), FormatError> {
-    let nonce_len = key.layout.cipher.nonce_len();
-    if classify(key, index, is_final, stored)? {
-        out.resize(out.len() + key.layout.block_size.as_usize(), 0);
-        return Ok(());
-    }
-    let (nonce, sealed) = stored.split_at(nonce_len);
     let start = out.len();
-    out.extend_from_slice(sealed);
-    if key.open_in_place(nonce, &aad(file_id, index, is_final), &mut out[start..]).is_err() {
-        zeroize::Zeroize::zeroize(&mut out[start..]);
+    let body_len = stored.len().saturating_sub(key.layout.cipher.overhead());
+    out.resize(start + body_len, 0);
+    let opened = open_block_into(key, file_id, index, is_final, stored, &mut out[start..]);
+    if opened.is_err() {
         out.truncate(start);
-        return Err(FormatError::Authentication { what: "block" });
     }
-    out.truncate(out.len() - TAG_LEN);
-    Ok(())
+    opened
 }
 
-/// Like [`open_block`], but decrypts inside `stored` (one buffer read by one pread) and
-/// returns the plaintext as a sub-slice of it. On error the contents of `stored` are
-/// unspecified and must not be used.
-pub fn open_block_in_place<'a>(
+/// Authenticates and decrypts stored block `index` of file `file_id` into `out`, which is
+/// exactly as long as its plaintext (`stored` less the cipher's overhead): the ciphertext
+/// is read where it lies and the plaintext written straight to where it is wanted, with
+/// no copy of either. A non-final all-zero block is a hole and reads as B zeros; an
+/// all-zero final block is [`FormatError::HoleAtEnd`]. On error `out` holds zeros.
+pub fn open_block_into(
     key: &ContentKey,
     file_id: &FileId,
     index: BlockIndex,
     is_final: bool,
-    stored: &'a mut [u8],
-) -> Result<&'a mut [u8], FormatError> {
-    let nonce_len = key.layout.cipher.nonce_len();
-    let hole = classify(key, index, is_final, stored)?;
-    let (nonce, sealed) = stored.split_at_mut(nonce_len);
-    if !hole {
-        key.open_in_place(nonce, &aad(file_id, index, is_final), sealed)
-            .map_err(|_| FormatError::Authentication { what: "block" })?;
+    stored: &[u8],
+    out: &mut [u8],
+) -> Result<(), FormatError> {
+    let opened = open_to(key, file_id, index, is_final, stored, out);
+    if opened.is_err() {
+        zeroize::Zeroize::zeroize(out);
     }
-    let body_len = sealed.len() - TAG_LEN;
-    Ok(&mut sealed[..body_len])
+    opened
+}
+
+/// [`open_block_into`] but for wiping `out` on error.
+fn open_to(
+    key: &ContentKey,
+    file_id: &FileId,
+    index: BlockIndex,
+    is_final: bool,
+    stored: &[u8],
+    out: &mut [u8],
+) -> Result<(), FormatError> {
+    let hole = classify(key, index, is_final, stored)?;
+    if out.len() + key.layout.cipher.overhead() != stored.len() {
+        return Err(FormatError::BlockLength { kind: "plaintext buffer for a", len: out.len() });
+    }
+    if hole {
+        out.fill(0);
+        return Ok(());
+    }
+    let (nonce, sealed) = stored.split_at(key.layout.cipher.nonce_len());
+    key.open_to(nonce, &aad(file_id, index, is_final), sealed, out)
+        .map_err(|_| FormatError::Authentication { what: "block" })
 }
 
 #[cfg(test)]
@@ -501,11 +516,15 @@ mod tests {
 
     fn open(key: &ContentKey, id: &FileId, i: u64, fin: bool, stored: &[u8]) -> Result<Vec<u8>, FormatError> {
         let mut out = Vec::new();
-        open_block(key, id, BlockIndex(i), fin, stored, &mut out)?;
-        let mut copy = stored.to_vec();
-        let in_place = open_block_in_place(key, id, BlockIndex(i), fin, &mut copy)?.to_vec();
-        assert_eq!(in_place, out, "the two ways of opening agree");
-        Ok(out)
+        let appended = open_block(key, id, BlockIndex(i), fin, stored, &mut out);
+        let mut into = vec![0xAA; stored.len().saturating_sub(key.layout().overhead() as usize)];
+        let opened = open_block_into(key, id, BlockIndex(i), fin, stored, &mut into);
+        assert_eq!(opened, appended, "the two ways of opening agree");
+        match opened {
+            Ok(()) => assert_eq!(into, out, "the two ways of opening agree"),
+            Err(_) => assert!(into.iter().all(|&b| b == 0), "a failed open leaves zeros"),
+        }
+        appended.map(|()| out)
     }
 
     /// AES-256-GCM blocks are plain AES-256-GCM (NIST SP 800-38D) whichever library seals
@@ -810,8 +829,7 @@ mod tests {
                 let fin = rng.next_u64() & 1 == 1;
                 let mut out = Vec::new();
                 assert!(open_block(&key, &id, BlockIndex(i), fin, &bytes, &mut out).is_err());
-                let mut copy = bytes.clone();
-                assert!(open_block_in_place(&key, &id, BlockIndex(i), fin, &mut copy).is_err());
+                assert!(out.is_empty());
                 let _ = key.layout().plaintext_size(rng.next_u64());
                 let _ = key.layout().blocks_for(rng.next_u64(), rng.next_u64());
                 let _ = key.layout().stored_size(rng.next_u64());

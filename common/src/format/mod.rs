@@ -22,8 +22,7 @@ mod error;
 mod kdf;
 
 pub use block::{
-    open_block, open_block_in_place, seal_block, seal_blocks_in_place, BlockIndex, BlockRange, ContentKey, FileId,
-    Layout,
+    open_block, open_block_into, seal_block, seal_blocks_in_place, BlockIndex, BlockRange, ContentKey, FileId, Layout,
 };
 pub use error::FormatError;
 pub use header::{encode_new, parse_slots, DataKey, FileHeader, UnverifiedSlot, HEADER_SIZE, SLOT_SIZE};

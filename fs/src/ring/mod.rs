@@ -38,4 +38,9 @@ pub trait Serve: Send + Sync + 'static {
     /// Answers one request: `Ok` with the reply's arguments written to `out` (which comes
     /// empty; an operation without reply arguments leaves it so), or the error to return.
     fn serve(&self, request: &Incoming<'_>, out: &mut Vec<u8>) -> Result<(), Errno>;
+
+    /// Answers a READ, whose request has no payload: the bytes read are written straight
+    /// into `reply` (the entry's payload buffer, where the kernel takes them from) and
+    /// their number returned. Spares a copy of every byte read; `serve` never sees a READ.
+    fn read(&self, request: &Incoming<'_>, reply: &mut [u8]) -> Result<usize, Errno>;
 }

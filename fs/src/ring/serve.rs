@@ -4,14 +4,9 @@
 
 use fuser::{Errno, INodeNo};
 
-use kmsfs_common::wipe::{wipe, PlainBuf};
-
 use super::abi::{self, Op};
 use super::{Incoming, Serve};
 use crate::fuse::{xattr_answer, Caller, KmsFs, XattrAnswer, FILE_OPEN_FLAGS, TTL};
-
-/// READs from this size up are served on a thread of their own (see `Op::Read` below).
-const READ_ELSEWHERE: u32 = 256 << 10;
 
 impl Serve for KmsFs {
     fn serve(&self, request: &Incoming<'_>, out: &mut Vec<u8>) -> Result<(), Errno> {
@@ -37,31 +32,10 @@ impl Serve for KmsFs {
             Op::Rename { name, newparent, newname, flags } => self.rename_op(ino, name, newparent, newname, flags)?,
             Op::Link { ino, newparent, newname } => abi::entry(out, &self.link_op(ino, newparent, newname)?, TTL, 0),
             Op::Open { flags } => abi::open(out, self.open_op(ino, flags)?, FILE_OPEN_FLAGS.bits()),
-            Op::Read { fh, offset, size, .. } => {
-                // Decrypted straight into `out` (lent to a PlainBuf for the while), with
-                // no buffer of its own: each ring thread keeps only `out` and its entry.
-                let mut buf = PlainBuf::new();
-                *buf = std::mem::take(out);
-                let result = if size >= READ_ELSEWHERE {
-                    // Read-ahead: the kernel queues it on the reader's CPU, whose ring
-                    // threads are pinned there. Decrypting it on a thread of its own lets
-                    // another CPU do it while the reader copies what came before.
-                    let buf = &mut buf;
-                    std::thread::scope(|s| s.spawn(|| self.read_into(fh, offset, size, buf)).join())
-                        .unwrap_or(Err(Errno::EIO))
-                } else {
-                    self.read_into(fh, offset, size, &mut buf)
-                };
-                *out = std::mem::take(&mut *buf);
-                let len = match result {
-                    Ok(len) => len,
-                    Err(e) => {
-                        wipe(out);
-                        out.clear();
-                        return Err(e);
-                    }
-                };
-                wipe(&mut out[len..]);
+            Op::Read { size, .. } => {
+                // The runtime sends READs to `read`; answered the same way here all the same.
+                out.resize(size as usize, 0);
+                let len = self.read(request, out)?;
                 out.truncate(len);
             }
             Op::Write { fh, offset, data, .. } => abi::write(out, self.write_op(fh, offset, data)?),
@@ -98,6 +72,14 @@ impl Serve for KmsFs {
             Op::Lseek { .. } | Op::CopyFileRange { .. } | Op::Other(_) => return Err(Errno::ENOSYS),
         }
         Ok(())
+    }
+
+    fn read(&self, request: &Incoming<'_>, reply: &mut [u8]) -> Result<usize, Errno> {
+        let Op::Read { fh, offset, size, .. } = abi::parse(&request.header, request.op_in, request.payload)? else {
+            return Err(Errno::EIO);
+        };
+        // The kernel never asks for more than the payload buffer holds (FUSE_INIT's max_pages).
+        self.read_to(fh, offset, reply.get_mut(..size as usize).ok_or(Errno::EIO)?)
     }
 }
 

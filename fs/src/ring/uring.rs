@@ -8,7 +8,7 @@
 //! read and written only between a command's completion and the next submission, and are
 //! leaked rather than freed should a thread ever stop with a command still in flight.
 //! The other `unsafe` is the SQE's `len`, which io-uring's builder cannot set
-//! ([`set_sqe_len`]), and `sched_setaffinity`.
+//! ([`set_sqe_len`]).
 //!
 //! The protocol, as fs/fuse/dev_uring.c implements it:
 //! - The kernel has one queue per possible CPU (`num_possible_cpus()`) and puts a request on
@@ -46,6 +46,8 @@ use std::time::{Duration, Instant};
 
 use fuser::Errno;
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use nix::sched::{sched_setaffinity, CpuSet};
+use nix::unistd::Pid;
 use zeroize::Zeroize;
 
 use super::{abi, Incoming, Serve};
@@ -547,17 +549,28 @@ impl Worker {
 ///
 /// The payload buffer holds plaintext (a WRITE's data in, a READ's out), and so does
 /// `out`: once the request is answered, what is left of the request and of the previous
-/// reply (`last_reply` bytes) is wiped, and `out` after it is copied.
+/// reply (`last_reply` bytes) is wiped, and `out` after it is copied. A READ is answered
+/// in the payload buffer itself ([`Serve::read`]): only what the previous reply left past
+/// its end is wiped, or all of the buffer if it failed.
 fn answer(serve: &dyn Serve, header: &mut [u8], payload: &mut [u8], out: &mut Vec<u8>, last_reply: &mut usize) -> u64 {
     let commit_id = read_u64(header, COMMIT_ID_AT);
     let request_len = usize::try_from(read_u32(header, PAYLOAD_SZ_AT)).unwrap_or(usize::MAX).min(payload.len());
     out.clear();
+    let mut in_place = false;
     let (unique, result) = match abi::in_header(&header[IN_OUT]) {
         Some(request) => {
-            let unique = request.unique;
-            let opcode = request.opcode;
-            let incoming = Incoming { header: request, op_in: &header[OP_IN], payload: &payload[..request_len] };
-            let served = catch_unwind(AssertUnwindSafe(|| serve.serve(&incoming, out)));
+            let (unique, opcode) = (request.unique, request.opcode);
+            let op_in = &header[OP_IN];
+            let served = catch_unwind(AssertUnwindSafe(|| {
+                if opcode == abi::FUSE_READ {
+                    in_place = true;
+                    let incoming = Incoming { header: request, op_in, payload: &[] };
+                    serve.read(&incoming, payload)
+                } else {
+                    let incoming = Incoming { header: request, op_in, payload: &payload[..request_len] };
+                    serve.serve(&incoming, out).map(|()| out.len())
+                }
+            }));
             (
                 unique,
                 served.unwrap_or_else(|panic| {
@@ -577,12 +590,11 @@ fn answer(serve: &dyn Serve, header: &mut [u8], payload: &mut [u8], out: &mut Ve
         }
     };
     let (error, reply_len) = match result {
-        Ok(()) if out.len() <= payload.len() => (0, out.len()),
-        Ok(()) => {
+        Ok(len) if len <= payload.len() => (0, len),
+        Ok(len) => {
             tracing::error!(
                 unique,
-                "a reply of {} bytes exceeds the {}-byte FUSE io_uring payload buffer; replying EIO",
-                out.len(),
+                "a reply of {len} bytes exceeds the {}-byte FUSE io_uring payload buffer; replying EIO",
                 payload.len()
             );
             (libc::EIO, 0)
@@ -590,8 +602,14 @@ fn answer(serve: &dyn Serve, header: &mut [u8], payload: &mut [u8], out: &mut Ve
         Err(errno) => (errno.code(), 0),
     };
     let used = request_len.max(*last_reply).min(payload.len());
-    payload[..used].zeroize();
-    payload[..reply_len].copy_from_slice(&out[..reply_len]);
+    if !in_place {
+        payload[..used].zeroize();
+        payload[..reply_len].copy_from_slice(&out[..reply_len]);
+    } else if error != 0 {
+        payload.zeroize();
+    } else if used > reply_len {
+        payload[reply_len..used].zeroize();
+    }
     out[..].zeroize();
     out.clear();
     *last_reply = reply_len;
@@ -701,22 +719,10 @@ fn set_sqe_len(sqe: &mut squeue::Entry128, len: u32) {
 
 /// Pins the calling thread to `cpu`.
 fn pin_to_cpu(cpu: u16) -> io::Result<()> {
-    let cpu = usize::from(cpu);
-    if cpu >= libc::CPU_SETSIZE as usize {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "CPU number beyond cpu_set_t"));
-    }
-    // SAFETY: cpu_set_t is a plain bit array, for which all zeroes is the empty set; `cpu`
-    // is within it (checked above); sched_setaffinity reads `size_of` bytes of the set, and
-    // pid 0 is the calling thread.
-    let status = unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
-    };
-    if status != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    let mut set = CpuSet::new();
+    set.set(usize::from(cpu))
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "CPU number beyond cpu_set_t"))?;
+    sched_setaffinity(Pid::from_raw(0), &set).map_err(io::Error::from)
 }
 
 fn page_size() -> usize {
@@ -881,7 +887,8 @@ mod tests {
     }
 
     /// Answers by opcode: 1 echoes op_in's first 8 bytes and the payload, 2 fails with
-    /// ENOENT, 3 panics, 4 replies more than any buffer holds.
+    /// ENOENT, 3 panics, 4 replies more than any buffer holds. A READ writes as many bytes
+    /// as op_in's first byte says (255: fails after writing, 254: panics after writing).
     struct Echo;
 
     impl Serve for Echo {
@@ -898,6 +905,17 @@ mod tests {
                     out.resize(1 << 20, 0);
                     Ok(())
                 }
+            }
+        }
+
+        fn read(&self, request: &Incoming<'_>, reply: &mut [u8]) -> Result<usize, Errno> {
+            assert!(request.payload.is_empty());
+            let len = usize::from(request.op_in[0]);
+            reply[..len].fill(b'r');
+            match len {
+                255 => Err(Errno::EIO),
+                254 => panic!("injected"),
+                _ => Ok(len),
             }
         }
     }
@@ -941,6 +959,32 @@ mod tests {
             let (mut header, mut payload) = request(opcode, 40 + u64::from(opcode), &[], b"x");
             assert_eq!(answer(&Echo, &mut header, &mut payload, &mut out, &mut 0), 40 + u64::from(opcode));
             assert_eq!(reply(&header), (16, -errno, 40 + u64::from(opcode), 0), "opcode {opcode}");
+        }
+    }
+
+    #[test]
+    fn a_read_is_answered_in_the_payload_buffer_and_what_it_leaves_is_wiped() {
+        let mut out = Vec::new();
+        let (mut header, mut payload) = request(1, 1, b"opheader", &[b'w'; 100]);
+        let mut last_reply = 0;
+        answer(&Echo, &mut header, &mut payload, &mut out, &mut last_reply);
+        assert_eq!(last_reply, 108);
+
+        // A shorter READ: its bytes in place, the rest of the previous reply wiped.
+        let (mut header, _) = request(abi::FUSE_READ, 2, &[50], &[]);
+        assert_eq!(answer(&Echo, &mut header, &mut payload, &mut out, &mut last_reply), 2);
+        assert_eq!(reply(&header), (16 + 50, 0, 2, 50));
+        assert!(payload[..50].iter().all(|&b| b == b'r'));
+        assert!(payload[50..108].iter().all(|&b| b == 0), "the previous reply is wiped");
+        assert_eq!(last_reply, 50);
+
+        // A READ that fails or panics after writing leaves nothing it wrote.
+        for (len, unique) in [(255, 3), (254, 4)] {
+            let (mut header, _) = request(abi::FUSE_READ, unique, &[len], &[]);
+            assert_eq!(answer(&Echo, &mut header, &mut payload, &mut out, &mut last_reply), unique);
+            assert_eq!(reply(&header), (16, -libc::EIO, unique, 0));
+            assert!(payload.iter().all(|&b| b == 0), "a failed read leaves nothing");
+            assert_eq!(last_reply, 0);
         }
     }
 }
