@@ -790,6 +790,21 @@ fn file_times(atime: Option<TimeOrNow>, mtime: Option<TimeOrNow>) -> fs::FileTim
     times
 }
 
+/// Clears a regular file's setuid bit, and its setgid bit where group execution is on
+/// (without it, setgid means mandatory locking, which stays), as a write or truncation by
+/// someone without CAP_FSETID must. The kernel leaves this to us (FUSE_HANDLE_KILLPRIV_V2):
+/// our own write to the backing file, as root, would keep them.
+fn drop_suidgid(file: &File) -> io::Result<()> {
+    let meta = file.metadata()?;
+    let mode = meta.mode() & 0o7777;
+    let group_exec = mode & libc::S_IXGRP != 0;
+    let drop = (mode & libc::S_ISUID) | if group_exec { mode & libc::S_ISGID } else { 0 };
+    if meta.is_file() && drop != 0 {
+        file.set_permissions(fs::Permissions::from_mode(mode & !drop))?;
+    }
+    Ok(())
+}
+
 /// Gives the anonymous (O_TMPFILE) `file` its name `path`. Straight from the descriptor
 /// where the kernel allows it (AT_EMPTY_PATH needs CAP_DAC_READ_SEARCH, which a root
 /// mount has), otherwise through its /proc/self/fd link, which costs a walk of /proc.
@@ -887,6 +902,7 @@ impl KmsFs {
         atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
         fh: Option<FileHandle>,
+        kill_suidgid: bool,
     ) -> Result<FileAttr, Errno> {
         let path = match self.path_of(ino.0) {
             Ok(path) => path,
@@ -898,6 +914,9 @@ impl KmsFs {
                 if let Some(size) = size {
                     let _guard = h.lock.write().unwrap_or_else(|p| p.into_inner());
                     self.with_content(&h.path, &h.file, &h.header, |c| c.set_len(size))?;
+                    if kill_suidgid {
+                        drop_suidgid(&h.file).map_err(|e| errno(&e))?;
+                    }
                 }
                 if let Some(mode) = mode {
                     h.file.set_permissions(fs::Permissions::from_mode(mode & 0o7777)).map_err(|e| errno(&e))?;
@@ -916,12 +935,17 @@ impl KmsFs {
             let handle = fh.and_then(|fh| self.open_file(fh).ok());
             let lock = self.content_lock(ino.0);
             let _guard = lock.write().unwrap_or_else(|p| p.into_inner());
-            match handle {
-                Some(h) => self.with_content(&path, &h.file, &h.header, |c| c.set_len(size))?,
+            let opened;
+            let (file, header) = match &handle {
+                Some(h) => (&h.file, &h.header),
                 None => {
-                    let (file, header) = self.open_backing(&path, true)?;
-                    self.with_content(&path, &file, &header, |c| c.set_len(size))?
+                    opened = self.open_backing(&path, true)?;
+                    (&opened.0, &opened.1)
                 }
+            };
+            self.with_content(&path, file, header, |c| c.set_len(size))?;
+            if kill_suidgid {
+                drop_suidgid(file).map_err(|e| errno(&e))?;
             }
         }
         if let Some(mode) = mode {
@@ -1148,8 +1172,9 @@ impl KmsFs {
         }
     }
 
-    /// Writes `data` at `offset`; a large write is sealed by helper threads.
-    pub(crate) fn write_op(&self, fh: FileHandle, offset: u64, data: &[u8]) -> Result<u32, Errno> {
+    /// Writes `data` at `offset`; a large write is sealed by helper threads. With
+    /// `kill_suidgid` (the writer lacks CAP_FSETID), a setuid or setgid file loses those bits.
+    pub(crate) fn write_op(&self, fh: FileHandle, offset: u64, data: &[u8], kill_suidgid: bool) -> Result<u32, Errno> {
         let h = self.open_file(fh)?;
         let write = || {
             let _guard = h.lock.write().unwrap_or_else(|p| p.into_inner());
@@ -1159,6 +1184,9 @@ impl KmsFs {
             self.helpers.install(write)?;
         } else {
             write()?;
+        }
+        if kill_suidgid {
+            drop_suidgid(&h.file).map_err(|e| errno(&e))?;
         }
         self.write_behind(&h, offset, data.len() as u64);
         Ok(data.len() as u32)
@@ -1401,7 +1429,8 @@ impl Filesystem for DevFuse {
         let mut wanted = InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_DO_READDIRPLUS
             | InitFlags::FUSE_READDIRPLUS_AUTO
-            | InitFlags::FUSE_CACHE_SYMLINKS;
+            | InitFlags::FUSE_CACHE_SYMLINKS
+            | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
         let offered = config.capabilities();
         if self.ring_wanted.load(Ordering::Relaxed) && offered.contains(InitFlags::FUSE_OVER_IO_URING) {
             wanted |= InitFlags::FUSE_OVER_IO_URING;
@@ -1425,7 +1454,7 @@ impl Filesystem for DevFuse {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -1441,7 +1470,9 @@ impl Filesystem for DevFuse {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let result = self.setattr_op(ino, mode, uid, gid, size, atime, mtime, fh);
+        // fuser does not pass on FATTR_KILL_SUIDGID: as the kernel does when it sets it, a
+        // truncation by anyone but root clears setuid and setgid.
+        let result = self.setattr_op(ino, mode, uid, gid, size, atime, mtime, fh, req.uid() != 0);
         answer!(reply, result, |attr| reply.attr(&TTL, &attr))
     }
 
@@ -1514,12 +1545,13 @@ impl Filesystem for DevFuse {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        answer!(reply, self.write_op(fh, offset, data), |n| reply.written(n))
+        let kill_suidgid = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
+        answer!(reply, self.write_op(fh, offset, data, kill_suidgid), |n| reply.written(n))
     }
 
     fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {

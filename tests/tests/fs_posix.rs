@@ -730,6 +730,56 @@ fn allow_other_permissions_are_enforced_and_creators_own_their_files() {
     assert_ne!(dir_meta.mode() & libc::S_ISGID, 0, "and it is setgid too");
 }
 
+/// Writing to or truncating a setuid/setgid file clears those bits unless the writer has
+/// CAP_FSETID (root), as on any Linux filesystem. kmsfs does this itself, as the kernel
+/// asks (FUSE_HANDLE_KILLPRIV_V2), which spares a security.capability lookup per write.
+#[test]
+fn writes_and_truncations_by_others_clear_setuid_and_setgid() {
+    let mut m = TestMount::with(&[], &["allow_other"]);
+    fs::set_permissions(m.mnt().parent().unwrap(), fs::Permissions::from_mode(0o755)).unwrap();
+    let special = |name: &str, mode: u32| {
+        let path = m.path(name);
+        fs::write(&path, b"data").unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+        path
+    };
+    let mode_of = |path: &Path| fs::metadata(path).unwrap().mode() & 0o7777;
+
+    // Root keeps the bits.
+    let by_root = special("by-root", 0o6777);
+    fs::OpenOptions::new().append(true).open(&by_root).unwrap().write_all(b" more").unwrap();
+    assert_eq!(mode_of(&by_root), 0o6777, "root's write keeps setuid and setgid");
+
+    // Another user's write drops them; setgid without group execution (mandatory locking)
+    // stays.
+    let written = special("written", 0o6777);
+    let out = as_nobody(&["sh", "-c", &format!("echo more >> '{}'", written.display())]);
+    assert!(out.status.success(), "{out:?}\n{}", m.log());
+    assert_eq!(mode_of(&written), 0o0777, "a write by nobody drops setuid and setgid");
+    let locking = special("locking", 0o6766);
+    let out = as_nobody(&["sh", "-c", &format!("echo more >> '{}'", locking.display())]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(mode_of(&locking), 0o2766, "setgid without group execution stays");
+
+    // So does another user's truncation, by truncate(1) or by O_TRUNC.
+    let truncated = special("truncated", 0o6777);
+    let out = as_nobody(&["truncate", "-s", "1", truncated.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(mode_of(&truncated), 0o0777, "a truncation by nobody drops setuid and setgid");
+    let replaced = special("replaced", 0o4777);
+    let out = as_nobody(&["sh", "-c", &format!("echo new > '{}'", replaced.display())]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(mode_of(&replaced), 0o0777);
+    assert_eq!(fs::read(&replaced).unwrap(), b"new\n");
+
+    // What the mount showed is what the backing files keep.
+    m.remount();
+    assert_eq!(
+        ["by-root", "written", "locking", "truncated", "replaced"].map(|n| mode_of(&m.path(n))),
+        [0o6777, 0o0777, 0o2766, 0o0777, 0o0777]
+    );
+}
+
 // ---- 6. extended attributes ----
 
 #[test]

@@ -103,6 +103,7 @@ const FATTR_FH: u32 = 1 << 6;
 const FATTR_ATIME_NOW: u32 = 1 << 7;
 const FATTR_MTIME_NOW: u32 = 1 << 8;
 const FATTR_CTIME: u32 = 1 << 10;
+const FATTR_KILL_SUIDGID: u32 = 1 << 11;
 
 /// The fields of `struct fuse_in_header` that a request's handler uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,6 +161,9 @@ pub enum Op<'a> {
         chgtime: Option<SystemTime>,
         bkuptime: Option<SystemTime>,
         flags: Option<BsdFileFlags>,
+        /// FATTR_KILL_SUIDGID: the caller lacks CAP_FSETID, so a truncation clears setuid
+        /// and setgid (FUSE_HANDLE_KILLPRIV_V2).
+        kill_suidgid: bool,
     },
     Readlink,
     Mknod {
@@ -650,6 +654,7 @@ fn setattr(mut arg: Fields<'_>) -> Result<Op<'static>, Errno> {
         chgtime: None,
         bkuptime: None,
         flags: None,
+        kill_suidgid: has(FATTR_KILL_SUIDGID),
     })
 }
 
@@ -1021,7 +1026,15 @@ mod tests {
 
     #[test]
     fn setattr_decodes_the_valid_mask() {
-        let all = FATTR_MODE | FATTR_UID | FATTR_GID | FATTR_SIZE | FATTR_ATIME | FATTR_MTIME | FATTR_FH | FATTR_CTIME;
+        let all = FATTR_MODE
+            | FATTR_UID
+            | FATTR_GID
+            | FATTR_SIZE
+            | FATTR_ATIME
+            | FATTR_MTIME
+            | FATTR_FH
+            | FATTR_CTIME
+            | FATTR_KILL_SUIDGID;
         let op_in = setattr_in(all);
         assert_eq!(op_in.len(), 88);
         assert_eq!(
@@ -1040,6 +1053,7 @@ mod tests {
                 chgtime: None,
                 bkuptime: None,
                 flags: None,
+                kill_suidgid: true,
             }
         );
     }
@@ -1047,11 +1061,12 @@ mod tests {
     #[test]
     fn setattr_now_and_nothing() {
         let op_in = setattr_in(FATTR_ATIME | FATTR_ATIME_NOW | FATTR_MTIME | FATTR_MTIME_NOW);
-        let Op::Setattr { atime, mtime, mode, size, fh, ctime, .. } = parse_ok(FUSE_SETATTR, &op_in, &[]) else {
+        let Op::Setattr { atime, mtime, mode, size, fh, ctime, kill_suidgid, .. } = parse_ok(FUSE_SETATTR, &op_in, &[])
+        else {
             panic!("not a setattr")
         };
         assert_eq!((atime, mtime), (Some(TimeOrNow::Now), Some(TimeOrNow::Now)));
-        assert_eq!((mode, size, fh, ctime), (None, None, None, None));
+        assert_eq!((mode, size, fh, ctime, kill_suidgid), (None, None, None, None, false));
 
         // A *_NOW bit without its time bit sets nothing.
         let op_in = setattr_in(FATTR_ATIME_NOW);

@@ -2,7 +2,7 @@
 //! operation fuser's /dev/fuse loop calls ([`KmsFs`]'s `*_op` methods), and the answer is
 //! encoded as the reply's arguments.
 
-use fuser::{Errno, INodeNo};
+use fuser::{Errno, INodeNo, WriteFlags};
 
 use super::abi::{self, Op};
 use super::{Incoming, Serve};
@@ -16,8 +16,8 @@ impl Serve for KmsFs {
         match abi::parse(header, request.op_in, request.payload)? {
             Op::Lookup { name } => abi::entry(out, &self.lookup_op(ino, name)?, TTL, 0),
             Op::Getattr { fh } => abi::attr(out, &self.getattr_op(ino, fh)?, TTL),
-            Op::Setattr { mode, uid, gid, size, atime, mtime, fh, .. } => {
-                abi::attr(out, &self.setattr_op(ino, mode, uid, gid, size, atime, mtime, fh)?, TTL)
+            Op::Setattr { mode, uid, gid, size, atime, mtime, fh, kill_suidgid, .. } => {
+                abi::attr(out, &self.setattr_op(ino, mode, uid, gid, size, atime, mtime, fh, kill_suidgid)?, TTL)
             }
             Op::Readlink => out.extend_from_slice(&self.readlink_op(ino)?),
             Op::Mknod { name, mode, umask, rdev } => {
@@ -38,7 +38,10 @@ impl Serve for KmsFs {
                 let len = self.read(request, out)?;
                 out.truncate(len);
             }
-            Op::Write { fh, offset, data, .. } => abi::write(out, self.write_op(fh, offset, data)?),
+            Op::Write { fh, offset, data, write_flags, .. } => {
+                let kill_suidgid = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
+                abi::write(out, self.write_op(fh, offset, data, kill_suidgid)?)
+            }
             // Writes go straight to the backing file; nothing is buffered here.
             Op::Flush { .. } => {}
             Op::Release { fh, .. } => self.release_op(fh),
