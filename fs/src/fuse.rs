@@ -556,9 +556,12 @@ impl KmsFs {
 
     /// New files and directories belong to the caller when we run as root (allow_other).
     /// `opened` is the new entry, when it is a file already open (possibly not yet linked
-    /// at `path`); otherwise the entry at `path` itself is changed.
+    /// at `path`); otherwise the entry at `path` itself is changed. A caller with our own
+    /// user and group has nothing to be given: the entry is already theirs, with the group
+    /// a setgid directory gives.
     fn give_to_caller(&self, caller: Caller, path: &Path, opened: Option<&File>) {
-        if self.as_root {
+        let ours = caller.uid == nix::unistd::geteuid().as_raw() && caller.gid == nix::unistd::getegid().as_raw();
+        if self.as_root && !ours {
             let (uid, gid) = (Some(caller.uid), self.new_entry_gid(caller, path));
             let given = match opened {
                 Some(file) => std::os::unix::fs::fchown(file, uid, gid),
