@@ -52,3 +52,20 @@ fn requests_take_the_ring_where_the_kernel_offers_it() {
         assert_eq!(served, 0, "{status}");
     }
 }
+
+/// A volume is mounted once at a time: a second mount of the same backing directory fails
+/// at once with a clear message (two would each cache directory IDs the other changes),
+/// and the first goes on unharmed.
+#[test]
+fn a_volume_already_mounted_cannot_be_mounted_again() {
+    let m = TestMount::new();
+    std::fs::write(m.path("kept"), b"still here").unwrap();
+    let second = tempfile::tempdir().unwrap();
+    let out = m.kmsfs().arg("mount").arg(m.cipher()).arg(second.path()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a second mount of one volume succeeded: {stderr}");
+    assert!(stderr.contains("already mounted"), "{stderr}");
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(!mounts.contains(second.path().to_str().unwrap()), "{mounts}");
+    assert_eq!(std::fs::read(m.path("kept")).unwrap(), b"still here");
+}
