@@ -229,18 +229,32 @@ fn default_log_file() -> PathBuf {
 }
 
 /// An exclusive lock on the backing directory, held while mounted: a second mount of the
-/// same volume fails at once. Two mounts would each cache directory IDs and node numbers
-/// that the other changes under them, and names sealed under a stale directory ID are lost.
+/// same volume fails. Two mounts would each cache directory IDs and node numbers that the
+/// other changes under them, and names sealed under a stale directory ID are lost. A mount
+/// just unmounted may take a moment to exit and let go: it is given [`LOCK_PATIENCE`].
 fn lock_volume(cipherdir: &Path) -> Result<Flock<File>, String> {
-    let dir = File::open(cipherdir).map_err(|e| format!("cannot open {}: {e}", cipherdir.display()))?;
-    Flock::lock(dir, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| match e {
-        Errno::EWOULDBLOCK => format!(
-            "{} is already mounted by another kmsfs process (a volume is mounted once at a time)",
-            cipherdir.display()
-        ),
-        e => format!("cannot lock {}: {e}", cipherdir.display()),
-    })
+    let since = std::time::Instant::now();
+    let mut dir = File::open(cipherdir).map_err(|e| format!("cannot open {}: {e}", cipherdir.display()))?;
+    loop {
+        match Flock::lock(dir, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Ok(lock),
+            Err((back, Errno::EWOULDBLOCK)) if since.elapsed() < LOCK_PATIENCE => {
+                dir = back;
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err((_, Errno::EWOULDBLOCK)) => {
+                return Err(format!(
+                    "{} is already mounted by another kmsfs process (a volume is mounted once at a time)",
+                    cipherdir.display()
+                ))
+            }
+            Err((_, e)) => return Err(format!("cannot lock {}: {e}", cipherdir.display())),
+        }
+    }
 }
+
+/// How long a mount waits for another one of the same volume to let go.
+const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(3);
 
 fn mount_foreground(mount: &MountArgs, _daemon: bool) -> Result<(), String> {
     let _only_mount = lock_volume(&mount.cipherdir)?;
