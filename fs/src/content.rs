@@ -10,6 +10,7 @@
 
 use std::fs::File;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
 use kmsfs_common::format::block::{
@@ -17,6 +18,11 @@ use kmsfs_common::format::block::{
 };
 use kmsfs_common::format::FormatError;
 use kmsfs_common::wipe::{wipe, PlainBuf};
+
+/// Reads of at least this many bytes start reading the backing file ahead of them, by
+/// [`READ_AHEAD`] times their own length.
+const READ_AHEAD_FROM: usize = 256 << 10;
+const READ_AHEAD: usize = 2;
 
 /// Writes of at least this many blocks are sealed and written by two threads.
 const PARALLEL_BLOCKS: u64 = 64;
@@ -125,6 +131,17 @@ impl Content<'_> {
         }
         let stored = &mut ciphertext[..stored_len];
         self.file.read_exact_at(stored, start)?;
+        if out.len() >= READ_AHEAD_FROM {
+            // A read this large is the kernel reading ahead for a sequential reader: have
+            // the backing file's next stretch on its way from the disk before it is asked for.
+            let next = i64::try_from(start + stored_len as u64).unwrap_or(i64::MAX);
+            let _ = nix::fcntl::posix_fadvise(
+                self.file.as_raw_fd(),
+                next,
+                (READ_AHEAD * stored_len) as i64,
+                nix::fcntl::PosixFadviseAdvice::POSIX_FADV_WILLNEED,
+            );
+        }
 
         let wanted = (end - offset) as usize;
         let final_index = layout.final_block(size).0;
@@ -217,8 +234,9 @@ impl Content<'_> {
 
     /// Seals the laid-out blocks `stored` (block `first` onwards) in place and writes them.
     /// A large write is cut in two at a block boundary and each half sealed and written on
-    /// its own core: the chain of a sequential writer (its copy in, our encryption, the
-    /// copy into the backing file's page cache) is otherwise one core long.
+    /// its own core (the second on another CPU, see [`crate::helpers`]): the chain of a
+    /// sequential writer (its copy in, our encryption, the copy into the backing file's page
+    /// cache) is otherwise one core long.
     fn seal_and_write(&self, first: u64, final_index: u64, stored: &mut [u8]) -> Result<(), ContentError> {
         let layout = self.layout();
         let chunk = layout.stored_block_size() as usize;
@@ -234,7 +252,7 @@ impl Content<'_> {
         }
         let half = blocks / 2;
         let (front, back) = stored.split_at_mut(half as usize * chunk);
-        let (ours, theirs) = rayon::join(|| seal_write(first, front), || seal_write(first + half, back));
+        let (ours, theirs) = crate::helpers::join(|| seal_write(first, front), || seal_write(first + half, back));
         ours.and(theirs)
     }
 

@@ -236,8 +236,6 @@ pub struct KmsFs {
     ring_negotiated: AtomicBool,
     /// The ring's request counters, once it runs.
     ring_served: OnceLock<crate::ring::uring::Served>,
-    /// Where large READs and WRITEs are done (see [`crate::helpers`]).
-    helpers: rayon::ThreadPool,
 }
 
 /// What the key-event watcher holds of a mounted filesystem: enough to drop a revoked
@@ -338,7 +336,6 @@ impl KmsFs {
             ring_wanted: AtomicBool::new(false),
             ring_negotiated: AtomicBool::new(false),
             ring_served: OnceLock::new(),
-            helpers: crate::helpers::pool()?,
         })
     }
 
@@ -1152,7 +1149,7 @@ impl KmsFs {
     }
 
     /// Reads up to `out.len()` bytes at `offset` into `out`: how many. A large read is
-    /// done by a helper thread (see [`crate::helpers`]).
+    /// done on another CPU (see [`crate::helpers`]).
     pub(crate) fn read_to(&self, fh: FileHandle, offset: u64, out: &mut [u8]) -> Result<usize, Errno> {
         thread_local! {
             /// Each thread's buffer for the ciphertext its reads read, kept between
@@ -1169,24 +1166,20 @@ impl KmsFs {
             })
         };
         if large {
-            self.helpers.install(read)
+            helpers::elsewhere(read)
         } else {
             read()
         }
     }
 
-    /// Writes `data` at `offset`; a large write is sealed by helper threads. With
-    /// `kill_suidgid` (the writer lacks CAP_FSETID), a setuid or setgid file loses those bits.
+    /// Writes `data` at `offset` (a large write is sealed on two CPUs, see
+    /// [`Content::write_at`]). With `kill_suidgid` (the writer lacks CAP_FSETID), a setuid
+    /// or setgid file loses those bits.
     pub(crate) fn write_op(&self, fh: FileHandle, offset: u64, data: &[u8], kill_suidgid: bool) -> Result<u32, Errno> {
         let h = self.open_file(fh)?;
-        let write = || {
+        {
             let _guard = h.lock.write().unwrap_or_else(|p| p.into_inner());
-            self.with_content(&h.path, &h.file, &h.header, |c| c.write_at(offset, data))
-        };
-        if data.len() >= helpers::LARGE {
-            self.helpers.install(write)?;
-        } else {
-            write()?;
+            self.with_content(&h.path, &h.file, &h.header, |c| c.write_at(offset, data))?;
         }
         if kill_suidgid {
             drop_suidgid(&h.file).map_err(|e| errno(&e))?;
