@@ -31,6 +31,7 @@ use fuser::{
 
 use crate::content::{Content, ContentError};
 use crate::helpers;
+use crate::ring::abi::Setattr;
 use crate::volume::{start_writeback, DirId, FileHeader, StoredName, VolError, Volume, STATUS_XATTR};
 use kmsfs_common::wipe::{wipe, PlainBuf};
 
@@ -227,7 +228,9 @@ pub struct KmsFs {
     dirs: Mutex<HashMap<u64, Arc<OpenDir>>>,
     locks: Mutex<HashMap<u64, Weak<RwLock<()>>>>,
     next_handle: AtomicU64,
-    as_root: bool,
+    /// Who kmsfs runs as: a new entry belongs to its creator when that is someone else
+    /// and we are root.
+    me: Caller,
     notifier: Arc<OnceLock<Notifier>>,
     /// Whether FUSE_INIT is to ask for FUSE over io_uring (see [`crate::ring`]).
     ring_wanted: AtomicBool,
@@ -331,7 +334,7 @@ impl KmsFs {
             dirs: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
-            as_root: nix::unistd::geteuid().is_root(),
+            me: Caller { uid: nix::unistd::geteuid().as_raw(), gid: nix::unistd::getegid().as_raw() },
             notifier: Arc::new(OnceLock::new()),
             ring_wanted: AtomicBool::new(false),
             ring_negotiated: AtomicBool::new(false),
@@ -557,8 +560,8 @@ impl KmsFs {
     /// user and group has nothing to be given: the entry is already theirs, with the group
     /// a setgid directory gives.
     fn give_to_caller(&self, caller: Caller, path: &Path, opened: Option<&File>) {
-        let ours = caller.uid == nix::unistd::geteuid().as_raw() && caller.gid == nix::unistd::getegid().as_raw();
-        if self.as_root && !ours {
+        let ours = (caller.uid, caller.gid) == (self.me.uid, self.me.gid);
+        if self.me.uid == 0 && !ours {
             let (uid, gid) = (Some(caller.uid), self.new_entry_gid(caller, path));
             let given = match opened {
                 Some(file) => std::os::unix::fs::fchown(file, uid, gid),
@@ -891,19 +894,8 @@ impl KmsFs {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn setattr_op(
-        &self,
-        ino: INodeNo,
-        mode: Option<u32>,
-        uid: Option<u32>,
-        gid: Option<u32>,
-        size: Option<u64>,
-        atime: Option<TimeOrNow>,
-        mtime: Option<TimeOrNow>,
-        fh: Option<FileHandle>,
-        kill_suidgid: bool,
-    ) -> Result<FileAttr, Errno> {
+    pub(crate) fn setattr_op(&self, ino: INodeNo, changes: &Setattr) -> Result<FileAttr, Errno> {
+        let Setattr { mode, uid, gid, size, atime, mtime, fh, kill_suidgid, .. } = *changes;
         let path = match self.path_of(ino.0) {
             Ok(path) => path,
             // Unlinked but still open (ftruncate, fchmod... of a temporary file): work
@@ -1173,15 +1165,15 @@ impl KmsFs {
     }
 
     /// Writes `data` at `offset` (a large write is sealed on two CPUs, see
-    /// [`Content::write_at`]). With `kill_suidgid` (the writer lacks CAP_FSETID), a setuid
-    /// or setgid file loses those bits.
-    pub(crate) fn write_op(&self, fh: FileHandle, offset: u64, data: &[u8], kill_suidgid: bool) -> Result<u32, Errno> {
+    /// [`Content::write_at`]). With FUSE_WRITE_KILL_SUIDGID (the writer lacks CAP_FSETID),
+    /// a setuid or setgid file loses those bits.
+    pub(crate) fn write_op(&self, fh: FileHandle, offset: u64, data: &[u8], flags: WriteFlags) -> Result<u32, Errno> {
         let h = self.open_file(fh)?;
         {
             let _guard = h.lock.write().unwrap_or_else(|p| p.into_inner());
             self.with_content(&h.path, &h.file, &h.header, |c| c.write_at(offset, data))?;
         }
-        if kill_suidgid {
+        if flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
             drop_suidgid(&h.file).map_err(|e| errno(&e))?;
         }
         self.write_behind(&h, offset, data.len() as u64);
@@ -1458,7 +1450,7 @@ impl Filesystem for DevFuse {
         size: Option<u64>,
         atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
-        _ctime: Option<SystemTime>,
+        ctime: Option<SystemTime>,
         fh: Option<FileHandle>,
         _crtime: Option<SystemTime>,
         _chgtime: Option<SystemTime>,
@@ -1468,7 +1460,8 @@ impl Filesystem for DevFuse {
     ) {
         // fuser does not pass on FATTR_KILL_SUIDGID: as the kernel does when it sets it, a
         // truncation by anyone but root clears setuid and setgid.
-        let result = self.setattr_op(ino, mode, uid, gid, size, atime, mtime, fh, req.uid() != 0);
+        let changes = Setattr { mode, uid, gid, size, atime, mtime, ctime, fh, kill_suidgid: req.uid() != 0 };
+        let result = self.setattr_op(ino, &changes);
         answer!(reply, result, |attr| reply.attr(&TTL, &attr))
     }
 
@@ -1546,8 +1539,7 @@ impl Filesystem for DevFuse {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let kill_suidgid = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
-        answer!(reply, self.write_op(fh, offset, data, kill_suidgid), |n| reply.written(n))
+        answer!(reply, self.write_op(fh, offset, data, write_flags), |n| reply.written(n))
     }
 
     fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {

@@ -464,33 +464,23 @@ pub fn open_block_into(
     stored: &[u8],
     out: &mut [u8],
 ) -> Result<(), FormatError> {
-    let opened = open_to(key, file_id, index, is_final, stored, out);
+    let opened = (|| {
+        let hole = classify(key, index, is_final, stored)?;
+        if out.len() + key.layout.cipher.overhead() != stored.len() {
+            return Err(FormatError::BlockLength { kind: "plaintext buffer for a", len: out.len() });
+        }
+        if hole {
+            out.fill(0);
+            return Ok(());
+        }
+        let (nonce, sealed) = stored.split_at(key.layout.cipher.nonce_len());
+        key.open_to(nonce, &aad(file_id, index, is_final), sealed, out)
+            .map_err(|_| FormatError::Authentication { what: "block" })
+    })();
     if opened.is_err() {
         zeroize::Zeroize::zeroize(out);
     }
     opened
-}
-
-/// [`open_block_into`] but for wiping `out` on error.
-fn open_to(
-    key: &ContentKey,
-    file_id: &FileId,
-    index: BlockIndex,
-    is_final: bool,
-    stored: &[u8],
-    out: &mut [u8],
-) -> Result<(), FormatError> {
-    let hole = classify(key, index, is_final, stored)?;
-    if out.len() + key.layout.cipher.overhead() != stored.len() {
-        return Err(FormatError::BlockLength { kind: "plaintext buffer for a", len: out.len() });
-    }
-    if hole {
-        out.fill(0);
-        return Ok(());
-    }
-    let (nonce, sealed) = stored.split_at(key.layout.cipher.nonce_len());
-    key.open_to(nonce, &aad(file_id, index, is_final), sealed, out)
-        .map_err(|_| FormatError::Authentication { what: "block" })
 }
 
 #[cfg(test)]

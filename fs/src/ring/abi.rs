@@ -28,8 +28,8 @@ use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, INodeNo, IoctlFlags,
-    LockOwner, OpenFlags, RenameFlags, TimeOrNow, WriteFlags,
+    AccessFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, INodeNo, IoctlFlags, LockOwner, OpenFlags,
+    RenameFlags, TimeOrNow, WriteFlags,
 };
 
 // Opcodes (`enum fuse_opcode`).
@@ -134,6 +134,24 @@ pub fn in_header(bytes: &[u8]) -> Option<InHeader> {
     })
 }
 
+/// What a SETATTR changes: each field that `valid` marks, `None` otherwise (the same for
+/// both transports: fuser's setattr arguments are turned into one). macOS's crtime,
+/// chgtime, bkuptime and flags never come on Linux.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Setattr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<TimeOrNow>,
+    pub mtime: Option<TimeOrNow>,
+    pub ctime: Option<SystemTime>,
+    pub fh: Option<FileHandle>,
+    /// FATTR_KILL_SUIDGID: the caller lacks CAP_FSETID, so a truncation clears setuid and
+    /// setgid (FUSE_HANDLE_KILLPRIV_V2).
+    pub kill_suidgid: bool,
+}
+
 /// A parsed request: one variant per operation, carrying the arguments of the fuser
 /// `Filesystem` method that serves it, in fuser's types, so that both transports can call
 /// the same handler. The inode (or, for operations on a name, the directory) is the
@@ -146,25 +164,7 @@ pub enum Op<'a> {
     Getattr {
         fh: Option<FileHandle>,
     },
-    /// `crtime`, `chgtime`, `bkuptime` and `flags` are macOS's and always `None` here, as
-    /// fuser passes them on Linux.
-    Setattr {
-        mode: Option<u32>,
-        uid: Option<u32>,
-        gid: Option<u32>,
-        size: Option<u64>,
-        atime: Option<TimeOrNow>,
-        mtime: Option<TimeOrNow>,
-        ctime: Option<SystemTime>,
-        fh: Option<FileHandle>,
-        crtime: Option<SystemTime>,
-        chgtime: Option<SystemTime>,
-        bkuptime: Option<SystemTime>,
-        flags: Option<BsdFileFlags>,
-        /// FATTR_KILL_SUIDGID: the caller lacks CAP_FSETID, so a truncation clears setuid
-        /// and setgid (FUSE_HANDLE_KILLPRIV_V2).
-        kill_suidgid: bool,
-    },
+    Setattr(Setattr),
     Readlink,
     Mknod {
         name: &'a OsStr,
@@ -641,7 +641,7 @@ fn setattr(mut arg: Fields<'_>) -> Result<Op<'static>, Errno> {
             (true, false) => Some(TimeOrNow::SpecificTime(system_time(secs, nsecs)?)),
         })
     };
-    Ok(Op::Setattr {
+    Ok(Op::Setattr(Setattr {
         mode: has(FATTR_MODE).then_some(mode),
         uid: has(FATTR_UID).then_some(uid),
         gid: has(FATTR_GID).then_some(gid),
@@ -650,12 +650,8 @@ fn setattr(mut arg: Fields<'_>) -> Result<Op<'static>, Errno> {
         mtime: time_or_now(FATTR_MTIME, FATTR_MTIME_NOW, mtime, mtimensec)?,
         ctime: if has(FATTR_CTIME) { Some(system_time(ctime, ctimensec)?) } else { None },
         fh: has(FATTR_FH).then_some(fh),
-        crtime: None,
-        chgtime: None,
-        bkuptime: None,
-        flags: None,
         kill_suidgid: has(FATTR_KILL_SUIDGID),
-    })
+    }))
 }
 
 /// The time `secs` seconds (negative before the epoch) and then `nsecs` nanoseconds after
@@ -1039,7 +1035,7 @@ mod tests {
         assert_eq!(op_in.len(), 88);
         assert_eq!(
             parse_ok(FUSE_SETATTR, &op_in, &[]),
-            Op::Setattr {
+            Op::Setattr(Setattr {
                 mode: Some(0o640),
                 uid: Some(1001),
                 gid: Some(1002),
@@ -1049,19 +1045,16 @@ mod tests {
                 mtime: Some(TimeOrNow::SpecificTime(UNIX_EPOCH - Duration::from_millis(1200))),
                 ctime: Some(UNIX_EPOCH + Duration::new(1_600_000_000, 7)),
                 fh: Some(FileHandle(9)),
-                crtime: None,
-                chgtime: None,
-                bkuptime: None,
-                flags: None,
                 kill_suidgid: true,
-            }
+            })
         );
     }
 
     #[test]
     fn setattr_now_and_nothing() {
         let op_in = setattr_in(FATTR_ATIME | FATTR_ATIME_NOW | FATTR_MTIME | FATTR_MTIME_NOW);
-        let Op::Setattr { atime, mtime, mode, size, fh, ctime, kill_suidgid, .. } = parse_ok(FUSE_SETATTR, &op_in, &[])
+        let Op::Setattr(Setattr { atime, mtime, mode, size, fh, ctime, kill_suidgid, .. }) =
+            parse_ok(FUSE_SETATTR, &op_in, &[])
         else {
             panic!("not a setattr")
         };
@@ -1070,7 +1063,7 @@ mod tests {
 
         // A *_NOW bit without its time bit sets nothing.
         let op_in = setattr_in(FATTR_ATIME_NOW);
-        let Op::Setattr { atime, .. } = parse_ok(FUSE_SETATTR, &op_in, &[]) else { panic!("not a setattr") };
+        let Op::Setattr(Setattr { atime, .. }) = parse_ok(FUSE_SETATTR, &op_in, &[]) else { panic!("not a setattr") };
         assert_eq!(atime, None);
     }
 

@@ -2,7 +2,7 @@
 //! operation fuser's /dev/fuse loop calls ([`KmsFs`]'s `*_op` methods), and the answer is
 //! encoded as the reply's arguments.
 
-use fuser::{Errno, INodeNo, WriteFlags};
+use fuser::{Errno, INodeNo};
 
 use super::abi::{self, Op};
 use super::{Incoming, Serve};
@@ -16,9 +16,7 @@ impl Serve for KmsFs {
         match abi::parse(header, request.op_in, request.payload)? {
             Op::Lookup { name } => abi::entry(out, &self.lookup_op(ino, name)?, TTL, 0),
             Op::Getattr { fh } => abi::attr(out, &self.getattr_op(ino, fh)?, TTL),
-            Op::Setattr { mode, uid, gid, size, atime, mtime, fh, kill_suidgid, .. } => {
-                abi::attr(out, &self.setattr_op(ino, mode, uid, gid, size, atime, mtime, fh, kill_suidgid)?, TTL)
-            }
+            Op::Setattr(changes) => abi::attr(out, &self.setattr_op(ino, &changes)?, TTL),
             Op::Readlink => out.extend_from_slice(&self.readlink_op(ino)?),
             Op::Mknod { name, mode, umask, rdev } => {
                 abi::entry(out, &self.mknod_op(caller, ino, name, mode, umask, rdev)?, TTL, 0)
@@ -32,15 +30,14 @@ impl Serve for KmsFs {
             Op::Rename { name, newparent, newname, flags } => self.rename_op(ino, name, newparent, newname, flags)?,
             Op::Link { ino, newparent, newname } => abi::entry(out, &self.link_op(ino, newparent, newname)?, TTL, 0),
             Op::Open { flags } => abi::open(out, self.open_op(ino, flags)?, FILE_OPEN_FLAGS.bits()),
-            Op::Read { size, .. } => {
+            Op::Read { fh, offset, size, .. } => {
                 // The runtime sends READs to `read`; answered the same way here all the same.
                 out.resize(size as usize, 0);
-                let len = self.read(request, out)?;
+                let len = self.read_to(fh, offset, out)?;
                 out.truncate(len);
             }
             Op::Write { fh, offset, data, write_flags, .. } => {
-                let kill_suidgid = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
-                abi::write(out, self.write_op(fh, offset, data, kill_suidgid)?)
+                abi::write(out, self.write_op(fh, offset, data, write_flags)?)
             }
             // Writes go straight to the backing file; nothing is buffered here.
             Op::Flush { .. } => {}
