@@ -17,14 +17,21 @@ use crate::authz::{condition_keys, Authz};
 use crate::policy::eval::{Caller, RequestContext};
 use crate::policy::Policy;
 use crate::rot::{KeyMaterial, RootOfTrust};
-use crate::store::{AliasRow, GrantRow, KeyRow, KeyState, Store};
+use crate::store::{AliasRow, GrantRow, KeyRow, KeyState, MaterialRow, Store, UsageRow};
 
-/// One usable version of a key's material.
+/// One version of a key's material: what the store says of it, and the usable material.
 #[derive(Clone)]
 pub struct Material {
-    /// AWS's `KeyMaterialId`: 64 hex digits naming this version.
-    pub material_id: String,
-    pub key: Arc<dyn KeyMaterial>,
+    /// `row.material_id` is AWS's `KeyMaterialId`: 64 hex digits naming this version.
+    pub row: MaterialRow,
+    /// `None` while imported material is deleted or expired.
+    pub key: Option<Arc<dyn KeyMaterial>>,
+}
+
+impl Material {
+    pub fn material_id(&self) -> &str {
+        &self.row.material_id
+    }
 }
 
 /// A key as the handlers see it: metadata, tags and loaded material.
@@ -39,11 +46,21 @@ pub struct KeyRecord {
 }
 
 impl KeyRecord {
-    /// The material new ciphertexts are made with.
+    /// The material version new ciphertexts are made with (it may be an imported one that
+    /// is deleted: see [`KeyRecord::current_key`]).
     pub fn current(&self) -> Result<&Material, KmsError> {
         self.materials
             .get(&self.row.current_version)
-            .ok_or_else(|| KmsError::internal(format!("key {} lacks its current material", self.row.id)))
+            .ok_or_else(|| KmsError::invalid_state(format!("key {} has no key material", self.row.id)))
+    }
+
+    /// The usable material new ciphertexts are made with.
+    pub fn current_key(&self) -> Result<(&Material, &Arc<dyn KeyMaterial>), KmsError> {
+        let current = self.current()?;
+        let key = current.key.as_ref().ok_or_else(|| {
+            KmsError::invalid_state(format!("the current key material of key {} is not imported", self.row.id))
+        })?;
+        Ok((current, key))
     }
 }
 
@@ -52,6 +69,8 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     pub scope: ArnScope,
     pub authz: Authz,
+    /// Milliseconds added to the system clock for key lifecycle dates (`kmsd --clock-offset`).
+    pub clock_offset_ms: i64,
 }
 
 /// A key changed state. Clients holding data keys under it (kmsfs) watch these so that
@@ -59,7 +78,8 @@ pub struct AgentConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KeyEvent {
     pub key_id: KeyId,
-    pub state: KeyState,
+    /// The new state; `None` once the key is destroyed.
+    pub state: Option<KeyState>,
 }
 
 /// The agent: configuration, root of trust, store and in-memory maps.
@@ -71,6 +91,10 @@ pub struct Agent {
     store: Mutex<Store>,
     keys: RwLock<HashMap<KeyId, Arc<KeyRecord>>>,
     aliases: RwLock<BTreeMap<String, AliasRow>>,
+    clock_offset_ms: i64,
+    /// Last successful cryptographic use per key, and which entries the store lacks.
+    usage: Mutex<HashMap<KeyId, (UsageRow, bool)>>,
+    usage_tracking_start_ms: i64,
 }
 
 /// Stored under `meta.root_check`: material made for a reserved key ID when the state
@@ -79,6 +103,8 @@ pub struct Agent {
 /// only make every Decrypt fail.
 const ROOT_CHECK: &str = "root_check";
 const ROOT_CHECK_ID: [u8; 16] = [0; 16];
+/// Stored under `meta`: when GetKeyLastUsage's tracking began (ms since the epoch, text).
+const USAGE_TRACKING_START: &str = "usage_tracking_start_ms";
 
 impl Agent {
     /// Opens the state directory's store with `root`, checks that `root` is the one that
@@ -101,6 +127,16 @@ impl Agent {
                 store.set_meta(ROOT_CHECK, &stored).map_err(|e| e.message)?;
             }
         }
+        // A kill between destroying material and scrubbing the files is finished here.
+        store.scrub_if_pending().map_err(|e| e.message)?;
+        let now = kmsfs_common::time::now_millis() + config.clock_offset_ms;
+        let usage_tracking_start_ms = match store.meta(USAGE_TRACKING_START).map_err(|e| e.message)? {
+            Some(v) => String::from_utf8_lossy(&v).parse().unwrap_or(now),
+            None => {
+                store.set_meta(USAGE_TRACKING_START, now.to_string().as_bytes()).map_err(|e| e.message)?;
+                now
+            }
+        };
         let snapshot = store.snapshot().map_err(|e| e.message)?;
         let mut records: HashMap<KeyId, KeyRecord> = snapshot
             .keys
@@ -115,11 +151,15 @@ impl Agent {
             })
             .collect::<Result<_, String>>()?;
         for m in snapshot.materials {
-            let key = root.load(&m.key_id, m.version, &m.stored).map_err(|e| e.message)?;
+            let key = match &m.stored {
+                Some(stored) => Some(root.load(&m.key_id, m.version, stored).map_err(|e| e.message)?),
+                None => None,
+            };
             if let Some(record) = records.get_mut(&m.key_id) {
-                record.materials.insert(m.version, Material { material_id: m.material_id, key });
+                record.materials.insert(m.version, Material { row: m, key });
             }
         }
+        let usage = snapshot.usage.into_iter().map(|u| (u.key_id, (u, false))).collect();
         for (id, k, v) in snapshot.tags {
             if let Some(record) = records.get_mut(&id) {
                 record.tags.insert(k, v);
@@ -140,7 +180,51 @@ impl Agent {
             store: Mutex::new(store),
             keys: RwLock::new(records.into_iter().map(|(id, r)| (id, Arc::new(r))).collect()),
             aliases: RwLock::new(aliases),
+            clock_offset_ms: config.clock_offset_ms,
+            usage: Mutex::new(usage),
+            usage_tracking_start_ms,
         })
+    }
+
+    /// The time key lifecycle dates are reckoned in (creation, deletion, rotation, expiry of
+    /// imported material and import tokens): the system clock plus `--clock-offset`.
+    pub fn now_ms(&self) -> i64 {
+        kmsfs_common::time::now_millis() + self.clock_offset_ms
+    }
+
+    /// Notes a successful cryptographic operation with key `key_id` (GetKeyLastUsage).
+    /// Kept in memory and written to the store by the scheduler, so that a Decrypt costs no
+    /// extra transaction.
+    pub fn note_usage(&self, key_id: KeyId, operation: &str, request_id: &str, event_id: &str) {
+        let row = UsageRow {
+            key_id,
+            operation: operation.to_string(),
+            time_ms: self.now_ms(),
+            request_id: request_id.to_string(),
+            event_id: event_id.to_string(),
+        };
+        lock(&self.usage).insert(key_id, (row, true));
+    }
+
+    /// The last recorded use of `key_id`, and the date tracking began.
+    pub fn last_usage(&self, key_id: &KeyId) -> (Option<UsageRow>, i64) {
+        (lock(&self.usage).get(key_id).map(|(u, _)| u.clone()), self.usage_tracking_start_ms)
+    }
+
+    /// Writes the usage noted since the last call to the store.
+    pub fn save_usage(&self) -> Result<(), KmsError> {
+        let dirty: Vec<UsageRow> = lock(&self.usage).values().filter(|(_, d)| *d).map(|(u, _)| u.clone()).collect();
+        if dirty.is_empty() {
+            return Ok(());
+        }
+        lock(&self.store).save_usage(&dirty)?;
+        let mut usage = lock(&self.usage);
+        for saved in dirty {
+            if let Some(entry) = usage.get_mut(&saved.key_id).filter(|(u, _)| *u == saved) {
+                entry.1 = false;
+            }
+        }
+        Ok(())
     }
 
     /// A 32-byte secret the agent keeps for itself, sealed exactly as key material is: the
@@ -245,9 +329,15 @@ impl Agent {
                     let previous = write(&self.keys).insert(id, Arc::new(record));
                     if let Some(previous) = previous.filter(|p| p.row.state != state) {
                         // No receivers is not an error: nobody is watching.
-                        let _ = self.events.send(KeyEvent { key_id: id, state });
+                        let _ = self.events.send(KeyEvent { key_id: id, state: Some(state) });
                         tracing::debug!(key_id = %id, from = previous.row.state.as_str(), to = state.as_str(), "key state changed");
                     }
+                }
+                Change::KeyDestroyed(id) => {
+                    write(&self.keys).remove(&id);
+                    write(&self.aliases).retain(|_, a| a.key_id != id);
+                    lock(&self.usage).remove(&id);
+                    let _ = self.events.send(KeyEvent { key_id: id, state: None });
                 }
                 Change::Alias(alias) => {
                     write(&self.aliases).insert(alias.name.clone(), alias);
@@ -306,6 +396,8 @@ pub fn parse_stored_policy(scope: &ArnScope, text: &str) -> Result<Arc<Policy>, 
 /// An in-memory change that follows a committed transaction.
 pub enum Change {
     Key(KeyRecord),
+    /// The key and its material are gone from the store: drop them (zeroizing the material).
+    KeyDestroyed(KeyId),
     Alias(AliasRow),
     AliasDeleted(String),
 }
@@ -320,6 +412,9 @@ pub fn require_usable(agent: &Agent, key: &KeyRecord) -> Result<(), KmsError> {
         )),
         KeyState::PendingDeletion => {
             Err(KmsError::invalid_state(format!("{} is pending deletion.", agent.key_arn(&key.row.id))))
+        }
+        KeyState::PendingImport => {
+            Err(KmsError::invalid_state(format!("{} is pending import.", agent.key_arn(&key.row.id))))
         }
     }
 }

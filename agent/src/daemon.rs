@@ -43,6 +43,8 @@ pub struct DaemonConfig {
     pub audit_journald: Option<bool>,
     /// The journal's native socket (for tests; default `/run/systemd/journal/socket`).
     pub journal_socket: PathBuf,
+    /// Milliseconds added to the clock for key lifecycle dates (`--clock-offset`, for tests).
+    pub clock_offset_ms: i64,
 }
 
 /// The account ID when none is configured: twelve digits derived from the machine ID, so
@@ -100,8 +102,16 @@ pub fn run(config: DaemonConfig) -> Result<(), String> {
     if !access_keys.current().is_empty() || !config.listen_tcp.is_empty() {
         tracing::info!(keys = access_keys.current().len(), "access keys loaded");
     }
-    let agent =
-        Arc::new(Agent::open(AgentConfig { state_dir: config.state_dir.clone(), scope, authz }, Box::new(root))?);
+    if config.clock_offset_ms != 0 {
+        tracing::warn!(
+            offset_seconds = config.clock_offset_ms / 1000,
+            "--clock-offset: key lifecycle dates (rotation, deletion, expiry) use a shifted clock; for tests only"
+        );
+    }
+    let agent = Arc::new(Agent::open(
+        AgentConfig { state_dir: config.state_dir.clone(), scope, authz, clock_offset_ms: config.clock_offset_ms },
+        Box::new(root),
+    )?);
     let audit = if config.audit {
         let dir = config.audit_dir.clone().unwrap_or_else(|| config.state_dir.join("audit"));
         let log = AuditLog::open(&dir, crate::audit::signing_key(&agent)?, journal_mirror(&config)?)?;
@@ -127,12 +137,18 @@ pub fn run(config: DaemonConfig) -> Result<(), String> {
             tracing::info!(address = %local, "listening on TCP for SigV4-signed requests");
             tcp.push(listener);
         }
+        // Whatever fell due while kmsd was down is done before the first request.
+        crate::scheduler::pass(&agent, audit.as_ref()).await;
+        tokio::spawn(crate::scheduler::run(agent.clone(), audit.clone()));
         let (listener, bound) = listen(&config.socket)?;
         tracing::info!(socket = %config.socket.display(), "kmsd ready");
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
         tokio::spawn(reload_on_sighup(agent.clone(), access_keys.clone()));
         let listeners = server::Listeners { unix: listener, tcp, access_keys };
-        server::serve(agent, audit.clone(), listeners, shutdown_signal()).await;
+        server::serve(agent.clone(), audit.clone(), listeners, shutdown_signal()).await;
+        if let Err(e) = agent.save_usage() {
+            tracing::warn!("cannot save key usage: {}", e.message);
+        }
         if let Some(audit) = &audit {
             audit.close();
         }

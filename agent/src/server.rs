@@ -442,7 +442,7 @@ fn watch_key_events(shared: &Shared, request_id: &str) -> Response<Body> {
                         "Event": "KeyStateChanged",
                         "KeyId": key_id.to_string(),
                         "KeyArn": agent.key_arn(&key_id),
-                        "KeyState": state.as_str(),
+                        "KeyState": state.map_or("Deleted", |s| s.as_str()),
                     }),
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                         serde_json::json!({"Event": "Lagged", "Missed": n})

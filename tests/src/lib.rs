@@ -148,6 +148,18 @@ impl TestAgent {
     }
 
     fn launch(&mut self) {
+        self.spawn();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while UnixStream::connect(self.socket()).is_err() {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("kmsd exited with {status}:\n{}", self.log());
+            }
+            assert!(Instant::now() < deadline, "kmsd did not start:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).expect("agent log");
         let mut cmd = Command::new(bin("kmsd"));
         match self.log_filter {
@@ -168,14 +180,6 @@ impl TestAgent {
             .spawn()
             .expect("start kmsd");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while UnixStream::connect(self.socket()).is_err() {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("kmsd exited with {status}:\n{}", self.log());
-            }
-            assert!(Instant::now() < deadline, "kmsd did not start:\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(10));
-        }
     }
 
     pub fn dir(&self) -> &Path {
@@ -276,6 +280,19 @@ impl TestAgent {
     pub fn restart(&mut self) {
         self.kill();
         self.launch();
+    }
+
+    /// Replaces the extra `kmsd` arguments used from the next start on (e.g. to restart
+    /// with `--clock-offset`).
+    pub fn set_args(&mut self, args: &[&str]) {
+        self.extra_args = args.iter().map(|s| s.to_string()).collect();
+    }
+
+    /// Starts the agent after `kill` or `stop`, without waiting for it to be ready (to kill
+    /// it during start-up).
+    pub fn start_again_without_waiting(&mut self) {
+        assert!(self.child.is_none(), "agent still running");
+        self.spawn();
     }
 
     /// Starts the agent after `kill` or `stop`.

@@ -58,6 +58,28 @@ struct Args {
     /// The journal's native socket.
     #[arg(long, hide = true, default_value = kmsfs_agent::audit::journal::JOURNAL_SOCKET)]
     journal_socket: PathBuf,
+    /// For tests: shift the clock that key lifecycle dates are reckoned in (rotation,
+    /// deletion windows, expiry of imported material and import tokens) by this much, e.g.
+    /// `8d`, `-2h`, `400d`. Audit timestamps and SigV4 keep the real clock.
+    #[arg(long, value_parser = parse_offset, default_value = "0", allow_hyphen_values = true, value_name = "DURATION")]
+    clock_offset: i64,
+}
+
+/// A signed duration: an integer with a unit `s`, `m`, `h` or `d` (seconds if none), in ms.
+fn parse_offset(text: &str) -> Result<i64, String> {
+    let (number, unit) = match text.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&text[..i], c),
+        _ => (text, 's'),
+    };
+    let seconds = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
+        _ => return Err(format!("unknown unit '{unit}': use s, m, h or d (e.g. 8d)")),
+    };
+    let n: i64 = number.parse().map_err(|_| format!("'{text}' is not a duration such as 30s, 2h or 8d"))?;
+    n.checked_mul(seconds * 1000).ok_or_else(|| format!("'{text}' is too large"))
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -98,6 +120,7 @@ fn main() -> ExitCode {
             Mirror::Off => Some(false),
         },
         journal_socket: args.journal_socket,
+        clock_offset_ms: args.clock_offset,
     };
     match daemon::run(config) {
         Ok(()) => ExitCode::SUCCESS,

@@ -43,7 +43,8 @@ pub fn default_key_policy(account: &str) -> String {
 }
 
 /// The key administrators' identity policy: the actions of the console's "Allow access for
-/// Key Administrators" statement, plus `kms:RetireGrant`.
+/// Key Administrators" statement (with `kms:ImportKeyMaterial`, which the console adds for
+/// keys of imported material), plus `kms:RetireGrant`.
 pub const KEY_ADMINISTRATOR_POLICY: &str = r#"{
   "Version": "2012-10-17",
   "Id": "kmsd-key-administrators",
@@ -67,6 +68,7 @@ pub const KEY_ADMINISTRATOR_POLICY: &str = r#"{
         "kms:ScheduleKeyDeletion",
         "kms:CancelKeyDeletion",
         "kms:RotateKeyOnDemand",
+        "kms:ImportKeyMaterial",
         "kms:RetireGrant"
       ],
       "Resource": "*"

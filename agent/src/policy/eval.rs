@@ -63,6 +63,13 @@ pub mod keys {
     pub const BYPASS_POLICY_LOCKOUT_SAFETY_CHECK: &str = "kms:BypassPolicyLockoutSafetyCheck";
     pub const SCHEDULE_KEY_DELETION_PENDING_WINDOW_IN_DAYS: &str = "kms:ScheduleKeyDeletionPendingWindowInDays";
     pub const ROTATION_PERIOD_IN_DAYS: &str = "kms:RotationPeriodInDays";
+    /// ImportKeyMaterial: `KEY_MATERIAL_EXPIRES` or `KEY_MATERIAL_DOES_NOT_EXPIRE`.
+    pub const EXPIRATION_MODEL: &str = "kms:ExpirationModel";
+    /// ImportKeyMaterial: the material's expiry, in seconds since the epoch (Numeric/Date).
+    pub const VALID_TO: &str = "kms:ValidTo";
+    /// GetParametersForImport: the wrapping algorithm and the RSA wrapping key's spec.
+    pub const WRAPPING_ALGORITHM: &str = "kms:WrappingAlgorithm";
+    pub const WRAPPING_KEY_SPEC: &str = "kms:WrappingKeySpec";
     /// Never present locally (no AWS service calls the agent): use `...IfExists`.
     pub const VIA_SERVICE: &str = "kms:ViaService";
     /// The caller's uid (decimal).

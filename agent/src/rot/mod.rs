@@ -27,7 +27,16 @@ pub trait RootOfTrust: Send + Sync {
     /// and the bytes to store; the stored form is useless without this root.
     fn generate(&self, key_id: &KeyId, version: u32) -> Result<(Arc<dyn KeyMaterial>, Vec<u8>), KmsError>;
 
-    /// Turns stored bytes (from `generate`) back into usable material. Fails if they were
+    /// Takes material from outside (ImportKeyMaterial) for version `version` of key `key_id`:
+    /// returns it usable, and the bytes to store, as `generate` does.
+    fn import(
+        &self,
+        key_id: &KeyId,
+        version: u32,
+        material: &KeyBytes,
+    ) -> Result<(Arc<dyn KeyMaterial>, Vec<u8>), KmsError>;
+
+    /// Turns stored bytes (from `generate` or `import`) back into usable material. Fails if they were
     /// altered, or stored for another key or version.
     fn load(&self, key_id: &KeyId, version: u32, stored: &[u8]) -> Result<Arc<dyn KeyMaterial>, KmsError>;
 }
@@ -97,7 +106,15 @@ impl RootOfTrust for WrappingRoot {
     }
 
     fn generate(&self, key_id: &KeyId, version: u32) -> Result<(Arc<dyn KeyMaterial>, Vec<u8>), KmsError> {
-        let material = KeyBytes::random();
+        self.import(key_id, version, &KeyBytes::random())
+    }
+
+    fn import(
+        &self,
+        key_id: &KeyId,
+        version: u32,
+        material: &KeyBytes,
+    ) -> Result<(Arc<dyn KeyMaterial>, Vec<u8>), KmsError> {
         let mut nonce = [0u8; XAES_NONCE_LEN];
         random_bytes(&mut nonce);
         let mut sealed = Zeroizing::new(material.expose().to_vec());
@@ -106,7 +123,7 @@ impl RootOfTrust for WrappingRoot {
         stored.extend_from_slice(&nonce);
         stored.extend_from_slice(&sealed);
         stored.extend_from_slice(&tag);
-        Ok((SoftwareKey::new(&material), stored))
+        Ok((SoftwareKey::new(material), stored))
     }
 
     fn load(&self, key_id: &KeyId, version: u32, stored: &[u8]) -> Result<Arc<dyn KeyMaterial>, KmsError> {

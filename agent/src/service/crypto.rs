@@ -34,9 +34,9 @@ struct EncryptRequest {
 
 /// Seals `plaintext` under the key's current material.
 fn seal(key: &KeyRecord, context: &EncryptionContext, plaintext: &[u8]) -> Result<(Vec<u8>, String), KmsError> {
-    let current = key.current()?;
-    let blob = current.key.seal(&key.row.id, key.row.current_version, context, plaintext);
-    Ok((blob, current.material_id.clone()))
+    let (current, material) = key.current_key()?;
+    let blob = material.seal(&key.row.id, key.row.current_version, context, plaintext);
+    Ok((blob, current.material_id().to_string()))
 }
 
 pub fn encrypt(agent: &Agent, caller: &Caller, request: Value) -> Result<Reply, KmsError> {
@@ -99,8 +99,15 @@ fn open(
     })?;
     require_usable(agent, &key)?;
     let material = key.materials.get(&parsed.material_version).ok_or_else(KmsError::invalid_ciphertext)?;
-    let plaintext = material.key.open(&parsed, context).ok_or_else(KmsError::invalid_ciphertext)?;
-    let material_id = material.material_id.clone();
+    let usable = material.key.as_ref().ok_or_else(|| {
+        KmsError::invalid_state(format!(
+            "The key material ({}) of {} that encrypted the ciphertext is not imported.",
+            material.material_id(),
+            agent.key_arn(&key.row.id)
+        ))
+    })?;
+    let plaintext = usable.open(&parsed, context).ok_or_else(KmsError::invalid_ciphertext)?;
+    let material_id = material.material_id().to_string();
     Ok((key, material_id, plaintext))
 }
 
@@ -326,7 +333,7 @@ pub fn generate_data_keys(agent: &Agent, caller: &Caller, request: Value) -> Res
     }
     keys.push(']');
     // Every key of the batch was sealed under the key's current material.
-    let body = json!({"KeyId": agent.key_arn(&key.row.id), "KeyMaterialId": key.current()?.material_id});
+    let body = json!({"KeyId": agent.key_arn(&key.row.id), "KeyMaterialId": key.current()?.material_id()});
     Ok(Reply::with_secret_json(body, "DataKeys", keys))
 }
 

@@ -96,7 +96,8 @@ pub fn create_grant(agent: &Agent, caller: &Caller, request: Value) -> Result<Va
         }
     })?;
     match key.row.state {
-        KeyState::Enabled => {}
+        // As in AWS, a key awaiting its imported material can be granted already.
+        KeyState::Enabled | KeyState::PendingImport => {}
         KeyState::Disabled => {
             return Err(KmsError::new(
                 ErrorKind::DisabledException,

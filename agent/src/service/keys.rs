@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use kmsfs_common::aead::random_bytes;
 use kmsfs_common::ids::KeyId;
-use kmsfs_common::time::{millis_to_wire, now_millis};
+use kmsfs_common::time::millis_to_wire;
 use kmsfs_common::{ErrorKind, KmsError};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -45,7 +45,13 @@ pub fn key_metadata(agent: &Agent, key: &KeyRecord) -> Value {
         "MultiRegion": false,
     });
     if let Ok(current) = key.current() {
-        meta["CurrentKeyMaterialId"] = json!(current.material_id);
+        meta["CurrentKeyMaterialId"] = json!(current.material_id());
+        if let Some(model) = &current.row.expiration_model {
+            meta["ExpirationModel"] = json!(model);
+        }
+        if let Some(valid_to) = current.row.valid_to_ms {
+            meta["ValidTo"] = json!(millis_to_wire(valid_to));
+        }
     }
     if let Some(deletion) = row.deletion_ms {
         meta["DeletionDate"] = json!(millis_to_wire(deletion));
@@ -97,8 +103,9 @@ pub fn create_key(agent: &Agent, caller: &Caller, request: Value) -> Result<Valu
         )));
     }
     let origin = req.origin.unwrap_or_else(|| "AWS_KMS".into());
-    if origin != "AWS_KMS" {
-        return Err(unsupported(&format!("Origin {origin} is not supported yet; only AWS_KMS")));
+    match origin.as_str() {
+        "AWS_KMS" | "EXTERNAL" => {}
+        _ => return Err(unsupported(&format!("Origin {origin} is not supported yet; only AWS_KMS and EXTERNAL"))),
     }
     if req.custom_key_store_id.is_some() || req.xks_key_id.is_some() {
         return Err(unsupported("Custom key stores are not supported yet"));
@@ -113,11 +120,15 @@ pub fn create_key(agent: &Agent, caller: &Caller, request: Value) -> Result<Valu
     let tags = validate_new_tags(&BTreeMap::new(), req.tags.unwrap_or_default())?;
 
     let id = KeyId::random();
-    let now = now_millis();
-    let (key, stored) = agent.root().generate(&id, 1)?;
-    let mut material_id = [0u8; 32];
-    random_bytes(&mut material_id);
-    let material_id: String = material_id.iter().map(|b| format!("{b:02x}")).collect();
+    let now = agent.now_ms();
+    // An EXTERNAL key starts without material, waiting for ImportKeyMaterial.
+    let external = origin == "EXTERNAL";
+    let first = if external {
+        None
+    } else {
+        let (key, stored) = agent.root().generate(&id, 1)?;
+        Some(Material { row: MaterialRow::generated(id, 1, random_material_id(), stored, now), key: Some(key) })
+    };
     let row = KeyRow {
         id,
         created_ms: now,
@@ -125,18 +136,19 @@ pub fn create_key(agent: &Agent, caller: &Caller, request: Value) -> Result<Valu
         key_usage,
         key_spec,
         origin,
-        state: KeyState::Enabled,
+        state: if external { KeyState::PendingImport } else { KeyState::Enabled },
         deletion_ms: None,
         pending_days: None,
-        current_version: 1,
+        current_version: if external { 0 } else { 1 },
         policy: policy.as_ref().map(|(text, _)| text.clone()).unwrap_or_default(),
+        rotation_period_days: None,
+        next_rotation_ms: None,
     };
-    let material_row =
-        MaterialRow { key_id: id, version: 1, material_id: material_id.clone(), stored, created_ms: now };
+    let material_row = first.as_ref().map(|m| m.row.clone());
     let record = KeyRecord {
         row: row.clone(),
         tags: tags.clone(),
-        materials: BTreeMap::from([(1, Material { material_id, key })]),
+        materials: first.into_iter().map(|m| (1, m)).collect(),
         grants: Vec::new(),
         policy: match &policy {
             Some((_, parsed)) => parsed.clone(),
@@ -148,17 +160,24 @@ pub fn create_key(agent: &Agent, caller: &Caller, request: Value) -> Result<Valu
     }
     let metadata = key_metadata(agent, &record);
     agent.mutate(|store| {
-        store.create_key(&row, &material_row, &tags)?;
+        store.create_key(&row, material_row.as_ref(), &tags)?;
         Ok(((), vec![Change::Key(record)]))
     })?;
     tracing::info!(key_id = %id, "created key");
     Ok(json!({ "KeyMetadata": metadata }))
 }
 
+/// A new material version's `KeyMaterialId`: 64 random hex digits.
+pub fn random_material_id() -> String {
+    let mut id = [0u8; 32];
+    random_bytes(&mut id);
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 #[derive(Deserialize)]
 #[serde(rename_all = "PascalCase")]
-struct KeyIdRequest {
-    key_id: String,
+pub(super) struct KeyIdRequest {
+    pub key_id: String,
 }
 
 pub fn describe_key(agent: &Agent, caller: &Caller, request: Value) -> Result<Value, KmsError> {
@@ -228,6 +247,9 @@ fn set_enabled(agent: &Agent, caller: &Caller, request: Value, state: KeyState) 
     let authorized = |key: &KeyRecord| agent.authorize_key(caller, action, key, |c| c);
     update_row(agent, authorized, &req.key_id, |agent, row| match row.state {
         KeyState::PendingDeletion => Err(pending_deletion(agent, row)),
+        KeyState::PendingImport => {
+            Err(KmsError::invalid_state(format!("{} is pending import.", agent.key_arn(&row.id))))
+        }
         _ => {
             row.state = state;
             Ok(())
@@ -280,7 +302,7 @@ pub fn schedule_key_deletion(agent: &Agent, caller: &Caller, request: Value) -> 
         KeyState::PendingDeletion => Err(pending_deletion(agent, row)),
         _ => {
             row.state = KeyState::PendingDeletion;
-            row.deletion_ms = Some(now_millis() + days * DAY_MS);
+            row.deletion_ms = Some(agent.now_ms() + days * DAY_MS);
             row.pending_days = Some(days as u32);
             Ok(())
         }
@@ -299,8 +321,10 @@ pub fn cancel_key_deletion(agent: &Agent, caller: &Caller, request: Value) -> Re
     let authorized = |key: &KeyRecord| agent.authorize_key(caller, "CancelKeyDeletion", key, |c| c);
     let record = update_row(agent, authorized, &req.key_id, |agent, row| match row.state {
         KeyState::PendingDeletion => {
-            // As in AWS, a key whose deletion is cancelled comes back disabled.
-            row.state = KeyState::Disabled;
+            // As in AWS, a key whose deletion is cancelled comes back disabled, or pending
+            // import if its current material is not imported.
+            let usable = agent.key(&row.id).is_some_and(|k| k.current_key().is_ok());
+            row.state = if usable { KeyState::Disabled } else { KeyState::PendingImport };
             row.deletion_ms = None;
             row.pending_days = None;
             Ok(())

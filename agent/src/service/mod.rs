@@ -9,6 +9,7 @@ mod grants;
 mod keys;
 pub mod model;
 mod policies;
+pub mod rotation;
 mod tags;
 mod wire;
 
@@ -105,6 +106,11 @@ pub fn handle(agent: &Agent, caller: &Caller, action: &str, body: &[u8]) -> Resu
         "GenerateDataKeyWithoutPlaintext" => crypto::generate_data_key(agent, caller, request, false),
         "GenerateRandom" => crypto::generate_random(agent, caller, request),
         GENERATE_DATA_KEYS => crypto::generate_data_keys(agent, caller, request),
+        "EnableKeyRotation" => rotation::enable_key_rotation(agent, caller, request).map(Reply::from),
+        "DisableKeyRotation" => rotation::disable_key_rotation(agent, caller, request).map(Reply::from),
+        "GetKeyRotationStatus" => rotation::get_key_rotation_status(agent, caller, request).map(Reply::from),
+        "RotateKeyOnDemand" => rotation::rotate_key_on_demand(agent, caller, request).map(Reply::from),
+        "ListKeyRotations" => rotation::list_key_rotations(agent, caller, request).map(Reply::from),
         "PutKeyPolicy" => policies::put_key_policy(agent, caller, request).map(Reply::from),
         "GetKeyPolicy" => policies::get_key_policy(agent, caller, request).map(Reply::from),
         "ListKeyPolicies" => policies::list_key_policies(agent, caller, request).map(Reply::from),
@@ -126,7 +132,8 @@ pub const GENERATE_DATA_KEYS: &str = "Kmsfs.GenerateDataKeys";
 /// Actions the server runs off the async executor: those that block on the store's
 /// fsync, and batches, which take a while.
 pub fn blocking(action: &str) -> bool {
-    mutates(action) || action == GENERATE_DATA_KEYS
+    // GetParametersForImport generates an RSA key pair: up to seconds for RSA_4096.
+    mutates(action) || action == GENERATE_DATA_KEYS || action == "GetParametersForImport"
 }
 
 /// Actions that write to the metadata store (and so block on fsync).
@@ -139,6 +146,11 @@ pub fn mutates(action: &str) -> bool {
             | "UpdateKeyDescription"
             | "ScheduleKeyDeletion"
             | "CancelKeyDeletion"
+            | "EnableKeyRotation"
+            | "DisableKeyRotation"
+            | "RotateKeyOnDemand"
+            | "ImportKeyMaterial"
+            | "DeleteImportedKeyMaterial"
             | "CreateAlias"
             | "UpdateAlias"
             | "DeleteAlias"
