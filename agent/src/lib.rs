@@ -5,6 +5,8 @@
 //! - [`service`]: the API's actions, validated against AWS's service model.
 //! - [`agent`]: in-memory keys and aliases over the [`store`].
 //! - [`rot`]: roots of trust (the embedded `file` backend today).
+//! - [`scheduler`]: automatic rotation, deletion when the window ends, expiry of imported
+//!   material.
 //! - [`sys`]: memory locking, process hardening and peer pidfds (the crate's only `unsafe`).
 //! - [`daemon`]: start-up: configuration, listening sockets, systemd integration.
 //! - [`sigv4`], [`access_keys`]: the TCP listener's callers, by AWS Signature Version 4.
@@ -17,6 +19,7 @@ pub mod daemon;
 pub mod identity;
 pub mod policy;
 pub mod rot;
+pub mod scheduler;
 pub mod server;
 pub mod service;
 pub mod sigv4;
