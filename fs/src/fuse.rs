@@ -32,7 +32,7 @@ use fuser::{
 use crate::content::{Content, ContentError};
 use crate::helpers;
 use crate::ring::abi::Setattr;
-use crate::volume::{start_writeback, DirId, FileHeader, StoredName, VolError, Volume, STATUS_XATTR};
+use crate::volume::{start_writeback, DirId, FileHeader, StoredName, VolError, Volume, RELOAD_XATTR, STATUS_XATTR};
 use kmsfs_common::wipe::{wipe, PlainBuf};
 
 /// How long the kernel may cache attributes and entries. Short: the backing directory
@@ -642,7 +642,7 @@ impl KmsFs {
         header: &FileHeader,
         f: impl FnOnce(&Content<'_>) -> Result<T, ContentError>,
     ) -> Result<T, Errno> {
-        let keys = self.vol.keys(header).map_err(|e| self.fail(path, &e))?;
+        let keys = self.vol.keys_of_open(file, header).map_err(|e| self.fail(path, &e))?;
         let content = Content { file, key: &keys.content, file_id: header.file_id() };
         f(&content).map_err(|e| match e {
             ContentError::Io(io) => errno(&io),
@@ -752,7 +752,7 @@ impl KmsFs {
         let pool = self.vol.pool_stats();
         serde_json::to_vec_pretty(&serde_json::json!({
             "Backing": self.vol.root(),
-            "KeyId": self.vol.key_id(),
+            "KeyId": &*self.vol.key_id(),
             "Transport": if self.ring_negotiated() { "io_uring" } else { "/dev/fuse" },
             "RingRequests": self.ring_served.get().map_or(0, |served| served.total()),
             "OpenFiles": lock(&self.files).len(),
@@ -1278,6 +1278,12 @@ impl KmsFs {
     }
 
     pub(crate) fn setxattr_op(&self, ino: INodeNo, name: &OsStr, value: &[u8], flags: i32) -> Result<(), Errno> {
+        if name == RELOAD_XATTR && ino.0 == ROOT {
+            return self.vol.reload().map(drop).map_err(|e| {
+                tracing::error!("cannot follow the rewrapped volume file: {e}");
+                Errno::EIO
+            });
+        }
         let path = self.path_of(ino.0)?;
         let stored = self.vol.xattr_name(name).map_err(|e| self.fail(&path, &e))?;
         let exists = xattr::get(&path, &stored).map_err(|e| errno(&e))?.is_some();

@@ -7,5 +7,6 @@ pub mod fuse;
 mod helpers;
 pub mod keys;
 pub mod pool;
+pub mod rewrap;
 pub mod ring;
 pub mod volume;

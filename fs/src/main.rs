@@ -1,5 +1,5 @@
-//! `kmsfs`: create (`init`), mount, check (`fsck`) and inspect (`status`) encrypted
-//! directories. See the README for usage; `common/src/format/FORMAT.md` for the format.
+//! `kmsfs`: create (`init`), mount, check (`fsck`), re-wrap (`rewrap`) and inspect
+//! (`status`) encrypted directories. See the README for usage; `common/src/format/FORMAT.md` for the format.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, IsTerminal, Write};
@@ -80,6 +80,19 @@ enum Cmd {
         #[arg(long, env = "KMSD_SOCKET")]
         socket: Option<PathBuf>,
     },
+    /// Move every file key (and the name key) to the newest material of the volume's KMS
+    /// key, or to another KMS key; no data block is rewritten. Mounted or not; resumable.
+    Rewrap {
+        cipherdir: PathBuf,
+        /// The KMS key to move the volume to (ID, ARN or alias); default: its own key.
+        #[arg(long)]
+        to_key: Option<String>,
+        #[arg(long, env = "KMSD_SOCKET")]
+        socket: Option<PathBuf>,
+        /// Files re-wrapped at once.
+        #[arg(long, default_value_t = kmsfs_fs::rewrap::DEFAULT_THREADS)]
+        threads: usize,
+    },
     /// Show a mount's data-key cache and open files.
     Status { mountpoint: PathBuf },
 }
@@ -108,6 +121,9 @@ fn main() -> ExitCode {
             }
         }
         Some(Cmd::Fsck { cipherdir, socket }) => return fsck(&cipherdir, socket.as_deref()),
+        Some(Cmd::Rewrap { cipherdir, to_key, socket, threads }) => {
+            return rewrap(&cipherdir, to_key.as_deref(), socket.as_deref(), threads)
+        }
         Some(Cmd::Status { mountpoint }) => status(&mountpoint),
         None if cli.mount_helper.len() == 2 => {
             let mount = MountArgs {
@@ -416,4 +432,47 @@ fn fsck(cipherdir: &Path, socket: Option<&Path>) -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+fn rewrap(cipherdir: &Path, to_key: Option<&str>, socket: Option<&Path>, threads: usize) -> ExitCode {
+    let summary = match kmsfs_fs::rewrap::run(cipherdir, socket, to_key, threads) {
+        Ok(summary) => summary,
+        Err(e) => {
+            eprintln!("kmsfs rewrap: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let target = &summary.target;
+    for (mountpoint, told) in &summary.mounts {
+        match told {
+            Ok(()) => println!("the mount at {} now makes new files under {}", mountpoint.display(), target.key_arn),
+            Err(e) => println!(
+                "warning: the mount at {} could not be told to follow the volume file ({e}): it makes new files \
+                 under the old key until it is remounted; remount it, then run kmsfs rewrap again",
+                mountpoint.display()
+            ),
+        }
+    }
+    let secs = summary.elapsed.as_secs_f64();
+    println!(
+        "{}: {} files under {} (material version {}): {} rewrapped, {} already were, {} failed, in {secs:.1} s \
+         ({:.0} files/s){}",
+        cipherdir.display(),
+        summary.files,
+        target.key_arn,
+        target.material_version,
+        summary.rewrapped,
+        summary.skipped,
+        summary.failed.len(),
+        summary.files as f64 / secs.max(0.001),
+        if summary.volume_file_rewritten { "; volume file rewritten" } else { "" }
+    );
+    if summary.failed.is_empty() {
+        return ExitCode::SUCCESS;
+    }
+    println!("not rewrapped (they keep their old wrapping):");
+    for failure in &summary.failed {
+        println!("  {failure}");
+    }
+    ExitCode::from(1)
 }

@@ -34,6 +34,10 @@ use crate::pool::{self, FreshKey, KeyPool, PoolStats};
 
 /// The root's extended attribute through which `kmsfs status` reads a mount's counters.
 pub const STATUS_XATTR: &str = "user.kmsfs.status";
+/// The root's extended attribute that `kmsfs rewrap` sets to have a mount re-read
+/// `kmsfs.volume` ([`Volume::reload`]): new files' keys then come from the KMS key the
+/// volume was moved to.
+pub const RELOAD_XATTR: &str = "user.kmsfs.reload";
 
 /// Why a volume operation failed.
 #[derive(Debug)]
@@ -94,7 +98,7 @@ impl From<io::Error> for VolError {
     }
 }
 
-fn agent_error(e: ClientError) -> VolError {
+pub(crate) fn agent_error(e: ClientError) -> VolError {
     match e {
         ClientError::Service(k) => VolError::Refused(k),
         other => VolError::Unreachable(other),
@@ -132,6 +136,10 @@ impl Default for OpenOptions {
 pub struct Volume {
     root: PathBuf,
     config: VolumeConfig,
+    /// The KMS key new files' data keys are generated under: `kmsfs.volume`'s when opened,
+    /// then whichever key a rewrap moved the volume to ([`Volume::reload`]). Shared with
+    /// the pool's generator.
+    key_id: Arc<Mutex<Arc<str>>>,
     names: NameKey,
     agent: Arc<AgentPool>,
     cache: KeyCache<FileId, FileKeys>,
@@ -172,11 +180,11 @@ fn sync_dir_ids(dirs: &mut Vec<PathBuf>) -> io::Result<()> {
     Ok(())
 }
 
-fn b64(bytes: &[u8]) -> String {
+pub(crate) fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
-fn unb64(value: &serde_json::Value) -> Result<zeroize::Zeroizing<Vec<u8>>, VolError> {
+pub(crate) fn unb64(value: &serde_json::Value) -> Result<zeroize::Zeroizing<Vec<u8>>, VolError> {
     decode_b64(value.as_str().ok_or(VolError::Unreachable(ClientError::Protocol("missing blob".into())))?)
 }
 
@@ -187,7 +195,7 @@ fn decode_b64(text: &str) -> Result<zeroize::Zeroizing<Vec<u8>>, VolError> {
         .map_err(|_| VolError::Unreachable(ClientError::Protocol("bad base64 from the agent".into())))
 }
 
-fn context_json(context: &EncryptionContext) -> serde_json::Value {
+pub(crate) fn context_json(context: &EncryptionContext) -> serde_json::Value {
     serde_json::to_value(&context.0).unwrap_or_default()
 }
 
@@ -230,32 +238,23 @@ impl Volume {
     /// Opens the volume in `root`, unwrapping its name key through the agent.
     pub fn open(root: &Path, agent: AgentPool, options: OpenOptions) -> Result<Volume, String> {
         let root = fs::canonicalize(root).map_err(|e| format!("cannot open {}: {e}", root.display()))?;
-        let path = root.join(VOLUME_FILE);
-        let mut bytes = Vec::new();
-        File::open(&path)
-            .and_then(|f| f.take(kmsfs_common::format::volume::MAX_VOLUME_FILE_LEN as u64 + 1).read_to_end(&mut bytes))
-            .map_err(|e| format!("{} is not a kmsfs volume ({}: {e})", root.display(), path.display()))?;
-        let config = VolumeConfig::parse(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
-        let unwrapped: Decrypted = agent
-            .call_secret(
-                "Decrypt",
-                &json!({
-                    "CiphertextBlob": b64(&config.wrapped_name_key),
-                    "EncryptionContext": context_json(&name_key_context(&config.volume_id)),
-                }),
-            )
-            .map_err(|e| format!("the agent could not unwrap the volume's name key: {e}"))?;
-        let names = NameKey::from_bytes(&unwrapped.plaintext.0)
-            .map_err(|e| format!("the volume's name key is unusable: {e}"))?;
+        let config = read_config(&root)?;
+        let names = unwrap_name_key(&agent, &config)?;
         let agent = Arc::new(agent);
+        let key_id: Arc<Mutex<Arc<str>>> = Arc::new(Mutex::new(Arc::from(config.key_id.as_str())));
         let pool = {
-            let (agent, key_id, volume_id) = (agent.clone(), config.key_id.clone(), config.volume_id);
-            KeyPool::new(Box::new(move |count| generate_data_keys(&agent, &key_id, &volume_id, count)), pool::WORKERS)
+            let (agent, key_id, volume_id) = (agent.clone(), key_id.clone(), config.volume_id);
+            let generate = move |count| {
+                let key_id = key_id.lock().unwrap_or_else(PoisonError::into_inner).clone();
+                generate_data_keys(&agent, &key_id, &volume_id, count)
+            };
+            KeyPool::new(Box::new(generate), pool::WORKERS)
         };
         let cache = KeyCache::new(options.cache_capacity, options.cache_max_age);
         Ok(Volume {
             root,
             config,
+            key_id,
             names,
             agent,
             cache,
@@ -273,8 +272,46 @@ impl Volume {
         &self.config
     }
 
-    pub fn key_id(&self) -> &str {
-        &self.config.key_id
+    /// The KMS key new files' data keys are generated under (see [`Volume::reload`]).
+    pub fn key_id(&self) -> Arc<str> {
+        self.key_id.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Re-reads `kmsfs.volume` after a rewrap moved the volume to another KMS key (or to
+    /// its key's newest material): the new file must describe this same volume, and its
+    /// wrapped name key must unwrap to the name key in use. New files then get their data
+    /// keys under the KMS key it names: the keys generated ahead of need are dropped, and
+    /// if the key changed, so are the cached ones, so that each is unwrapped again from
+    /// its file's header as it now is, and counts as the new key's for revocation (the
+    /// key-event watcher drops a disabled key's data keys by the key that unwrapped them).
+    /// Returns the KMS key now in use.
+    pub fn reload(&self) -> Result<Arc<str>, String> {
+        let config = read_config(&self.root)?;
+        let same_volume = config.volume_id == self.config.volume_id
+            && config.root_dir_id == self.config.root_dir_id
+            && config.layout() == self.config.layout()
+            && config.names == self.config.names;
+        if !same_volume {
+            return Err(format!("{} now describes another volume; remount it", self.root.join(VOLUME_FILE).display()));
+        }
+        let names = unwrap_name_key(&self.agent, &config)?;
+        // The name key is deterministic (AES-SIV): the same key seals a name the same way.
+        let probe = |key: &NameKey| names::encrypt_name(key, &config.root_dir_id, b"kmsfs reload").ok();
+        if probe(&names).is_none() || probe(&names) != probe(&self.names) {
+            return Err("the volume file's name key is not the one in use; remount the volume".into());
+        }
+        let new: Arc<str> = Arc::from(config.key_id.as_str());
+        let old = std::mem::replace(&mut *self.key_id.lock().unwrap_or_else(PoisonError::into_inner), new.clone());
+        self.pool.clear();
+        if old != new {
+            self.cache.clear();
+            tracing::info!(
+                from = &*old,
+                to = &*new,
+                "the volume moved to another KMS key: new files' keys come from it"
+            );
+        }
+        Ok(new)
     }
 
     pub fn layout(&self) -> Layout {
@@ -523,7 +560,7 @@ impl Volume {
 
     /// The backing name of extended attribute `name`: only `user.*` attributes exist.
     pub fn xattr_name(&self, name: &OsStr) -> Result<OsString, VolError> {
-        if name == STATUS_XATTR {
+        if name == STATUS_XATTR || name == RELOAD_XATTR {
             return Err(VolError::Io(io::Error::from_raw_os_error(libc::EPERM)));
         }
         names::encrypt_xattr_name(&self.names, name.as_bytes()).map(OsString::from).map_err(|e| {
@@ -593,6 +630,11 @@ impl Volume {
     /// Reads and authenticates `file`'s header, unwrapping its data key (cached after the
     /// first time). A damaged slot falls back to the other one.
     pub fn open_file(&self, file: &File) -> Result<FileHeader, VolError> {
+        self.open_file_keys(file).map(|(header, _)| header)
+    }
+
+    /// [`Volume::open_file`], and the data key that authenticated the header.
+    pub fn open_file_keys(&self, file: &File) -> Result<(FileHeader, Arc<FileKeys>), VolError> {
         let mut bytes = [0u8; HEADER_SIZE];
         file.read_exact_at(&mut bytes, 0).map_err(|e| {
             if e.kind() == io::ErrorKind::UnexpectedEof {
@@ -613,7 +655,7 @@ impl Volume {
                 }
             };
             match slot.verify(&keys.data) {
-                Ok(header) if header.layout() == self.layout() => return Ok(header),
+                Ok(header) if header.layout() == self.layout() => return Ok((header, keys)),
                 Ok(_) => {
                     return Err(VolError::Corrupt {
                         what: "header",
@@ -635,25 +677,75 @@ impl Volume {
         self.keys_for(header.file_id(), header.wrapped_key())
     }
 
+    /// The keys of the file open as `file`, whose header was `header` when it was opened:
+    /// from the cache, or else unwrapped from the header as it is on disk now. A rewrap may
+    /// have moved the file to another KMS key since (it never changes the data key), and
+    /// after that key's data keys were revoked, the wrapping held since the open may no
+    /// longer unwrap.
+    pub fn keys_of_open(&self, file: &File, header: &FileHeader) -> Result<Arc<FileKeys>, VolError> {
+        if let Some(keys) = self.cache.get(&header.file_id()) {
+            return Ok(keys);
+        }
+        let (now, keys) = self.open_file_keys(file)?;
+        if now.file_id() != header.file_id() {
+            return Err(VolError::Corrupt {
+                what: "header",
+                error: FormatError::Malformed { what: "file ID changed" },
+            });
+        }
+        Ok(keys)
+    }
+
     fn keys_for(&self, file_id: FileId, wrapped: &[u8]) -> Result<Arc<FileKeys>, VolError> {
         if let Some(keys) = self.cache.get(&file_id) {
             return Ok(keys);
         }
-        let context = file_key_context(&self.config.volume_id, &file_id);
-        let unwrapped: Decrypted = self
-            .agent
-            .call_secret(
-                "Decrypt",
-                &json!({"CiphertextBlob": b64(wrapped), "EncryptionContext": context_json(&context)}),
-            )
-            .map_err(agent_error)?;
-        let data = DataKey::from_bytes(&unwrapped.plaintext.0)
-            .map_err(|error| VolError::Corrupt { what: "data key", error })?;
-        let arn = unwrapped.key_id;
+        let (data, arn) = unwrap_data_key(&self.agent, &self.config.volume_id, &file_id, wrapped)?;
         let keys = Arc::new(FileKeys { content: ContentKey::derive(&data, self.layout()), data });
         self.cache.insert(file_id, &arn, keys.clone());
         Ok(keys)
     }
+}
+
+/// Reads and parses `root`'s `kmsfs.volume`.
+fn read_config(root: &Path) -> Result<VolumeConfig, String> {
+    let path = root.join(VOLUME_FILE);
+    let mut bytes = Vec::new();
+    File::open(&path)
+        .and_then(|f| f.take(kmsfs_common::format::volume::MAX_VOLUME_FILE_LEN as u64 + 1).read_to_end(&mut bytes))
+        .map_err(|e| format!("{} is not a kmsfs volume ({}: {e})", root.display(), path.display()))?;
+    VolumeConfig::parse(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The volume's name key, unwrapped by the agent.
+fn unwrap_name_key(agent: &AgentPool, config: &VolumeConfig) -> Result<NameKey, String> {
+    let unwrapped: Decrypted = agent
+        .call_secret(
+            "Decrypt",
+            &json!({
+                "CiphertextBlob": b64(&config.wrapped_name_key),
+                "EncryptionContext": context_json(&name_key_context(&config.volume_id)),
+            }),
+        )
+        .map_err(|e| format!("the agent could not unwrap the volume's name key: {e}"))?;
+    NameKey::from_bytes(&unwrapped.plaintext.0).map_err(|e| format!("the volume's name key is unusable: {e}"))
+}
+
+/// File `file_id`'s data key, unwrapped by the agent from `wrapped`, and the ARN of the
+/// KMS key that unwrapped it.
+fn unwrap_data_key(
+    agent: &AgentPool,
+    volume_id: &VolumeId,
+    file_id: &FileId,
+    wrapped: &[u8],
+) -> Result<(DataKey, String), VolError> {
+    let context = file_key_context(volume_id, file_id);
+    let unwrapped: Decrypted = agent
+        .call_secret("Decrypt", &json!({"CiphertextBlob": b64(wrapped), "EncryptionContext": context_json(&context)}))
+        .map_err(agent_error)?;
+    let data =
+        DataKey::from_bytes(&unwrapped.plaintext.0).map_err(|error| VolError::Corrupt { what: "data key", error })?;
+    Ok((data, unwrapped.key_id))
 }
 
 /// The agent's answer to Decrypt, its plaintext never in a `serde_json::Value`.

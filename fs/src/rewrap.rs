@@ -1,0 +1,504 @@
+//! `kmsfs rewrap`: moves a volume to the newest key material of its KMS key, or to another
+//! KMS key (`--to-key`), in O(files): each file's data key is re-wrapped by the agent
+//! (ReEncrypt, under the same encryption context) and the header rewritten in place. No
+//! data block is read or written; the data keys, and so the blocks, stay the same.
+//!
+//! Order, chosen so that a crash (SIGKILL, power cut) at any point leaves a volume that
+//! mounts and reads, and a second run finishes the job:
+//!
+//! 1. The volume file first: its wrapped name key is re-wrapped and `kmsfs.volume`, naming
+//!    the destination key (its ARN), replaced atomically (a crash leaves the old file or
+//!    the new). From then on every new file is made under the destination key, so once the
+//!    walk below is over no file is left behind under the old one, even on a mounted
+//!    volume (which is told to re-read the volume file right away, see below). Had the
+//!    files gone first, a mount would keep creating files under the old key in directories
+//!    already walked. A rerun without `--to-key` continues to the key the file names.
+//! 2. Then each regular file's header, whose two slots hold the same header with
+//!    sequence numbers n and n+1 (the newer one counts). The new wrapping goes into the
+//!    slot holding n, as n+2, which is synced (fdatasync); only then is the other slot,
+//!    holding the old wrapping, overwritten too (as n+3), and synced,
+//!    so that nothing is left under the old wrapping. A torn write leaves one slot that does
+//!    not authenticate, and the reader takes the other, intact one: the file reads at every
+//!    moment, under the old wrapping or the new. Both slots are authenticated by the data
+//!    key, which ReEncrypt does not return: the header is first unwrapped (Decrypt) and
+//!    verified, as a mount opens it.
+//!
+//! Resuming: a file whose two slots both hold a blob of the destination key at the target
+//! material version (a blob names both) is skipped without asking the agent; the target
+//! version is that of the name key's new blob. A file left half done (the newer slot
+//! already re-wrapped) has its other slot written without another ReEncrypt. The file's
+//! access and modification times are put back after its header is written (a crash just
+//! then leaves the modification time of the rewrap).
+//!
+//! A mounted volume: rewrap takes no part of the mount's lock on the backing directory and
+//! works beside it. The mount never rewrites an existing file's header, and reads a file's
+//! header again from disk whenever its data key is not cached, so it follows a rewrap of
+//! files it holds open. After step 1, every mount of the volume (found in
+//! `/proc/self/mountinfo` by its backing directory) is told to re-read `kmsfs.volume` by
+//! setting [`RELOAD_XATTR`] on its root: it then generates new files' data keys under the
+//! destination key, and drops the data keys it cached (which are unwrapped again under the
+//! destination key as they are next used, and revoked when that key is disabled).
+//!
+//! Two rewraps of one volume do not run at once: each holds an exclusive lock on
+//! [`LOCK_FILE`] in the backing directory (a reserved name: the mount does not show it).
+
+use std::collections::HashSet;
+use std::ffi::OsStr;
+use std::fs::{self, File};
+use std::io::{self, IsTerminal, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use kmsfs_common::blob::CiphertextBlob;
+use kmsfs_common::context::EncryptionContext;
+use kmsfs_common::files::write_atomically;
+use kmsfs_common::format::header::{self, DataKey, FileHeader, HEADER_SIZE};
+use kmsfs_common::format::names;
+use kmsfs_common::format::volume::{file_key_context, name_key_context, VolumeConfig, VOLUME_FILE};
+use kmsfs_common::ids::KeyId;
+use nix::fcntl::{Flock, FlockArg};
+use serde_json::json;
+
+use crate::keys::AgentPool;
+use crate::volume::{agent_error, b64, context_json, unb64, OpenOptions, VolError, Volume, RELOAD_XATTR, STATUS_XATTR};
+
+/// The lock a running rewrap holds, in the backing directory's root.
+pub const LOCK_FILE: &str = "kmsfs.rewrap.lock";
+
+/// Files re-wrapped at once by default. Each costs two agent requests, each of which the
+/// agent answers after syncing its audit record; it commits the records of concurrent
+/// requests together, so many in flight cost little more than one.
+pub const DEFAULT_THREADS: usize = 16;
+
+/// Where a volume is moved: the KMS key (its ARN) and the material version ReEncrypt
+/// wraps under.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub key_arn: String,
+    key_id: KeyId,
+    pub material_version: u32,
+}
+
+impl Target {
+    /// Whether `blob` (a ciphertext blob) was made by this key at this material version.
+    fn made(&self, blob: &[u8]) -> bool {
+        CiphertextBlob::parse(blob)
+            .is_ok_and(|b| b.key_id == self.key_id && b.material_version == self.material_version)
+    }
+}
+
+/// What a rewrap did.
+#[derive(Debug)]
+pub struct Summary {
+    pub target: Target,
+    /// Whether `kmsfs.volume` was rewritten (it already named the target otherwise).
+    pub volume_file_rewritten: bool,
+    /// The mounts told to re-read the volume file, and whether each did.
+    pub mounts: Vec<(PathBuf, Result<(), String>)>,
+    pub files: u64,
+    pub rewrapped: u64,
+    pub skipped: u64,
+    /// One line per file (or directory) that could not be re-wrapped, with its path.
+    pub failed: Vec<String>,
+    pub elapsed: Duration,
+}
+
+/// Moves the volume in `cipherdir` to `to_key` (ID, ARN or alias), or to the newest
+/// material of its own key, through the agent at `socket`; `threads` files at once.
+/// Files that fail are listed in the summary (and printed as found); the run fails as a
+/// whole only if the volume file cannot be moved or the agent goes away.
+pub fn run(cipherdir: &Path, socket: Option<&Path>, to_key: Option<&str>, threads: usize) -> Result<Summary, String> {
+    let started = Instant::now();
+    let client = kmsfs_common::client::AgentClient::connect_or_start(socket).map_err(|e| e.to_string())?;
+    let options = OpenOptions { cache_capacity: std::num::NonZeroUsize::MIN, ..OpenOptions::default() };
+    let volume = Volume::open(cipherdir, AgentPool::new(client.socket_path()), options)?;
+    let _only_rewrap = lock(volume.root())?;
+    let destination = to_key.unwrap_or(&volume.config().key_id).to_string();
+    let (target, volume_file_rewritten) = rewrap_volume_file(&volume, &destination)?;
+    let mounts = mounts_of(volume.root()).into_iter().map(|mnt| (mnt.clone(), tell_mount(&mnt))).collect();
+
+    let progress = Progress::new(std::io::stderr().is_terminal());
+    let (files, mut failed) = walk(&volume);
+    let run = Run {
+        volume: &volume,
+        target: &target,
+        files: &files,
+        next: AtomicUsize::new(0),
+        rewrapped: AtomicU64::new(0),
+        skipped: AtomicU64::new(0),
+        failed: Mutex::new(Vec::new()),
+        fatal: Mutex::new(None),
+        stop: AtomicBool::new(false),
+        progress: &progress,
+    };
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads.max(1)).map(|_| s.spawn(|| run.work())).collect();
+        while !workers.iter().all(|w| w.is_finished()) {
+            std::thread::sleep(Duration::from_millis(100));
+            progress.show(&run, started);
+        }
+    });
+    progress.clear();
+    if let Some(fatal) = run.fatal.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(format!("{fatal}; the volume is usable as it is, and running kmsfs rewrap again finishes the job"));
+    }
+    failed.extend(run.failed.into_inner().unwrap_or_else(|p| p.into_inner()));
+    let (rewrapped, skipped) = (run.rewrapped.into_inner(), run.skipped.into_inner());
+    Ok(Summary {
+        target,
+        volume_file_rewritten,
+        mounts,
+        files: files.len() as u64,
+        rewrapped,
+        skipped,
+        failed,
+        elapsed: started.elapsed(),
+    })
+}
+
+fn lock(root: &Path) -> Result<Flock<File>, String> {
+    let path = root.join(LOCK_FILE);
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| match e {
+        nix::errno::Errno::EWOULDBLOCK => format!("another kmsfs rewrap of {} is running", root.display()),
+        e => format!("cannot lock {}: {e}", path.display()),
+    })
+}
+
+/// ReEncrypt of `blob` under `context` to `destination`: the new blob and the ARN of the
+/// key that made it.
+fn reencrypt(
+    agent: &AgentPool,
+    blob: &[u8],
+    context: &EncryptionContext,
+    destination: &str,
+) -> Result<(Vec<u8>, String), VolError> {
+    let context = context_json(context);
+    let answer = agent
+        .call(
+            "ReEncrypt",
+            &json!({
+                "CiphertextBlob": b64(blob),
+                "SourceEncryptionContext": context,
+                "DestinationKeyId": destination,
+                "DestinationEncryptionContext": context,
+            }),
+        )
+        .map_err(agent_error)?;
+    let new = unb64(&answer["CiphertextBlob"])?.to_vec();
+    let arn = answer["KeyId"].as_str().unwrap_or(destination).to_string();
+    Ok((new, arn))
+}
+
+/// Step 1: the name key re-wrapped for `destination`, and `kmsfs.volume` replaced unless
+/// it already names the target. The target is learnt from the name key's new blob.
+fn rewrap_volume_file(volume: &Volume, destination: &str) -> Result<(Target, bool), String> {
+    let config = volume.config();
+    let (wrapped, key_arn) =
+        reencrypt(volume.agent(), &config.wrapped_name_key, &name_key_context(&config.volume_id), destination)
+            .map_err(|e| format!("cannot re-wrap the volume's name key for {destination}: {e}"))?;
+    let blob = CiphertextBlob::parse(&wrapped).map_err(|e| format!("the agent's ReEncrypt answer: {e:?}"))?;
+    let target = Target { key_arn, key_id: blob.key_id, material_version: blob.material_version };
+    if target.made(&config.wrapped_name_key) && config.key_id == target.key_arn {
+        return Ok((target, false));
+    }
+    let moved = VolumeConfig { key_id: target.key_arn.clone(), wrapped_name_key: wrapped, ..config.clone() };
+    let path = volume.root().join(VOLUME_FILE);
+    write_atomically(&path, moved.to_json().as_bytes(), 0o444)
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    Ok((target, true))
+}
+
+/// The mount points of kmsfs mounts of the backing directory `root` (canonical), from
+/// `/proc/self/mountinfo`: a kmsfs mount's source is its backing directory, and its type
+/// `fuse.kmsfs` (or plain `fuse`, as the kernel shows a mount made without fusermount).
+fn mounts_of(root: &Path) -> Vec<PathBuf> {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines()
+        .filter_map(|line| {
+            let (mount, fs) = line.split_once(" - ")?;
+            let mut fs = fs.split(' ');
+            let (fstype, source) = (fs.next()?, fs.next()?);
+            let mountpoint = mount.split(' ').nth(4)?;
+            let kmsfs = matches!(fstype, "fuse.kmsfs" | "fuse");
+            (kmsfs && unescape_mountinfo(source) == root.as_os_str().as_bytes())
+                .then(|| PathBuf::from(OsStr::from_bytes(&unescape_mountinfo(mountpoint))))
+        })
+        .collect()
+}
+
+/// A mountinfo field with its octal escapes (`\040` for a space) decoded.
+fn unescape_mountinfo(field: &str) -> Vec<u8> {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal =
+            bytes.get(i + 1..i + 4).filter(|d| bytes[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match octal {
+            Some(d) => {
+                out.push(d.iter().fold(0u8, |n, c| n.wrapping_mul(8).wrapping_add(c - b'0')));
+                i += 4;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+/// Has the mount at `mountpoint` re-read `kmsfs.volume` ([`Volume::reload`]), once its
+/// status attribute shows it is a kmsfs mount.
+fn tell_mount(mountpoint: &Path) -> Result<(), String> {
+    match xattr::get(mountpoint, STATUS_XATTR) {
+        Ok(Some(_)) => xattr::set(mountpoint, RELOAD_XATTR, b"").map_err(|e| e.to_string()),
+        Ok(None) => Err("not a kmsfs mount".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A regular file of the volume.
+struct Item {
+    backing: PathBuf,
+    /// Its path in the mounted volume, as far as its names decrypt (for messages).
+    shown: PathBuf,
+}
+
+/// Every regular file of the volume, once per inode, and the directories that could not
+/// be listed. The format's own files (`kmsfs.volume`, directory IDs, long-name side
+/// files, the rewrap lock, and temporaries of atomic writes) are left out.
+fn walk(volume: &Volume) -> (Vec<Item>, Vec<String>) {
+    let (mut files, mut problems, mut linked) = (Vec::new(), Vec::new(), HashSet::new());
+    let mut todo = vec![(volume.root().to_path_buf(), Some(volume.root_dir_id()), PathBuf::from("/"))];
+    while let Some((dir, dir_id, shown_dir)) = todo.pop() {
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) => {
+                problems.push(format!("{}: cannot read directory: {e}", shown_dir.display()));
+                continue;
+            }
+        };
+        for entry in entries.filter_map(Result::ok) {
+            let stored = entry.file_name();
+            let text = stored.to_string_lossy();
+            if names::is_reserved_name(&text) || is_temporary(&text) {
+                continue;
+            }
+            let plain = dir_id.and_then(|id| volume.plain_name(&dir, &id, &stored));
+            let shown = shown_dir.join(plain.unwrap_or_else(|| stored.clone()));
+            let path = entry.path();
+            let Ok(meta) = fs::symlink_metadata(&path) else { continue };
+            if meta.is_dir() {
+                let id = volume.read_dir_id(&path).ok();
+                todo.push((path, id, shown));
+            } else if meta.is_file() && (meta.nlink() == 1 || linked.insert(meta.ino())) {
+                files.push(Item { backing: path, shown });
+            }
+        }
+    }
+    (files, problems)
+}
+
+/// A temporary of [`write_atomically`] for one of the format's files:
+/// `.kmsfs.<name>.tmp<pid>`.
+fn is_temporary(name: &str) -> bool {
+    name.strip_prefix(".")
+        .filter(|rest| rest.starts_with(names::RESERVED_PREFIX))
+        .and_then(|rest| rest.rsplit_once(".tmp"))
+        .is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// The work of step 2, shared by the worker threads.
+struct Run<'a> {
+    volume: &'a Volume,
+    target: &'a Target,
+    files: &'a [Item],
+    next: AtomicUsize,
+    rewrapped: AtomicU64,
+    skipped: AtomicU64,
+    failed: Mutex<Vec<String>>,
+    /// Why the run stopped early (the agent went away).
+    fatal: Mutex<Option<String>>,
+    stop: AtomicBool,
+    progress: &'a Progress,
+}
+
+enum Outcome {
+    Rewrapped,
+    Skipped,
+    /// Removed since the walk.
+    Gone,
+}
+
+impl Run<'_> {
+    fn done(&self) -> u64 {
+        self.rewrapped.load(Ordering::Relaxed) + self.skipped.load(Ordering::Relaxed)
+    }
+
+    fn work(&self) {
+        while !self.stop.load(Ordering::Relaxed) {
+            let Some(item) = self.files.get(self.next.fetch_add(1, Ordering::Relaxed)) else { return };
+            match rewrap_file(self.volume, self.target, &item.backing) {
+                Ok(Outcome::Rewrapped) => _ = self.rewrapped.fetch_add(1, Ordering::Relaxed),
+                Ok(Outcome::Skipped | Outcome::Gone) => _ = self.skipped.fetch_add(1, Ordering::Relaxed),
+                Err(Failure::AgentGone(e)) => {
+                    self.stop.store(true, Ordering::Relaxed);
+                    self.fatal.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e.to_string());
+                }
+                Err(Failure::File(e)) => {
+                    let message = format!("{} (backing file {}): {e}", item.shown.display(), item.backing.display());
+                    self.progress.print(&format!("kmsfs rewrap: {message}"));
+                    self.failed.lock().unwrap_or_else(|p| p.into_inner()).push(message);
+                }
+            }
+        }
+    }
+}
+
+/// Why a file was not re-wrapped.
+enum Failure {
+    /// The agent is unreachable: the whole run stops.
+    AgentGone(VolError),
+    /// This file only: what was being done, and what went wrong.
+    File(String),
+}
+
+impl Failure {
+    /// Makes `error`, met while `doing`, a failure.
+    fn of(doing: &'static str) -> impl Fn(VolError) -> Failure {
+        move |error| match error {
+            VolError::Unreachable(_) => Failure::AgentGone(error),
+            other => Failure::File(format!("{doing}: {other}")),
+        }
+    }
+}
+
+/// Step 2 for one file (see the module's documentation).
+fn rewrap_file(volume: &Volume, target: &Target, path: &Path) -> Result<Outcome, Failure> {
+    let io = |doing| move |e: io::Error| Failure::File(format!("{doing}: {e}"));
+    let file = match fs::OpenOptions::new().read(true).write(true).open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Outcome::Gone),
+        Err(e) => return Err(io("cannot open it")(e)),
+    };
+    let meta = file.metadata().map_err(io("cannot stat it"))?;
+    let mut bytes = [0u8; HEADER_SIZE];
+    file.read_exact_at(&mut bytes, 0).map_err(io("cannot read its header"))?;
+    let bad_header = Failure::of("its header does not open");
+    let slots = header::parse_slots(&bytes).map_err(|error| bad_header(VolError::Corrupt { what: "header", error }))?;
+    if slots.len() == 2 && slots.iter().all(|slot| target.made(slot.wrapped_key())) {
+        return Ok(Outcome::Skipped);
+    }
+    let (current, keys) = volume.open_file_keys(&file).map_err(bad_header)?;
+    let wrapped = if target.made(current.wrapped_key()) {
+        current.wrapped_key().to_vec() // a run killed between the two slots
+    } else {
+        let context = file_key_context(&volume.config().volume_id, &current.file_id());
+        reencrypt(volume.agent(), current.wrapped_key(), &context, &target.key_arn)
+            .map_err(Failure::of("ReEncrypt of its data key"))?
+            .0
+    };
+    let corrupt = |error| Failure::File(format!("cannot make its new header: {error}"));
+    let first = current.rewrapped(wrapped.clone()).map_err(corrupt)?;
+    write_slot(&file, &first, &keys.data).map_err(io("cannot write its header"))?;
+    let second = first.rewrapped(wrapped).map_err(corrupt)?;
+    write_slot(&file, &second, &keys.data).map_err(io("cannot write its header"))?;
+    let times = fs::FileTimes::new().set_accessed(meta.accessed().map_err(io("atime"))?);
+    let times = times.set_modified(meta.modified().map_err(io("mtime"))?);
+    file.set_times(times).map_err(io("cannot put its times back"))?;
+    Ok(Outcome::Rewrapped)
+}
+
+/// Writes `header` into its slot and waits until it is on disk.
+fn write_slot(file: &File, header: &FileHeader, data_key: &DataKey) -> io::Result<()> {
+    file.write_all_at(&header.encode_slot(data_key), header.slot_offset())?;
+    file.sync_data()
+}
+
+/// The progress line on a terminal (stderr): nothing otherwise.
+struct Progress {
+    on: bool,
+    out: Mutex<()>,
+}
+
+impl Progress {
+    fn new(on: bool) -> Progress {
+        Progress { on, out: Mutex::new(()) }
+    }
+
+    fn show(&self, run: &Run<'_>, started: Instant) {
+        if !self.on {
+            return;
+        }
+        let (done, total) = (run.done(), run.files.len() as u64);
+        let secs = started.elapsed().as_secs_f64();
+        let rate = done as f64 / secs.max(0.001);
+        let eta = if rate > 0.0 { format_secs((total - done.min(total)) as f64 / rate) } else { "?".into() };
+        let _out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        eprint!("\r\x1b[Krewrap: {done}/{total} files, {rate:.0} files/s, ETA {eta}");
+        let _ = io::stderr().flush();
+    }
+
+    /// Prints a line above the progress line.
+    fn print(&self, line: &str) {
+        let _out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        if self.on {
+            eprint!("\r\x1b[K");
+        }
+        eprintln!("{line}");
+    }
+
+    fn clear(&self) {
+        if self.on {
+            eprint!("\r\x1b[K");
+        }
+    }
+}
+
+fn format_secs(secs: f64) -> String {
+    let secs = secs.round() as u64;
+    if secs >= 60 {
+        format!("{}m{:02}s", secs / 60, secs % 60)
+    } else {
+        format!("{secs}s")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_fields_unescape() {
+        assert_eq!(unescape_mountinfo(r"/srv/my\040data\134x"), b"/srv/my data\\x");
+        assert_eq!(unescape_mountinfo(r"/a\04"), b"/a\\04");
+    }
+
+    #[test]
+    fn temporaries_of_the_formats_files_are_recognised() {
+        assert!(is_temporary(".kmsfs.volume.tmp1234"));
+        assert!(is_temporary(".kmsfs.long.abc.name.tmp7"));
+        assert!(!is_temporary(".kmsfs.volume.tmp"));
+        assert!(!is_temporary(".bashrc.tmp12"));
+        assert!(!is_temporary("kmsfs.volume"));
+    }
+
+    #[test]
+    fn durations_read_as_minutes_and_seconds() {
+        assert_eq!(format_secs(5.4), "5s");
+        assert_eq!(format_secs(125.0), "2m05s");
+    }
+}
