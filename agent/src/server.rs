@@ -212,7 +212,9 @@ type Body = Either<Full<Bytes>, Channel<Bytes>>;
 async fn respond(shared: Arc<Shared>, peer: &Peer, req: Request<Incoming>) -> Response<Body> {
     let request_id = uuid::Uuid::new_v4().to_string();
     let Some(audit) = shared.audit.clone() else {
-        return answer(&shared, peer, req, &request_id, false).await.0;
+        let (response, outcome) = answer(&shared, peer, req, &request_id, false).await;
+        note_usage(&shared.agent, &outcome.name, &outcome.used_keys, &request_id, &uuid::Uuid::new_v4().to_string());
+        return response;
     };
     if !audit.accepting() {
         tracing::warn!("request refused before it was read: the audit trail cannot be written");
@@ -221,7 +223,7 @@ async fn respond(shared: Arc<Shared>, peer: &Peer, req: Request<Incoming>) -> Re
     let time_ms = kmsfs_common::time::now_millis();
     let header = |name| req.headers().get(name).and_then(|v: &HeaderValue| v.to_str().ok()).map(str::to_string);
     let (user_agent, authorization) = (header(USER_AGENT), header(AUTHORIZATION));
-    let (response, outcome) = answer(&shared, peer, req, &request_id, true).await;
+    let (response, mut outcome) = answer(&shared, peer, req, &request_id, true).await;
     let (user_identity, source_address) = match peer {
         Peer::Kernel(_, recorded) => ((**recorded).clone(), audit_event::source_address(None)),
         Peer::SigV4(_, address) => (
@@ -230,6 +232,7 @@ async fn respond(shared: Arc<Shared>, peer: &Peer, req: Request<Incoming>) -> Re
         ),
     };
     let scope = &shared.agent.scope;
+    let (used_keys, name) = (std::mem::take(&mut outcome.used_keys), outcome.name.clone());
     let record = audit_event::Record {
         time_ms,
         event_source: outcome.source,
@@ -245,8 +248,13 @@ async fn respond(shared: Arc<Shared>, peer: &Peer, req: Request<Incoming>) -> Re
         response_elements: outcome.response_elements,
         error: outcome.error.as_ref(),
     };
-    match audit.append(record.into_event(), outcome.seal, outcome.mutation).await {
-        Ok(()) => response,
+    let event = record.into_event();
+    let event_id = event.get("eventID").and_then(serde_json::Value::as_str).unwrap_or_default().to_string();
+    match audit.append(event, outcome.seal, outcome.mutation).await {
+        Ok(()) => {
+            note_usage(&shared.agent, &name, &used_keys, &request_id, &event_id);
+            response
+        }
         Err(e) => error_response(&e, &request_id, false).map(Either::Left),
     }
 }
@@ -266,6 +274,20 @@ struct Outcome {
     mutation: bool,
     /// Seal the log right after this record.
     seal: bool,
+    /// Keys a successful cryptographic operation used, for GetKeyLastUsage.
+    used_keys: Vec<kmsfs_common::ids::KeyId>,
+}
+
+/// Records the keys a successful cryptographic operation used (GetKeyLastUsage), once its
+/// audit record (`event_id`) is durable.
+fn note_usage(agent: &Agent, action: &str, used: &[kmsfs_common::ids::KeyId], request_id: &str, event_id: &str) {
+    let operation = match action {
+        service::GENERATE_DATA_KEYS => "GenerateDataKey",
+        name => name,
+    };
+    for key in used {
+        agent.note_usage(*key, operation, request_id, event_id);
+    }
 }
 
 impl Outcome {
@@ -279,6 +301,7 @@ impl Outcome {
             error: None,
             mutation: false,
             seal: false,
+            used_keys: Vec::new(),
         }
     }
 
@@ -354,6 +377,7 @@ async fn answer(
         Target::Kms(_) | Target::Extension(Extension::GenerateDataKeys) => {
             outcome.mutation = service::mutates(&action);
             run(shared.agent.clone(), caller.clone(), action.clone(), body).await.map(|reply| {
+                outcome.used_keys = service::used_keys(&action, reply.public_body());
                 if audited {
                     outcome.response_elements = audit_event::response_elements(outcome.mutation, reply.public_body());
                     outcome.inspected.resources.extend(audit_event::reply_resources(reply.public_body()));

@@ -335,3 +335,31 @@ fn sigkill_during_destruction_never_leaves_half_a_key() {
     assert_eq!(unb64(&decrypt(&agent, &keep_blob)["Plaintext"]), b"kept");
     eprintln!("keys destroyed after each kill: {gone_counts:?}");
 }
+
+#[test]
+fn last_usage_names_the_operation_and_its_audit_record() {
+    let mut agent = TestAgent::start();
+    let key = create_key(&agent);
+    let fresh = agent.ok("GetKeyLastUsage", json!({"KeyId": key}));
+    assert_eq!(fresh["KeyLastUsage"], json!({}));
+    assert_eq!(fresh["TrackingStartDate"], fresh["KeyCreationDate"], "tracking starts when the key is made");
+    let blob = encrypt(&agent, &key, b"x")["CiphertextBlob"].clone();
+    let usage = agent.ok("GetKeyLastUsage", json!({"KeyId": key}));
+    assert_eq!(usage["KeyLastUsage"]["Operation"], "Encrypt");
+    decrypt(&agent, &blob);
+    // A refused operation is no use of the key.
+    let e = agent.call("Decrypt", json!({"CiphertextBlob": blob, "EncryptionContext": {"a": "b"}})).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidCiphertextException);
+    let usage = agent.ok("GetKeyLastUsage", json!({"KeyId": key}))["KeyLastUsage"].clone();
+    assert_eq!(usage["Operation"], "Decrypt");
+    let record: Vec<Value> =
+        agent.audit_events().into_iter().filter(|e| e["eventID"] == usage["CloudTrailEventId"]).collect();
+    assert_eq!(record.len(), 1, "the usage names the Decrypt's audit record");
+    assert_eq!(record[0]["eventName"], "Decrypt");
+    assert_eq!(record[0]["requestID"], usage["KmsRequestId"]);
+    // Kept across a clean restart.
+    agent.stop();
+    agent.start_again();
+    assert_eq!(agent.ok("GetKeyLastUsage", json!({"KeyId": key}))["KeyLastUsage"], usage);
+    assert_eq!(error(&agent, "GetKeyLastUsage", json!({"KeyId": "alias/none"})).kind, ErrorKind::NotFoundException);
+}

@@ -204,6 +204,30 @@ pub fn list_keys(agent: &Agent, caller: &Caller, request: Value) -> Result<Value
     Ok(with_page_info(json!({ "Keys": keys }), next))
 }
 
+/// GetKeyLastUsage: the last successful cryptographic operation with the key, as the
+/// agent recorded it once its audit record was durable.
+pub fn get_key_last_usage(agent: &Agent, caller: &Caller, request: Value) -> Result<Value, KmsError> {
+    let req: KeyIdRequest = parse(request)?;
+    let key = agent.resolve(&req.key_id, false)?;
+    agent.authorize_key(caller, "GetKeyLastUsage", &key, |c| c)?;
+    let (usage, tracking_start) = agent.last_usage(&key.row.id);
+    let last = match usage {
+        Some(u) => json!({
+            "Operation": u.operation,
+            "Timestamp": millis_to_wire(u.time_ms),
+            "CloudTrailEventId": u.event_id,
+            "KmsRequestId": u.request_id,
+        }),
+        None => json!({}),
+    };
+    Ok(json!({
+        "KeyId": key.row.id.to_string(),
+        "KeyLastUsage": last,
+        "TrackingStartDate": millis_to_wire(tracking_start.max(key.row.created_ms)),
+        "KeyCreationDate": millis_to_wire(key.row.created_ms),
+    }))
+}
+
 /// Applies `change` to a key's row under the mutation lock, re-reading the key there so
 /// that concurrent mutations of one key serialize.
 fn update_row(

@@ -111,6 +111,7 @@ pub fn handle(agent: &Agent, caller: &Caller, action: &str, body: &[u8]) -> Resu
         "GetKeyRotationStatus" => rotation::get_key_rotation_status(agent, caller, request).map(Reply::from),
         "RotateKeyOnDemand" => rotation::rotate_key_on_demand(agent, caller, request).map(Reply::from),
         "ListKeyRotations" => rotation::list_key_rotations(agent, caller, request).map(Reply::from),
+        "GetKeyLastUsage" => keys::get_key_last_usage(agent, caller, request).map(Reply::from),
         "PutKeyPolicy" => policies::put_key_policy(agent, caller, request).map(Reply::from),
         "GetKeyPolicy" => policies::get_key_policy(agent, caller, request).map(Reply::from),
         "ListKeyPolicies" => policies::list_key_policies(agent, caller, request).map(Reply::from),
@@ -124,6 +125,28 @@ pub fn handle(agent: &Agent, caller: &Caller, action: &str, body: &[u8]) -> Resu
             format!("{action} is not supported by this version of kmsd"),
         )),
     }
+}
+
+/// The keys the successful `action`, answered with `reply`, used for a cryptographic
+/// operation that GetKeyLastUsage tracks (ReEncrypt uses two).
+pub fn used_keys(action: &str, reply: &Value) -> Vec<kmsfs_common::ids::KeyId> {
+    let tracked = matches!(
+        action,
+        "Encrypt"
+            | "Decrypt"
+            | "ReEncrypt"
+            | "GenerateDataKey"
+            | "GenerateDataKeyWithoutPlaintext"
+            | GENERATE_DATA_KEYS
+    );
+    if !tracked {
+        return Vec::new();
+    }
+    let key_of = |member: &str| {
+        let arn = reply.get(member)?.as_str()?;
+        kmsfs_common::ids::KeyId::parse(arn.rsplit_once("key/").map_or(arn, |(_, id)| id))
+    };
+    ["KeyId", "SourceKeyId"].into_iter().filter_map(key_of).collect()
 }
 
 /// kmsd's batch GenerateDataKey (`crypto::generate_data_keys`), served beside AWS's actions.
