@@ -391,6 +391,36 @@ def main():
         kms.enable_key(KeyId=state["key"])
         kms.encrypt(KeyId=state["key"], Plaintext=b"x")
 
+    def rotation():
+        key = kms.create_key(Description="rotation")["KeyMetadata"]["KeyId"]
+        status = kms.get_key_rotation_status(KeyId=key)
+        assert status["KeyRotationEnabled"] is False, status
+        kms.enable_key_rotation(KeyId=key, RotationPeriodInDays=180)
+        status = kms.get_key_rotation_status(KeyId=key)
+        assert status["KeyRotationEnabled"] is True and status["RotationPeriodInDays"] == 180, status
+        in_180_days = datetime.now(timezone.utc) + timedelta(days=180)
+        assert abs(status["NextRotationDate"] - in_180_days) < timedelta(days=1), status
+        old = kms.encrypt(KeyId=key, Plaintext=b"before")["CiphertextBlob"]
+        first = kms.describe_key(KeyId=key)["KeyMetadata"]["CurrentKeyMaterialId"]
+        assert kms.rotate_key_on_demand(KeyId=key)["KeyId"].endswith(key)
+        current = kms.describe_key(KeyId=key)["KeyMetadata"]["CurrentKeyMaterialId"]
+        assert current != first, current
+        out = kms.decrypt(CiphertextBlob=old)
+        assert out["Plaintext"] == b"before" and out["KeyMaterialId"] == first, out
+        rotations = kms.list_key_rotations(KeyId=key)["Rotations"]
+        assert len(rotations) == 1 and rotations[0]["RotationType"] == "ON_DEMAND", rotations
+        assert rotations[0]["KeyMaterialId"] == current and isinstance(rotations[0]["RotationDate"], datetime)
+        pages = kms.get_paginator("list_key_rotations").paginate(
+            KeyId=key, IncludeKeyMaterial="ALL_KEY_MATERIAL", PaginationConfig={"PageSize": 1}
+        )
+        listed = [r["KeyMaterialId"] for page in pages for r in page["Rotations"]]
+        assert listed == [first, current], listed
+        kms.disable_key_rotation(KeyId=key)
+        assert kms.get_key_rotation_status(KeyId=key)["KeyRotationEnabled"] is False
+        usage = kms.get_key_last_usage(KeyId=key)
+        assert usage["KeyLastUsage"]["Operation"] == "Decrypt", usage
+        assert isinstance(usage["TrackingStartDate"], datetime), usage
+
     def describe_missing_key():
         expect_error("NotFoundException", kms.describe_key, KeyId="00000000-0000-4000-8000-000000000000")
 
@@ -425,6 +455,7 @@ def main():
         tags,
         disable_enable,
         schedule_and_cancel_deletion,
+        rotation,
         describe_missing_key,
         encrypt_too_large,
         generate_random,
