@@ -117,7 +117,7 @@ fn create_key_refuses_what_it_does_not_support() {
     assert_eq!(fails(&agent, "CreateKey", json!({"KeySpec": "RSA_2048"})), UnsupportedOperationException);
     assert_eq!(fails(&agent, "CreateKey", json!({"KeySpec": "NOPE"})), ValidationException);
     assert_eq!(fails(&agent, "CreateKey", json!({"KeyUsage": "SIGN_VERIFY"})), ValidationException);
-    assert_eq!(fails(&agent, "CreateKey", json!({"Origin": "EXTERNAL"})), UnsupportedOperationException);
+    assert_eq!(fails(&agent, "CreateKey", json!({"Origin": "AWS_CLOUDHSM"})), UnsupportedOperationException);
     assert_eq!(fails(&agent, "CreateKey", json!({"MultiRegion": true})), UnsupportedOperationException);
     assert_eq!(fails(&agent, "CreateKey", json!({"Description": "x".repeat(8193)})), ValidationException);
     assert_eq!(fails(&agent, "CreateKey", json!({"Tags": [{"TagKey": "aws:x", "TagValue": ""}]})), TagException);
