@@ -393,7 +393,9 @@ pub fn parse_stored_policy(scope: &ArnScope, text: &str) -> Result<Arc<Policy>, 
     Policy::parse_key_policy(&text).map(Arc::new).map_err(|e| e.to_string())
 }
 
-/// An in-memory change that follows a committed transaction.
+/// An in-memory change that follows a committed transaction. (Short-lived, and `Key` is by
+/// far the most common, so it is not boxed.)
+#[allow(clippy::large_enum_variant)]
 pub enum Change {
     Key(KeyRecord),
     /// The key and its material are gone from the store: drop them (zeroizing the material).
