@@ -1,6 +1,8 @@
 //! End-to-end tests of `kmsctl` against a real agent: the `aws kms`-shaped subcommands and
 //! their JSON and text output, the pipe forms, the aws CLI's error messages and exit codes,
-//! and starting a per-user agent on demand when none is running.
+//! key rotation, imported key material (wrapped with `openssl pkeyutl`, as AWS's
+//! documentation shows), last usage, the warning that comes with a scheduled deletion, and
+//! starting a per-user agent on demand when none is running.
 
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
@@ -34,6 +36,19 @@ fn service_error(agent: &TestAgent, args: &[&str], exception: &str, operation: &
     );
     assert!(out.stdout.is_empty());
     stderr
+}
+
+/// Asserts that `value` is a date as the aws CLI prints one
+/// (`2024-05-01T12:00:00.123000+00:00`) and returns it.
+fn iso_date(value: &Value) -> &str {
+    let date = value.as_str().unwrap_or_else(|| panic!("not a printed date: {value}"));
+    let shape: String = date.chars().map(|c| if c.is_ascii_digit() { '9' } else { c }).collect();
+    assert_eq!(shape, "9999-99-99T99:99:99.999999+99:99", "{date}");
+    date
+}
+
+fn key_id_of(created: &Value) -> String {
+    created["KeyMetadata"]["KeyId"].as_str().unwrap().to_string()
 }
 
 fn pipe(agent: &TestAgent, args: &[&str], input: &[u8]) -> Output {
@@ -188,6 +203,215 @@ fn text_output_and_exit_codes() {
     let out = run(cmd, &["list-keys"]);
     assert_eq!(out.status.code(), Some(255), "an unreachable agent is exit 255");
     assert!(String::from_utf8_lossy(&out.stderr).contains("no-agent-here.sock"));
+}
+
+#[test]
+fn key_rotation_through_the_cli() {
+    let agent = TestAgent::start();
+    let key = key_id_of(&json(&agent, &["create-key"]));
+    assert_eq!(json(&agent, &["get-key-rotation-status", "--key-id", &key])["KeyRotationEnabled"], false);
+    let enabled = json(&agent, &["enable-key-rotation", "--key-id", &key, "--rotation-period-in-days", "90"]);
+    assert_eq!(enabled, Value::Null, "enable-key-rotation prints nothing");
+    let status = json(&agent, &["get-key-rotation-status", "--key-id", &key]);
+    assert_eq!(status["KeyRotationEnabled"], true);
+    assert_eq!(status["RotationPeriodInDays"], 90);
+    iso_date(&status["NextRotationDate"]);
+    service_error(
+        &agent,
+        &["enable-key-rotation", "--key-id", &key, "--rotation-period-in-days", "30"],
+        "ValidationException",
+        "EnableKeyRotation",
+    );
+
+    let out = run(agent.kmsctl(), &["--output", "text", "get-key-rotation-status", "--key-id", &key]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let fields: Vec<&str> = text.trim_end().split('\t').collect();
+    assert!(fields.contains(&"True") && fields.contains(&"90"), "aws-style text: {text:?}");
+
+    let old_blob = json(&agent, &["encrypt", "--key-id", &key, "--plaintext", "b2xk"])["CiphertextBlob"].clone();
+    let rotated = json(&agent, &["rotate-key-on-demand", "--key-id", &key]);
+    assert!(rotated["KeyId"].as_str().unwrap().ends_with(&key), "{rotated}");
+    let listed = json(&agent, &["list-key-rotations", "--key-id", &key]);
+    let rotations = listed["Rotations"].as_array().unwrap();
+    assert_eq!(rotations.len(), 1, "{listed}");
+    assert_eq!(rotations[0]["RotationType"], "ON_DEMAND");
+    iso_date(&rotations[0]["RotationDate"]);
+    let current = json(&agent, &["describe-key", "--key-id", &key])["KeyMetadata"]["CurrentKeyMaterialId"].clone();
+    assert_eq!(rotations[0]["KeyMaterialId"], current, "the rotation made the current material");
+    let decrypted = json(&agent, &["decrypt", "--ciphertext-blob", old_blob.as_str().unwrap()]);
+    assert_eq!(decrypted["Plaintext"], "b2xk", "ciphertext from before the rotation still decrypts");
+
+    // One page at a time with --limit and --marker; every page merged without them.
+    json(&agent, &["rotate-key-on-demand", "--key-id", &key]);
+    let first = json(&agent, &["list-key-rotations", "--key-id", &key, "--limit", "1"]);
+    assert_eq!(first["Rotations"].as_array().unwrap().len(), 1);
+    assert_eq!(first["Truncated"], true);
+    let marker = first["NextMarker"].as_str().unwrap();
+    let second = json(&agent, &["list-key-rotations", "--key-id", &key, "--limit", "1", "--marker", marker]);
+    assert_eq!(second["Rotations"].as_array().unwrap().len(), 1);
+    assert_ne!(second["Rotations"][0]["KeyMaterialId"], first["Rotations"][0]["KeyMaterialId"]);
+    let all = json(&agent, &["list-key-rotations", "--key-id", &key, "--include-key-material", "ALL_KEY_MATERIAL"]);
+    assert_eq!(all["Rotations"].as_array().unwrap().len(), 3, "the original material and two rotations: {all}");
+    assert!(all.get("Truncated").is_none() && all.get("NextMarker").is_none());
+
+    json(&agent, &["disable-key-rotation", "--key-id", &key]);
+    assert_eq!(json(&agent, &["get-key-rotation-status", "--key-id", &key])["KeyRotationEnabled"], false);
+    service_error(
+        &agent,
+        &["rotate-key-on-demand", "--key-id", "alias/none"],
+        "NotFoundException",
+        "RotateKeyOnDemand",
+    );
+}
+
+#[test]
+fn key_last_usage_through_the_cli() {
+    let agent = TestAgent::start();
+    let key = key_id_of(&json(&agent, &["create-key"]));
+    let fresh = json(&agent, &["get-key-last-usage", "--key-id", &key]);
+    assert!(fresh["KeyId"].as_str().unwrap().ends_with(&key));
+    assert!(fresh["KeyLastUsage"].get("Operation").is_none(), "a new key has not been used: {fresh}");
+    iso_date(&fresh["TrackingStartDate"]);
+    iso_date(&fresh["KeyCreationDate"]);
+    json(&agent, &["encrypt", "--key-id", &key, "--plaintext", "aGk="]);
+    let usage = json(&agent, &["get-key-last-usage", "--key-id", &key]);
+    assert_eq!(usage["KeyLastUsage"]["Operation"], "Encrypt", "{usage}");
+    iso_date(&usage["KeyLastUsage"]["Timestamp"]);
+    service_error(&agent, &["get-key-last-usage", "--key-id", "alias/none"], "NotFoundException", "GetKeyLastUsage");
+}
+
+#[test]
+fn scheduling_a_deletion_warns_on_stderr() {
+    let agent = TestAgent::start();
+    let key = key_id_of(&json(&agent, &["create-key"]));
+    let out = run(agent.kmsctl(), &["schedule-key-deletion", "--key-id", &key, "--pending-window-in-days", "7"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let response: Value = serde_json::from_slice(&out.stdout).expect("stdout is the response's JSON alone");
+    let date = iso_date(&response["DeletionDate"]);
+    let arn = response["KeyId"].as_str().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "WARNING",
+        date,
+        "destroyed for good",
+        "kmsfs volume",
+        "crypto-shredding",
+        &format!("kmsctl cancel-key-deletion --key-id {arn}"),
+    ] {
+        assert!(stderr.contains(needle), "{needle:?} not in the warning: {stderr}");
+    }
+
+    // The command the warning names keeps the key, and says nothing on stderr itself.
+    let out = run(agent.kmsctl(), &["cancel-key-deletion", "--key-id", arn]);
+    assert!(out.status.success() && out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(json(&agent, &["describe-key", "--key-id", &key])["KeyMetadata"]["KeyState"], "Disabled");
+
+    // With --output text too, stdout is the response and the warning goes to stderr.
+    let out = run(agent.kmsctl(), &["--output", "text", "schedule-key-deletion", "--key-id", &key]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("PendingDeletion") && !text.contains("WARNING"), "{text}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("crypto-shredding"));
+}
+
+/// Imported key material as AWS's documentation walks an `aws kms` user through it: the
+/// wrapping public key and import token from get-parameters-for-import, the material
+/// wrapped with `openssl pkeyutl` (RSAES_OAEP_SHA_256), imported from files with fileb://.
+#[test]
+fn imported_key_material_through_the_cli() {
+    let agent = TestAgent::start();
+    let dir = tempfile::tempdir().unwrap();
+    let created = json(&agent, &["create-key", "--origin", "EXTERNAL", "--description", "byok"]);
+    assert_eq!(created["KeyMetadata"]["Origin"], "EXTERNAL");
+    assert_eq!(created["KeyMetadata"]["KeyState"], "PendingImport");
+    let key = key_id_of(&created);
+
+    let mut material = [0u8; 32];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").unwrap(), &mut material).unwrap();
+    let import = |extra: &[&str]| {
+        let params = json(
+            &agent,
+            &[
+                "get-parameters-for-import",
+                "--key-id",
+                &key,
+                "--wrapping-algorithm",
+                "RSAES_OAEP_SHA_256",
+                "--wrapping-key-spec",
+                "RSA_2048",
+            ],
+        );
+        iso_date(&params["ParametersValidTo"]);
+        let public_key = dir.path().join("WrappingPublicKey.bin");
+        std::fs::write(&public_key, kmsfs_tests::unb64(&params["PublicKey"])).unwrap();
+        let plaintext = dir.path().join("PlaintextKeyMaterial.bin");
+        std::fs::write(&plaintext, material).unwrap();
+        let wrapped = dir.path().join("EncryptedKeyMaterial.bin");
+        let openssl = Command::new("openssl")
+            .args(["pkeyutl", "-encrypt", "-keyform", "DER", "-pubin", "-inkey"])
+            .arg(&public_key)
+            .arg("-in")
+            .arg(&plaintext)
+            .arg("-out")
+            .arg(&wrapped)
+            .args(["-pkeyopt", "rsa_padding_mode:oaep", "-pkeyopt", "rsa_oaep_md:sha256"])
+            .args(["-pkeyopt", "rsa_mgf1_md:sha256"])
+            .output()
+            .expect("this test wraps key material with openssl, as AWS's documentation does");
+        assert!(openssl.status.success(), "openssl: {}", String::from_utf8_lossy(&openssl.stderr));
+        let token = params["ImportToken"].as_str().unwrap().to_string();
+        let wrapped = format!("fileb://{}", wrapped.display());
+        let mut args = vec!["import-key-material", "--key-id", &key, "--import-token", &token];
+        args.extend(["--encrypted-key-material", &wrapped]);
+        args.extend(extra);
+        json(&agent, &args)
+    };
+
+    // A --valid-to in the form kmsctl prints dates is taken back as the same instant.
+    let in_30_days = (kmsfs_common::time::now_millis() / 1000 / 86_400 + 30) * 86_400;
+    let valid_to = kmsfs_common::time::iso8601(in_30_days as f64);
+    let imported = import(&["--expiration-model", "KEY_MATERIAL_EXPIRES", "--valid-to", &valid_to]);
+    assert!(imported["KeyId"].as_str().unwrap().ends_with(&key), "{imported}");
+    assert!(imported["KeyMaterialId"].is_string(), "{imported}");
+    let meta = json(&agent, &["describe-key", "--key-id", &key])["KeyMetadata"].clone();
+    assert_eq!(meta["KeyState"], "Enabled");
+    assert_eq!(meta["ExpirationModel"], "KEY_MATERIAL_EXPIRES");
+    assert_eq!(meta["ValidTo"], valid_to.as_str());
+    let blob = json(&agent, &["encrypt", "--key-id", &key, "--plaintext", "Ynlvaw=="])["CiphertextBlob"].clone();
+    let blob = blob.as_str().unwrap();
+    assert_eq!(json(&agent, &["decrypt", "--ciphertext-blob", blob])["Plaintext"], "Ynlvaw==");
+
+    let deleted = json(&agent, &["delete-imported-key-material", "--key-id", &key]);
+    assert!(deleted["KeyId"].as_str().unwrap().ends_with(&key), "{deleted}");
+    assert_eq!(json(&agent, &["describe-key", "--key-id", &key])["KeyMetadata"]["KeyState"], "PendingImport");
+    service_error(&agent, &["decrypt", "--ciphertext-blob", blob], "KMSInvalidStateException", "Decrypt");
+
+    // The same material imported again brings the old ciphertext back.
+    import(&["--expiration-model", "KEY_MATERIAL_DOES_NOT_EXPIRE"]);
+    assert_eq!(json(&agent, &["decrypt", "--ciphertext-blob", blob])["Plaintext"], "Ynlvaw==");
+
+    let out = run(
+        agent.kmsctl(),
+        &["import-key-material", "--key-id", &key, "--import-token", "AQID", "--encrypted-key-material", "AQID"],
+    );
+    assert_eq!(out.status.code(), Some(254), "a token that is no token is the service's to refuse");
+    let out = run(
+        agent.kmsctl(),
+        &[
+            "import-key-material",
+            "--key-id",
+            &key,
+            "--import-token",
+            "AQID",
+            "--encrypted-key-material",
+            "AQID",
+            "--valid-to",
+            "next month",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(252), "a --valid-to that is no date is a usage error");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ISO 8601"));
 }
 
 /// Without a socket given and no agent running, kmsctl starts a per-user agent (on the

@@ -1,15 +1,16 @@
 //! Parsers for kmsctl's structured arguments, in the aws CLI's conventions: binary blobs
 //! (`fileb://`, `file://`, or base64), encryption contexts (`k1=v1,k2=v2` shorthand or a JSON
 //! object), tags (`TagKey=k,TagValue=v` shorthand or JSON), tag-key and grant-operation lists,
-//! grant constraints (`EncryptionContextSubset={k=v}` shorthand or JSON), and `file://` string
-//! parameters. Each is a clap value parser, so a bad value is a usage error that names
-//! the flag.
+//! grant constraints (`EncryptionContextSubset={k=v}` shorthand or JSON), timestamps (ISO 8601,
+//! a bare date, or seconds since the epoch), and `file://` string parameters. Each is a clap
+//! value parser, so a bad value is a usage error that names the flag.
 
 use std::collections::BTreeMap;
 use std::fs;
 
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use base64::Engine;
+use kmsfs_common::audit::parse_date;
 use kmsfs_common::context::EncryptionContext;
 use serde_json::Value;
 
@@ -25,6 +26,23 @@ const MAX_PARAM_FILE: u64 = 16 << 20;
 /// Raw bytes given on the command line (`--plaintext`, `--ciphertext-blob`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Blob(pub Vec<u8>);
+
+/// A point in time given on the command line (`--valid-to`), in microseconds since the
+/// epoch: the precision of the ISO 8601 dates kmsctl prints, so that a printed date given
+/// back names the same instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timestamp(pub i64);
+
+impl Timestamp {
+    /// The JSON 1.1 wire form: seconds since the epoch, whole when they are.
+    pub fn to_wire(self) -> Value {
+        if self.0 % 1_000_000 == 0 {
+            Value::from(self.0 / 1_000_000)
+        } else {
+            Value::from(self.0 as f64 / 1_000_000.0)
+        }
+    }
+}
 
 /// One `{"TagKey", "TagValue"}` pair.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,6 +86,88 @@ pub fn blob(arg: &str) -> Result<Blob, String> {
     LENIENT_BASE64.decode(trimmed).map(Blob).map_err(|e| {
         format!("not valid base64 ({e}); give the bytes base64-encoded, or as fileb://PATH to read them from a file")
     })
+}
+
+/// What a timestamp argument looks like, for error messages.
+const TIMESTAMP_FORMS: &str = "expected ISO 8601 such as 2030-01-01T00:00:00Z or \
+     2030-01-01T00:00:00.000000+00:00, a date such as 2030-01-01 (midnight UTC), or seconds since the epoch";
+
+/// A timestamp as the aws CLI reads one: seconds since the epoch (`1893456000`), a date
+/// (`2030-01-01`, midnight UTC), or an ISO 8601 date and time (`T` or a space between them),
+/// with optional seconds and fraction and a `Z` or `±HH[:MM]` offset; without an offset the
+/// time is UTC, as botocore takes it.
+pub fn timestamp(arg: &str) -> Result<Timestamp, String> {
+    let arg = arg.trim();
+    let invalid = || format!("{arg:?} is not a timestamp; {TIMESTAMP_FORMS}");
+    // A number is epoch seconds (botocore tries that first); a dash after four digits
+    // starts a date instead.
+    if arg.bytes().next().is_some_and(|c| c.is_ascii_digit() || c == b'-')
+        && arg.bytes().all(|c| c.is_ascii_digit() || c == b'.' || c == b'-')
+        && arg.get(4..5) != Some("-")
+    {
+        let seconds: f64 = arg.parse().map_err(|_| invalid())?;
+        return epoch_micros(seconds).map(Timestamp).ok_or_else(invalid);
+    }
+    let day = arg.get(0..10).and_then(parse_date).ok_or_else(invalid)?;
+    let rest = &arg[10..];
+    if rest.is_empty() {
+        return Ok(Timestamp(day * 86_400_000_000));
+    }
+    let rest = rest.strip_prefix('T').or_else(|| rest.strip_prefix('t')).or_else(|| rest.strip_prefix(' '));
+    let (clock, offset) = split_offset(rest.ok_or_else(invalid)?).ok_or_else(invalid)?;
+    let micros_of_day = time_of_day(clock).ok_or_else(invalid)?;
+    Ok(Timestamp(day * 86_400_000_000 + micros_of_day - offset * 60_000_000))
+}
+
+/// Seconds since the epoch as whole microseconds, if they fit.
+fn epoch_micros(seconds: f64) -> Option<i64> {
+    let micros = (seconds * 1_000_000.0).round();
+    (micros.is_finite() && micros.abs() < 9.0e18).then_some(micros as i64)
+}
+
+/// Splits `HH:MM[:SS[.frac]]` from its offset, in minutes east of UTC (`Z`: 0, none: 0).
+fn split_offset(rest: &str) -> Option<(&str, i64)> {
+    if let Some(clock) = rest.strip_suffix('Z').or_else(|| rest.strip_suffix('z')) {
+        return Some((clock, 0));
+    }
+    let Some(at) = rest.rfind(['+', '-']) else {
+        return Some((rest, 0));
+    };
+    let (clock, offset) = rest.split_at(at);
+    let sign = if offset.starts_with('-') { -1 } else { 1 };
+    let digits: String = offset[1..].chars().filter(|&c| c != ':').collect();
+    let two = |s: &str| s.parse::<i64>().ok().filter(|_| s.len() == 2 && s.bytes().all(|c| c.is_ascii_digit()));
+    let (hours, minutes) = match digits.len() {
+        2 => (two(&digits)?, 0),
+        4 => (two(&digits[0..2])?, two(&digits[2..4])?),
+        _ => return None,
+    };
+    (hours <= 23 && minutes <= 59).then_some((clock, sign * (hours * 60 + minutes)))
+}
+
+/// `HH:MM[:SS[.frac]]` in microseconds since midnight.
+fn time_of_day(clock: &str) -> Option<i64> {
+    let (hms, fraction) = match clock.split_once('.') {
+        Some((hms, fraction)) => (hms, Some(fraction)),
+        None => (clock, None),
+    };
+    let parts: Vec<&str> = hms.split(':').collect();
+    let field = |t: &str, max: i64| {
+        t.parse::<i64>().ok().filter(|v| t.len() == 2 && t.bytes().all(|c| c.is_ascii_digit()) && (0..=max).contains(v))
+    };
+    let (h, m, s) = match parts.as_slice() {
+        [h, m] if fraction.is_none() => (field(h, 23)?, field(m, 59)?, 0),
+        [h, m, s] => (field(h, 23)?, field(m, 59)?, field(s, 60)?),
+        _ => return None,
+    };
+    let micros = match fraction {
+        None => 0,
+        Some(f) if (1..=9).contains(&f.len()) && f.bytes().all(|c| c.is_ascii_digit()) => {
+            format!("{f:0<6}")[..6].parse::<i64>().ok()?
+        }
+        Some(_) => return None,
+    };
+    Some((h * 3600 + m * 60 + s) * 1_000_000 + micros)
 }
 
 /// A string parameter that may be `file://PATH`, read as UTF-8 text (as the aws CLI does
@@ -429,6 +529,57 @@ mod tests {
         file.write_all(b"EncryptionContextSubset={k=v}\n").unwrap();
         let arg = format!("file://{}", file.path().display());
         assert_eq!(constraints(&arg).unwrap().encryption_context_subset, Some(ctx(&[("k", "v")]).0));
+    }
+
+    #[test]
+    fn timestamps_in_the_forms_the_aws_cli_reads() {
+        const Y2030: i64 = 1_893_456_000_000_000;
+        for arg in [
+            "2030-01-01",
+            "2030-01-01T00:00:00Z",
+            "2030-01-01t00:00z",
+            "2030-01-01 00:00:00",
+            "2030-01-01T00:00:00.000000+00:00",
+            "2030-01-01T01:30:00+01:30",
+            "2030-01-01T01:30:00+0130",
+            "2029-12-31T19:00:00-05",
+            "1893456000",
+            " 1893456000.0 ",
+        ] {
+            assert_eq!(timestamp(arg), Ok(Timestamp(Y2030)), "{arg}");
+        }
+        assert_eq!(timestamp("2030-01-01T00:00:00.123456789Z"), Ok(Timestamp(Y2030 + 123_456)));
+        assert_eq!(timestamp("1893456000.5"), Ok(Timestamp(Y2030 + 500_000)));
+        assert_eq!(timestamp("-1"), Ok(Timestamp(-1_000_000)));
+    }
+
+    #[test]
+    fn timestamps_are_whole_seconds_on_the_wire_when_they_can_be() {
+        assert_eq!(timestamp("2030-01-01").unwrap().to_wire(), serde_json::json!(1_893_456_000));
+        assert_eq!(timestamp("2030-01-01T00:00:00.25Z").unwrap().to_wire(), serde_json::json!(1_893_456_000.25));
+    }
+
+    #[test]
+    fn timestamps_reject_what_is_not_one() {
+        for arg in [
+            "",
+            "tomorrow",
+            "2030-02-30",
+            "2030-1-01",
+            "2030-01-01T",
+            "2030-01-01T24:00:00Z",
+            "2030-01-01T00:60Z",
+            "2030-01-01T00:00:00+1",
+            "2030-01-01T00:00:00+24:00",
+            "2030-01-01T00:00:00.Z",
+            "2030-01-01T00:00:00.1x",
+            "2030-01-01T00Z",
+            "1e400",
+            "12-34",
+        ] {
+            let err = timestamp(arg).unwrap_err();
+            assert!(err.contains("not a timestamp") && err.contains("ISO 8601"), "{arg}: {err}");
+        }
     }
 
     #[test]

@@ -6,15 +6,15 @@ use std::path::PathBuf;
 use clap::builder::{OsStringValueParser, TypedValueParser};
 use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 
-use crate::args::{self, Blob, Context, GrantConstraints, GrantOperations, TagKeys, TagList};
+use crate::args::{self, Blob, Context, GrantConstraints, GrantOperations, TagKeys, TagList, Timestamp};
 
 /// The help heading of the flags every subcommand takes.
 const GLOBAL: &str = "Global options";
 
 /// Examples and exit codes, shown after the subcommand list.
 const AFTER_HELP: &str = "\
-Blob arguments (--plaintext, --ciphertext-blob) are base64, or fileb://PATH for a file's raw
-bytes. Without them, encrypt, decrypt and re-encrypt read raw bytes from stdin and write the raw
+Blob arguments (--plaintext, --ciphertext-blob, --import-token, --encrypted-key-material) are
+base64, or fileb://PATH for a file's raw bytes. Without them, encrypt, decrypt and re-encrypt read raw bytes from stdin and write the raw
 result to stdout:
 
   kmsctl encrypt -k alias/app < secret > secret.enc
@@ -171,10 +171,31 @@ pub enum Command {
     DisableKey(KeyIdArg),
     /// Replaces a KMS key's description.
     UpdateKeyDescription(UpdateKeyDescription),
-    /// Schedules a KMS key for deletion after a waiting period.
+    /// Schedules a KMS key for deletion after a waiting period. When it ends, the key material
+    /// is destroyed and everything encrypted under the key can never be decrypted again.
     ScheduleKeyDeletion(ScheduleKeyDeletion),
     /// Cancels a KMS key's scheduled deletion; the key is left disabled.
     CancelKeyDeletion(KeyIdArg),
+    /// Shows when a KMS key was last used for a cryptographic operation, and for which.
+    GetKeyLastUsage(KeyIdArg),
+    /// Turns on automatic rotation of a KMS key's material.
+    EnableKeyRotation(EnableKeyRotation),
+    /// Turns off automatic rotation of a KMS key's material.
+    DisableKeyRotation(KeyIdArg),
+    /// Shows whether a KMS key's material is rotated automatically, how often and when next.
+    GetKeyRotationStatus(KeyIdArg),
+    /// Rotates a KMS key's material now; ciphertexts under its earlier material still decrypt.
+    RotateKeyOnDemand(KeyIdArg),
+    /// Lists a KMS key's rotations (and, on request, its original material).
+    ListKeyRotations(ListKeyRotations),
+    /// Returns the public key to wrap key material with and the import token to import it
+    /// with, for a KMS key whose origin is EXTERNAL.
+    GetParametersForImport(GetParametersForImport),
+    /// Imports key material, wrapped under get-parameters-for-import's public key, into a KMS
+    /// key whose origin is EXTERNAL.
+    ImportKeyMaterial(ImportKeyMaterial),
+    /// Deletes imported key material; the key is unusable until the material is imported again.
+    DeleteImportedKeyMaterial(DeleteImportedKeyMaterial),
     /// Creates an alias for a KMS key.
     CreateAlias(AliasTarget),
     /// Points an existing alias at another KMS key.
@@ -331,6 +352,79 @@ pub struct ScheduleKeyDeletion {
     /// Days to wait before deleting the key, 7 to 30 (default 30).
     #[arg(long, value_name = "DAYS")]
     pub pending_window_in_days: Option<u32>,
+}
+
+#[derive(Debug, Args)]
+pub struct EnableKeyRotation {
+    #[command(flatten)]
+    pub key: KeyIdArg,
+    /// Days between automatic rotations, 90 to 2560 (default 365).
+    #[arg(long, value_name = "DAYS")]
+    pub rotation_period_in_days: Option<u32>,
+}
+
+#[derive(Debug, Args)]
+pub struct ListKeyRotations {
+    #[command(flatten)]
+    pub key: KeyIdArg,
+    /// ROTATIONS_ONLY (the default) or ALL_KEY_MATERIAL, which also lists the key's original
+    /// material and any imported material not yet made current.
+    #[arg(long, value_name = "INCLUDE")]
+    pub include_key_material: Option<String>,
+    #[command(flatten)]
+    pub page: PageArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct GetParametersForImport {
+    #[command(flatten)]
+    pub key: KeyIdArg,
+    /// How the key material will be wrapped, e.g. RSAES_OAEP_SHA_256 or
+    /// RSA_AES_KEY_WRAP_SHA_256.
+    #[arg(long, value_name = "ALGORITHM")]
+    pub wrapping_algorithm: String,
+    /// The wrapping public key's type: RSA_2048, RSA_3072 or RSA_4096.
+    #[arg(long, value_name = "KEY_SPEC")]
+    pub wrapping_key_spec: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ImportKeyMaterial {
+    #[command(flatten)]
+    pub key: KeyIdArg,
+    /// The import token from get-parameters-for-import: base64, or fileb://PATH.
+    #[arg(long, value_parser = args::blob, value_name = "BLOB")]
+    pub import_token: Blob,
+    /// The key material wrapped under get-parameters-for-import's public key: base64, or
+    /// fileb://PATH.
+    #[arg(long, value_parser = args::blob, value_name = "BLOB")]
+    pub encrypted_key_material: Blob,
+    /// When the material expires and is deleted (with --expiration-model KEY_MATERIAL_EXPIRES):
+    /// ISO 8601 such as 2030-01-01T00:00:00Z, a date (midnight UTC), or seconds since the epoch.
+    #[arg(long, value_parser = args::timestamp, value_name = "TIMESTAMP")]
+    pub valid_to: Option<Timestamp>,
+    /// KEY_MATERIAL_EXPIRES (give --valid-to) or KEY_MATERIAL_DOES_NOT_EXPIRE.
+    #[arg(long, value_name = "MODEL")]
+    pub expiration_model: Option<String>,
+    /// NEW_KEY_MATERIAL (material for a rotation) or EXISTING_KEY_MATERIAL (re-importing
+    /// material the key has had).
+    #[arg(long, value_name = "IMPORT_TYPE")]
+    pub import_type: Option<String>,
+    /// A description of the material.
+    #[arg(long, value_name = "DESCRIPTION")]
+    pub key_material_description: Option<String>,
+    /// The ID of the material being re-imported (with EXISTING_KEY_MATERIAL).
+    #[arg(long, value_name = "KEY_MATERIAL_ID")]
+    pub key_material_id: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct DeleteImportedKeyMaterial {
+    #[command(flatten)]
+    pub key: KeyIdArg,
+    /// The material to delete (default: the current material).
+    #[arg(long, value_name = "KEY_MATERIAL_ID")]
+    pub key_material_id: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -627,6 +721,26 @@ mod tests {
             &["kmsctl", "retire-grant", "-k", "k"],
             &["kmsctl", "retire-grant", "--grant-id", "g"],
             &["kmsctl", "revoke-grant", "-k", "k"],
+            &["kmsctl", "enable-key-rotation", "-k", "k", "--rotation-period-in-days", "ninety"],
+            &["kmsctl", "get-parameters-for-import", "-k", "k", "--wrapping-algorithm", "RSAES_OAEP_SHA_256"],
+            &["kmsctl", "get-parameters-for-import", "-k", "k", "--wrapping-key-spec", "RSA_2048"],
+            &["kmsctl", "import-key-material", "-k", "k", "--import-token", "AQID"],
+            &["kmsctl", "import-key-material", "-k", "k", "--encrypted-key-material", "AQID"],
+            &[
+                "kmsctl",
+                "import-key-material",
+                "-k",
+                "k",
+                "--import-token",
+                "AQID",
+                "--encrypted-key-material",
+                "AQID",
+                "--valid-to",
+                "next year",
+            ],
+            &["kmsctl", "import-key-material", "-k", "k", "--import-token", "%%", "--encrypted-key-material", "AQID"],
+            &["kmsctl", "delete-imported-key-material"],
+            &["kmsctl", "get-key-last-usage"],
         ] {
             assert!(Cli::try_parse_from(argv).is_err(), "{argv:?}");
         }

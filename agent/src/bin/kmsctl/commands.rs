@@ -1,15 +1,18 @@
 //! What each subcommand asks of the agent: the action, its JSON 1.1 request (the API's
-//! PascalCase members, blobs as base64) and how the response is handled. Planning is pure;
-//! `paginate` follows `NextMarker` through a list action's pages, as the aws CLI does.
+//! PascalCase members, blobs as base64, timestamps as epoch seconds) and how the response is
+//! handled. Planning is pure; `paginate` follows `NextMarker` through a list action's pages,
+//! as the aws CLI does, and `warning` says what a call's success means when it is not
+//! obvious and cannot be undone later.
 
 use std::collections::HashSet;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use kmsfs_common::context::EncryptionContext;
+use kmsfs_common::time::iso8601;
 use serde_json::{Map, Value};
 
-use crate::args::{Blob, Context, GrantConstraints, GrantOperations, TagKeys, TagList};
+use crate::args::{Blob, Context, GrantConstraints, GrantOperations, TagKeys, TagList, Timestamp};
 use crate::cli::{BypassLockoutArg, Command, DryRunArg, GrantTokensArg, PageArgs};
 use crate::Failure;
 
@@ -72,6 +75,39 @@ pub fn plan(command: &Command) -> Call {
             single("ScheduleKeyDeletion", key(&a.key.key_id).opt("PendingWindowInDays", a.pending_window_in_days))
         }
         C::CancelKeyDeletion(a) => single("CancelKeyDeletion", key(&a.key_id)),
+        C::GetKeyLastUsage(a) => single("GetKeyLastUsage", key(&a.key_id)),
+        C::EnableKeyRotation(a) => {
+            single("EnableKeyRotation", key(&a.key.key_id).opt("RotationPeriodInDays", a.rotation_period_in_days))
+        }
+        C::DisableKeyRotation(a) => single("DisableKeyRotation", key(&a.key_id)),
+        C::GetKeyRotationStatus(a) => single("GetKeyRotationStatus", key(&a.key_id)),
+        C::RotateKeyOnDemand(a) => single("RotateKeyOnDemand", key(&a.key_id)),
+        C::ListKeyRotations(a) => list(
+            "ListKeyRotations",
+            key(&a.key.key_id).opt("IncludeKeyMaterial", a.include_key_material.clone()),
+            &a.page,
+            "Rotations",
+        ),
+        C::GetParametersForImport(a) => single(
+            "GetParametersForImport",
+            key(&a.key.key_id)
+                .set("WrappingAlgorithm", a.wrapping_algorithm.as_str())
+                .set("WrappingKeySpec", a.wrapping_key_spec.as_str()),
+        ),
+        C::ImportKeyMaterial(a) => single(
+            "ImportKeyMaterial",
+            key(&a.key.key_id)
+                .set("ImportToken", blob(&a.import_token))
+                .set("EncryptedKeyMaterial", blob(&a.encrypted_key_material))
+                .opt("ValidTo", a.valid_to.map(Timestamp::to_wire))
+                .opt("ExpirationModel", a.expiration_model.clone())
+                .opt("ImportType", a.import_type.clone())
+                .opt("KeyMaterialDescription", a.key_material_description.clone())
+                .opt("KeyMaterialId", a.key_material_id.clone()),
+        ),
+        C::DeleteImportedKeyMaterial(a) => {
+            single("DeleteImportedKeyMaterial", key(&a.key.key_id).opt("KeyMaterialId", a.key_material_id.clone()))
+        }
         C::CreateAlias(a) => single(
             "CreateAlias",
             Request::new().set("AliasName", a.alias_name.as_str()).set("TargetKeyId", a.target_key_id.as_str()),
@@ -235,6 +271,29 @@ pub fn paginate(
         members.remove("Truncated");
     }
     Ok(merged)
+}
+
+/// What to tell the user on stderr after `action` succeeded with `response`, beside the
+/// response on stdout. A scheduled deletion is the one call whose effect becomes permanent
+/// on its own, so its warning says what will be lost, when, and how to keep it.
+pub fn warning(action: &str, response: &Value) -> Option<String> {
+    if action != "ScheduleKeyDeletion" {
+        return None;
+    }
+    let key = response.get("KeyId").and_then(Value::as_str).unwrap_or("KEY_ID");
+    let (when, then) = match response.get("DeletionDate").and_then(Value::as_f64) {
+        Some(seconds) => (format!("on {}", iso8601(seconds)), "On that date"),
+        // A multi-Region primary key with replicas waits for them and has no date yet.
+        None => ("when its waiting period ends".to_string(), "Then"),
+    };
+    Some(format!(
+        "kmsctl: WARNING: KMS key {key} is scheduled for deletion {when}.\n\
+         {then} its key material is destroyed for good: everything encrypted under this key,\n\
+         including every kmsfs volume whose files it wraps, becomes unreadable forever\n\
+         (crypto-shredding). To keep the key, cancel the deletion before then:\n\
+         \n    kmsctl cancel-key-deletion --key-id {key}\n\n\
+         (The key is then left disabled; kmsctl enable-key --key-id {key} makes it usable again.)\n"
+    ))
 }
 
 /// A JSON object under construction; absent optional members are left out of the request.
@@ -486,6 +545,128 @@ mod tests {
         assert_eq!(call.request, json!({"Limit": 5, "Marker": "m"}));
         let call = plan_for(&["list-resource-tags", "-k", "k"]);
         assert_eq!(call.mode, Mode::Paginate { list: "Tags" });
+    }
+
+    #[test]
+    fn rotation_requests() {
+        let call = plan_for(&["enable-key-rotation", "--key-id", "k", "--rotation-period-in-days", "90"]);
+        assert_eq!((call.action, call.mode), ("EnableKeyRotation", Mode::Single));
+        assert_eq!(call.request, json!({"KeyId": "k", "RotationPeriodInDays": 90}));
+        assert_eq!(plan_for(&["enable-key-rotation", "-k", "k"]).request, json!({"KeyId": "k"}));
+        for (command, action) in [
+            ("disable-key-rotation", "DisableKeyRotation"),
+            ("get-key-rotation-status", "GetKeyRotationStatus"),
+            ("rotate-key-on-demand", "RotateKeyOnDemand"),
+            ("get-key-last-usage", "GetKeyLastUsage"),
+        ] {
+            let call = plan_for(&[command, "--key-id", "alias/a"]);
+            assert_eq!((call.action, call.mode), (action, Mode::Single), "{command}");
+            assert_eq!(call.request, json!({"KeyId": "alias/a"}), "{command}");
+        }
+    }
+
+    #[test]
+    fn list_key_rotations_paginates_the_rotations() {
+        let call = plan_for(&["list-key-rotations", "-k", "k", "--include-key-material", "ALL_KEY_MATERIAL"]);
+        assert_eq!(call.action, "ListKeyRotations");
+        assert_eq!(call.mode, Mode::Paginate { list: "Rotations" });
+        assert_eq!(call.request, json!({"KeyId": "k", "IncludeKeyMaterial": "ALL_KEY_MATERIAL"}));
+        let call = plan_for(&["list-key-rotations", "-k", "k", "--limit", "1", "--marker", "m"]);
+        assert_eq!(call.mode, Mode::Single);
+        assert_eq!(call.request, json!({"KeyId": "k", "Limit": 1, "Marker": "m"}));
+        assert_eq!(plan_for(&["list-key-rotations", "-k", "k", "--no-paginate"]).mode, Mode::Single);
+    }
+
+    #[test]
+    fn import_requests() {
+        let call = plan_for(&["create-key", "--origin", "EXTERNAL"]);
+        assert_eq!(call.request, json!({"Origin": "EXTERNAL"}));
+
+        let call = plan_for(&[
+            "get-parameters-for-import",
+            "-k",
+            "k",
+            "--wrapping-algorithm",
+            "RSAES_OAEP_SHA_256",
+            "--wrapping-key-spec",
+            "RSA_2048",
+        ]);
+        assert_eq!((call.action, call.mode), ("GetParametersForImport", Mode::Single));
+        assert_eq!(
+            call.request,
+            json!({"KeyId": "k", "WrappingAlgorithm": "RSAES_OAEP_SHA_256", "WrappingKeySpec": "RSA_2048"})
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token.bin");
+        std::fs::write(&token, [0xff, 0, 1]).unwrap();
+        let call = plan_for(&[
+            "import-key-material",
+            "--key-id",
+            "k",
+            "--import-token",
+            &format!("fileb://{}", token.display()),
+            "--encrypted-key-material",
+            "AQID",
+            "--valid-to",
+            "2030-01-01T00:00:00Z",
+            "--expiration-model",
+            "KEY_MATERIAL_EXPIRES",
+            "--import-type",
+            "NEW_KEY_MATERIAL",
+            "--key-material-description",
+            "from the HSM",
+            "--key-material-id",
+            "m",
+        ]);
+        assert_eq!((call.action, call.mode), ("ImportKeyMaterial", Mode::Single));
+        assert_eq!(
+            call.request,
+            json!({
+                "KeyId": "k",
+                "ImportToken": "/wAB",
+                "EncryptedKeyMaterial": "AQID",
+                "ValidTo": 1_893_456_000,
+                "ExpirationModel": "KEY_MATERIAL_EXPIRES",
+                "ImportType": "NEW_KEY_MATERIAL",
+                "KeyMaterialDescription": "from the HSM",
+                "KeyMaterialId": "m",
+            })
+        );
+        let call =
+            plan_for(&["import-key-material", "-k", "k", "--import-token", "AQ", "--encrypted-key-material", "Ag"]);
+        assert_eq!(call.request, json!({"KeyId": "k", "ImportToken": "AQ==", "EncryptedKeyMaterial": "Ag=="}));
+
+        let call = plan_for(&["delete-imported-key-material", "-k", "k"]);
+        assert_eq!((call.action, call.request), ("DeleteImportedKeyMaterial", json!({"KeyId": "k"})));
+        let call = plan_for(&["delete-imported-key-material", "-k", "k", "--key-material-id", "m"]);
+        assert_eq!(call.request, json!({"KeyId": "k", "KeyMaterialId": "m"}));
+    }
+
+    #[test]
+    fn scheduling_a_deletion_warns_of_crypto_shredding_and_how_to_cancel() {
+        let response = json!({
+            "KeyId": "arn:aws:kms:us-east-1:111122223333:key/k",
+            "DeletionDate": 1_700_000_000,
+            "KeyState": "PendingDeletion",
+            "PendingWindowInDays": 7,
+        });
+        let warning = warning("ScheduleKeyDeletion", &response).unwrap();
+        for needle in [
+            "WARNING",
+            "destroyed for good",
+            "kmsfs volume",
+            "crypto-shredding",
+            "deletion on 2023-11-14T22:13:20.000000+00:00.",
+            "kmsctl cancel-key-deletion --key-id arn:aws:kms:us-east-1:111122223333:key/k\n",
+        ] {
+            assert!(warning.contains(needle), "{needle:?} not in {warning}");
+        }
+        let undated =
+            super::warning("ScheduleKeyDeletion", &json!({"KeyId": "k", "KeyState": "PendingReplicaDeletion"}));
+        assert!(undated.unwrap().contains("when its waiting period ends"));
+        assert_eq!(super::warning("CancelKeyDeletion", &json!({"KeyId": "k"})), None);
+        assert_eq!(super::warning("DisableKey", &json!({})), None);
     }
 
     #[test]

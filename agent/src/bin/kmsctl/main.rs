@@ -135,7 +135,13 @@ fn run(cli: Cli) -> Result<(), Failure> {
     stdout
         .write_all(&bytes)
         .and_then(|()| stdout.flush())
-        .map_err(|e| Failure::Other(format!("cannot write to stdout: {e}")))
+        .map_err(|e| Failure::Other(format!("cannot write to stdout: {e}")))?;
+    if let Some(warning) = commands::warning(action, &response) {
+        // Last, so that it is what a terminal shows at the bottom; a closed stderr is no
+        // reason to fail a call that has succeeded.
+        let _ = io::stderr().lock().write_all(warning.as_bytes());
+    }
+    Ok(())
 }
 
 /// The command-line flag that supplies a request's blob member.

@@ -10,6 +10,16 @@ const OUTPUTS: &[(&str, &[&str])] = &[
     ("ListKeys", &["Keys", "NextMarker", "Truncated"]),
     ("ScheduleKeyDeletion", &["KeyId", "DeletionDate", "KeyState", "PendingWindowInDays"]),
     ("CancelKeyDeletion", &["KeyId"]),
+    ("GetKeyLastUsage", &["KeyId", "KeyLastUsage", "TrackingStartDate", "KeyCreationDate"]),
+    (
+        "GetKeyRotationStatus",
+        &["KeyRotationEnabled", "KeyId", "RotationPeriodInDays", "NextRotationDate", "OnDemandRotationStartDate"],
+    ),
+    ("RotateKeyOnDemand", &["KeyId"]),
+    ("ListKeyRotations", &["Rotations", "NextMarker", "Truncated"]),
+    ("GetParametersForImport", &["KeyId", "ImportToken", "PublicKey", "ParametersValidTo"]),
+    ("ImportKeyMaterial", &["KeyId", "KeyMaterialId"]),
+    ("DeleteImportedKeyMaterial", &["KeyId", "KeyMaterialId"]),
     ("ListAliases", &["Aliases", "NextMarker", "Truncated"]),
     ("ListResourceTags", &["Tags", "NextMarker", "Truncated"]),
     ("GetKeyPolicy", &["Policy", "PolicyName"]),
@@ -93,6 +103,21 @@ const NESTED: &[(&str, &[&str])] = &[
         ],
     ),
     ("Constraints", &["EncryptionContextSubset", "EncryptionContextEquals"]),
+    ("KeyLastUsage", &["Operation", "Timestamp", "CloudTrailEventId", "KmsRequestId"]),
+    (
+        "Rotations",
+        &[
+            "KeyId",
+            "KeyMaterialId",
+            "KeyMaterialDescription",
+            "ImportState",
+            "KeyMaterialState",
+            "ExpirationModel",
+            "ValidTo",
+            "RotationDate",
+            "RotationType",
+        ],
+    ),
 ];
 
 /// The model order of `action`'s output members; empty when unknown.
@@ -108,4 +133,51 @@ pub fn nested_members(member: &str) -> &'static [&'static str] {
 
 fn lookup(table: &'static [(&str, &'static [&'static str])], name: &str) -> &'static [&'static str] {
     table.iter().find(|(n, _)| *n == name).map(|(_, members)| *members).unwrap_or(&[])
+}
+
+/// The service model itself, as the agent embeds it (member order is lost: the file's
+/// keys are sorted), for tests that check the tables above against it.
+#[cfg(test)]
+pub fn service_model() -> serde_json::Value {
+    #[allow(clippy::expect_used)]
+    serde_json::from_str(include_str!("../../../model/kms-2014-11-01.min.json")).expect("the embedded model is JSON")
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+    use std::collections::BTreeSet;
+
+    fn members(model: &Value, shape: &str) -> BTreeSet<String> {
+        model["shapes"][shape]["members"].as_object().unwrap().keys().cloned().collect()
+    }
+
+    /// The structure shape a member of `shape` holds, directly or as a list's items.
+    fn structure_of(model: &Value, shape: &str) -> Option<String> {
+        let target = &model["shapes"][shape];
+        let name = match target["type"].as_str()? {
+            "structure" => shape.to_string(),
+            "list" => target["member"]["shape"].as_str()?.to_string(),
+            _ => return None,
+        };
+        (model["shapes"][&name]["type"] == "structure").then_some(name)
+    }
+
+    #[test]
+    fn tables_name_exactly_the_model_members() {
+        let model = service_model();
+        for (action, order) in OUTPUTS {
+            let output = model["operations"][action]["output"]["shape"].as_str().unwrap();
+            let listed: BTreeSet<String> = order.iter().map(|m| m.to_string()).collect();
+            assert_eq!(listed, members(&model, output), "{action}");
+            assert_eq!(listed.len(), order.len(), "{action} lists a member twice");
+            for (member, reference) in model["shapes"][output]["members"].as_object().unwrap() {
+                let Some(nested) = structure_of(&model, reference["shape"].as_str().unwrap()) else { continue };
+                let listed: BTreeSet<String> = nested_members(member).iter().map(|m| m.to_string()).collect();
+                assert_eq!(listed, members(&model, &nested), "{action}.{member}");
+            }
+        }
+    }
 }

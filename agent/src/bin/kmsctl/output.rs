@@ -326,6 +326,86 @@ mod tests {
     }
 
     #[test]
+    fn every_timestamp_member_of_the_model_is_converted() {
+        let model = model::service_model();
+        let shapes = model["shapes"].as_object().unwrap();
+        let mut missing = Vec::new();
+        for shape in shapes.values() {
+            for (name, member) in shape["members"].as_object().into_iter().flatten() {
+                let target = &shapes[member["shape"].as_str().unwrap()];
+                if target["type"] == "timestamp" && !TIMESTAMP_MEMBERS.contains(&name.as_str()) {
+                    missing.push(name.clone());
+                }
+            }
+        }
+        assert!(missing.is_empty(), "timestamp members printed as numbers: {missing:?}");
+    }
+
+    #[test]
+    fn rotation_and_usage_dates_print_as_iso_8601_in_model_order() {
+        let response = json!({
+            "Truncated": false,
+            "Rotations": [{
+                "RotationType": "ON_DEMAND",
+                "RotationDate": 1_700_000_000,
+                "KeyMaterialState": "CURRENT",
+                "KeyMaterialId": "m",
+                "KeyId": "arn:k",
+            }],
+        });
+        let expected = r#"{
+    "Rotations": [
+        {
+            "KeyId": "arn:k",
+            "KeyMaterialId": "m",
+            "KeyMaterialState": "CURRENT",
+            "RotationDate": "2023-11-14T22:13:20.000000+00:00",
+            "RotationType": "ON_DEMAND"
+        }
+    ],
+    "Truncated": false
+}
+"#;
+        assert_eq!(render("ListKeyRotations", &response, OutputFormat::Json), expected);
+        let response = json!({
+            "KeyCreationDate": 1_700_000_000,
+            "TrackingStartDate": 1_700_000_000,
+            "KeyLastUsage": {"KmsRequestId": "r", "Timestamp": 1_700_000_001.5, "Operation": "Encrypt"},
+            "KeyId": "arn:k",
+        });
+        let expected = r#"{
+    "KeyId": "arn:k",
+    "KeyLastUsage": {
+        "Operation": "Encrypt",
+        "Timestamp": "2023-11-14T22:13:21.500000+00:00",
+        "KmsRequestId": "r"
+    },
+    "TrackingStartDate": "2023-11-14T22:13:20.000000+00:00",
+    "KeyCreationDate": "2023-11-14T22:13:20.000000+00:00"
+}
+"#;
+        assert_eq!(render("GetKeyLastUsage", &response, OutputFormat::Json), expected);
+    }
+
+    #[test]
+    fn import_parameters_text_is_one_line_of_sorted_columns() {
+        let response = json!({
+            "KeyId": "arn:k",
+            "ImportToken": "AQID",
+            "PublicKey": "MIIB",
+            "ParametersValidTo": 1_700_000_000,
+        });
+        assert_eq!(
+            render("GetParametersForImport", &response, OutputFormat::Text),
+            "AQID\tarn:k\t2023-11-14T22:13:20.000000+00:00\tMIIB\n"
+        );
+        let json = render("GetParametersForImport", &response, OutputFormat::Json);
+        let order: Vec<usize> =
+            ["KeyId", "ImportToken", "PublicKey", "ParametersValidTo"].iter().map(|m| json.find(m).unwrap()).collect();
+        assert!(order.windows(2).all(|w| w[0] < w[1]), "{json}");
+    }
+
+    #[test]
     fn timestamps_already_strings_are_left_alone() {
         let out = render("ListAliases", &json!({"CreationDate": "yesterday"}), OutputFormat::Json);
         assert!(out.contains("\"yesterday\""), "{out}");
