@@ -9,6 +9,7 @@
 //!   material.
 //! - [`sys`]: memory locking, process hardening and peer pidfds (the crate's only `unsafe`).
 //! - [`daemon`]: start-up: configuration, listening sockets, systemd integration.
+//! - [`wrapping`]: RSA wrapping keys for importing key material (BYOK).
 //! - [`sigv4`], [`access_keys`]: the TCP listener's callers, by AWS Signature Version 4.
 
 pub mod access_keys;
@@ -25,3 +26,4 @@ pub mod service;
 pub mod sigv4;
 pub mod store;
 pub mod sys;
+pub mod wrapping;

@@ -6,6 +6,7 @@
 mod aliases;
 mod crypto;
 mod grants;
+mod import;
 mod keys;
 pub mod model;
 mod policies;
@@ -111,6 +112,9 @@ pub fn handle(agent: &Agent, caller: &Caller, action: &str, body: &[u8]) -> Resu
         "GetKeyRotationStatus" => rotation::get_key_rotation_status(agent, caller, request).map(Reply::from),
         "RotateKeyOnDemand" => rotation::rotate_key_on_demand(agent, caller, request).map(Reply::from),
         "ListKeyRotations" => rotation::list_key_rotations(agent, caller, request).map(Reply::from),
+        "GetParametersForImport" => import::get_parameters_for_import(agent, caller, request).map(Reply::from),
+        "ImportKeyMaterial" => import::import_key_material(agent, caller, request).map(Reply::from),
+        "DeleteImportedKeyMaterial" => import::delete_imported_key_material(agent, caller, request).map(Reply::from),
         "GetKeyLastUsage" => keys::get_key_last_usage(agent, caller, request).map(Reply::from),
         "PutKeyPolicy" => policies::put_key_policy(agent, caller, request).map(Reply::from),
         "GetKeyPolicy" => policies::get_key_policy(agent, caller, request).map(Reply::from),
