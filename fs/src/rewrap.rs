@@ -37,7 +37,10 @@
 //! `/proc/self/mountinfo` by its backing directory) is told to re-read `kmsfs.volume` by
 //! setting [`RELOAD_XATTR`] on its root: it then generates new files' data keys under the
 //! destination key, and drops the data keys it cached (which are unwrapped again under the
-//! destination key as they are next used, and revoked when that key is disabled).
+//! destination key as they are next used, and revoked when that key is disabled). A file
+//! whose creation is under way at the very moment of the switch may still get a data key
+//! made before it: on a busy volume, a second run (which finds only such files) before the
+//! old key is disabled leaves nothing behind.
 //!
 //! Two rewraps of one volume do not run at once: each holds an exclusive lock on
 //! [`LOCK_FILE`] in the backing directory (a reserved name: the mount does not show it).
@@ -138,7 +141,7 @@ pub fn run(cipherdir: &Path, socket: Option<&Path>, to_key: Option<&str>, thread
     std::thread::scope(|s| {
         let workers: Vec<_> = (0..threads.max(1)).map(|_| s.spawn(|| run.work())).collect();
         while !workers.iter().all(|w| w.is_finished()) {
-            std::thread::sleep(Duration::from_millis(100));
+            std::thread::sleep(Duration::from_millis(50));
             progress.show(&run, started);
         }
     });
@@ -147,6 +150,7 @@ pub fn run(cipherdir: &Path, socket: Option<&Path>, to_key: Option<&str>, thread
         return Err(format!("{fatal}; the volume is usable as it is, and running kmsfs rewrap again finishes the job"));
     }
     failed.extend(run.failed.into_inner().unwrap_or_else(|p| p.into_inner()));
+    failed.sort();
     let (rewrapped, skipped) = (run.rewrapped.into_inner(), run.skipped.into_inner());
     Ok(Summary {
         target,

@@ -297,7 +297,8 @@ impl Volume {
         let names = unwrap_name_key(&self.agent, &config)?;
         // The name key is deterministic (AES-SIV): the same key seals a name the same way.
         let probe = |key: &NameKey| names::encrypt_name(key, &config.root_dir_id, b"kmsfs reload").ok();
-        if probe(&names).is_none() || probe(&names) != probe(&self.names) {
+        let sealed = probe(&names);
+        if sealed.is_none() || sealed != probe(&self.names) {
             return Err("the volume file's name key is not the one in use; remount the volume".into());
         }
         let new: Arc<str> = Arc::from(config.key_id.as_str());

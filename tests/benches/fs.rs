@@ -17,6 +17,11 @@
 //! fill the data-key cache (default capacity 100,000) and kmsfs's peak and current RSS are
 //! reported against the 128 MiB target, with the cache's entry count from `kmsfs status`.
 //!
+//! Then `kmsfs rewrap` of a volume of `KMSFS_BENCH_REWRAP_FILES` (100,000) files of 1 KiB,
+//! unmounted, after RotateKeyOnDemand, side by side with `cp -a` (and `sync`) of its backing
+//! directory: files/s and the CPU time of kmsfs and kmsd against cp's (group `rewrap`; alone:
+//! `KMSFS_BENCH_ONLY=rewrap KMSFS_BENCH_RSS_FILES=1`).
+//!
 //! Needs root (mounts, dropping the page cache), /dev/fuse, gocryptfs and fio.
 //! `scripts/bench` installs what is missing, builds and runs this; by hand:
 //!
@@ -701,6 +706,7 @@ fn main() {
         }
     }
     let memory = fill_key_cache(&settings, &kmsfs);
+    let rewrap = only.as_ref().is_none_or(|o| o.iter().any(|g| g == "rewrap")).then(|| rewrap(&settings));
 
     println!("\n### Throughput (medians; ratios are speed ratios: above 1, kmsfs is faster)\n");
     println!("| workload | plain | gocryptfs | kmsfs | kmsfs/gocryptfs | kmsfs/plain | target kmsfs/gocryptfs |");
@@ -769,8 +775,115 @@ fn main() {
         memory.kmsd_hwm_kib as f64 / 1024.0,
         memory.kmsd_rss_kib as f64 / 1024.0
     );
+    if let Some(rewrap) = rewrap {
+        print_rewrap(&rewrap);
+    }
     drop(kmsfs);
     drop(gocryptfs);
+}
+
+/// What [`rewrap`] measured: wall seconds and CPU seconds (user + system) of each step.
+struct Rewrap {
+    files: usize,
+    rewrap: Timed,
+    rerun: Timed,
+    copy: Timed,
+    sync: f64,
+    summary: String,
+}
+
+/// User plus system CPU seconds of this process's waited-for children so far.
+fn children_cpu() -> f64 {
+    use nix::sys::resource::{getrusage, UsageWho};
+    let usage = getrusage(UsageWho::RUSAGE_CHILDREN).expect("getrusage");
+    let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+    secs(usage.user_time()) + secs(usage.system_time())
+}
+
+/// A step's wall seconds, and the CPU seconds of each process meanwhile.
+type Timed = (f64, Vec<(&'static str, f64)>);
+
+/// Runs `cmd` (a child process) after dropping the page cache: its [`Timed`] figures (the
+/// child's and those of `also`, serving processes), and its output.
+fn timed(settings: &Settings, name: &'static str, cmd: &mut Command, also: &[&Process]) -> (Timed, String) {
+    drop_caches();
+    let (children, before): (f64, Vec<u64>) = (children_cpu(), also.iter().map(|p| p.cpu_ticks()).collect());
+    let start = Instant::now();
+    let out = run(cmd);
+    let wall = start.elapsed().as_secs_f64();
+    let stdout = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    eprintln!("{name}: {wall:.2} s {stdout}");
+    let mut cpu = vec![(name, children_cpu() - children)];
+    cpu.extend(also.iter().zip(before).map(|(p, b)| (p.name, (p.cpu_ticks() - b) as f64 / settings.clock_ticks)));
+    ((wall, cpu), stdout)
+}
+
+/// A volume of small files made through a mount, unmounted, its key rotated (or, on an
+/// agent without RotateKeyOnDemand, a second key for `--to-key`); then `kmsfs rewrap`, a
+/// second run (nothing left to do), and `cp -a` of the backing directory plus `sync`.
+fn rewrap(settings: &Settings) -> Rewrap {
+    let files = env_number("KMSFS_BENCH_REWRAP_FILES", 100_000) as usize;
+    let mut m = TestMount::quiet_in(&settings.dir, &[], &[]);
+    eprintln!("rewrap: creating {files} files of 1 KiB through kmsfs");
+    let contents = Rng(7).bytes(1024);
+    for i in 0..files {
+        if i % RSS_FILES_PER_DIR == 0 {
+            fs::create_dir(m.path(&format!("d{:03}", i / RSS_FILES_PER_DIR))).expect("mkdir");
+        }
+        let path = m.path(&format!("d{:03}/f{:04}", i / RSS_FILES_PER_DIR, i % RSS_FILES_PER_DIR));
+        fs::write(&path, &contents).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    }
+    m.unmount();
+    let mut rewrap = m.kmsfs();
+    rewrap.arg("rewrap").arg(m.cipher());
+    if m.agent.call("RotateKeyOnDemand", serde_json::json!({"KeyId": m.key_id})).is_err() {
+        eprintln!("rewrap: RotateKeyOnDemand failed: measuring --to-key a second key instead");
+        rewrap.arg("--to-key").arg(kmsfs_tests::create_key(&m.agent));
+    }
+    let kmsd = Process { name: "kmsd", pid: m.agent.pid() };
+    let (first, summary) = timed(settings, "kmsfs", &mut rewrap, &[&kmsd]);
+    let (rerun, _) = timed(settings, "kmsfs", &mut rewrap, &[&kmsd]);
+    let copy_to = settings.dir.join("rewrap-copy");
+    let (copy, _) = timed(settings, "cp", Command::new("cp").arg("-a").arg(m.cipher()).arg(&copy_to), &[]);
+    let start = Instant::now();
+    sync();
+    let sync = start.elapsed().as_secs_f64();
+    fs::remove_dir_all(&copy_to).expect("remove the copy");
+    Rewrap { files, rewrap: first, rerun, copy, sync, summary }
+}
+
+fn print_rewrap(r: &Rewrap) {
+    let files = r.files as f64;
+    let cpu = |figures: &[(&'static str, f64)]| figures.iter().map(|(_, s)| s).sum::<f64>();
+    let detail = |figures: &[(&'static str, f64)]| {
+        figures.iter().map(|(name, s)| format!("{name} {} s", number(*s))).collect::<Vec<_>>().join(" + ")
+    };
+    println!("\n### kmsfs rewrap of {} files of 1 KiB (unmounted, page cache dropped)\n", r.files);
+    println!("| step | wall | files/s | CPU (user + sys) | CPU µs/file |");
+    println!("|---|---:|---:|---:|---:|");
+    let copy_and_sync = r.copy.0 + r.sync;
+    for (step, wall, figures) in [
+        ("kmsfs rewrap", r.rewrap.0, &r.rewrap.1),
+        ("kmsfs rewrap again (all skipped)", r.rerun.0, &r.rerun.1),
+        ("cp -a of the backing dir", r.copy.0, &r.copy.1),
+        ("cp -a + sync", copy_and_sync, &r.copy.1),
+    ] {
+        println!(
+            "| {step} | {} s | {} | {} ({}) | {} |",
+            number(wall),
+            number(files / wall),
+            number(cpu(figures)),
+            detail(figures),
+            number(cpu(figures) / files * 1e6)
+        );
+    }
+    println!(
+        "\nrewrap / (cp -a + sync): {:.2}x the time, {:.2}x the CPU; rewrap / cp -a: {:.2}x the time\n\n`{}`",
+        r.rewrap.0 / copy_and_sync,
+        cpu(&r.rewrap.1) / cpu(&r.copy.1),
+        r.rewrap.0 / r.copy.0,
+        r.summary
+    );
 }
 
 /// What [`fill_key_cache`] found.
