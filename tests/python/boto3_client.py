@@ -421,6 +421,51 @@ def main():
         assert usage["KeyLastUsage"]["Operation"] == "Decrypt", usage
         assert isinstance(usage["TrackingStartDate"], datetime), usage
 
+    def import_key_material():
+        import os
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from wrap_key_material import wrap
+
+        key = kms.create_key(Origin="EXTERNAL")["KeyMetadata"]
+        assert key["KeyState"] == "PendingImport" and key["Origin"] == "EXTERNAL", key
+        material = os.urandom(32)
+        params = kms.get_parameters_for_import(
+            KeyId=key["KeyId"], WrappingAlgorithm="RSA_AES_KEY_WRAP_SHA_256", WrappingKeySpec="RSA_3072"
+        )
+        assert isinstance(params["ParametersValidTo"], datetime), params
+        valid_to = datetime.now(timezone.utc) + timedelta(days=30)
+        out = kms.import_key_material(
+            KeyId=key["KeyId"],
+            ImportToken=params["ImportToken"],
+            EncryptedKeyMaterial=wrap(params["PublicKey"], "RSA_AES_KEY_WRAP_SHA_256", material),
+            ExpirationModel="KEY_MATERIAL_EXPIRES",
+            ValidTo=valid_to,
+        )
+        meta = kms.describe_key(KeyId=key["KeyId"])["KeyMetadata"]
+        assert meta["KeyState"] == "Enabled" and meta["ExpirationModel"] == "KEY_MATERIAL_EXPIRES", meta
+        assert abs(meta["ValidTo"] - valid_to) < timedelta(seconds=1), meta
+        assert meta["CurrentKeyMaterialId"] == out["KeyMaterialId"], (meta, out)
+        blob = kms.encrypt(KeyId=key["KeyId"], Plaintext=b"byok")["CiphertextBlob"]
+        assert kms.decrypt(CiphertextBlob=blob)["Plaintext"] == b"byok"
+        other = kms.get_parameters_for_import(
+            KeyId=key["KeyId"], WrappingAlgorithm="RSAES_OAEP_SHA_256", WrappingKeySpec="RSA_2048"
+        )
+        expect_error(
+            "IncorrectKeyMaterialException",
+            kms.import_key_material,
+            KeyId=key["KeyId"],
+            ImportToken=other["ImportToken"],
+            EncryptedKeyMaterial=wrap(other["PublicKey"], "RSAES_OAEP_SHA_256", os.urandom(32)),
+            ExpirationModel="KEY_MATERIAL_DOES_NOT_EXPIRE",
+        )
+        expect_error("UnsupportedOperationException", kms.enable_key_rotation, KeyId=key["KeyId"])
+        deleted = kms.delete_imported_key_material(KeyId=key["KeyId"])
+        assert deleted["KeyMaterialId"] == out["KeyMaterialId"], deleted
+        assert kms.describe_key(KeyId=key["KeyId"])["KeyMetadata"]["KeyState"] == "PendingImport"
+        expect_error("KMSInvalidStateException", kms.decrypt, CiphertextBlob=blob)
+        rotations = kms.list_key_rotations(KeyId=key["KeyId"], IncludeKeyMaterial="ALL_KEY_MATERIAL")
+        assert rotations["Rotations"][0]["ImportState"] == "PENDING_IMPORT", rotations
+
     def describe_missing_key():
         expect_error("NotFoundException", kms.describe_key, KeyId="00000000-0000-4000-8000-000000000000")
 
@@ -456,6 +501,7 @@ def main():
         disable_enable,
         schedule_and_cancel_deletion,
         rotation,
+        import_key_material,
         describe_missing_key,
         encrypt_too_large,
         generate_random,

@@ -18,9 +18,13 @@ use crate::identity::Identity;
 use crate::policy::eval::Caller;
 
 /// Request members that carry secrets (or bearer tokens) and are never recorded.
-const SECRET_REQUEST_MEMBERS: [&str; 4] = ["Plaintext", "CiphertextBlob", "GrantToken", "GrantTokens"];
+/// (An import token holds a sealed wrapping key; AWS records neither it nor the wrapped
+/// material.)
+const SECRET_REQUEST_MEMBERS: [&str; 6] =
+    ["Plaintext", "CiphertextBlob", "GrantToken", "GrantTokens", "ImportToken", "EncryptedKeyMaterial"];
 /// Reply members never recorded.
-const SECRET_RESPONSE_MEMBERS: [&str; 4] = ["Plaintext", "CiphertextBlob", "CiphertextForRecipient", "GrantToken"];
+const SECRET_RESPONSE_MEMBERS: [&str; 6] =
+    ["Plaintext", "CiphertextBlob", "CiphertextForRecipient", "GrantToken", "ImportToken", "PublicKey"];
 /// Request members that name a key.
 const KEY_MEMBERS: [&str; 4] = ["KeyId", "TargetKeyId", "SourceKeyId", "DestinationKeyId"];
 /// Request members holding an encryption context.
