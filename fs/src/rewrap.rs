@@ -138,11 +138,12 @@ pub fn run(cipherdir: &Path, socket: Option<&Path>, to_key: Option<&str>, thread
         stop: AtomicBool::new(false),
         progress: &progress,
     };
+    let walked = Instant::now();
     std::thread::scope(|s| {
         let workers: Vec<_> = (0..threads.max(1)).map(|_| s.spawn(|| run.work())).collect();
         while !workers.iter().all(|w| w.is_finished()) {
             std::thread::sleep(Duration::from_millis(50));
-            progress.show(&run, started);
+            progress.show(&run, walked);
         }
     });
     progress.clear();
@@ -443,6 +444,7 @@ impl Progress {
         Progress { on, out: Mutex::new(()) }
     }
 
+    /// Files done of all, and the rate since `started` (when the first file was begun).
     fn show(&self, run: &Run<'_>, started: Instant) {
         if !self.on {
             return;
