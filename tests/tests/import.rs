@@ -305,3 +305,43 @@ fn deleting_a_key_leaves_no_byte_of_its_imported_material() {
         }
     }
 }
+
+#[test]
+fn policies_see_the_import_and_rotation_condition_keys() {
+    let policy = r#"{"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": "kms:*", "Resource": "*"},
+        {"Effect": "Deny", "Action": "kms:ImportKeyMaterial", "Resource": "*",
+         "Condition": {"StringEquals": {"kms:ExpirationModel": "KEY_MATERIAL_DOES_NOT_EXPIRE"}}},
+        {"Effect": "Deny", "Action": "kms:GetParametersForImport", "Resource": "*",
+         "Condition": {"StringEquals": {"kms:WrappingKeySpec": "RSA_2048"}}},
+        {"Effect": "Deny", "Action": "kms:EnableKeyRotation", "Resource": "*",
+         "Condition": {"NumericLessThan": {"kms:RotationPeriodInDays": "365"}}}
+    ]}"#;
+    let agent = TestAgent::start_configured(&[], &[("users/root.json", policy)]);
+    let key = external_key(&agent);
+    let refused = agent
+        .call(
+            "GetParametersForImport",
+            json!({"KeyId": key, "WrappingAlgorithm": "RSAES_OAEP_SHA_256", "WrappingKeySpec": "RSA_2048"}),
+        )
+        .unwrap_err();
+    assert_eq!(refused.kind, ErrorKind::AccessDeniedException);
+    let p = params(&agent, &key, "RSAES_OAEP_SHA_256", "RSA_3072");
+    let material = random_material();
+    let request = |model: &str, valid_to: Option<u64>| {
+        let mut r = json!({"KeyId": key, "ImportToken": p["ImportToken"], "ExpirationModel": model,
+                           "EncryptedKeyMaterial": wrap(&p, "RSAES_OAEP_SHA_256", &material)});
+        if let Some(v) = valid_to {
+            r["ValidTo"] = json!(v);
+        }
+        r
+    };
+    let e = agent.call("ImportKeyMaterial", request("KEY_MATERIAL_DOES_NOT_EXPIRE", None)).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::AccessDeniedException);
+    let in_a_week = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 7 * 86_400;
+    agent.ok("ImportKeyMaterial", request("KEY_MATERIAL_EXPIRES", Some(in_a_week)));
+    let native = agent.ok("CreateKey", json!({}))["KeyMetadata"]["KeyId"].as_str().unwrap().to_string();
+    let e = agent.call("EnableKeyRotation", json!({"KeyId": native, "RotationPeriodInDays": 90})).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::AccessDeniedException);
+    agent.ok("EnableKeyRotation", json!({"KeyId": native, "RotationPeriodInDays": 400}));
+}
