@@ -52,12 +52,21 @@ pub struct FreshKey {
     pub wrapped: Vec<u8>,
     /// The KMS key that wrapped it.
     pub kms_key_arn: String,
+    /// Which of the volume's KMS keys it was asked for: the volume counts its moves to
+    /// another key ([`crate::volume::Volume::reload`]), and a key made before the latest is
+    /// not used.
+    pub generation: u64,
     made: Instant,
 }
 
 impl FreshKey {
     pub fn new(file_id: FileId, data: DataKey, wrapped: Vec<u8>, kms_key_arn: String) -> FreshKey {
-        FreshKey { file_id, data, wrapped, kms_key_arn, made: Instant::now() }
+        FreshKey { file_id, data, wrapped, kms_key_arn, generation: 0, made: Instant::now() }
+    }
+
+    pub fn with_generation(mut self, generation: u64) -> FreshKey {
+        self.generation = generation;
+        self
     }
 }
 

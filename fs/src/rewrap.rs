@@ -37,10 +37,11 @@
 //! `/proc/self/mountinfo` by its backing directory) is told to re-read `kmsfs.volume` by
 //! setting [`RELOAD_XATTR`] on its root: it then generates new files' data keys under the
 //! destination key, and drops the data keys it cached (which are unwrapped again under the
-//! destination key as they are next used, and revoked when that key is disabled). A file
-//! whose creation is under way at the very moment of the switch may still get a data key
-//! made before it: on a busy volume, a second run (which finds only such files) before the
-//! old key is disabled leaves nothing behind.
+//! destination key as they are next used, and revoked when that key is disabled). The
+//! mount answers the reload only once no file is being given a key and header any more, and
+//! drops keys generated under the old key that were still in flight
+//! ([`crate::volume::Volume::reload`]): every file made after it is under the destination
+//! key, and every file made before it is there for the walk to find.
 //!
 //! Two rewraps of one volume do not run at once: each holds an exclusive lock on
 //! [`LOCK_FILE`] in the backing directory (a reserved name: the mount does not show it).

@@ -10,7 +10,7 @@ use std::num::NonZeroUsize;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use base64::Engine;
@@ -137,9 +137,13 @@ pub struct Volume {
     root: PathBuf,
     config: VolumeConfig,
     /// The KMS key new files' data keys are generated under: `kmsfs.volume`'s when opened,
-    /// then whichever key a rewrap moved the volume to ([`Volume::reload`]). Shared with
-    /// the pool's generator.
-    key_id: Arc<Mutex<Arc<str>>>,
+    /// then whichever key a rewrap moved the volume to ([`Volume::reload`]), with the number
+    /// of such moves. Shared with the pool's generator.
+    key_id: Arc<Mutex<(Arc<str>, u64)>>,
+    /// Held (shared) while a new file gets its key and header, and (exclusively) while the
+    /// volume moves to another key: once a reload returns, no file is being made under the
+    /// old key, so a rewrap that walks the tree after it misses none.
+    key_switch: RwLock<()>,
     names: NameKey,
     agent: Arc<AgentPool>,
     cache: KeyCache<FileId, FileKeys>,
@@ -241,12 +245,13 @@ impl Volume {
         let config = read_config(&root)?;
         let names = unwrap_name_key(&agent, &config)?;
         let agent = Arc::new(agent);
-        let key_id: Arc<Mutex<Arc<str>>> = Arc::new(Mutex::new(Arc::from(config.key_id.as_str())));
+        let key_id: Arc<Mutex<(Arc<str>, u64)>> = Arc::new(Mutex::new((Arc::from(config.key_id.as_str()), 0)));
         let pool = {
             let (agent, key_id, volume_id) = (agent.clone(), key_id.clone(), config.volume_id);
             let generate = move |count| {
-                let key_id = key_id.lock().unwrap_or_else(PoisonError::into_inner).clone();
-                generate_data_keys(&agent, &key_id, &volume_id, count)
+                let (key_id, generation) = key_id.lock().unwrap_or_else(PoisonError::into_inner).clone();
+                let keys = generate_data_keys(&agent, &key_id, &volume_id, count)?;
+                Ok(keys.into_iter().map(|k| k.with_generation(generation)).collect())
             };
             KeyPool::new(Box::new(generate), pool::WORKERS)
         };
@@ -255,6 +260,7 @@ impl Volume {
             root,
             config,
             key_id,
+            key_switch: RwLock::new(()),
             names,
             agent,
             cache,
@@ -274,7 +280,7 @@ impl Volume {
 
     /// The KMS key new files' data keys are generated under (see [`Volume::reload`]).
     pub fn key_id(&self) -> Arc<str> {
-        self.key_id.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        self.key_id.lock().unwrap_or_else(PoisonError::into_inner).0.clone()
     }
 
     /// Re-reads `kmsfs.volume` after a rewrap moved the volume to another KMS key (or to
@@ -302,7 +308,12 @@ impl Volume {
             return Err("the volume file's name key is not the one in use; remount the volume".into());
         }
         let new: Arc<str> = Arc::from(config.key_id.as_str());
-        let old = std::mem::replace(&mut *self.key_id.lock().unwrap_or_else(PoisonError::into_inner), new.clone());
+        let _switching = self.key_switch.write().unwrap_or_else(PoisonError::into_inner);
+        let old = {
+            let mut current = self.key_id.lock().unwrap_or_else(PoisonError::into_inner);
+            let generation = current.1 + 1;
+            std::mem::replace(&mut *current, (new.clone(), generation)).0
+        };
         self.pool.clear();
         if old != new {
             self.cache.clear();
@@ -615,7 +626,16 @@ impl Volume {
     /// by the pool, or now), the header, and the empty final block, in one write. The key
     /// is cached.
     pub fn init_file(&self, file: &File) -> Result<FileHeader, VolError> {
-        let FreshKey { file_id, data, wrapped, kms_key_arn, .. } = self.pool.take()?;
+        let _creating = self.key_switch.read().unwrap_or_else(PoisonError::into_inner);
+        let generation = self.key_id.lock().unwrap_or_else(PoisonError::into_inner).1;
+        // A key asked for before the volume last moved to another KMS key (in flight
+        // during the move) is dropped: the pool was emptied, so this loops at most a few times.
+        let FreshKey { file_id, data, wrapped, kms_key_arn, .. } = loop {
+            let fresh = self.pool.take()?;
+            if fresh.generation == generation {
+                break fresh;
+            }
+        };
         let layout = self.layout();
         let header = FileHeader::new(file_id, layout, wrapped)
             .map_err(|error| VolError::Corrupt { what: "new header", error })?;

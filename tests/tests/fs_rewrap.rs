@@ -336,3 +336,41 @@ fn a_mounted_volume_follows_a_rewrap_to_another_key() {
     let meta = fs::metadata(m.path(held_name)).unwrap();
     assert!(meta.size() > 0, "names stay readable");
 }
+
+#[test]
+fn files_created_while_a_mounted_volume_is_rewrapped_all_end_up_under_the_new_key() {
+    let m = TestMount::new();
+    let other = create_key(&m.agent);
+    let new = current_material(&m.agent, &other);
+    let mnt = m.mnt();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Two writers keep creating files before, during and after the rewrap.
+    let writers: Vec<_> = (0..2)
+        .map(|w| {
+            let (mnt, stop) = (mnt.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut made = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let name = format!("w{w}-{}", made.len());
+                    fs::write(mnt.join(&name), name.as_bytes()).unwrap();
+                    made.push(name);
+                }
+                made
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let out = rewrap(&m, &["--to-key", &other]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let made: Vec<String> = writers.into_iter().flat_map(|w| w.join().unwrap()).collect();
+    assert!(made.len() > 20, "the writers made only {} files", made.len());
+    // One rewrap was enough: every file, made before, during or after it, is under the new key.
+    assert_all_under(&m, new);
+    m.agent.ok("DisableKey", json!({"KeyId": m.key_id}));
+    std::thread::sleep(Duration::from_millis(500));
+    for name in &made {
+        assert_eq!(fs::read(mnt.join(name)).unwrap(), name.as_bytes(), "{name}");
+    }
+}
