@@ -681,6 +681,39 @@ mod tests {
     }
 
     #[test]
+    fn a_version_2_database_is_upgraded_with_its_keys_and_material() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kmsd.db");
+        let id = KeyId::random();
+        {
+            // The database as kmsd of schema version 2 left it.
+            let conn = Connection::open(&path).unwrap();
+            for sql in &MIGRATIONS[..2] {
+                conn.execute_batch(sql).unwrap();
+            }
+            conn.pragma_update(None, "user_version", 2).unwrap();
+            conn.execute(
+                "INSERT INTO keys (key_id, created_ms, description, key_usage, key_spec, origin, state, \
+                 current_version) VALUES (?1, 1, 'old', 'ENCRYPT_DECRYPT', 'SYMMETRIC_DEFAULT', 'AWS_KMS', 'Enabled', 1)",
+                [id.to_string()],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO key_material (key_id, version, material_id, stored, created_ms) VALUES (?1, 1, ?2, x'0102', 1)",
+                params![id.to_string(), "cd".repeat(32)],
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let snap = store.snapshot().unwrap();
+        assert_eq!(snap.keys[0].description, "old");
+        assert_eq!(snap.keys[0].rotation_period_days, None);
+        assert_eq!(snap.materials, vec![MaterialRow::generated(id, 1, "cd".repeat(32), vec![1, 2], 1)]);
+        let version: usize = store.conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, MIGRATIONS.len());
+    }
+
+    #[test]
     fn mutations_survive_reopening() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kmsd.db");
