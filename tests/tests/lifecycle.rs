@@ -171,6 +171,9 @@ fn automatic_rotation_is_performed_at_start_when_missed() {
     // Restarting again does not rotate again.
     agent.restart();
     assert_eq!(rotations(&agent, &key, false).len(), 1);
+    // The service event is chained and sealed like any line: the log verifies.
+    let out = agent.kmsctl().args(["audit", "verify"]).output().unwrap();
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
 }
 
 /// The stored (wrapped) material of every version of `key_id`, read from kmsd.db with
