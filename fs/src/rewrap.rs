@@ -123,7 +123,8 @@ pub fn run(cipherdir: &Path, socket: Option<&Path>, to_key: Option<&str>, thread
     let _only_rewrap = lock(volume.root())?;
     let destination = to_key.unwrap_or(&volume.config().key_id).to_string();
     let (target, volume_file_rewritten) = rewrap_volume_file(&volume, &destination)?;
-    let mounts = mounts_of(volume.root()).into_iter().map(|mnt| (mnt.clone(), tell_mount(&mnt))).collect();
+    let mounts =
+        mounts_of(volume.root()).into_iter().map(|mnt| (mnt.clone(), tell_mount(&mnt, &target.key_arn))).collect();
 
     let progress = Progress::new(std::io::stderr().is_terminal());
     let (files, mut failed) = walk(&volume);
@@ -267,12 +268,22 @@ fn unescape_mountinfo(field: &str) -> Vec<u8> {
 }
 
 /// Has the mount at `mountpoint` re-read `kmsfs.volume` ([`Volume::reload`]), once its
-/// status attribute shows it is a kmsfs mount.
-fn tell_mount(mountpoint: &Path) -> Result<(), String> {
+/// status attribute shows it is a kmsfs mount, and checks that its status then names
+/// `key_arn` (a kmsfs too old to know the reload attribute would keep it as a plain one).
+fn tell_mount(mountpoint: &Path, key_arn: &str) -> Result<(), String> {
     match xattr::get(mountpoint, STATUS_XATTR) {
-        Ok(Some(_)) => xattr::set(mountpoint, RELOAD_XATTR, b"").map_err(|e| e.to_string()),
-        Ok(None) => Err("not a kmsfs mount".into()),
-        Err(e) => Err(e.to_string()),
+        Ok(Some(_)) => xattr::set(mountpoint, RELOAD_XATTR, b"").map_err(|e| e.to_string())?,
+        Ok(None) => return Err("not a kmsfs mount".into()),
+        Err(e) => return Err(e.to_string()),
+    }
+    let status = xattr::get(mountpoint, STATUS_XATTR).map_err(|e| e.to_string())?.unwrap_or_default();
+    let status: serde_json::Value = serde_json::from_slice(&status).unwrap_or_default();
+    match status["KeyId"].as_str() {
+        Some(key) if key == key_arn => Ok(()),
+        other => Err(format!(
+            "it still makes new files under {} (a kmsfs without rewrap support? remount it)",
+            other.unwrap_or("an unknown key")
+        )),
     }
 }
 
