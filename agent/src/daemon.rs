@@ -138,8 +138,8 @@ pub fn run(config: DaemonConfig) -> Result<(), String> {
             tcp.push(listener);
         }
         // Whatever fell due while kmsd was down is done before the first request.
-        crate::scheduler::pass(&agent, audit.as_ref()).await;
-        tokio::spawn(crate::scheduler::run(agent.clone(), audit.clone()));
+        let succeeded = crate::scheduler::pass(&agent, audit.as_ref()).await;
+        tokio::spawn(crate::scheduler::run(agent.clone(), audit.clone(), succeeded));
         let (listener, bound) = listen(&config.socket)?;
         tracing::info!(socket = %config.socket.display(), "kmsd ready");
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);

@@ -36,11 +36,21 @@ pub struct ServiceEvent {
     pub time_ms: i64,
 }
 
+/// What one pass did, and how many due actions failed (retried at a later pass).
+pub struct Pass {
+    pub events: Vec<ServiceEvent>,
+    pub failed: usize,
+}
+
+/// How long after a failed action the scheduler tries again.
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(10);
+
 /// Performs everything due at the agent's clock's now; returns what was done. An action
-/// that fails is logged and retried at the next pass.
-pub fn run_due(agent: &Agent) -> Vec<ServiceEvent> {
+/// that fails is logged and retried at a later pass.
+pub fn run_due(agent: &Agent) -> Pass {
     let now = agent.now_ms();
     let mut done = Vec::new();
+    let mut failed = 0;
     for key in agent.keys_sorted() {
         let outcome = match due(&key, now) {
             Some(Due::Deletion) => destroy(agent, &key.row.id),
@@ -53,13 +63,16 @@ pub fn run_due(agent: &Agent) -> Vec<ServiceEvent> {
         };
         match outcome {
             Ok(events) => done.extend(events),
-            Err(e) => tracing::error!(key_id = %key.row.id, "scheduled action failed, retrying later: {}", e.message),
+            Err(e) => {
+                failed += 1;
+                tracing::error!(key_id = %key.row.id, "scheduled action failed, retrying later: {}", e.message);
+            }
         }
     }
     if let Err(e) = agent.save_usage() {
         tracing::warn!("cannot save key usage: {}", e.message);
     }
-    done
+    Pass { events: done, failed }
 }
 
 enum Due {
@@ -183,14 +196,15 @@ pub fn audit_record(agent: &Agent, e: &ServiceEvent) -> Map<String, Value> {
     }
 }
 
-/// Runs one pass on the blocking pool and records its events.
-pub async fn pass(agent: &Arc<Agent>, audit: Option<&Arc<AuditLog>>) {
+/// Runs one pass on the blocking pool and records its events; returns whether every due
+/// action succeeded.
+pub async fn pass(agent: &Arc<Agent>, audit: Option<&Arc<AuditLog>>) -> bool {
     let worker = agent.clone();
-    let events = match tokio::task::spawn_blocking(move || run_due(&worker)).await {
-        Ok(events) => events,
+    let Pass { events, failed } = match tokio::task::spawn_blocking(move || run_due(&worker)).await {
+        Ok(pass) => pass,
         Err(e) => {
             tracing::error!("the scheduler's pass failed: {e}");
-            return;
+            return false;
         }
     };
     if let Some(audit) = audit {
@@ -202,17 +216,19 @@ pub async fn pass(agent: &Arc<Agent>, audit: Option<&Arc<AuditLog>>) {
             }
         }
     }
+    failed == 0
 }
 
 /// The scheduler's loop, after the first pass at start: sleeps until the next date falls
 /// due (at most [`MAX_SLEEP`]), then runs a pass.
-pub async fn run(agent: Arc<Agent>, audit: Option<Arc<AuditLog>>) {
+pub async fn run(agent: Arc<Agent>, audit: Option<Arc<AuditLog>>, mut succeeded: bool) {
     loop {
         let wait = next_due(&agent).map_or(MAX_SLEEP, |at| {
             Duration::from_millis((at - agent.now_ms()).clamp(0, MAX_SLEEP.as_millis() as i64) as u64)
         });
-        // At least a moment between passes, so that an action failing at once is not a spin.
-        tokio::time::sleep(wait.max(Duration::from_millis(200))).await;
-        pass(&agent, audit.as_ref()).await;
+        // A failed action (still due) is retried after a while, not in a loop.
+        let floor = if succeeded { Duration::from_millis(200) } else { RETRY_AFTER_FAILURE };
+        tokio::time::sleep(wait.max(floor)).await;
+        succeeded = pass(&agent, audit.as_ref()).await;
     }
 }
