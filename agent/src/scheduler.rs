@@ -75,43 +75,35 @@ pub fn run_due(agent: &Agent) -> Pass {
     Pass { events: done, failed }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Due {
     Deletion,
     Rotation,
     Expiry,
 }
 
-fn due(key: &KeyRecord, now: i64) -> Option<Due> {
+/// The next thing the scheduler has to do to `key`, and when (in the agent's clock). A key
+/// pending deletion waits only for its destruction; an enabled key for its next rotation
+/// or the expiry of imported material, whichever comes first.
+fn next_action(key: &KeyRecord) -> Option<(Due, i64)> {
     let row = &key.row;
     if row.state == KeyState::PendingDeletion {
-        return row.deletion_ms.is_some_and(|d| d <= now).then_some(Due::Deletion);
+        return row.deletion_ms.map(|at| (Due::Deletion, at));
     }
-    if row.state == KeyState::Enabled && row.next_rotation_ms.is_some_and(|d| d <= now) {
-        return Some(Due::Rotation);
-    }
-    let expired = key.materials.values().any(|m| m.key.is_some() && m.row.valid_to_ms.is_some_and(|v| v <= now));
-    expired.then_some(Due::Expiry)
+    let rotation = (row.state == KeyState::Enabled).then_some(row.next_rotation_ms).flatten();
+    let expiry = key.materials.values().filter(|m| m.key.is_some()).filter_map(|m| m.row.valid_to_ms).min();
+    let actions = [rotation.map(|at| (Due::Rotation, at)), expiry.map(|at| (Due::Expiry, at))];
+    actions.into_iter().flatten().min_by_key(|(_, at)| *at)
+}
+
+/// What is due for `key` at `now`, if anything.
+fn due(key: &KeyRecord, now: i64) -> Option<Due> {
+    next_action(key).filter(|(_, at)| *at <= now).map(|(due, _)| due)
 }
 
 /// The next date anything falls due, in the agent's clock.
 fn next_due(agent: &Agent) -> Option<i64> {
-    let mut next: Option<i64> = None;
-    let mut consider = |t: Option<i64>| {
-        if let Some(t) = t {
-            next = Some(next.map_or(t, |n| n.min(t)));
-        }
-    };
-    for key in agent.keys_sorted() {
-        match key.row.state {
-            KeyState::PendingDeletion => consider(key.row.deletion_ms),
-            KeyState::Enabled => consider(key.row.next_rotation_ms),
-            _ => {}
-        }
-        for m in key.materials.values().filter(|m| m.key.is_some()) {
-            consider(m.row.valid_to_ms);
-        }
-    }
-    next
+    agent.keys_sorted().iter().filter_map(|key| next_action(key)).map(|(_, at)| at).min()
 }
 
 /// Destroys key `id` if it is still pending deletion and due.

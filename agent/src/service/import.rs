@@ -186,7 +186,7 @@ fn imported_material_id(key_id: &KeyId, material: &[u8]) -> String {
     hash.update(MATERIAL_ID_LABEL);
     hash.update(key_id.as_bytes());
     hash.update(material);
-    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    kmsfs_common::format::hex(&hash.finalize())
 }
 
 #[derive(Deserialize)]

@@ -171,7 +171,7 @@ pub fn create_key(agent: &Agent, caller: &Caller, request: Value) -> Result<Valu
 pub fn random_material_id() -> String {
     let mut id = [0u8; 32];
     random_bytes(&mut id);
-    id.iter().map(|b| format!("{b:02x}")).collect()
+    kmsfs_common::format::hex(&id)
 }
 
 #[derive(Deserialize)]

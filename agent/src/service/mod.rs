@@ -146,9 +146,9 @@ pub fn used_keys(action: &str, reply: &Value) -> Vec<kmsfs_common::ids::KeyId> {
     if !tracked {
         return Vec::new();
     }
-    let key_of = |member: &str| {
-        let arn = reply.get(member)?.as_str()?;
-        kmsfs_common::ids::KeyId::parse(arn.rsplit_once("key/").map_or(arn, |(_, id)| id))
+    let key_of = |member: &str| match kmsfs_common::ids::KeyRef::parse(reply.get(member)?.as_str()?).ok()? {
+        kmsfs_common::ids::KeyRef::KeyArn { id, .. } | kmsfs_common::ids::KeyRef::Id(id) => Some(id),
+        _ => None,
     };
     ["KeyId", "SourceKeyId"].into_iter().filter_map(key_of).collect()
 }

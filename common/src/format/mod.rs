@@ -36,8 +36,9 @@ pub use volume::{
     VOLUME_FILE,
 };
 
-/// Lowercase hex of `bytes`, the spelling of IDs in `kmsfs.volume` and encryption contexts.
-pub(crate) fn hex(bytes: &[u8]) -> String {
+/// Lowercase hex of `bytes`, the spelling of IDs in `kmsfs.volume` and encryption contexts
+/// (and of the agent's key material IDs).
+pub fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(bytes.len() * 2);
     for b in bytes {
