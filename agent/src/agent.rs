@@ -245,7 +245,7 @@ impl Agent {
             let key = self.root.load(&id, 0, material).map_err(|e| damaged(&e.message))?;
             let blob =
                 kmsfs_common::blob::CiphertextBlob::parse(sealed).map_err(|_| damaged("not a ciphertext blob"))?;
-            let secret = key.open(&blob, &context).ok_or_else(|| damaged("it does not authenticate"))?;
+            let secret = key.open(&blob, &context).map_err(|e| damaged(&e.message))?;
             let out: [u8; 32] = secret[..].try_into().map_err(|_| damaged("it is not 32 bytes"))?;
             return Ok(zeroize::Zeroizing::new(out));
         }
@@ -254,7 +254,7 @@ impl Agent {
         let (key, material) = self.root.generate(&id, 0).map_err(|e| e.message)?;
         let mut stored = (material.len() as u32).to_be_bytes().to_vec();
         stored.extend_from_slice(&material);
-        stored.extend_from_slice(&key.seal(&id, 0, &context, &secret[..]));
+        stored.extend_from_slice(&key.seal(&id, 0, &context, &secret[..]).map_err(|e| e.message)?);
         store.set_meta(name, &stored).map_err(|e| e.message)?;
         Ok(secret)
     }

@@ -3,12 +3,13 @@
 //!
 //! ```text
 //! offset  size  field
-//! 0       1     format version (1 = XAES-256-GCM under the key's material)
+//! 0       1     format version: 1 = XAES-256-GCM under material the agent holds,
+//!               2 = AES-256-GCM computed inside a PKCS#11 token that holds the material
 //! 1       16    key ID (UUID bytes)
 //! 17      4     key material version, big-endian
-//! 21      24    nonce
-//! 45      n     ciphertext
-//! 45+n    16    GCM tag
+//! 21      N     nonce (N = 24 for version 1, the 96-bit GCM IV, 12, for version 2)
+//! 21+N    n     ciphertext
+//! 21+N+n  16    GCM tag
 //! ```
 //!
 //! The blob names the key and the material version that made it, so Decrypt needs no
@@ -22,6 +23,11 @@ use crate::ids::KeyId;
 
 /// Format version of blobs sealed with XAES-256-GCM under agent-held key material.
 pub const VERSION_XAES: u8 = 1;
+/// Format version of blobs sealed with AES-256-GCM inside a PKCS#11 token, under a random
+/// 96-bit IV (so at most 2^32 seals per material version, NIST SP 800-38D's bound).
+pub const VERSION_TOKEN_GCM: u8 = 2;
+/// The IV length of [`VERSION_TOKEN_GCM`] blobs.
+pub const GCM_IV_LEN: usize = 12;
 /// Bytes before the nonce.
 pub const HEADER_LEN: usize = 1 + 16 + 4;
 /// Smallest well-formed blob: header, nonce, one byte of ciphertext, tag.
@@ -34,7 +40,7 @@ pub struct CiphertextBlob<'a> {
     pub key_id: KeyId,
     pub material_version: u32,
     header: &'a [u8],
-    nonce: &'a [u8; XAES_NONCE_LEN],
+    nonce: &'a [u8],
     ciphertext: &'a [u8],
     tag: &'a [u8; TAG_LEN],
 }
@@ -53,14 +59,16 @@ impl<'a> CiphertextBlob<'a> {
         if bytes.is_empty() {
             return Err(BlobError::TooShort);
         }
-        if bytes[0] != VERSION_XAES {
-            return Err(BlobError::UnknownVersion(bytes[0]));
-        }
-        if bytes.len() < MIN_LEN {
+        let nonce_len = match bytes[0] {
+            VERSION_XAES => XAES_NONCE_LEN,
+            VERSION_TOKEN_GCM => GCM_IV_LEN,
+            other => return Err(BlobError::UnknownVersion(other)),
+        };
+        if bytes.len() < HEADER_LEN + nonce_len + 1 + TAG_LEN {
             return Err(BlobError::TooShort);
         }
         let (header, rest) = bytes.split_at(HEADER_LEN);
-        let (nonce, rest) = rest.split_at(XAES_NONCE_LEN);
+        let (nonce, rest) = rest.split_at(nonce_len);
         let (ciphertext, tag) = rest.split_at(rest.len() - TAG_LEN);
         let key_id = KeyId::from_bytes(header[1..17].try_into().map_err(|_| BlobError::TooShort)?);
         let material_version = u32::from_be_bytes(header[17..21].try_into().map_err(|_| BlobError::TooShort)?);
@@ -68,19 +76,52 @@ impl<'a> CiphertextBlob<'a> {
             key_id,
             material_version,
             header,
-            nonce: nonce.try_into().map_err(|_| BlobError::TooShort)?,
+            nonce,
             ciphertext,
             tag: tag.try_into().map_err(|_| BlobError::TooShort)?,
         })
     }
 
-    /// Authenticates and decrypts the blob with the material it names.
+    /// The format version (first byte).
+    pub fn version(&self) -> u8 {
+        self.header[0]
+    }
+
+    pub fn nonce(&self) -> &'a [u8] {
+        self.nonce
+    }
+
+    pub fn ciphertext(&self) -> &'a [u8] {
+        self.ciphertext
+    }
+
+    pub fn tag(&self) -> &'a [u8; TAG_LEN] {
+        self.tag
+    }
+
+    /// The AAD this blob was sealed with under `context`.
+    pub fn aad(&self, context: &EncryptionContext) -> Vec<u8> {
+        aad(self.header, context)
+    }
+
+    /// Authenticates and decrypts a version-1 blob with the XAES-256-GCM material it names.
     pub fn open(&self, key: &XaesKey, context: &EncryptionContext) -> Result<zeroize::Zeroizing<Vec<u8>>, AeadError> {
+        let nonce: &[u8; XAES_NONCE_LEN] = self.nonce.try_into().map_err(|_| AeadError)?;
         let aad = aad(self.header, context);
         let mut plaintext = zeroize::Zeroizing::new(self.ciphertext.to_vec());
-        key.open_in_place(self.nonce, &aad, &mut plaintext, self.tag)?;
+        key.open_in_place(nonce, &aad, &mut plaintext, self.tag)?;
         Ok(plaintext)
     }
+}
+
+/// The 21 header bytes of a blob of format `version` by material `material_version` of
+/// `key_id`: with [`aad`], what a sealer outside this module (a PKCS#11 token) needs.
+pub fn header(version: u8, key_id: &KeyId, material_version: u32) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN);
+    out.push(version);
+    out.extend_from_slice(key_id.as_bytes());
+    out.extend_from_slice(&material_version.to_be_bytes());
+    out
 }
 
 /// Seals `plaintext` under `key` (material `material_version` of key `key_id`) into a blob.
@@ -104,10 +145,8 @@ fn seal_with_nonce(
     plaintext: &[u8],
     nonce: &[u8; XAES_NONCE_LEN],
 ) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER_LEN + XAES_NONCE_LEN + plaintext.len() + TAG_LEN);
-    out.push(VERSION_XAES);
-    out.extend_from_slice(key_id.as_bytes());
-    out.extend_from_slice(&material_version.to_be_bytes());
+    let mut out = header(VERSION_XAES, key_id, material_version);
+    out.reserve(XAES_NONCE_LEN + plaintext.len() + TAG_LEN);
     let aad = aad(&out, context);
     out.extend_from_slice(nonce);
     let start = out.len();
@@ -117,7 +156,8 @@ fn seal_with_nonce(
     out
 }
 
-fn aad(header: &[u8], context: &EncryptionContext) -> Vec<u8> {
+/// The AAD of a blob: a domain label, its header and the canonical encryption context.
+pub fn aad(header: &[u8], context: &EncryptionContext) -> Vec<u8> {
     let context = context.canonical_bytes();
     let mut aad = Vec::with_capacity(AAD_LABEL.len() + header.len() + context.len());
     aad.extend_from_slice(AAD_LABEL);
@@ -214,6 +254,23 @@ mod tests {
         // Still opens untouched, and the header really names the key.
         assert!(open(&blob, &ctx).is_ok());
         assert_eq!(CiphertextBlob::parse(&blob).unwrap().key_id, id);
+    }
+
+    #[test]
+    fn token_blobs_parse_with_a_96_bit_iv_and_do_not_open_as_xaes() {
+        let id = KeyId::random();
+        let mut bytes = header(VERSION_TOKEN_GCM, &id, 7);
+        bytes.extend_from_slice(&[1u8; GCM_IV_LEN]);
+        bytes.extend_from_slice(b"ciphertext");
+        bytes.extend_from_slice(&[2u8; TAG_LEN]);
+        let parsed = CiphertextBlob::parse(&bytes).unwrap();
+        assert_eq!((parsed.version(), parsed.key_id, parsed.material_version), (VERSION_TOKEN_GCM, id, 7));
+        assert_eq!(
+            (parsed.nonce(), parsed.ciphertext(), parsed.tag()),
+            (&[1u8; GCM_IV_LEN][..], &b"ciphertext"[..], &[2u8; TAG_LEN])
+        );
+        assert!(parsed.open(&XaesKey::new(&KeyBytes::random()), &EncryptionContext::default()).is_err());
+        assert_eq!(CiphertextBlob::parse(&bytes[..HEADER_LEN + GCM_IV_LEN + TAG_LEN]), Err(BlobError::TooShort));
     }
 
     #[test]

@@ -39,15 +39,30 @@ pub trait RootOfTrust: Send + Sync {
     /// Turns stored bytes (from `generate` or `import`) back into usable material. Fails if they were
     /// altered, or stored for another key or version.
     fn load(&self, key_id: &KeyId, version: u32, stored: &[u8]) -> Result<Arc<dyn KeyMaterial>, KmsError>;
+
+    /// Destroys what `stored` refers to outside the agent's database, if anything (a token
+    /// object), once the key is deleted. Backends that wrap material have nothing to do:
+    /// deleting the stored bytes is enough.
+    fn destroy(&self, _key_id: &KeyId, _version: u32, _stored: &[u8]) -> Result<(), KmsError> {
+        Ok(())
+    }
 }
 
 /// Usable material of one key version.
 pub trait KeyMaterial: Send + Sync {
-    /// Seals `plaintext` into a ciphertext blob naming `key_id` and `version`.
-    fn seal(&self, key_id: &KeyId, version: u32, context: &EncryptionContext, plaintext: &[u8]) -> Vec<u8>;
+    /// Seals `plaintext` into a ciphertext blob naming `key_id` and `version`. Fails only
+    /// if the material lives outside the agent and cannot be reached (`KMSInternalException`).
+    fn seal(
+        &self,
+        key_id: &KeyId,
+        version: u32,
+        context: &EncryptionContext,
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, KmsError>;
 
-    /// Opens a blob this material sealed; `None` if it does not authenticate.
-    fn open(&self, blob: &CiphertextBlob<'_>, context: &EncryptionContext) -> Option<Zeroizing<Vec<u8>>>;
+    /// Opens a blob this material sealed: `InvalidCiphertextException` if it does not
+    /// authenticate, `KMSInternalException` if the material cannot be reached.
+    fn open(&self, blob: &CiphertextBlob<'_>, context: &EncryptionContext) -> Result<Zeroizing<Vec<u8>>, KmsError>;
 }
 
 /// Material held in the agent's memory: an XAES-256-GCM key, locked in RAM, zeroized
@@ -65,12 +80,21 @@ impl SoftwareKey {
 }
 
 impl KeyMaterial for SoftwareKey {
-    fn seal(&self, key_id: &KeyId, version: u32, context: &EncryptionContext, plaintext: &[u8]) -> Vec<u8> {
-        blob::seal(&self.xaes, key_id, version, context, plaintext)
+    fn seal(
+        &self,
+        key_id: &KeyId,
+        version: u32,
+        context: &EncryptionContext,
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, KmsError> {
+        Ok(blob::seal(&self.xaes, key_id, version, context, plaintext))
     }
 
-    fn open(&self, blob: &CiphertextBlob<'_>, context: &EncryptionContext) -> Option<Zeroizing<Vec<u8>>> {
-        blob.open(&self.xaes, context).ok()
+    fn open(&self, blob: &CiphertextBlob<'_>, context: &EncryptionContext) -> Result<Zeroizing<Vec<u8>>, KmsError> {
+        if blob.version() != blob::VERSION_XAES {
+            return Err(KmsError::invalid_ciphertext());
+        }
+        blob.open(&self.xaes, context).map_err(|_| KmsError::invalid_ciphertext())
     }
 }
 
@@ -157,7 +181,7 @@ mod tests {
         let (material, stored) = root.generate(&id, 1).unwrap();
         let loaded = root.load(&id, 1, &stored).unwrap();
         let ctx = EncryptionContext::default();
-        let sealed = material.seal(&id, 1, &ctx, b"hello");
+        let sealed = material.seal(&id, 1, &ctx, b"hello").unwrap();
         let parsed = CiphertextBlob::parse(&sealed).unwrap();
         assert_eq!(&loaded.open(&parsed, &ctx).unwrap()[..], b"hello");
         assert!(root.load(&KeyId::random(), 1, &stored).is_err());

@@ -35,7 +35,7 @@ struct EncryptRequest {
 /// Seals `plaintext` under the key's current material.
 fn seal(key: &KeyRecord, context: &EncryptionContext, plaintext: &[u8]) -> Result<(Vec<u8>, String), KmsError> {
     let (current, material) = key.current_key()?;
-    let blob = material.seal(&key.row.id, key.row.current_version, context, plaintext);
+    let blob = material.seal(&key.row.id, key.row.current_version, context, plaintext)?;
     Ok((blob, current.material_id().to_string()))
 }
 
@@ -106,7 +106,7 @@ fn open(
             agent.key_arn(&key.row.id)
         ))
     })?;
-    let plaintext = usable.open(&parsed, context).ok_or_else(KmsError::invalid_ciphertext)?;
+    let plaintext = usable.open(&parsed, context)?;
     let material_id = material.material_id().to_string();
     Ok((key, material_id, plaintext))
 }
