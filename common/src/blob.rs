@@ -220,8 +220,11 @@ mod tests {
         };
         // Version.
         let mut t = blob.clone();
-        t[0] = 2;
-        assert_eq!(CiphertextBlob::parse(&t), Err(BlobError::UnknownVersion(2)));
+        t[0] = 3;
+        assert_eq!(CiphertextBlob::parse(&t), Err(BlobError::UnknownVersion(3)));
+        // Relabelled as a token blob, it parses with another IV length and does not open.
+        t[0] = VERSION_TOKEN_GCM;
+        assert!(open(&t, &ctx).is_err());
         // Key ID: a blob relabelled to another key does not open even with this key.
         let mut t = blob.clone();
         t[1..17].copy_from_slice(KeyId::random().as_bytes());
