@@ -5,6 +5,9 @@
 //! The binaries come from the workspace's target directory (`cargo build --bins`, which
 //! the README's test command runs first) or from `KMSFS_BIN_DIR`.
 
+pub mod softhsm;
+pub mod swtpm;
+
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -94,7 +97,34 @@ impl TestAgent {
         TestAgent::start_in(args, policies, Some(access_keys), Some(AGENT_TEST_LOG), None)
     }
 
+    /// An agent's directory and configuration (as [`TestAgent::start`]'s) with nothing
+    /// running yet: for `kmsd init` (see [`TestAgent::kmsd`]) before the first
+    /// [`TestAgent::start_again`], which runs kmsd with `args`.
+    pub fn prepared(args: &[&str]) -> TestAgent {
+        TestAgent::new_in(args, &[("users/root.json", ROOT_USES_EVERYTHING)], None, Some(AGENT_TEST_LOG), None)
+    }
+
+    /// `kmsd` with this agent's state and configuration directories, for its subcommands
+    /// (`kmsd init …`, `kmsd reseal …`).
+    pub fn kmsd(&self) -> Command {
+        let mut cmd = Command::new(bin("kmsd"));
+        cmd.arg("--state-dir").arg(self.state_dir()).arg("--config-dir").arg(self.config_dir());
+        cmd
+    }
+
     fn start_in(
+        args: &[&str],
+        policies: &[(&str, &str)],
+        access_keys: Option<&str>,
+        log_filter: Option<&'static str>,
+        parent: Option<&Path>,
+    ) -> TestAgent {
+        let mut agent = TestAgent::new_in(args, policies, access_keys, log_filter, parent);
+        agent.launch();
+        agent
+    }
+
+    fn new_in(
         args: &[&str],
         policies: &[(&str, &str)],
         access_keys: Option<&str>,
@@ -116,9 +146,7 @@ impl TestAgent {
             std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o600)).expect("chmod access keys");
         }
         let extra_args = args.iter().map(|s| s.to_string()).collect();
-        let mut agent = TestAgent { dir, child: None, extra_args, log_filter };
-        agent.launch();
-        agent
+        TestAgent { dir, child: None, extra_args, log_filter }
     }
 
     /// Writes (or with `None` removes) an identity policy file and reloads the agent's

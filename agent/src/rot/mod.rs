@@ -8,6 +8,9 @@
 //! token, whose `seal`/`open` run inside the token — the handlers do not change.
 
 pub mod file;
+pub mod pkcs11;
+#[cfg(feature = "tpm2")]
+pub mod tpm2;
 
 use std::sync::Arc;
 

@@ -1,0 +1,1 @@
+//! The `pkcs11` root of trust (being written).

@@ -1,0 +1,1 @@
+//! The `tpm2` root of trust (being written).

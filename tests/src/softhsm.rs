@@ -1,0 +1,1 @@
+//! A SoftHSM2 token per test (being written).
