@@ -7,7 +7,7 @@
 //! and a failed commit leaves no trace.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use kmsfs_common::ids::{ArnScope, KeyId, KeyRef};
@@ -16,6 +16,7 @@ use kmsfs_common::KmsError;
 use crate::authz::{condition_keys, Authz};
 use crate::policy::eval::{Caller, RequestContext};
 use crate::policy::Policy;
+use crate::rot::setup::Backend;
 use crate::rot::{KeyMaterial, RootOfTrust};
 use crate::store::{AliasRow, GrantRow, KeyRow, KeyState, MaterialRow, Store, UsageRow};
 
@@ -71,6 +72,8 @@ pub struct AgentConfig {
     pub authz: Authz,
     /// Milliseconds added to the system clock for key lifecycle dates (`kmsd --clock-offset`).
     pub clock_offset_ms: i64,
+    /// The backend `root` is (the state directory's recorded one).
+    pub root_backend: Backend,
 }
 
 /// A key changed state. Clients holding data keys under it (kmsfs) watch these so that
@@ -103,6 +106,9 @@ pub struct Agent {
 /// only make every Decrypt fail.
 const ROOT_CHECK: &str = "root_check";
 const ROOT_CHECK_ID: [u8; 16] = [0; 16];
+/// Stored under `meta`: the backend that made the state directory (`file`, `tpm2`,
+/// `pkcs11`); a directory is never opened with another.
+pub const ROOT_BACKEND: &str = "root_of_trust";
 /// Stored under `meta`: when GetKeyLastUsage's tracking began (ms since the epoch, text).
 const USAGE_TRACKING_START: &str = "usage_tracking_start_ms";
 
@@ -111,22 +117,7 @@ impl Agent {
     /// created it, and loads every key's material.
     pub fn open(config: AgentConfig, root: Box<dyn RootOfTrust>) -> Result<Agent, String> {
         let mut store = Store::open(&config.state_dir.join("kmsd.db"))?;
-        let check_id = KeyId::from_bytes(ROOT_CHECK_ID);
-        match store.meta(ROOT_CHECK).map_err(|e| e.message)? {
-            Some(stored) => {
-                root.load(&check_id, 0, &stored).map_err(|_| {
-                    format!(
-                        "the root of trust ({}) is not the one that created {} (wrong root key or passphrase?)",
-                        root.describe(),
-                        config.state_dir.display()
-                    )
-                })?;
-            }
-            None => {
-                let (_, stored) = root.generate(&check_id, 0).map_err(|e| e.message)?;
-                store.set_meta(ROOT_CHECK, &stored).map_err(|e| e.message)?;
-            }
-        }
+        check_root(&mut store, &*root, config.root_backend, &config.state_dir)?;
         // A kill between destroying material and scrubbing the files is finished here.
         store.scrub_if_pending().map_err(|e| e.message)?;
         let now = kmsfs_common::time::now_millis() + config.clock_offset_ms;
@@ -385,6 +376,42 @@ impl Agent {
             .with(condition_keys::KEY_USAGE, key.row.key_usage.clone())
             .with_values(condition_keys::RESOURCE_ALIASES, aliases)
     }
+}
+
+/// Checks that `root`, of backend `backend`, is the root of trust that made the store
+/// (recording both on first use): a wrong passphrase or another machine's TPM is refused
+/// here rather than by every Decrypt.
+pub fn check_root(store: &mut Store, root: &dyn RootOfTrust, backend: Backend, state_dir: &Path) -> Result<(), String> {
+    match store.meta(ROOT_BACKEND).map_err(|e| e.message)? {
+        Some(recorded) if recorded != backend.as_str().as_bytes() => {
+            return Err(format!(
+                "{} was made with the {} root of trust, not {} (is {} missing or replaced?)",
+                state_dir.display(),
+                String::from_utf8_lossy(&recorded),
+                backend.as_str(),
+                crate::rot::setup::RECORD
+            ));
+        }
+        Some(_) => {}
+        None => store.set_meta(ROOT_BACKEND, backend.as_str().as_bytes()).map_err(|e| e.message)?,
+    }
+    let check_id = KeyId::from_bytes(ROOT_CHECK_ID);
+    match store.meta(ROOT_CHECK).map_err(|e| e.message)? {
+        Some(stored) => {
+            root.load(&check_id, 0, &stored).map_err(|_| {
+                format!(
+                    "the root of trust ({}) is not the one that created {} (wrong root key or passphrase?)",
+                    root.describe(),
+                    state_dir.display()
+                )
+            })?;
+        }
+        None => {
+            let (_, stored) = root.generate(&check_id, 0).map_err(|e| e.message)?;
+            store.set_meta(ROOT_CHECK, &stored).map_err(|e| e.message)?;
+        }
+    }
+    Ok(())
 }
 
 /// Parses a stored key policy; an empty one is the default key policy.

@@ -8,14 +8,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use kmsfs_common::ids::ArnScope;
-use zeroize::Zeroizing;
 
 use crate::access_keys::AccessKeyStore;
 use crate::agent::{Agent, AgentConfig};
 use crate::audit::AuditLog;
 use crate::authz::Authz;
-use crate::rot::file::{self, FileRootSource};
+use crate::rot::setup::{self, Backend, RootOptions};
 use crate::server;
+use crate::store::Store;
 
 /// How kmsd was asked to run.
 pub struct DaemonConfig {
@@ -23,10 +23,9 @@ pub struct DaemonConfig {
     pub state_dir: PathBuf,
     pub account_id: Option<String>,
     pub region: String,
-    /// Root key file for the `file` backend; default `root.key` in the state directory.
-    pub root_key_file: Option<PathBuf>,
-    /// A file holding the passphrase the `file` backend derives its root key from.
-    pub passphrase_file: Option<PathBuf>,
+    /// The root-of-trust flags (the backend itself is the one the state directory was
+    /// initialized with).
+    pub root: RootOptions,
     /// Identity policies live under `<config_dir>/policies/`, access keys in
     /// `<config_dir>/access-keys.json`.
     pub config_dir: PathBuf,
@@ -70,26 +69,10 @@ pub fn run(config: DaemonConfig) -> Result<(), String> {
         }
     }
     crate::sys::harden_process();
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&config.state_dir)
-        .map_err(|e| format!("cannot create state directory {}: {e}", config.state_dir.display()))?;
+    create_state_dir(&config.state_dir)?;
     let _lock = lock_state_dir(&config.state_dir)?;
 
-    let root = match &config.passphrase_file {
-        Some(path) => {
-            let text = Zeroizing::new(
-                fs::read_to_string(path).map_err(|e| format!("cannot read passphrase file {}: {e}", path.display()))?,
-            );
-            let passphrase = Zeroizing::new(text.trim_end_matches(['\n', '\r']).to_string());
-            FileRootSource::Passphrase { kdf_file: config.state_dir.join("root.kdf"), passphrase }
-        }
-        None => {
-            FileRootSource::KeyFile(config.root_key_file.clone().unwrap_or_else(|| config.state_dir.join("root.key")))
-        }
-    };
-    let root = file::open(root)?;
+    let (root, backend) = setup::open(&config.state_dir, &config.root)?;
     let account = config.account_id.clone().unwrap_or_else(default_account_id);
     if account.len() != 12 || !account.bytes().all(|b| b.is_ascii_digit()) {
         return Err(format!("account ID '{account}' must be 12 digits"));
@@ -109,8 +92,14 @@ pub fn run(config: DaemonConfig) -> Result<(), String> {
         );
     }
     let agent = Arc::new(Agent::open(
-        AgentConfig { state_dir: config.state_dir.clone(), scope, authz, clock_offset_ms: config.clock_offset_ms },
-        Box::new(root),
+        AgentConfig {
+            state_dir: config.state_dir.clone(),
+            scope,
+            authz,
+            clock_offset_ms: config.clock_offset_ms,
+            root_backend: backend,
+        },
+        root,
     )?);
     let audit = if config.audit {
         let dir = config.audit_dir.clone().unwrap_or_else(|| config.state_dir.join("audit"));
@@ -159,6 +148,37 @@ pub fn run(config: DaemonConfig) -> Result<(), String> {
         tracing::info!("kmsd stopped");
         Ok(())
     })
+}
+
+/// `kmsd init`: creates the state directory `state_dir` for `backend`.
+pub fn init(state_dir: &Path, backend: Backend, opts: &RootOptions) -> Result<String, String> {
+    create_state_dir(state_dir)?;
+    let _lock = lock_state_dir(state_dir)?;
+    let summary = setup::init(state_dir, backend, opts)?;
+    Ok(format!("initialized {}\n{summary}", state_dir.display()))
+}
+
+/// `kmsd reseal`: seals the root key of `state_dir` again, or moves it into a TPM.
+pub fn reseal(state_dir: &Path, to: Option<Backend>, opts: &RootOptions) -> Result<String, String> {
+    let _lock = lock_state_dir(state_dir).map_err(|e| format!("{e}: stop it before resealing"))?;
+    let db = state_dir.join("kmsd.db");
+    let mut store = if db.exists() { Some(Store::open(&db)?) } else { None };
+    let summary = setup::reseal(state_dir, to, opts, |root, from| match store.as_mut() {
+        Some(store) => crate::agent::check_root(store, root, from, state_dir),
+        None => Ok(()),
+    })?;
+    if let Some(store) = store.as_mut() {
+        store.set_meta(crate::agent::ROOT_BACKEND, Backend::Tpm2.as_str().as_bytes()).map_err(|e| e.message)?;
+    }
+    Ok(summary)
+}
+
+fn create_state_dir(dir: &Path) -> Result<(), String> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| format!("cannot create state directory {}: {e}", dir.display()))
 }
 
 /// The journal mirror `config` asks for: under systemd (`INVOCATION_ID` set by the

@@ -5,22 +5,28 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use kmsfs_agent::daemon::{self, DaemonConfig};
+use kmsfs_agent::rot::setup::{Backend, RootOptions};
 
 /// The kmsfs key management agent: AWS KMS's API on a Unix socket (and optionally TCP).
+/// Without a subcommand, runs the agent.
 #[derive(Parser)]
 #[command(version, about)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Subcommand>,
+    #[command(flatten)]
+    root: RootArgs,
     /// Socket to listen on (default /run/kmsd/kmsd.sock as root, else
     /// $XDG_RUNTIME_DIR/kmsd/kmsd.sock). Ignored when systemd passes a socket.
     #[arg(long, env = "KMSD_SOCKET")]
     socket: Option<PathBuf>,
     /// State directory: database and root key (default /var/lib/kmsd as root, else
     /// $XDG_DATA_HOME/kmsd).
-    #[arg(long, env = "KMSD_STATE_DIR")]
+    #[arg(long, env = "KMSD_STATE_DIR", global = true)]
     state_dir: Option<PathBuf>,
     /// Configuration directory: identity policies in `policies/{users,groups,roles}/*.json`
     /// (default /etc/kmsd as root, else $XDG_CONFIG_HOME/kmsd). SIGHUP reloads them.
-    #[arg(long, env = "KMSD_CONFIG_DIR")]
+    #[arg(long, env = "KMSD_CONFIG_DIR", global = true)]
     config_dir: Option<PathBuf>,
     /// The 12-digit account ID in ARNs (default: derived from /etc/machine-id).
     #[arg(long, env = "KMSD_ACCOUNT_ID")]
@@ -28,13 +34,6 @@ struct Args {
     /// The region in ARNs.
     #[arg(long, env = "KMSD_REGION", default_value = "local")]
     region: String,
-    /// The `file` root of trust's key file (default STATE_DIR/root.key, created 0600).
-    #[arg(long)]
-    root_key_file: Option<PathBuf>,
-    /// Derive the `file` root key from the passphrase in this file (Argon2id) instead of
-    /// keeping it in a key file.
-    #[arg(long, conflicts_with = "root_key_file")]
-    passphrase_file: Option<PathBuf>,
     /// Also serve AWS SDKs on this TCP address (e.g. 127.0.0.1:4566), accepting only
     /// requests signed (SigV4) with an access key from CONFIG_DIR/access-keys.json.
     /// Repeatable. Plain HTTP: loopback addresses only unless --allow-remote-tcp.
@@ -63,6 +62,96 @@ struct Args {
     /// `8d`, `-2h`, `400d`. Audit timestamps and SigV4 keep the real clock.
     #[arg(long, value_parser = parse_offset, default_value = "0", allow_hyphen_values = true, value_name = "DURATION")]
     clock_offset: i64,
+}
+
+#[derive(clap::Subcommand)]
+enum Subcommand {
+    /// Creates a state directory for the root of trust chosen: `file` (a root key in a 0600
+    /// file, or derived from a passphrase), `tpm2` (the root key sealed by a TPM 2.0,
+    /// optionally bound to PCRs; a recovery passphrase reseals it), or `pkcs11` (every key's
+    /// material generated and used inside a PKCS#11 token). A directory never initialized is
+    /// `file`, created on first start.
+    Init {
+        #[arg(long, value_enum)]
+        root_of_trust: Backend,
+    },
+    /// Seals the root key again, kmsd stopped: after a legitimate change of a bound PCR
+    /// (firmware, bootloader), onto a new TPM, with other --tpm-pcrs; or, with
+    /// `--root-of-trust tpm2`, moves a `file` directory into the TPM (and removes root.key).
+    /// The root key does not change: no KMS key or ciphertext is touched.
+    Reseal {
+        /// The backend to move to (only `tpm2`, from `file`).
+        #[arg(long, value_enum)]
+        root_of_trust: Option<Backend>,
+    },
+}
+
+/// How the root key is kept (see `kmsd init --help`).
+#[derive(clap::Args)]
+struct RootArgs {
+    /// `file`: the root key file (default STATE_DIR/root.key, created 0600).
+    #[arg(long, global = true)]
+    root_key_file: Option<PathBuf>,
+    /// `file`: derive the root key from the passphrase in this file (Argon2id) instead of
+    /// keeping it in a key file.
+    #[arg(long, global = true, conflicts_with = "root_key_file")]
+    passphrase_file: Option<PathBuf>,
+    /// `tpm2`: the TPM's TCTI (init default device:/dev/tpmrm0; at start, overrides the
+    /// one recorded at init), e.g. `swtpm:host=127.0.0.1,port=2321`.
+    #[arg(long, global = true, value_name = "TCTI")]
+    tpm_tcti: Option<String>,
+    /// `tpm2` (init, reseal): bind the root key to these sha256 PCRs, e.g. `7` or `0,2,7`.
+    #[arg(long, global = true, value_name = "LIST", value_parser = parse_pcrs)]
+    tpm_pcrs: Option<Vec<u8>>,
+    /// `tpm2`: a file holding an authorization value the root key is sealed with (at
+    /// start, default: the systemd credential `kmsd-tpm-auth`, else the file given at init).
+    #[arg(long, global = true, value_name = "FILE")]
+    tpm_auth_file: Option<PathBuf>,
+    /// `tpm2` (init, reseal): the file holding the recovery passphrase, which reseals the
+    /// root key when the TPM refuses it (at least 12 characters; keep a copy offline).
+    #[arg(long, global = true, value_name = "FILE")]
+    recovery_passphrase_file: Option<PathBuf>,
+    /// `pkcs11` (init; at start overrides the recorded one): the token's PKCS#11 module.
+    #[arg(long, global = true, value_name = "PATH")]
+    pkcs11_module: Option<PathBuf>,
+    /// `pkcs11` (init): the label of the token that holds the keys.
+    #[arg(long, global = true, value_name = "LABEL")]
+    pkcs11_token_label: Option<String>,
+    /// `pkcs11`: a file holding the token's user PIN (at start, default: the systemd
+    /// credential `kmsd-pkcs11-pin`, else the file given at init). Never an argument.
+    #[arg(long, global = true, value_name = "FILE")]
+    pkcs11_pin_file: Option<PathBuf>,
+}
+
+impl RootArgs {
+    fn options(self) -> RootOptions {
+        RootOptions {
+            root_key_file: self.root_key_file,
+            passphrase_file: self.passphrase_file,
+            tpm_tcti: self.tpm_tcti,
+            tpm_pcrs: self.tpm_pcrs,
+            tpm_auth_file: self.tpm_auth_file,
+            recovery_passphrase_file: self.recovery_passphrase_file,
+            pkcs11_module: self.pkcs11_module,
+            pkcs11_token_label: self.pkcs11_token_label,
+            pkcs11_pin_file: self.pkcs11_pin_file,
+        }
+    }
+}
+
+/// `7` or `0,2,7`: sha256 PCR indices.
+fn parse_pcrs(text: &str) -> Result<Vec<u8>, String> {
+    let mut pcrs = Vec::new();
+    for part in text.split(',').map(str::trim) {
+        let pcr: u8 =
+            part.parse().ok().filter(|p| *p < 24).ok_or_else(|| format!("'{part}' is not a PCR index 0-23"))?;
+        if pcrs.contains(&pcr) {
+            return Err(format!("PCR {pcr} is listed twice"));
+        }
+        pcrs.push(pcr);
+    }
+    pcrs.sort_unstable();
+    Ok(pcrs)
 }
 
 /// A signed duration: an integer with a unit `s`, `m`, `h` or `d` (seconds if none), in ms.
@@ -102,13 +191,31 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
+    let state_dir = args.state_dir.unwrap_or_else(kmsfs_common::paths::default_state_dir);
+    let root = args.root.options();
+    let done = match args.command {
+        Some(Subcommand::Init { root_of_trust }) => Some(daemon::init(&state_dir, root_of_trust, &root)),
+        Some(Subcommand::Reseal { root_of_trust }) => Some(daemon::reseal(&state_dir, root_of_trust, &root)),
+        None => None,
+    };
+    if let Some(done) = done {
+        return match done {
+            Ok(summary) => {
+                println!("{summary}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("kmsd: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let config = DaemonConfig {
         socket: args.socket.unwrap_or_else(kmsfs_common::paths::default_socket),
-        state_dir: args.state_dir.unwrap_or_else(kmsfs_common::paths::default_state_dir),
+        state_dir,
         account_id: args.account_id,
         region: args.region,
-        root_key_file: args.root_key_file,
-        passphrase_file: args.passphrase_file,
+        root,
         config_dir: args.config_dir.unwrap_or_else(daemon::default_config_dir),
         listen_tcp: args.listen_tcp,
         allow_remote_tcp: args.allow_remote_tcp,

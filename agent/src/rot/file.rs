@@ -35,10 +35,17 @@ struct KdfParams {
 
 /// Opens (creating on first use) the file root of trust.
 pub fn open(source: FileRootSource) -> Result<WrappingRoot, String> {
+    let (key, description) = root_key(source)?;
+    Ok(WrappingRoot::new(&key, description))
+}
+
+/// The root key itself (creating it on first use), and a description of where it came from:
+/// for [`open`], and for moving a state directory to another backend (`kmsd reseal`).
+pub fn root_key(source: FileRootSource) -> Result<(KeyBytes, String), String> {
     match source {
         FileRootSource::KeyFile(path) => {
             let key = if path.exists() { read_key_file(&path)? } else { create_key_file(&path)? };
-            Ok(WrappingRoot::new(&key, format!("file ({})", path.display())))
+            Ok((key, format!("file ({})", path.display())))
         }
         FileRootSource::Passphrase { kdf_file, passphrase } => {
             if passphrase.is_empty() {
@@ -46,7 +53,7 @@ pub fn open(source: FileRootSource) -> Result<WrappingRoot, String> {
             }
             let params = if kdf_file.exists() { read_kdf(&kdf_file)? } else { create_kdf(&kdf_file)? };
             let key = derive(&params, &passphrase)?;
-            Ok(WrappingRoot::new(&key, format!("file, passphrase ({})", kdf_file.display())))
+            Ok((key, format!("file, passphrase ({})", kdf_file.display())))
         }
     }
 }

@@ -9,6 +9,7 @@
 
 pub mod file;
 pub mod pkcs11;
+pub mod setup;
 #[cfg(feature = "tpm2")]
 pub mod tpm2;
 
