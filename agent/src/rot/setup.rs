@@ -437,7 +437,7 @@ fn refuse_foreign_flags(backend: Backend, opts: &RootOptions, what: &str) -> Res
         foreign.join(", "),
         backend.as_str()
     ))
-}}
+}
 
 /// `$CREDENTIALS_DIRECTORY/name`, if systemd passed that credential.
 fn credential(name: &str) -> Option<PathBuf> {
