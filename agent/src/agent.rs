@@ -11,9 +11,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use kmsfs_common::ids::{ArnScope, KeyId, KeyRef};
-use kmsfs_common::KmsError;
+use kmsfs_common::{ErrorKind, KmsError};
 
 use crate::authz::{condition_keys, Authz};
+use crate::key_stores::{load_clusters, Cluster, Connection, KeyStore};
 use crate::policy::eval::{Caller, RequestContext};
 use crate::policy::Policy;
 use crate::rot::setup::Backend;
@@ -44,9 +45,20 @@ pub struct KeyRecord {
     pub grants: Vec<GrantRow>,
     /// `row.policy`, parsed (the default key policy when empty).
     pub policy: Arc<Policy>,
+    /// False while the key's custom key store is not connected (its material unloaded).
+    pub available: bool,
 }
 
 impl KeyRecord {
+    /// The state AWS reports: the stored one, or `Unavailable` for an enabled or disabled key
+    /// whose custom key store is not connected.
+    pub fn state(&self) -> KeyState {
+        match self.row.state {
+            KeyState::Enabled | KeyState::Disabled if !self.available => KeyState::Unavailable,
+            state => state,
+        }
+    }
+
     /// The material version new ciphertexts are made with (it may be an imported one that
     /// is deleted: see [`KeyRecord::current_key`]).
     pub fn current(&self) -> Result<&Material, KmsError> {
@@ -74,6 +86,8 @@ pub struct AgentConfig {
     pub clock_offset_ms: i64,
     /// The backend `root` is (the state directory's recorded one).
     pub root_backend: Backend,
+    /// Where `hsm-clusters.json` is (the tokens custom key stores may use).
+    pub config_dir: Option<PathBuf>,
 }
 
 /// A key changed state. Clients holding data keys under it (kmsfs) watch these so that
@@ -90,8 +104,12 @@ pub struct Agent {
     pub scope: ArnScope,
     pub authz: Authz,
     events: tokio::sync::broadcast::Sender<KeyEvent>,
-    root: Box<dyn RootOfTrust>,
+    root: Arc<dyn RootOfTrust>,
     store: Mutex<Store>,
+    config_dir: Option<PathBuf>,
+    /// The tokens declared for custom key stores (`hsm-clusters.json`), by cluster ID.
+    clusters: RwLock<BTreeMap<String, Cluster>>,
+    key_stores: RwLock<BTreeMap<String, KeyStore>>,
     keys: RwLock<HashMap<KeyId, Arc<KeyRecord>>>,
     aliases: RwLock<BTreeMap<String, AliasRow>>,
     clock_offset_ms: i64,
@@ -116,6 +134,8 @@ impl Agent {
     /// Opens the state directory's store with `root`, checks that `root` is the one that
     /// created it, and loads every key's material.
     pub fn open(config: AgentConfig, root: Box<dyn RootOfTrust>) -> Result<Agent, String> {
+        let root: Arc<dyn RootOfTrust> = Arc::from(root);
+        let clusters = load_clusters(config.config_dir.as_deref())?;
         let mut store = Store::open(&config.state_dir.join("kmsd.db"))?;
         check_root(&mut store, &*root, config.root_backend, &config.state_dir)?;
         // A kill between destroying material and scrubbing the files is finished here.
@@ -137,19 +157,33 @@ impl Agent {
                     .map_err(|e| format!("the stored policy of key {} is invalid: {e}", row.id))?;
                 Ok((
                     row.id,
-                    KeyRecord { row, tags: BTreeMap::new(), materials: BTreeMap::new(), grants: Vec::new(), policy },
+                    KeyRecord {
+                        available: row.custom_key_store_id.is_none(),
+                        row,
+                        tags: BTreeMap::new(),
+                        materials: BTreeMap::new(),
+                        grants: Vec::new(),
+                        policy,
+                    },
                 ))
             })
             .collect::<Result<_, String>>()?;
         for m in snapshot.materials {
+            let Some(record) = records.get_mut(&m.key_id) else { continue };
+            // Material in a custom key store's token is loaded when the store connects.
             let key = match &m.stored {
-                Some(stored) => Some(root.load(&m.key_id, m.version, stored).map_err(|e| e.message)?),
-                None => None,
+                Some(stored) if record.available => {
+                    Some(root.load(&m.key_id, m.version, stored).map_err(|e| e.message)?)
+                }
+                _ => None,
             };
-            if let Some(record) = records.get_mut(&m.key_id) {
-                record.materials.insert(m.version, Material { row: m, key });
-            }
+            record.materials.insert(m.version, Material { row: m, key });
         }
+        let key_stores = snapshot
+            .key_stores
+            .into_iter()
+            .map(|row| (row.id.clone(), KeyStore { row, connection: Connection::Disconnected }))
+            .collect();
         let usage = snapshot.usage.into_iter().map(|u| (u.key_id, (u, false))).collect();
         for (id, k, v) in snapshot.tags {
             if let Some(record) = records.get_mut(&id) {
@@ -169,6 +203,9 @@ impl Agent {
             events: tokio::sync::broadcast::channel(1024).0,
             root,
             store: Mutex::new(store),
+            config_dir: config.config_dir,
+            clusters: RwLock::new(clusters),
+            key_stores: RwLock::new(key_stores),
             keys: RwLock::new(records.into_iter().map(|(id, r)| (id, Arc::new(r))).collect()),
             aliases: RwLock::new(aliases),
             clock_offset_ms: config.clock_offset_ms,
@@ -255,8 +292,50 @@ impl Agent {
         self.events.subscribe()
     }
 
+    /// The agent's own root of trust (keys outside custom key stores).
     pub fn root(&self) -> &dyn RootOfTrust {
         &*self.root
+    }
+
+    /// The root of trust that holds `key`'s material: the agent's own, or its custom key
+    /// store's token (`CustomKeyStoreInvalidStateException` if that is not connected).
+    pub fn root_for(&self, key: &KeyRow) -> Result<Arc<dyn RootOfTrust>, KmsError> {
+        let Some(id) = &key.custom_key_store_id else { return Ok(self.root.clone()) };
+        let store = self.key_store(id)?;
+        match store.root() {
+            Some(root) => Ok(root.clone()),
+            None => Err(not_connected(&store)),
+        }
+    }
+
+    /// The custom key store `id`.
+    pub fn key_store(&self, id: &str) -> Result<KeyStore, KmsError> {
+        read(&self.key_stores).get(id).cloned().ok_or_else(|| {
+            KmsError::new(ErrorKind::CustomKeyStoreNotFoundException, format!("Custom key store '{id}' does not exist"))
+        })
+    }
+
+    /// Every custom key store, by ID.
+    pub fn key_stores(&self) -> Vec<KeyStore> {
+        read(&self.key_stores).values().cloned().collect()
+    }
+
+    /// The token declared under `cluster_id`, if any.
+    pub fn cluster(&self, cluster_id: &str) -> Option<Cluster> {
+        read(&self.clusters).get(cluster_id).cloned()
+    }
+
+    /// Re-reads `hsm-clusters.json` (SIGHUP). Connected stores keep their sessions.
+    pub fn reload_clusters(&self) -> Result<usize, String> {
+        let clusters = load_clusters(self.config_dir.as_deref())?;
+        let n = clusters.len();
+        *write(&self.clusters) = clusters;
+        Ok(n)
+    }
+
+    /// The keys in custom key store `id`.
+    pub fn keys_in_store(&self, id: &str) -> Vec<Arc<KeyRecord>> {
+        read(&self.keys).values().filter(|k| k.row.custom_key_store_id.as_deref() == Some(id)).cloned().collect()
     }
 
     pub fn key_arn(&self, id: &KeyId) -> String {
@@ -316,13 +395,19 @@ impl Agent {
         for change in changes {
             match change {
                 Change::Key(record) => {
-                    let (id, state) = (record.row.id, record.row.state);
+                    let (id, state) = (record.row.id, record.state());
                     let previous = write(&self.keys).insert(id, Arc::new(record));
-                    if let Some(previous) = previous.filter(|p| p.row.state != state) {
+                    if let Some(previous) = previous.filter(|p| p.state() != state) {
                         // No receivers is not an error: nobody is watching.
                         let _ = self.events.send(KeyEvent { key_id: id, state: Some(state) });
-                        tracing::debug!(key_id = %id, from = previous.row.state.as_str(), to = state.as_str(), "key state changed");
+                        tracing::debug!(key_id = %id, from = previous.state().as_str(), to = state.as_str(), "key state changed");
                     }
+                }
+                Change::KeyStore(store) => {
+                    write(&self.key_stores).insert(store.row.id.clone(), store);
+                }
+                Change::KeyStoreDeleted(id) => {
+                    write(&self.key_stores).remove(&id);
                 }
                 Change::KeyDestroyed(id) => {
                     write(&self.keys).remove(&id);
@@ -429,12 +514,32 @@ pub enum Change {
     KeyDestroyed(KeyId),
     Alias(AliasRow),
     AliasDeleted(String),
+    KeyStore(KeyStore),
+    KeyStoreDeleted(String),
+}
+
+/// The error for using a key store that is not connected.
+pub fn not_connected(store: &KeyStore) -> KmsError {
+    KmsError::new(
+        ErrorKind::CustomKeyStoreInvalidStateException,
+        format!(
+            "Custom key store '{}' ({}) is {}; connect it with ConnectCustomKeyStore",
+            store.row.id,
+            store.row.name,
+            store.connection.state()
+        ),
+    )
 }
 
 /// The checks AWS applies to a key's state before an operation.
 pub fn require_usable(agent: &Agent, key: &KeyRecord) -> Result<(), KmsError> {
-    match key.row.state {
+    match key.state() {
         KeyState::Enabled => Ok(()),
+        KeyState::Unavailable => Err(KmsError::invalid_state(format!(
+            "{} is unavailable: its custom key store {} is not connected.",
+            agent.key_arn(&key.row.id),
+            key.row.custom_key_store_id.as_deref().unwrap_or("")
+        ))),
         KeyState::Disabled => Err(KmsError::new(
             kmsfs_common::ErrorKind::DisabledException,
             format!("{} is disabled.", agent.key_arn(&key.row.id)),

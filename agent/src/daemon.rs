@@ -98,6 +98,7 @@ pub fn run(config: DaemonConfig) -> Result<(), String> {
             authz,
             clock_offset_ms: config.clock_offset_ms,
             root_backend: backend,
+            config_dir: Some(config.config_dir.clone()),
         },
         root,
     )?);
@@ -126,6 +127,8 @@ pub fn run(config: DaemonConfig) -> Result<(), String> {
             tracing::info!(address = %local, "listening on TCP for SigV4-signed requests");
             tcp.push(listener);
         }
+        // Custom key stores left connected are connected again before the first request.
+        crate::service::key_stores::reconnect_all(&agent);
         // Whatever fell due while kmsd was down is done before the first request.
         let succeeded = crate::scheduler::pass(&agent, audit.as_ref()).await;
         tokio::spawn(crate::scheduler::run(agent.clone(), audit.clone(), succeeded));
@@ -269,6 +272,10 @@ async fn reload_on_sighup(agent: Arc<Agent>, access_keys: Arc<AccessKeyStore>) {
         match agent.authz.reload() {
             Ok(files) => tracing::info!(files, "identity policies reloaded"),
             Err(e) => tracing::error!("identity policies NOT reloaded, the previous ones stay in force: {e}"),
+        }
+        match agent.reload_clusters() {
+            Ok(clusters) => tracing::info!(clusters, "HSM clusters reloaded"),
+            Err(e) => tracing::error!("HSM clusters NOT reloaded, the previous ones stay in force: {e}"),
         }
         match access_keys.reload() {
             Ok(keys) => tracing::info!(keys, "access keys reloaded"),

@@ -4,7 +4,9 @@
 //! - [`server`]: HTTP/1.1 transport, caller identity, request limits.
 //! - [`service`]: the API's actions, validated against AWS's service model.
 //! - [`agent`]: in-memory keys and aliases over the [`store`].
-//! - [`rot`]: roots of trust (the embedded `file` backend today).
+//! - [`rot`]: roots of trust: the embedded `file` backend, a TPM 2.0 (`tpm2`), a PKCS#11
+//!   token (`pkcs11`), and `rot::setup`, which records a state directory's choice.
+//! - [`key_stores`]: custom key stores (AWS's CloudHSM type) backed by PKCS#11 tokens.
 //! - [`scheduler`]: automatic rotation, deletion when the window ends, expiry of imported
 //!   material.
 //! - [`sys`]: memory locking, process hardening and peer pidfds (the crate's only `unsafe`).
@@ -18,6 +20,7 @@ pub mod audit;
 pub mod authz;
 pub mod daemon;
 pub mod identity;
+pub mod key_stores;
 pub mod policy;
 pub mod rot;
 pub mod scheduler;

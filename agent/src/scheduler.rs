@@ -113,10 +113,29 @@ fn destroy(agent: &Agent, id: &KeyId) -> Result<Vec<ServiceEvent>, KmsError> {
         if !matches!(due(&key, agent.now_ms()), Some(Due::Deletion)) {
             return Ok((Vec::new(), Vec::new()));
         }
+        destroy_token_objects(agent, &key);
         store.destroy_key(id)?;
         tracing::info!(key_id = %id, "deletion window ended: key and its material destroyed");
         Ok((vec![event(agent, "DeleteKey", id, None)], vec![Change::KeyDestroyed(*id)]))
     })
+}
+
+/// Destroys what a key's stored material refers to outside the database (objects in a
+/// PKCS#11 token), before the rows go. As in AWS, a key in a custom key store that is not
+/// connected is deleted anyway, leaving its objects in the token: they are logged, to be
+/// destroyed by hand.
+fn destroy_token_objects(agent: &Agent, key: &KeyRecord) {
+    let root = agent.root_for(&key.row);
+    for m in key.materials.values() {
+        let Some(stored) = &m.row.stored else { continue };
+        let outcome = match &root {
+            Ok(root) => root.destroy(&key.row.id, m.row.version, stored),
+            Err(e) => Err(e.clone()),
+        };
+        if let Err(e) = outcome {
+            tracing::warn!(key_id = %key.row.id, version = m.row.version, "the key's material could not be destroyed in its token and is left there: {}", e.message);
+        }
+    }
 }
 
 /// Deletes imported material whose `ValidTo` has passed; the key becomes PendingImport if

@@ -101,6 +101,22 @@ const MIGRATIONS: &[&str] = &[
         event_id    TEXT NOT NULL
     );
 "#,
+    r#"
+    -- Custom key stores (AWS_CLOUDHSM type, backed by PKCS#11 tokens) and the keys in them.
+    -- `password` is the token's user PIN sealed by the agent (never in clear); `connect`
+    -- is whether the store is to be connected (it reconnects at start).
+    CREATE TABLE custom_key_stores (
+        key_store_id   TEXT PRIMARY KEY,
+        name           TEXT NOT NULL UNIQUE,
+        store_type     TEXT NOT NULL,
+        cluster_id     TEXT NOT NULL,
+        trust_anchor   TEXT,
+        password       BLOB NOT NULL,
+        connect        INTEGER NOT NULL DEFAULT 0,
+        created_ms     INTEGER NOT NULL
+    );
+    ALTER TABLE keys ADD COLUMN custom_key_store_id TEXT REFERENCES custom_key_stores(key_store_id);
+"#,
 ];
 
 /// Set in `meta` by the transaction that destroys a key, cleared once the files are scrubbed.
@@ -114,6 +130,9 @@ pub enum KeyState {
     PendingDeletion,
     /// An `EXTERNAL` key without usable current material: never imported, deleted or expired.
     PendingImport,
+    /// A key whose custom key store is not connected (never stored: the stored state is
+    /// the one it returns to on reconnection).
+    Unavailable,
 }
 
 impl KeyState {
@@ -123,6 +142,7 @@ impl KeyState {
             KeyState::Disabled => "Disabled",
             KeyState::PendingDeletion => "PendingDeletion",
             KeyState::PendingImport => "PendingImport",
+            KeyState::Unavailable => "Unavailable",
         }
     }
 
@@ -156,6 +176,24 @@ pub struct KeyRow {
     /// Automatic rotation: its period when enabled, and when the next one is due.
     pub rotation_period_days: Option<u32>,
     pub next_rotation_ms: Option<i64>,
+    /// The custom key store whose token holds the material (`Origin` `AWS_CLOUDHSM`).
+    pub custom_key_store_id: Option<String>,
+}
+
+/// A custom key store, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyStoreRow {
+    pub id: String,
+    pub name: String,
+    /// `AWS_CLOUDHSM`: a PKCS#11 token declared in the configuration under `cluster_id`.
+    pub store_type: String,
+    pub cluster_id: String,
+    pub trust_anchor: Option<String>,
+    /// The token's user PIN (AWS's `KeyStorePassword`), sealed by the agent.
+    pub sealed_password: Vec<u8>,
+    /// Whether it is to be connected: set by Connect, cleared by Disconnect.
+    pub connect: bool,
+    pub created_ms: i64,
 }
 
 /// A grant, as stored. Operations and constraints are kept as their JSON.
@@ -247,6 +285,7 @@ pub struct Snapshot {
     pub tags: Vec<(KeyId, String, String)>,
     pub grants: Vec<GrantRow>,
     pub usage: Vec<UsageRow>,
+    pub key_stores: Vec<KeyStoreRow>,
 }
 
 pub struct Store {
@@ -309,7 +348,8 @@ impl Store {
             let parse_id = |s: String| KeyId::parse(&s).ok_or_else(|| corrupt("key ID"));
             let mut stmt = self.conn.prepare(
                 "SELECT key_id, created_ms, description, key_usage, key_spec, origin, state, \
-                 deletion_ms, pending_days, current_version, policy, rotation_period_days, next_rotation_ms FROM keys",
+                 deletion_ms, pending_days, current_version, policy, rotation_period_days, next_rotation_ms, \
+                 custom_key_store_id FROM keys",
             )?;
             let keys = stmt
                 .query_map([], |r| {
@@ -327,6 +367,7 @@ impl Store {
                         policy: r.get(10)?,
                         rotation_period_days: r.get(11)?,
                         next_rotation_ms: r.get(12)?,
+                        custom_key_store_id: r.get(13)?,
                     })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -404,7 +445,25 @@ impl Store {
                     })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
-            Ok(Snapshot { keys, materials, aliases, tags, grants, usage })
+            let mut stmt = self.conn.prepare(
+                "SELECT key_store_id, name, store_type, cluster_id, trust_anchor, password, connect, created_ms \
+                 FROM custom_key_stores",
+            )?;
+            let key_stores = stmt
+                .query_map([], |r| {
+                    Ok(KeyStoreRow {
+                        id: r.get(0)?,
+                        name: r.get(1)?,
+                        store_type: r.get(2)?,
+                        cluster_id: r.get(3)?,
+                        trust_anchor: r.get(4)?,
+                        sealed_password: r.get(5)?,
+                        connect: r.get(6)?,
+                        created_ms: r.get(7)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(Snapshot { keys, materials, aliases, tags, grants, usage, key_stores })
         };
         read().map_err(db_error)
     }
@@ -428,8 +487,8 @@ impl Store {
         self.write(|tx| {
             tx.execute(
                 "INSERT INTO keys (key_id, created_ms, description, key_usage, key_spec, origin, state, \
-                 deletion_ms, pending_days, current_version, policy, rotation_period_days, next_rotation_ms) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                 deletion_ms, pending_days, current_version, policy, rotation_period_days, next_rotation_ms, \
+                 custom_key_store_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
                 params![
                     key.id.to_string(),
                     key.created_ms,
@@ -443,7 +502,8 @@ impl Store {
                     key.current_version,
                     key.policy,
                     key.rotation_period_days,
-                    key.next_rotation_ms
+                    key.next_rotation_ms,
+                    key.custom_key_store_id
                 ],
             )?;
             if let Some(material) = material {
@@ -532,6 +592,35 @@ impl Store {
                     params![u.key_id.to_string(), u.operation, u.time_ms, u.request_id, u.event_id],
                 )?;
             }
+            Ok(())
+        })
+    }
+
+    /// Adds or rewrites a custom key store.
+    pub fn put_key_store(&mut self, ks: &KeyStoreRow) -> Result<(), KmsError> {
+        self.write(|tx| {
+            tx.execute(
+                "INSERT OR REPLACE INTO custom_key_stores (key_store_id, name, store_type, cluster_id, trust_anchor, \
+                 password, connect, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    ks.id,
+                    ks.name,
+                    ks.store_type,
+                    ks.cluster_id,
+                    ks.trust_anchor,
+                    ks.sealed_password,
+                    ks.connect,
+                    ks.created_ms
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Deletes a custom key store (the caller has checked that no key is in it).
+    pub fn delete_key_store(&mut self, id: &str) -> Result<(), KmsError> {
+        self.write(|tx| {
+            tx.execute("DELETE FROM custom_key_stores WHERE key_store_id = ?1", [id])?;
             Ok(())
         })
     }
@@ -677,7 +766,36 @@ mod tests {
             policy: String::new(),
             rotation_period_days: None,
             next_rotation_ms: None,
+            custom_key_store_id: None,
         }
+    }
+
+    #[test]
+    fn key_stores_are_stored_and_a_key_can_be_in_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("kmsd.db")).unwrap();
+        let ks = KeyStoreRow {
+            id: "cks-0123456789abcdef0".into(),
+            name: "hsm".into(),
+            store_type: "AWS_CLOUDHSM".into(),
+            cluster_id: "cluster-abcdefghijk".into(),
+            trust_anchor: None,
+            sealed_password: vec![1, 2, 3],
+            connect: true,
+            created_ms: 5,
+        };
+        store.put_key_store(&ks).unwrap();
+        let mut row = key(KeyId::random());
+        row.custom_key_store_id = Some(ks.id.clone());
+        store.create_key(&row, None, &BTreeMap::new()).unwrap();
+        let snapshot = store.snapshot().unwrap();
+        assert_eq!(snapshot.key_stores, vec![ks.clone()]);
+        assert_eq!(snapshot.keys, vec![row.clone()]);
+        // A key store with keys cannot be deleted behind the agent's back either.
+        assert!(store.delete_key_store(&ks.id).is_err());
+        store.destroy_key(&row.id).unwrap();
+        store.delete_key_store(&ks.id).unwrap();
+        assert!(store.snapshot().unwrap().key_stores.is_empty());
     }
 
     #[test]

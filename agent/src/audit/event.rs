@@ -19,9 +19,16 @@ use crate::policy::eval::Caller;
 
 /// Request members that carry secrets (or bearer tokens) and are never recorded.
 /// (An import token holds a sealed wrapping key; AWS records neither it nor the wrapped
-/// material.)
-const SECRET_REQUEST_MEMBERS: [&str; 6] =
-    ["Plaintext", "CiphertextBlob", "GrantToken", "GrantTokens", "ImportToken", "EncryptedKeyMaterial"];
+/// material. A key store's password is a token's PIN.)
+const SECRET_REQUEST_MEMBERS: [&str; 7] = [
+    "Plaintext",
+    "CiphertextBlob",
+    "GrantToken",
+    "GrantTokens",
+    "ImportToken",
+    "EncryptedKeyMaterial",
+    "KeyStorePassword",
+];
 /// Reply members never recorded.
 const SECRET_RESPONSE_MEMBERS: [&str; 6] =
     ["Plaintext", "CiphertextBlob", "CiphertextForRecipient", "GrantToken", "ImportToken", "PublicKey"];

@@ -95,9 +95,10 @@ pub fn create_grant(agent: &Agent, caller: &Caller, request: Value) -> Result<Va
             None => c,
         }
     })?;
-    match key.row.state {
-        // As in AWS, a key awaiting its imported material can be granted already.
-        KeyState::Enabled | KeyState::PendingImport => {}
+    match key.state() {
+        // As in AWS, a key awaiting its imported material, or whose custom key store is
+        // disconnected, can be granted already.
+        KeyState::Enabled | KeyState::PendingImport | KeyState::Unavailable => {}
         KeyState::Disabled => {
             return Err(KmsError::new(
                 ErrorKind::DisabledException,

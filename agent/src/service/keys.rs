@@ -21,6 +21,7 @@ use super::wire::{paginate, parse, with_page_info, with_request_alias};
 use crate::agent::{Agent, Change, KeyRecord, Material};
 use crate::policy::eval::Caller;
 use crate::policy::keys as ck;
+use crate::rot::RootOfTrust;
 use crate::store::{KeyRow, KeyState, MaterialRow};
 
 const DAY_MS: i64 = 86_400_000;
@@ -36,7 +37,7 @@ pub fn key_metadata(agent: &Agent, key: &KeyRecord) -> Value {
         "Enabled": row.state == KeyState::Enabled,
         "Description": row.description,
         "KeyUsage": row.key_usage,
-        "KeyState": row.state.as_str(),
+        "KeyState": key.state().as_str(),
         "Origin": row.origin,
         "KeyManager": "CUSTOMER",
         "CustomerMasterKeySpec": row.key_spec,
@@ -51,6 +52,12 @@ pub fn key_metadata(agent: &Agent, key: &KeyRecord) -> Value {
         }
         if let Some(valid_to) = current.row.valid_to_ms {
             meta["ValidTo"] = json!(millis_to_wire(valid_to));
+        }
+    }
+    if let Some(store_id) = &row.custom_key_store_id {
+        meta["CustomKeyStoreId"] = json!(store_id);
+        if let Ok(store) = agent.key_store(store_id) {
+            meta["CloudHsmClusterId"] = json!(store.row.cluster_id);
         }
     }
     if let Some(deletion) = row.deletion_ms {
@@ -103,12 +110,37 @@ pub fn create_key(agent: &Agent, caller: &Caller, request: Value) -> Result<Valu
         )));
     }
     let origin = req.origin.unwrap_or_else(|| "AWS_KMS".into());
-    match origin.as_str() {
-        "AWS_KMS" | "EXTERNAL" => {}
-        _ => return Err(unsupported(&format!("Origin {origin} is not supported yet; only AWS_KMS and EXTERNAL"))),
-    }
-    if req.custom_key_store_id.is_some() || req.xks_key_id.is_some() {
-        return Err(unsupported("Custom key stores are not supported yet"));
+    let key_store = match (origin.as_str(), &req.custom_key_store_id) {
+        ("AWS_KMS" | "EXTERNAL", None) => None,
+        ("AWS_CLOUDHSM", Some(id)) => {
+            let store = agent.key_store(id)?;
+            if store.root().is_none() {
+                return Err(crate::agent::not_connected(&store));
+            }
+            Some(store)
+        }
+        ("AWS_CLOUDHSM", None) => {
+            return Err(unsupported("Origin AWS_CLOUDHSM needs the CustomKeyStoreId of a custom key store"))
+        }
+        ("EXTERNAL_KEY_STORE", _) => {
+            return Err(unsupported(
+                "External key stores are not supported: kmsd's custom key stores are PKCS#11 tokens (Origin \
+                 AWS_CLOUDHSM)",
+            ))
+        }
+        (_, Some(_)) => {
+            return Err(unsupported(&format!(
+                "CustomKeyStoreId needs Origin AWS_CLOUDHSM (a key generated in the key store), not {origin}"
+            )))
+        }
+        (_, None) => {
+            return Err(KmsError::validation(format!(
+                "Origin {origin} is not one of AWS_KMS, EXTERNAL, AWS_CLOUDHSM, EXTERNAL_KEY_STORE"
+            )))
+        }
+    };
+    if req.xks_key_id.is_some() {
+        return Err(unsupported("XksKeyId applies to external key stores, which are not supported"));
     }
     if req.multi_region == Some(true) {
         return Err(unsupported("Multi-Region keys are not supported yet"));
@@ -126,7 +158,10 @@ pub fn create_key(agent: &Agent, caller: &Caller, request: Value) -> Result<Valu
     let first = if external {
         None
     } else {
-        let (key, stored) = agent.root().generate(&id, 1)?;
+        let (key, stored) = match &key_store {
+            Some(store) => store.root().ok_or_else(|| crate::agent::not_connected(store))?.generate(&id, 1)?,
+            None => agent.root().generate(&id, 1)?,
+        };
         Some(Material { row: MaterialRow::generated(id, 1, random_material_id(), stored, now), key: Some(key) })
     };
     let row = KeyRow {
@@ -143,6 +178,7 @@ pub fn create_key(agent: &Agent, caller: &Caller, request: Value) -> Result<Valu
         policy: policy.as_ref().map(|(text, _)| text.clone()).unwrap_or_default(),
         rotation_period_days: None,
         next_rotation_ms: None,
+        custom_key_store_id: key_store.as_ref().map(|s| s.row.id.clone()),
     };
     let material_row = first.as_ref().map(|m| m.row.clone());
     let record = KeyRecord {
@@ -150,6 +186,7 @@ pub fn create_key(agent: &Agent, caller: &Caller, request: Value) -> Result<Valu
         tags: tags.clone(),
         materials: first.into_iter().map(|m| (1, m)).collect(),
         grants: Vec::new(),
+        available: true,
         policy: match &policy {
             Some((_, parsed)) => parsed.clone(),
             None => crate::agent::parse_stored_policy(&agent.scope, "").map_err(KmsError::internal)?,

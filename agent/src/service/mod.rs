@@ -7,6 +7,7 @@ mod aliases;
 mod crypto;
 mod grants;
 mod import;
+pub mod key_stores;
 mod keys;
 pub mod model;
 mod policies;
@@ -124,6 +125,12 @@ pub fn handle(agent: &Agent, caller: &Caller, action: &str, body: &[u8]) -> Resu
         "ListRetirableGrants" => grants::list_retirable_grants(agent, caller, request).map(Reply::from),
         "RetireGrant" => grants::retire_grant(agent, caller, request).map(Reply::from),
         "RevokeGrant" => grants::revoke_grant(agent, caller, request).map(Reply::from),
+        "CreateCustomKeyStore" => key_stores::create_custom_key_store(agent, caller, request).map(Reply::from),
+        "DescribeCustomKeyStores" => key_stores::describe_custom_key_stores(agent, caller, request).map(Reply::from),
+        "ConnectCustomKeyStore" => key_stores::connect_custom_key_store(agent, caller, request).map(Reply::from),
+        "DisconnectCustomKeyStore" => key_stores::disconnect_custom_key_store(agent, caller, request).map(Reply::from),
+        "UpdateCustomKeyStore" => key_stores::update_custom_key_store(agent, caller, request).map(Reply::from),
+        "DeleteCustomKeyStore" => key_stores::delete_custom_key_store(agent, caller, request).map(Reply::from),
         _ => Err(KmsError::new(
             ErrorKind::UnsupportedOperationException,
             format!("{action} is not supported by this version of kmsd"),
@@ -187,6 +194,11 @@ pub fn mutates(action: &str) -> bool {
             | "CreateGrant"
             | "RetireGrant"
             | "RevokeGrant"
+            | "CreateCustomKeyStore"
+            | "ConnectCustomKeyStore"
+            | "DisconnectCustomKeyStore"
+            | "UpdateCustomKeyStore"
+            | "DeleteCustomKeyStore"
     )
 }
 

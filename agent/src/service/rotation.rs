@@ -60,6 +60,12 @@ fn require_symmetric(agent: &Agent, key: &KeyRecord, what: &str) -> Result<(), K
             key.row.key_spec
         )));
     }
+    if let Some(store) = &key.row.custom_key_store_id {
+        return Err(unsupported(format!(
+            "{} is in custom key store {store}: {what} is not supported for keys in a custom key store",
+            agent.key_arn(&key.row.id)
+        )));
+    }
     Ok(())
 }
 
@@ -80,11 +86,12 @@ fn require_automatic_rotation(agent: &Agent, key: &KeyRecord) -> Result<(), KmsE
 /// The states in which rotation settings and rotations may change, with AWS's exceptions.
 fn require_enabled(agent: &Agent, key: &KeyRecord) -> Result<(), KmsError> {
     let arn = agent.key_arn(&key.row.id);
-    match key.row.state {
+    match key.state() {
         KeyState::Enabled => Ok(()),
         KeyState::Disabled => Err(KmsError::new(ErrorKind::DisabledException, format!("{arn} is disabled."))),
         KeyState::PendingDeletion => Err(KmsError::invalid_state(format!("{arn} is pending deletion."))),
         KeyState::PendingImport => Err(KmsError::invalid_state(format!("{arn} is pending import."))),
+        KeyState::Unavailable => Err(KmsError::invalid_state(format!("{arn} is unavailable."))),
     }
 }
 

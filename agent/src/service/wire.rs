@@ -31,6 +31,15 @@ impl<'de> Deserialize<'de> for Blob {
     }
 }
 
+/// A secret string from a request (a key store's password), zeroized on drop.
+pub struct SecretText(pub Zeroizing<String>);
+
+impl<'de> Deserialize<'de> for SecretText {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<SecretText, D::Error> {
+        String::deserialize(d).map(|s| SecretText(Zeroizing::new(s)))
+    }
+}
+
 /// Base64 for responses.
 pub fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
