@@ -62,6 +62,8 @@ pub struct TestAgent {
     dir: tempfile::TempDir,
     child: Option<Child>,
     extra_args: Vec<String>,
+    /// Extra environment for kmsd (e.g. `SOFTHSM2_CONF`), from [`TestAgent::set_env`].
+    env: Vec<(String, String)>,
     /// `KMSD_LOG`; `None` leaves kmsd's default.
     log_filter: Option<&'static str>,
 }
@@ -108,8 +110,16 @@ impl TestAgent {
     /// (`kmsd init …`, `kmsd reseal …`).
     pub fn kmsd(&self) -> Command {
         let mut cmd = Command::new(bin("kmsd"));
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd.arg("--state-dir").arg(self.state_dir()).arg("--config-dir").arg(self.config_dir());
         cmd
+    }
+
+    /// Sets an environment variable for kmsd from the next start on (and for
+    /// [`TestAgent::kmsd`]), e.g. `SOFTHSM2_CONF` for a test's own token.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_string(), value.to_string()));
     }
 
     fn start_in(
@@ -146,7 +156,7 @@ impl TestAgent {
             std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o600)).expect("chmod access keys");
         }
         let extra_args = args.iter().map(|s| s.to_string()).collect();
-        TestAgent { dir, child: None, extra_args, log_filter }
+        TestAgent { dir, child: None, extra_args, env: Vec::new(), log_filter }
     }
 
     /// Writes (or with `None` removes) an identity policy file and reloads the agent's
@@ -190,6 +200,7 @@ impl TestAgent {
     fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).expect("agent log");
         let mut cmd = Command::new(bin("kmsd"));
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         match self.log_filter {
             Some(filter) => cmd.env("KMSD_LOG", filter),
             None => cmd.env_remove("KMSD_LOG"),
