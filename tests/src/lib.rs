@@ -416,16 +416,33 @@ impl TestMount {
 
     /// With `quiet_in`, as [`TestMount::quiet_in`]; without, as the tests run.
     fn create(init_args: &[&str], mount_options: &[&str], quiet_in: Option<&Path>) -> TestMount {
-        assert!(
-            Path::new("/dev/fuse").exists(),
-            "/dev/fuse is missing: the filesystem tests need FUSE (CI runs as root with /dev/fuse)"
-        );
-        assert!(is_root(), "the filesystem tests mount filesystems and need root (CI runs as root)");
         let (agent, log_filter) = match quiet_in {
             None => (TestAgent::start(), Some(FS_TEST_LOG)),
             Some(parent) => (TestAgent::start_quiet_in(parent, &[]), None),
         };
         let key_id = create_key(&agent);
+        TestMount::create_on(agent, key_id, init_args, mount_options, quiet_in, log_filter)
+    }
+
+    /// A fresh volume under key `key_id` of a running `agent` (a key in a custom key store,
+    /// say), mounted; the mount owns the agent from then on.
+    pub fn on_agent(agent: TestAgent, key_id: &str, init_args: &[&str], mount_options: &[&str]) -> TestMount {
+        TestMount::create_on(agent, key_id.to_string(), init_args, mount_options, None, Some(FS_TEST_LOG))
+    }
+
+    fn create_on(
+        agent: TestAgent,
+        key_id: String,
+        init_args: &[&str],
+        mount_options: &[&str],
+        quiet_in: Option<&Path>,
+        log_filter: Option<&'static str>,
+    ) -> TestMount {
+        assert!(
+            Path::new("/dev/fuse").exists(),
+            "/dev/fuse is missing: the filesystem tests need FUSE (CI runs as root with /dev/fuse)"
+        );
+        assert!(is_root(), "the filesystem tests mount filesystems and need root (CI runs as root)");
         let dir = tempdir("kmsfs-mount-", quiet_in);
         std::fs::create_dir(dir.path().join("cipher")).expect("cipher dir");
         std::fs::create_dir(dir.path().join("mnt")).expect("mount point");
