@@ -24,13 +24,13 @@ pub enum FileRootSource {
 }
 
 #[derive(Serialize, Deserialize)]
-struct KdfParams {
-    algorithm: String,
-    version: u32,
-    m_cost_kib: u32,
-    t_cost: u32,
-    p_cost: u32,
-    salt: String,
+pub(crate) struct KdfParams {
+    pub(crate) algorithm: String,
+    pub(crate) version: u32,
+    pub(crate) m_cost_kib: u32,
+    pub(crate) t_cost: u32,
+    pub(crate) p_cost: u32,
+    pub(crate) salt: String,
 }
 
 /// Opens (creating on first use) the file root of trust.
@@ -109,7 +109,7 @@ fn create_kdf(path: &Path) -> Result<KdfParams, String> {
     Ok(params)
 }
 
-fn derive(params: &KdfParams, passphrase: &str) -> Result<KeyBytes, String> {
+pub(crate) fn derive(params: &KdfParams, passphrase: &str) -> Result<KeyBytes, String> {
     let salt = base64::engine::general_purpose::STANDARD
         .decode(&params.salt)
         .map_err(|_| "the KDF salt is not base64".to_string())?;
