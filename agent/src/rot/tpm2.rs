@@ -981,11 +981,17 @@ mod tests {
     struct TestTpm {
         dir: tempfile::TempDir,
         port: u16,
+        /// swtpm's log of every command and response, in hex.
+        wire_log: bool,
     }
 
     impl TestTpm {
         fn start() -> TestTpm {
-            let mut tpm = TestTpm { dir: tempfile::tempdir().unwrap(), port: 0 };
+            TestTpm::start_with(false)
+        }
+
+        fn start_with(wire_log: bool) -> TestTpm {
+            let mut tpm = TestTpm { dir: tempfile::tempdir().unwrap(), port: 0, wire_log };
             std::fs::create_dir(tpm.dir.path().join("state")).unwrap();
             tpm.launch();
             tpm
@@ -1003,8 +1009,12 @@ mod tests {
                 if !free(port) || !free(port + 1) {
                     continue;
                 }
-                let out = Command::new("swtpm")
-                    .args(["socket", "--tpm2", "--daemon", "--flags", "not-need-init,startup-clear"])
+                let mut swtpm = Command::new("swtpm");
+                swtpm.args(["socket", "--tpm2", "--daemon", "--flags", "not-need-init,startup-clear"]);
+                if self.wire_log {
+                    swtpm.arg("--log").arg(format!("file={},level=20", self.dir.path().join("wire.log").display()));
+                }
+                let out = swtpm
                     .arg("--server")
                     .arg(format!("type=tcp,port={port},bindaddr=127.0.0.1"))
                     .arg("--ctrl")
@@ -1098,6 +1108,28 @@ mod tests {
         assert!(again.contains("already exists") && again.contains("kmsd reseal"), "{again}");
         assert_eq!(unseal(&dir, &tpm.tcti(), None).unwrap().expose(), key.expose());
         assert!(init(&state.path().join("other"), &opts(&tpm, &[], None), &key, "short").unwrap_err().contains("12"));
+    }
+
+    #[test]
+    fn the_root_key_never_crosses_the_wire_in_clear() {
+        let tpm = TestTpm::start_with(true);
+        let state = tempfile::tempdir().unwrap();
+        let key = KeyBytes::random();
+        for (pcrs, auth) in [(&[][..], None), (&[7][..], Some(&b"auth"[..]))] {
+            let dir = state.path().join(format!("{pcrs:?}"));
+            init(&dir, &opts(&tpm, pcrs, auth), &key, PASSPHRASE).unwrap();
+            assert_eq!(unseal(&dir, &tpm.tcti(), auth).unwrap().expose(), key.expose());
+        }
+        let log = fs::read_to_string(tpm.dir.path().join("wire.log")).unwrap();
+        // "80 01 00 00 ..." lines of commands and responses, as one hex string.
+        let wire: String = log
+            .lines()
+            .filter(|l| l.starts_with(' ') && l.split_whitespace().all(|w| w.len() == 2))
+            .flat_map(|l| l.split_whitespace())
+            .collect::<String>()
+            .to_ascii_lowercase();
+        assert!(wire.len() > 2000, "swtpm logged no traffic: {log}");
+        assert!(!wire.contains(&hex(&key.expose()[..8])), "the root key crossed the wire in clear");
     }
 
     #[test]
