@@ -1,8 +1,10 @@
 //! End-to-end tests of `kmsctl` against a real agent: the `aws kms`-shaped subcommands and
 //! their JSON and text output, the pipe forms, the aws CLI's error messages and exit codes,
 //! key rotation, imported key material (wrapped with `openssl pkeyutl`, as AWS's
-//! documentation shows), last usage, the warning that comes with a scheduled deletion, and
-//! starting a per-user agent on demand when none is running.
+//! documentation shows), last usage, the warning that comes with a scheduled deletion,
+//! custom key stores on a real SoftHSM2 token (their password read from a file, a pipe or a
+//! prompt that does not echo, never from an argument), and starting a per-user agent on
+//! demand when none is running.
 
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
@@ -465,4 +467,317 @@ fn starts_a_per_user_agent_on_demand() {
     cleanup();
     let keys: Value = serde_json::from_slice(&listed.stdout).unwrap();
     assert_eq!(keys["Keys"].as_array().unwrap().len(), 1, "the second call reuses the same agent");
+}
+
+/// The user PIN of the tokens behind the custom key stores below (AWS's KeyStorePassword is
+/// 7 to 32 characters).
+const STORE_PIN: &str = "kmsuser-pin-4711";
+
+/// A SoftHSM2 token directory of a test's own with a token (user PIN [`STORE_PIN`]) for each
+/// `(cluster ID, label)` of `tokens`, declared under that ID in a new agent's
+/// hsm-clusters.json, and the agent started with that SoftHSM2 configuration.
+fn agent_with_tokens(tokens: &[(&str, &str)]) -> (TestAgent, tempfile::TempDir) {
+    let hsm = tempfile::Builder::new().prefix("kmsctl-softhsm-").tempdir().unwrap();
+    let conf = hsm.path().join("softhsm2.conf");
+    std::fs::create_dir(hsm.path().join("tokens")).unwrap();
+    let config =
+        format!("directories.tokendir = {}\nobjectstore.backend = file\n", hsm.path().join("tokens").display());
+    std::fs::write(&conf, config).unwrap();
+    let mut clusters = serde_json::Map::new();
+    for (cluster, label) in tokens {
+        let out = Command::new("softhsm2-util")
+            .args(["--init-token", "--free", "--label", label, "--pin", STORE_PIN, "--so-pin", "5678"])
+            .env("SOFTHSM2_CONF", &conf)
+            .output()
+            .expect("softhsm2-util (SoftHSM2: scripts/install-test-deps installs it)");
+        assert!(out.status.success(), "softhsm2-util: {}", String::from_utf8_lossy(&out.stderr));
+        let module = "/usr/lib/softhsm/libsofthsm2.so";
+        clusters.insert(cluster.to_string(), serde_json::json!({"module": module, "token_label": label}));
+    }
+    let mut agent = TestAgent::prepared(&[]);
+    let declared = serde_json::json!({ "clusters": clusters }).to_string();
+    std::fs::write(agent.config_dir().join("hsm-clusters.json"), declared).unwrap();
+    agent.set_env("SOFTHSM2_CONF", conf.to_str().unwrap());
+    agent.start_again();
+    (agent, hsm)
+}
+
+/// The one entry describe-custom-key-stores prints for store `id`.
+fn store_entry(agent: &TestAgent, id: &str) -> Value {
+    let described = json(agent, &["describe-custom-key-stores", "--custom-key-store-id", id]);
+    assert_eq!(described["CustomKeyStores"].as_array().map(Vec::len), Some(1), "{described}");
+    described["CustomKeyStores"][0].clone()
+}
+
+/// A 0600 file holding `password` and a newline, as an operator would write one.
+fn password_file(dir: &std::path::Path, name: &str, password: &str) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::write(&path, format!("{password}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path.display().to_string()
+}
+
+/// Whether `needle` occurs anywhere in the agent's log or audit trail.
+fn agent_recorded(agent: &TestAgent, needle: &str) -> bool {
+    let audit: String = TestAgent::audit_lines_in(&agent.audit_dir()).iter().map(Value::to_string).collect();
+    agent.log().contains(needle) || audit.contains(needle)
+}
+
+/// The key store commands' usage errors: the password is never taken from the command line
+/// (the aws CLI's --key-store-password is refused with the ways that work, and without
+/// printing the value), an unreadable or empty source stops the command before the agent
+/// changes anything, and the service's own refusals come back as the aws CLI prints them.
+#[test]
+fn custom_key_store_commands_refuse_passwords_in_argv_and_bad_input() {
+    let (agent, _hsm) = agent_with_tokens(&[("cluster-kmsctlstoreab", "usage")]);
+    let dir = tempfile::tempdir().unwrap();
+    let create = ["create-custom-key-store", "--custom-key-store-name", "s", "--cloud-hsm-cluster-id"];
+    let create = [&create[..], &["cluster-kmsctlstoreab"]].concat();
+    let with = |extra: &[&str]| run(agent.kmsctl(), &[&create[..], extra].concat());
+
+    for argv in [&["--key-store-password", STORE_PIN][..], &[&format!("--key-store-password={STORE_PIN}")]] {
+        let out = with(argv);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(252), "{argv:?}: {stderr}");
+        assert!(stderr.contains("process list") && stderr.contains("--key-store-password-file"), "{stderr}");
+        assert!(!stderr.contains(STORE_PIN), "the refusal does not repeat the password: {stderr}");
+    }
+    let help = run(agent.kmsctl(), &["create-custom-key-store", "--help"]);
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("--key-store-password-file <FILE>") && !help.contains("--key-store-password <"), "{help}");
+
+    let missing = dir.path().join("no-such-password");
+    let out = with(&["--key-store-password-file", missing.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(252));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(missing.to_str().unwrap()));
+    let empty = password_file(dir.path(), "empty", "");
+    let out = with(&["--key-store-password-file", &empty]);
+    assert_eq!(out.status.code(), Some(252));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is empty"), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = with(&[]);
+    assert_eq!(out.status.code(), Some(252), "no file and nothing on stdin (not a terminal): nothing to send");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("stdin is empty"));
+    assert_eq!(
+        json(&agent, &["describe-custom-key-stores"]),
+        serde_json::json!({"CustomKeyStores": []}),
+        "no refused command created a store"
+    );
+
+    let good = password_file(dir.path(), "pin", STORE_PIN);
+    let undeclared = [&create[..4], &["cluster-notdeclaredzz", "--key-store-password-file", &good]].concat();
+    let stderr = service_error(&agent, &undeclared, "CloudHsmClusterNotFoundException", "CreateCustomKeyStore");
+    assert!(stderr.contains("hsm-clusters.json"), "{stderr}");
+    let short = password_file(dir.path(), "short", "123");
+    service_error(
+        &agent,
+        &[&create[..], &["--key-store-password-file", &short]].concat(),
+        "ValidationException",
+        "CreateCustomKeyStore",
+    );
+    let none = ["--custom-key-store-id", "cks-00000000000000000"];
+    for (command, operation) in [
+        ("connect-custom-key-store", "ConnectCustomKeyStore"),
+        ("disconnect-custom-key-store", "DisconnectCustomKeyStore"),
+        ("delete-custom-key-store", "DeleteCustomKeyStore"),
+        ("describe-custom-key-stores", "DescribeCustomKeyStores"),
+    ] {
+        service_error(&agent, &[&[command][..], &none].concat(), "CustomKeyStoreNotFoundException", operation);
+    }
+    service_error(
+        &agent,
+        &["describe-custom-key-stores", "--custom-key-store-name", "nobody"],
+        "CustomKeyStoreNotFoundException",
+        "DescribeCustomKeyStores",
+    );
+    let out =
+        run(agent.kmsctl(), &["update-custom-key-store", "--custom-key-store-id", "cks-1", "--key-store-password"]);
+    assert_eq!(out.status.code(), Some(252));
+    assert!(!agent_recorded(&agent, STORE_PIN), "the password is in neither kmsd's log nor its audit trail");
+}
+
+/// A custom key store's whole life through kmsctl on a real SoftHSM2 token, as an operator
+/// runs it: the password piped on stdin or read from a file, connect, a key generated in the
+/// token and used, the warning of a disconnect and its keys' state, a wrong password's
+/// FAILED connection reported on stderr and corrected, pagination, the text output, and a
+/// delete; the password appears in no output, log or audit record.
+#[test]
+fn custom_key_store_lifecycle_through_the_cli() {
+    let (agent, _hsm) =
+        agent_with_tokens(&[("cluster-kmsctlstoreab", "kmsctl-a"), ("cluster-kmsctlstorecd", "kmsctl-b")]);
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["create-custom-key-store", "--custom-key-store-name", "vault", "--cloud-hsm-cluster-id"];
+    let piped = pipe(&agent, &[&args[..], &["cluster-kmsctlstoreab"]].concat(), format!("{STORE_PIN}\n").as_bytes());
+    assert!(piped.status.success(), "{}", String::from_utf8_lossy(&piped.stderr));
+    let created: Value = serde_json::from_slice(&piped.stdout).unwrap();
+    let store = created["CustomKeyStoreId"].as_str().unwrap().to_string();
+    assert!(store.starts_with("cks-") && created.as_object().unwrap().len() == 1, "{created}");
+
+    let entry = store_entry(&agent, &store);
+    assert_eq!(entry["CustomKeyStoreName"], "vault");
+    assert_eq!(entry["CloudHsmClusterId"], "cluster-kmsctlstoreab");
+    assert_eq!(entry["CustomKeyStoreType"], "AWS_CLOUDHSM");
+    assert_eq!(entry["ConnectionState"], "DISCONNECTED");
+    iso_date(&entry["CreationDate"]);
+    assert!(entry.get("KeyStorePassword").is_none());
+
+    let connect = ["connect-custom-key-store", "--custom-key-store-id", &store];
+    let out = run(agent.kmsctl(), &connect);
+    assert!(out.status.success() && out.stdout.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.stderr.is_empty(), "a store that connected needs no word: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(store_entry(&agent, &store)["ConnectionState"], "CONNECTED");
+
+    let created = json(&agent, &["create-key", "--origin", "AWS_CLOUDHSM", "--custom-key-store-id", &store]);
+    assert_eq!(created["KeyMetadata"]["Origin"], "AWS_CLOUDHSM");
+    assert_eq!(created["KeyMetadata"]["CustomKeyStoreId"], store.as_str());
+    assert_eq!(created["KeyMetadata"]["CloudHsmClusterId"], "cluster-kmsctlstoreab");
+    let key = key_id_of(&created);
+    let blob =
+        json(&agent, &["encrypt", "--key-id", &key, "--plaintext", "aW4gdGhlIHRva2Vu"])["CiphertextBlob"].clone();
+    let blob = blob.as_str().unwrap().to_string();
+    assert_eq!(json(&agent, &["decrypt", "--ciphertext-blob", &blob])["Plaintext"], "aW4gdGhlIHRva2Vu");
+
+    // Disconnecting warns that the keys stop at once, and they do.
+    let out = run(agent.kmsctl(), &["disconnect-custom-key-store", "--custom-key-store-id", &store]);
+    assert!(out.status.success() && out.stdout.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "WARNING",
+        store.as_str(),
+        "unusable",
+        &format!("kmsctl connect-custom-key-store --custom-key-store-id {store}"),
+    ] {
+        assert!(stderr.contains(needle), "{needle:?} not in the warning: {stderr}");
+    }
+    assert_eq!(json(&agent, &["describe-key", "--key-id", &key])["KeyMetadata"]["KeyState"], "Unavailable");
+    service_error(&agent, &["decrypt", "--ciphertext-blob", &blob], "KMSInvalidStateException", "Decrypt");
+
+    // A wrong password: connect answers, the store is FAILED, and kmsctl says so and how to fix it.
+    let wrong = password_file(dir.path(), "wrong", "not-the-pin-1");
+    json(&agent, &["update-custom-key-store", "--custom-key-store-id", &store, "--key-store-password-file", &wrong]);
+    let out = run(agent.kmsctl(), &connect);
+    assert!(out.status.success(), "as with the aws CLI, the request itself succeeded");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("did not connect: it is FAILED (INVALID_CREDENTIALS)"), "{stderr}");
+    assert!(stderr.contains("--key-store-password-file"), "{stderr}");
+    let entry = store_entry(&agent, &store);
+    assert_eq!(
+        (&entry["ConnectionState"], &entry["ConnectionErrorCode"]),
+        (&"FAILED".into(), &"INVALID_CREDENTIALS".into())
+    );
+    service_error(
+        &agent,
+        &["update-custom-key-store", "--custom-key-store-id", &store, "--key-store-password-file", &wrong],
+        "CustomKeyStoreInvalidStateException",
+        "UpdateCustomKeyStore",
+    );
+    json(&agent, &["disconnect-custom-key-store", "--custom-key-store-id", &store]);
+    let right = password_file(dir.path(), "right", STORE_PIN);
+    json(
+        &agent,
+        &[
+            "update-custom-key-store",
+            "--custom-key-store-id",
+            &store,
+            "--key-store-password-file",
+            &right,
+            "--new-custom-key-store-name",
+            "vault-a",
+        ],
+    );
+    json(&agent, &connect);
+    assert_eq!(store_entry(&agent, &store)["ConnectionState"], "CONNECTED");
+    assert_eq!(json(&agent, &["decrypt", "--ciphertext-blob", &blob])["Plaintext"], "aW4gdGhlIHRva2Vu");
+
+    // A second store, from a password file; both listed, merged across pages or one page at a time.
+    let from_file = [
+        "create-custom-key-store",
+        "--custom-key-store-name",
+        "vault-b",
+        "--cloud-hsm-cluster-id",
+        "cluster-kmsctlstorecd",
+        "--key-store-password-file",
+        &right,
+    ];
+    let second = json(&agent, &from_file)["CustomKeyStoreId"].as_str().unwrap().to_string();
+    let all = json(&agent, &["describe-custom-key-stores"]);
+    let names: Vec<&str> =
+        all["CustomKeyStores"].as_array().unwrap().iter().map(|s| s["CustomKeyStoreName"].as_str().unwrap()).collect();
+    assert_eq!(names.len(), 2, "{all}");
+    assert!(names.contains(&"vault-a") && names.contains(&"vault-b"), "{names:?}");
+    assert!(all.get("Truncated").is_none() && all.get("NextMarker").is_none());
+    let first = json(&agent, &["describe-custom-key-stores", "--limit", "1"]);
+    assert_eq!((first["CustomKeyStores"].as_array().unwrap().len(), &first["Truncated"]), (1, &Value::Bool(true)));
+    let marker = first["NextMarker"].as_str().unwrap();
+    let rest = json(&agent, &["describe-custom-key-stores", "--limit", "1", "--marker", marker]);
+    assert_ne!(rest["CustomKeyStores"][0]["CustomKeyStoreId"], first["CustomKeyStores"][0]["CustomKeyStoreId"]);
+    assert_eq!(
+        json(&agent, &["describe-custom-key-stores", "--custom-key-store-name", "vault-b"])["CustomKeyStores"][0]
+            ["CustomKeyStoreId"],
+        second.as_str()
+    );
+
+    let out = run(agent.kmsctl(), &["--output", "text", "describe-custom-key-stores", "--custom-key-store-id", &store]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let row = text.lines().find(|l| l.starts_with("CUSTOMKEYSTORES\t")).unwrap_or_else(|| panic!("{text}"));
+    for field in ["cluster-kmsctlstoreab", "CONNECTED", store.as_str(), "vault-a", "AWS_CLOUDHSM"] {
+        assert!(row.split('\t').any(|f| f == field), "{field} not a column of {row:?}");
+    }
+
+    // Deleting: refused while connected or holding keys, done for an empty disconnected store.
+    let delete_store = ["delete-custom-key-store", "--custom-key-store-id", &store];
+    service_error(&agent, &delete_store, "CustomKeyStoreInvalidStateException", "DeleteCustomKeyStore");
+    json(&agent, &["disconnect-custom-key-store", "--custom-key-store-id", &store]);
+    service_error(&agent, &delete_store, "CustomKeyStoreHasCMKsException", "DeleteCustomKeyStore");
+    assert_eq!(json(&agent, &["delete-custom-key-store", "--custom-key-store-id", &second]), Value::Null);
+    service_error(
+        &agent,
+        &["describe-custom-key-stores", "--custom-key-store-id", &second],
+        "CustomKeyStoreNotFoundException",
+        "DescribeCustomKeyStores",
+    );
+    assert!(!agent_recorded(&agent, STORE_PIN), "the password is in neither kmsd's log nor its audit trail");
+}
+
+/// On a terminal, create-custom-key-store asks for the password and does not echo it:
+/// `script` gives kmsctl a pseudo-terminal, and the password is typed once the prompt shows.
+#[test]
+fn the_password_prompt_does_not_echo() {
+    let (agent, _hsm) = agent_with_tokens(&[("cluster-kmsctlstoreab", "prompted")]);
+    let command = format!(
+        "'{}' create-custom-key-store --custom-key-store-name prompted --cloud-hsm-cluster-id cluster-kmsctlstoreab",
+        bin("kmsctl").display()
+    );
+    let mut child = Command::new("script")
+        .args(["--quiet", "--return", "--command", &command, "/dev/null"])
+        .env("KMSD_SOCKET", agent.socket())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("script (util-linux) gives kmsctl a terminal");
+    let mut stdout = child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let mut byte = [0u8; 1];
+    while !String::from_utf8_lossy(&seen).contains("password") {
+        let n = std::io::Read::read(&mut stdout, &mut byte).unwrap();
+        assert!(n == 1, "kmsctl ended without a prompt: {}", String::from_utf8_lossy(&seen));
+        seen.push(byte[0]);
+    }
+    // Echo is off before the prompt is printed; the terminal keeps what is typed until read.
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(format!("{STORE_PIN}\r").as_bytes()).unwrap();
+    let mut rest = Vec::new();
+    std::io::Read::read_to_end(&mut stdout, &mut rest).unwrap();
+    drop(stdin);
+    let status = child.wait().unwrap();
+    seen.extend(rest);
+    let shown = String::from_utf8_lossy(&seen);
+    assert!(status.success(), "{shown}");
+    assert!(shown.contains("Key store password"), "{shown}");
+    assert!(!shown.contains(STORE_PIN), "the terminal showed the password: {shown}");
+    let id = shown.split('"').find(|s| s.starts_with("cks-")).unwrap_or_else(|| panic!("no store ID in {shown}"));
+    json(&agent, &["connect-custom-key-store", "--custom-key-store-id", id]);
+    assert_eq!(store_entry(&agent, id)["ConnectionState"], "CONNECTED", "the typed password was the token's PIN");
 }

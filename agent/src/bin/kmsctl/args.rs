@@ -3,7 +3,8 @@
 //! object), tags (`TagKey=k,TagValue=v` shorthand or JSON), tag-key and grant-operation lists,
 //! grant constraints (`EncryptionContextSubset={k=v}` shorthand or JSON), timestamps (ISO 8601,
 //! a bare date, or seconds since the epoch), and `file://` string parameters. Each is a clap
-//! value parser, so a bad value is a usage error that names the flag.
+//! value parser, so a bad value is a usage error that names the flag. A secret given as a
+//! value (`--key-store-password`) is parsed only to be refused, without being kept.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -74,6 +75,17 @@ pub struct GrantOperations(pub Vec<String>);
 pub struct GrantConstraints {
     pub encryption_context_subset: Option<EncryptionContext>,
     pub encryption_context_equals: Option<EncryptionContext>,
+}
+
+/// A secret that was given as a command-line value, where it does not belong: its value is
+/// dropped at once, and its presence is refused when the command runs (a refusal by the
+/// parser itself would print the value in clap's error message).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ArgvSecret;
+
+/// The value parser of a secret's refused flag: accepts anything, keeps nothing.
+pub fn argv_secret(_arg: &str) -> Result<ArgvSecret, String> {
+    Ok(ArgvSecret)
 }
 
 /// A blob argument: `fileb://PATH` or `file://PATH` is the file's raw bytes; anything else

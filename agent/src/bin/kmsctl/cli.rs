@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::builder::{OsStringValueParser, TypedValueParser};
 use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 
-use crate::args::{self, Blob, Context, GrantConstraints, GrantOperations, TagKeys, TagList, Timestamp};
+use crate::args::{self, ArgvSecret, Blob, Context, GrantConstraints, GrantOperations, TagKeys, TagList, Timestamp};
 
 /// The help heading of the flags every subcommand takes.
 const GLOBAL: &str = "Global options";
@@ -19,6 +19,10 @@ result to stdout:
 
   kmsctl encrypt -k alias/app < secret > secret.enc
   kmsctl decrypt < secret.enc > secret
+
+The key store password of create-custom-key-store and update-custom-key-store is never a
+command-line value (process lists show those): it is read from --key-store-password-file, or
+from stdin, with a prompt that does not echo when stdin is a terminal.
 
 Exit codes: 0 success, 252 usage error, 254 error returned by the service, 255 any other error.";
 
@@ -238,6 +242,20 @@ pub enum Command {
     GenerateDataKeyWithoutPlaintext(GenerateDataKey),
     /// Returns random bytes.
     GenerateRandom(GenerateRandom),
+    /// Creates a custom key store (type AWS_CLOUDHSM) on a PKCS#11 token that kmsd's
+    /// hsm-clusters.json declares under a CloudHSM cluster ID. It starts DISCONNECTED.
+    CreateCustomKeyStore(CreateCustomKeyStore),
+    /// Shows custom key stores: all of them, or the one with the ID or name given.
+    DescribeCustomKeyStores(DescribeCustomKeyStores),
+    /// Connects a custom key store: kmsd logs in to its token, and its KMS keys become usable.
+    ConnectCustomKeyStore(CustomKeyStoreIdArg),
+    /// Disconnects a custom key store: kmsd logs out of its token, and its KMS keys become
+    /// unusable at once, until it is connected again.
+    DisconnectCustomKeyStore(CustomKeyStoreIdArg),
+    /// Renames a custom key store, or (while it is DISCONNECTED) changes its password or cluster.
+    UpdateCustomKeyStore(UpdateCustomKeyStore),
+    /// Deletes a DISCONNECTED custom key store that holds no KMS keys.
+    DeleteCustomKeyStore(CustomKeyStoreIdArg),
 }
 
 #[derive(Debug, Args)]
@@ -312,9 +330,13 @@ pub struct CreateKey {
     /// Deprecated name of --key-spec.
     #[arg(long, value_name = "KEY_SPEC")]
     pub customer_master_key_spec: Option<String>,
-    /// Where the key material comes from: AWS_KMS (the default) or EXTERNAL.
+    /// Where the key material comes from: AWS_KMS (the default), EXTERNAL (imported), or
+    /// AWS_CLOUDHSM (generated in the token of the custom key store --custom-key-store-id).
     #[arg(long, value_name = "ORIGIN")]
     pub origin: Option<String>,
+    /// The custom key store to create the key in (with --origin AWS_CLOUDHSM).
+    #[arg(long, value_name = "CUSTOM_KEY_STORE_ID")]
+    pub custom_key_store_id: Option<String>,
     #[command(flatten)]
     pub bypass: BypassLockoutArg,
     /// Tags: TagKey=KEY,TagValue=VALUE (repeatable) or a JSON list of {"TagKey","TagValue"}.
@@ -684,6 +706,76 @@ pub struct GenerateRandom {
     pub number_of_bytes: Option<u32>,
 }
 
+#[derive(Debug, Args)]
+pub struct CustomKeyStoreIdArg {
+    /// The custom key store's ID (cks-...), as create-custom-key-store printed it.
+    #[arg(long, value_name = "CUSTOM_KEY_STORE_ID")]
+    pub custom_key_store_id: String,
+}
+
+/// Where the key store password comes from; there is deliberately no flag that takes the
+/// password itself.
+#[derive(Debug, Args)]
+pub struct KeyStorePasswordArgs {
+    /// A file holding the key store password (the token's user PIN, 7 to 32 characters);
+    /// one trailing newline is ignored. `-` reads it from stdin.
+    #[arg(long, value_name = "FILE")]
+    pub key_store_password_file: Option<PathBuf>,
+    /// Refused: the aws CLI's flag, whose value every user of the machine can read in the
+    /// process list. Declared so that its use gets an explanation, not "unexpected argument".
+    #[arg(long, hide = true, value_parser = args::argv_secret, value_name = "PASSWORD")]
+    pub key_store_password: Option<ArgvSecret>,
+}
+
+#[derive(Debug, Args)]
+pub struct CreateCustomKeyStore {
+    /// A name for the custom key store, unique among kmsd's custom key stores.
+    #[arg(long, value_name = "NAME")]
+    pub custom_key_store_name: String,
+    /// The CloudHSM cluster ID (cluster-...) under which kmsd's hsm-clusters.json declares
+    /// the PKCS#11 token.
+    #[arg(long, value_name = "CLUSTER_ID")]
+    pub cloud_hsm_cluster_id: String,
+    /// The cluster's trust anchor certificate (PEM, or file://PATH), kept with the store.
+    #[arg(long, value_parser = args::text, value_name = "CERTIFICATE")]
+    pub trust_anchor_certificate: Option<String>,
+    /// AWS_CLOUDHSM, the default and the only type kmsd supports.
+    #[arg(long, value_name = "TYPE")]
+    pub custom_key_store_type: Option<String>,
+    // Without --key-store-password-file, the password is read from stdin (after a prompt
+    // that does not echo, when stdin is a terminal).
+    #[command(flatten)]
+    pub password: KeyStorePasswordArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct DescribeCustomKeyStores {
+    /// Show only the custom key store with this ID.
+    #[arg(long, value_name = "CUSTOM_KEY_STORE_ID")]
+    pub custom_key_store_id: Option<String>,
+    /// Show only the custom key store with this name.
+    #[arg(long, value_name = "NAME")]
+    pub custom_key_store_name: Option<String>,
+    #[command(flatten)]
+    pub page: PageArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct UpdateCustomKeyStore {
+    #[command(flatten)]
+    pub store: CustomKeyStoreIdArg,
+    /// The store's new name.
+    #[arg(long, value_name = "NAME")]
+    pub new_custom_key_store_name: Option<String>,
+    // The new password (while the store is DISCONNECTED), only with --key-store-password-file.
+    #[command(flatten)]
+    pub password: KeyStorePasswordArgs,
+    /// Another CloudHSM cluster ID (while the store is DISCONNECTED); its token must hold the
+    /// store's keys (a copy of the same token), or they cannot be loaded when it connects.
+    #[arg(long, value_name = "CLUSTER_ID")]
+    pub cloud_hsm_cluster_id: Option<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -741,6 +833,13 @@ mod tests {
             &["kmsctl", "import-key-material", "-k", "k", "--import-token", "%%", "--encrypted-key-material", "AQID"],
             &["kmsctl", "delete-imported-key-material"],
             &["kmsctl", "get-key-last-usage"],
+            &["kmsctl", "create-custom-key-store", "--custom-key-store-name", "n"],
+            &["kmsctl", "create-custom-key-store", "--cloud-hsm-cluster-id", "cluster-abcdefghijk"],
+            &["kmsctl", "connect-custom-key-store"],
+            &["kmsctl", "disconnect-custom-key-store"],
+            &["kmsctl", "delete-custom-key-store"],
+            &["kmsctl", "update-custom-key-store", "--new-custom-key-store-name", "n"],
+            &["kmsctl", "describe-custom-key-stores", "--limit", "many"],
         ] {
             assert!(Cli::try_parse_from(argv).is_err(), "{argv:?}");
         }

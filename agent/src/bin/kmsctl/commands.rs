@@ -2,9 +2,12 @@
 //! PascalCase members, blobs as base64, timestamps as epoch seconds) and how the response is
 //! handled. Planning is pure; `paginate` follows `NextMarker` through a list action's pages,
 //! as the aws CLI does, and `warning` says what a call's success means when it is not
-//! obvious and cannot be undone later.
+//! obvious and cannot be undone later, or when the reply hides that it did not work.
+//! Secret members (the key store password) are never planned from the command line: the
+//! call names where they are to be read from, and `crate::password` reads them.
 
 use std::collections::HashSet;
+use std::path::PathBuf;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
@@ -13,7 +16,7 @@ use kmsfs_common::time::iso8601;
 use serde_json::{Map, Value};
 
 use crate::args::{Blob, Context, GrantConstraints, GrantOperations, TagKeys, TagList, Timestamp};
-use crate::cli::{BypassLockoutArg, Command, DryRunArg, GrantTokensArg, PageArgs};
+use crate::cli::{BypassLockoutArg, Command, DryRunArg, GrantTokensArg, KeyStorePasswordArgs, PageArgs};
 use crate::Failure;
 
 /// One call to the agent.
@@ -23,6 +26,28 @@ pub struct Call {
     pub action: &'static str,
     pub request: Value,
     pub mode: Mode,
+    /// A secret member still to be read into `request` before the call.
+    pub secret: Option<Secret>,
+}
+
+/// A request member whose value is a secret, read when the call runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Secret {
+    /// The request member, e.g. `KeyStorePassword`.
+    pub member: &'static str,
+    pub source: SecretSource,
+}
+
+/// Where a secret is read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    /// A file's content, without one trailing newline.
+    File(PathBuf),
+    /// Stdin: a line typed after a prompt that does not echo when stdin is a terminal, or
+    /// else everything piped in, without one trailing newline.
+    Stdin,
+    /// A command-line value, which process lists show: refused.
+    Argv { flag: &'static str, instead: &'static str },
 }
 
 /// How a call's input and output are handled.
@@ -40,13 +65,14 @@ pub enum Mode {
 /// The call `command` stands for.
 pub fn plan(command: &Command) -> Call {
     use Command as C;
-    let single = |action, request: Request| Call { action, request: request.into(), mode: Mode::Single };
+    let single = |action, request: Request| Call { action, request: request.into(), mode: Mode::Single, secret: None };
     let list = |action, request: Request, page: &PageArgs, list| {
         let one_page = page.no_paginate || page.limit.is_some() || page.marker.is_some();
         let request = request.opt("Limit", page.limit).opt("Marker", page.marker.clone());
         let mode = if one_page { Mode::Single } else { Mode::Paginate { list } };
-        Call { action, request: request.into(), mode }
+        Call { action, request: request.into(), mode, secret: None }
     };
+    let store = |id: &str| Request::new().set("CustomKeyStoreId", id);
     let key = |key_id: &str| Request::new().set("KeyId", key_id);
     match command {
         C::CreateKey(a) => single(
@@ -58,6 +84,7 @@ pub fn plan(command: &Command) -> Call {
                 .opt("KeySpec", a.key_spec.clone())
                 .opt("CustomerMasterKeySpec", a.customer_master_key_spec.clone())
                 .opt("Origin", a.origin.clone())
+                .opt("CustomKeyStoreId", a.custom_key_store_id.clone())
                 .opt("BypassPolicyLockoutSafetyCheck", bypass(&a.bypass))
                 .opt("Tags", tags(&a.tags))
                 .opt("MultiRegion", flag(a.multi_region, a.no_multi_region)),
@@ -180,7 +207,7 @@ pub fn plan(command: &Command) -> Call {
                 Some(_) => Mode::Single,
                 None => Mode::Pipe { input: "Plaintext", output: "CiphertextBlob" },
             };
-            Call { action: "Encrypt", request: request.into(), mode }
+            Call { action: "Encrypt", request: request.into(), mode, secret: None }
         }
         C::Decrypt(a) => {
             let request = Request::new()
@@ -194,7 +221,7 @@ pub fn plan(command: &Command) -> Call {
                 Some(_) => Mode::Single,
                 None => Mode::Pipe { input: "CiphertextBlob", output: "Plaintext" },
             };
-            Call { action: "Decrypt", request: request.into(), mode }
+            Call { action: "Decrypt", request: request.into(), mode, secret: None }
         }
         C::ReEncrypt(a) => {
             let request = Request::new()
@@ -211,7 +238,7 @@ pub fn plan(command: &Command) -> Call {
                 Some(_) => Mode::Single,
                 None => Mode::Pipe { input: "CiphertextBlob", output: "CiphertextBlob" },
             };
-            Call { action: "ReEncrypt", request: request.into(), mode }
+            Call { action: "ReEncrypt", request: request.into(), mode, secret: None }
         }
         C::GenerateDataKey(a) | C::GenerateDataKeyWithoutPlaintext(a) => {
             let action = match command {
@@ -229,7 +256,65 @@ pub fn plan(command: &Command) -> Call {
             )
         }
         C::GenerateRandom(a) => single("GenerateRandom", Request::new().opt("NumberOfBytes", a.number_of_bytes)),
+        C::CreateCustomKeyStore(a) => Call {
+            secret: key_store_password(&a.password).or(Some(Secret { member: PASSWORD, source: SecretSource::Stdin })),
+            ..single(
+                "CreateCustomKeyStore",
+                Request::new()
+                    .set("CustomKeyStoreName", a.custom_key_store_name.as_str())
+                    .set("CloudHsmClusterId", a.cloud_hsm_cluster_id.as_str())
+                    .opt("TrustAnchorCertificate", a.trust_anchor_certificate.clone())
+                    .opt("CustomKeyStoreType", a.custom_key_store_type.clone()),
+            )
+        },
+        C::DescribeCustomKeyStores(a) => list(
+            "DescribeCustomKeyStores",
+            Request::new()
+                .opt("CustomKeyStoreId", a.custom_key_store_id.clone())
+                .opt("CustomKeyStoreName", a.custom_key_store_name.clone()),
+            &a.page,
+            "CustomKeyStores",
+        ),
+        C::ConnectCustomKeyStore(a) => single("ConnectCustomKeyStore", store(&a.custom_key_store_id)),
+        C::DisconnectCustomKeyStore(a) => single("DisconnectCustomKeyStore", store(&a.custom_key_store_id)),
+        C::UpdateCustomKeyStore(a) => Call {
+            secret: key_store_password(&a.password),
+            ..single(
+                "UpdateCustomKeyStore",
+                store(&a.store.custom_key_store_id)
+                    .opt("NewCustomKeyStoreName", a.new_custom_key_store_name.clone())
+                    .opt("CloudHsmClusterId", a.cloud_hsm_cluster_id.clone()),
+            )
+        },
+        C::DeleteCustomKeyStore(a) => single("DeleteCustomKeyStore", store(&a.custom_key_store_id)),
     }
+}
+
+/// The request member of a custom key store's password.
+const PASSWORD: &str = "KeyStorePassword";
+
+/// Where the key store password is to be read from, if the command line says.
+fn key_store_password(arg: &KeyStorePasswordArgs) -> Option<Secret> {
+    let source = if arg.key_store_password.is_some() {
+        SecretSource::Argv { flag: "--key-store-password", instead: "--key-store-password-file" }
+    } else {
+        match arg.key_store_password_file.as_deref()? {
+            path if path.as_os_str() == "-" => SecretSource::Stdin,
+            path => SecretSource::File(path.to_path_buf()),
+        }
+    };
+    Some(Secret { member: PASSWORD, source })
+}
+
+/// A second call that tells whether `action` did what it was asked, when its reply cannot
+/// say: ConnectCustomKeyStore answers `{}` whether the store connected or FAILED (AWS
+/// connects in the background; kmsd answers once its attempt is over).
+pub fn follow_up(action: &str, request: &Value) -> Option<(&'static str, Value)> {
+    if action != "ConnectCustomKeyStore" {
+        return None;
+    }
+    let id = request.get("CustomKeyStoreId")?.clone();
+    Some(("DescribeCustomKeyStores", serde_json::json!({ "CustomKeyStoreId": id })))
 }
 
 /// Calls a list action page after page, following `NextMarker` while `Truncated` is true,
@@ -273,26 +358,77 @@ pub fn paginate(
     Ok(merged)
 }
 
-/// What to tell the user on stderr after `action` succeeded with `response`, beside the
-/// response on stdout. A scheduled deletion is the one call whose effect becomes permanent
-/// on its own, so its warning says what will be lost, when, and how to keep it.
-pub fn warning(action: &str, response: &Value) -> Option<String> {
-    if action != "ScheduleKeyDeletion" {
-        return None;
+/// What to tell the user on stderr after `action` succeeded with `response` (and the
+/// `follow_up` call, if any, with `checked`), beside the response on stdout. A scheduled
+/// deletion becomes permanent on its own, so its warning says what will be lost, when, and
+/// how to keep it; a disconnected key store cuts off its keys at once; a store that FAILED
+/// to connect did so behind an empty reply.
+pub fn warning(action: &str, request: &Value, response: &Value, checked: Option<&Value>) -> Option<String> {
+    match action {
+        "ScheduleKeyDeletion" => Some(deletion_warning(response)),
+        "DisconnectCustomKeyStore" => Some(disconnect_warning(store_id(request))),
+        "ConnectCustomKeyStore" => connect_warning(store_id(request), checked?),
+        _ => None,
     }
+}
+
+fn store_id(request: &Value) -> &str {
+    request.get("CustomKeyStoreId").and_then(Value::as_str).unwrap_or("CUSTOM_KEY_STORE_ID")
+}
+
+fn deletion_warning(response: &Value) -> String {
     let key = response.get("KeyId").and_then(Value::as_str).unwrap_or("KEY_ID");
     let (when, then) = match response.get("DeletionDate").and_then(Value::as_f64) {
         Some(seconds) => (format!("on {}", iso8601(seconds)), "On that date"),
         // A multi-Region primary key with replicas waits for them and has no date yet.
         None => ("when its waiting period ends".to_string(), "Then"),
     };
-    Some(format!(
+    format!(
         "kmsctl: WARNING: KMS key {key} is scheduled for deletion {when}.\n\
          {then} its key material is destroyed for good: everything encrypted under this key,\n\
          including every kmsfs volume whose files it wraps, becomes unreadable forever\n\
          (crypto-shredding). To keep the key, cancel the deletion before then:\n\
          \n    kmsctl cancel-key-deletion --key-id {key}\n\n\
          (The key is then left disabled; kmsctl enable-key --key-id {key} makes it usable again.)\n"
+    )
+}
+
+fn disconnect_warning(store: &str) -> String {
+    format!(
+        "kmsctl: WARNING: custom key store {store} is disconnected. Its KMS keys are unusable\n\
+         from now on: every cryptographic operation under them fails, and kmsfs volumes whose\n\
+         files they wrap lose access to those files, until the store is connected again:\n\
+         \n    kmsctl connect-custom-key-store --custom-key-store-id {store}\n"
+    )
+}
+
+/// The warning for a store that did not connect, from its DescribeCustomKeyStores entry.
+fn connect_warning(store: &str, described: &Value) -> Option<String> {
+    let entry = described.get("CustomKeyStores")?.as_array()?.first()?;
+    let state = entry.get("ConnectionState").and_then(Value::as_str)?;
+    if state == "CONNECTED" {
+        return None;
+    }
+    let code = entry.get("ConnectionErrorCode").and_then(Value::as_str).unwrap_or("no ConnectionErrorCode");
+    let hint = match code {
+        "INVALID_CREDENTIALS" => format!(
+            "The key store password is not the token's user PIN; after the disconnect, give the right one:\n\
+             \n    kmsctl update-custom-key-store --custom-key-store-id {store} --key-store-password-file FILE\n"
+        ),
+        "CLUSTER_NOT_FOUND" => "Its cluster ID is no longer declared in kmsd's hsm-clusters.json.\n".to_string(),
+        "INSUFFICIENT_CLOUDHSM_HSMS" => {
+            "The PKCS#11 module that hsm-clusters.json names has no initialized token with the declared label.\n"
+                .to_string()
+        }
+        "USER_LOCKED_OUT" => "The token's user PIN is locked: its security officer must reset it.\n".to_string(),
+        _ => "kmsd's log says why.\n".to_string(),
+    };
+    Some(format!(
+        "kmsctl: WARNING: custom key store {store} did not connect: it is {state} ({code}), and its KMS keys\n\
+         remain unusable. {hint}\
+         To try again, disconnect it, correct the error, and connect it:\n\
+         \n    kmsctl disconnect-custom-key-store --custom-key-store-id {store}\n\
+         \x20   kmsctl connect-custom-key-store --custom-key-store-id {store}\n"
     ))
 }
 
@@ -651,7 +787,7 @@ mod tests {
             "KeyState": "PendingDeletion",
             "PendingWindowInDays": 7,
         });
-        let warning = warning("ScheduleKeyDeletion", &response).unwrap();
+        let warning = warning("ScheduleKeyDeletion", &json!({"KeyId": "k"}), &response, None).unwrap();
         for needle in [
             "WARNING",
             "destroyed for good",
@@ -662,11 +798,139 @@ mod tests {
         ] {
             assert!(warning.contains(needle), "{needle:?} not in {warning}");
         }
-        let undated =
-            super::warning("ScheduleKeyDeletion", &json!({"KeyId": "k", "KeyState": "PendingReplicaDeletion"}));
+        let undated = super::warning(
+            "ScheduleKeyDeletion",
+            &json!({"KeyId": "k"}),
+            &json!({"KeyId": "k", "KeyState": "PendingReplicaDeletion"}),
+            None,
+        );
         assert!(undated.unwrap().contains("when its waiting period ends"));
-        assert_eq!(super::warning("CancelKeyDeletion", &json!({"KeyId": "k"})), None);
-        assert_eq!(super::warning("DisableKey", &json!({})), None);
+        assert_eq!(super::warning("CancelKeyDeletion", &json!({"KeyId": "k"}), &json!({"KeyId": "k"}), None), None);
+        assert_eq!(super::warning("DisableKey", &json!({"KeyId": "k"}), &json!({}), None), None);
+    }
+
+    #[test]
+    fn custom_key_store_requests() {
+        let dir = tempfile::tempdir().unwrap();
+        let anchor = dir.path().join("customerCA.crt");
+        std::fs::write(&anchor, "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n").unwrap();
+        let call = plan_for(&[
+            "create-custom-key-store",
+            "--custom-key-store-name",
+            "ExampleKeyStore",
+            "--cloud-hsm-cluster-id",
+            "cluster-1a23b4cdefg",
+            "--trust-anchor-certificate",
+            &format!("file://{}", anchor.display()),
+            "--key-store-password-file",
+            "/run/secrets/kmsuser",
+        ]);
+        assert_eq!((call.action, call.mode), ("CreateCustomKeyStore", Mode::Single));
+        assert_eq!(
+            call.request,
+            json!({
+                "CustomKeyStoreName": "ExampleKeyStore",
+                "CloudHsmClusterId": "cluster-1a23b4cdefg",
+                "TrustAnchorCertificate": "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+            }),
+            "the password is no part of the plan: it is read when the call runs"
+        );
+        let password = |source| Some(Secret { member: "KeyStorePassword", source });
+        assert_eq!(call.secret, password(SecretSource::File("/run/secrets/kmsuser".into())));
+
+        let create = ["create-custom-key-store", "--custom-key-store-name", "n", "--cloud-hsm-cluster-id", "c"];
+        assert_eq!(plan_for(&create).secret, password(SecretSource::Stdin), "stdin (or a prompt) without a file");
+        let with = |extra: &[&'static str]| plan_for(&[&create[..], extra].concat()).secret;
+        assert_eq!(with(&["--key-store-password-file", "-"]), password(SecretSource::Stdin));
+        let refused =
+            password(SecretSource::Argv { flag: "--key-store-password", instead: "--key-store-password-file" });
+        assert_eq!(with(&["--key-store-password", "hunter22"]), refused);
+        assert_eq!(with(&["--key-store-password=hunter22", "--key-store-password-file", "f"]), refused);
+        assert!(!format!("{:?}", plan_for(&[&create[..], &["--key-store-password", "hunter22"]].concat()))
+            .contains("hunter22"));
+
+        let call = plan_for(&["describe-custom-key-stores"]);
+        assert_eq!((call.action, call.mode), ("DescribeCustomKeyStores", Mode::Paginate { list: "CustomKeyStores" }));
+        assert_eq!(call.request, json!({}));
+        let call = plan_for(&["describe-custom-key-stores", "--custom-key-store-name", "n", "--limit", "1"]);
+        assert_eq!(call.mode, Mode::Single);
+        assert_eq!(call.request, json!({"CustomKeyStoreName": "n", "Limit": 1}));
+        let call = plan_for(&["describe-custom-key-stores", "--custom-key-store-id", "cks-1", "--marker", "m"]);
+        assert_eq!(call.request, json!({"CustomKeyStoreId": "cks-1", "Marker": "m"}));
+
+        for (command, action) in [
+            ("connect-custom-key-store", "ConnectCustomKeyStore"),
+            ("disconnect-custom-key-store", "DisconnectCustomKeyStore"),
+            ("delete-custom-key-store", "DeleteCustomKeyStore"),
+        ] {
+            let call = plan_for(&[command, "--custom-key-store-id", "cks-1"]);
+            assert_eq!((call.action, call.mode, call.secret), (action, Mode::Single, None), "{command}");
+            assert_eq!(call.request, json!({"CustomKeyStoreId": "cks-1"}), "{command}");
+        }
+
+        let call = plan_for(&[
+            "update-custom-key-store",
+            "--custom-key-store-id",
+            "cks-1",
+            "--new-custom-key-store-name",
+            "m",
+        ]);
+        assert_eq!(call.action, "UpdateCustomKeyStore");
+        assert_eq!(call.request, json!({"CustomKeyStoreId": "cks-1", "NewCustomKeyStoreName": "m"}));
+        assert_eq!(call.secret, None, "update changes the password only when asked to");
+        let call = plan_for(&[
+            "update-custom-key-store",
+            "--custom-key-store-id",
+            "cks-1",
+            "--key-store-password-file",
+            "pw",
+            "--cloud-hsm-cluster-id",
+            "cluster-abcdefghijk",
+        ]);
+        assert_eq!(call.request, json!({"CustomKeyStoreId": "cks-1", "CloudHsmClusterId": "cluster-abcdefghijk"}));
+        assert_eq!(call.secret, password(SecretSource::File("pw".into())));
+
+        let call = plan_for(&["create-key", "--origin", "AWS_CLOUDHSM", "--custom-key-store-id", "cks-1"]);
+        assert_eq!(call.request, json!({"Origin": "AWS_CLOUDHSM", "CustomKeyStoreId": "cks-1"}));
+    }
+
+    #[test]
+    fn disconnecting_a_key_store_warns_that_its_keys_stop_at_once() {
+        let request = json!({"CustomKeyStoreId": "cks-1234567890abcdef0"});
+        let warning = warning("DisconnectCustomKeyStore", &request, &json!({}), None).unwrap();
+        for needle in ["WARNING", "cks-1234567890abcdef0", "unusable", "kmsfs volumes"] {
+            assert!(warning.contains(needle), "{needle:?} not in {warning}");
+        }
+        assert!(warning.ends_with("kmsctl connect-custom-key-store --custom-key-store-id cks-1234567890abcdef0\n"));
+        assert_eq!(super::warning("DeleteCustomKeyStore", &request, &json!({}), None), None);
+    }
+
+    #[test]
+    fn a_key_store_that_failed_to_connect_is_reported() {
+        let request = json!({"CustomKeyStoreId": "cks-1"});
+        assert_eq!(
+            follow_up("ConnectCustomKeyStore", &request),
+            Some(("DescribeCustomKeyStores", json!({"CustomKeyStoreId": "cks-1"})))
+        );
+        assert_eq!(follow_up("DisconnectCustomKeyStore", &request), None);
+        let described = |entry: Value| json!({"CustomKeyStores": [entry], "Truncated": false});
+        let connected = described(json!({"CustomKeyStoreId": "cks-1", "ConnectionState": "CONNECTED"}));
+        assert_eq!(warning("ConnectCustomKeyStore", &request, &json!({}), Some(&connected)), None);
+        assert_eq!(warning("ConnectCustomKeyStore", &request, &json!({}), None), None, "no follow-up, no guess");
+        let failed = described(json!({
+            "CustomKeyStoreId": "cks-1",
+            "ConnectionState": "FAILED",
+            "ConnectionErrorCode": "INVALID_CREDENTIALS",
+        }));
+        let warning = warning("ConnectCustomKeyStore", &request, &json!({}), Some(&failed)).unwrap();
+        for needle in [
+            "did not connect: it is FAILED (INVALID_CREDENTIALS)",
+            "kmsctl update-custom-key-store --custom-key-store-id cks-1 --key-store-password-file FILE",
+            "kmsctl disconnect-custom-key-store --custom-key-store-id cks-1\n",
+            "    kmsctl connect-custom-key-store --custom-key-store-id cks-1\n",
+        ] {
+            assert!(warning.contains(needle), "{needle:?} not in {warning}");
+        }
     }
 
     #[test]

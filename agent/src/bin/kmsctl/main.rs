@@ -3,8 +3,8 @@
 //! encrypting and decrypting raw bytes between stdin and stdout.
 //!
 //! `cli` declares the command line, `args` parses structured arguments, `commands` turns a
-//! subcommand into an API call, `output` renders responses; this module runs the call and
-//! maps failures to the aws CLI's exit codes.
+//! subcommand into an API call, `password` reads the secrets no argument may carry, `output`
+//! renders responses; this module runs the call and maps failures to the aws CLI's exit codes.
 
 mod args;
 mod audit;
@@ -12,6 +12,7 @@ mod cli;
 mod commands;
 mod model;
 mod output;
+mod password;
 
 use std::io::{self, IsTerminal, Read, Write};
 use std::process::ExitCode;
@@ -106,7 +107,15 @@ fn run(cli: Cli) -> Result<(), Failure> {
         TopCommand::Kms(command) => command,
         TopCommand::Audit(command) => return audit::run(&command, socket.as_deref()),
     };
-    let commands::Call { action, mut request, mode } = commands::plan(&command);
+    let commands::Call { action, mut request, mode, secret } = commands::plan(&command);
+    if let Some(secret) = &secret {
+        // Read before the agent is reached, so that a bad source changes nothing. The
+        // request body holds a plain copy for the call's short duration.
+        let value = password::read(secret)?;
+        if let Value::Object(members) = &mut request {
+            members.insert(secret.member.to_string(), Value::String(value.to_string()));
+        }
+    }
     let stdout = io::stdout();
     if let Mode::Pipe { input, .. } = mode {
         if stdout.is_terminal() {
@@ -124,9 +133,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
     let mut client = AgentClient::connect_or_start(socket.as_deref()).map_err(|e| Failure::Other(e.to_string()))?;
     let mut call = |request: &Value| client.call(action, request).map_err(|e| Failure::from_client(action, e));
     let response = match mode {
-        Mode::Paginate { list } => commands::paginate(&mut call, request, list)?,
+        Mode::Paginate { list } => commands::paginate(&mut call, request.clone(), list)?,
         Mode::Single | Mode::Pipe { .. } => call(&request)?,
     };
+    // The call has succeeded; a follow-up that fails only leaves its warning out.
+    let checked = commands::follow_up(action, &request).and_then(|(check, body)| client.call(check, &body).ok());
     let bytes = match mode {
         Mode::Pipe { output, .. } => raw_blob(&response, output)?,
         Mode::Single | Mode::Paginate { .. } => output::render(action, &response, cli.output).into_bytes(),
@@ -136,7 +147,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
         .write_all(&bytes)
         .and_then(|()| stdout.flush())
         .map_err(|e| Failure::Other(format!("cannot write to stdout: {e}")))?;
-    if let Some(warning) = commands::warning(action, &response) {
+    if let Some(warning) = commands::warning(action, &request, &response, checked.as_ref()) {
         // Last, so that it is what a terminal shows at the bottom; a closed stderr is no
         // reason to fail a call that has succeeded.
         let _ = io::stderr().lock().write_all(warning.as_bytes());

@@ -44,6 +44,8 @@ const OUTPUTS: &[(&str, &[&str])] = &[
     ("GenerateDataKey", &["CiphertextBlob", "Plaintext", "KeyId", "CiphertextForRecipient", "KeyMaterialId"]),
     ("GenerateDataKeyWithoutPlaintext", &["CiphertextBlob", "KeyId", "KeyMaterialId"]),
     ("GenerateRandom", &["Plaintext", "CiphertextForRecipient"]),
+    ("CreateCustomKeyStore", &["CustomKeyStoreId"]),
+    ("DescribeCustomKeyStores", &["CustomKeyStores", "NextMarker", "Truncated"]),
 ];
 
 /// The members of the structure (or of each structure in the list) that a response member
@@ -104,6 +106,24 @@ const NESTED: &[(&str, &[&str])] = &[
     ),
     ("Constraints", &["EncryptionContextSubset", "EncryptionContextEquals"]),
     ("KeyLastUsage", &["Operation", "Timestamp", "CloudTrailEventId", "KmsRequestId"]),
+    (
+        "CustomKeyStores",
+        &[
+            "CustomKeyStoreId",
+            "CustomKeyStoreName",
+            "CloudHsmClusterId",
+            "TrustAnchorCertificate",
+            "ConnectionState",
+            "ConnectionErrorCode",
+            "CreationDate",
+            "CustomKeyStoreType",
+            "XksProxyConfiguration",
+        ],
+    ),
+    (
+        "XksProxyConfiguration",
+        &["Connectivity", "AccessKeyId", "UriEndpoint", "UriPath", "VpcEndpointServiceName", "VpcEndpointServiceOwner"],
+    ),
     (
         "Rotations",
         &[

@@ -406,6 +406,43 @@ mod tests {
     }
 
     #[test]
+    fn custom_key_stores_follow_the_model() {
+        let response = json!({
+            "Truncated": false,
+            "CustomKeyStores": [{
+                "CustomKeyStoreType": "AWS_CLOUDHSM",
+                "CreationDate": 1_700_000_000,
+                "ConnectionState": "FAILED",
+                "ConnectionErrorCode": "INVALID_CREDENTIALS",
+                "CloudHsmClusterId": "cluster-abcdefghijk",
+                "CustomKeyStoreName": "store",
+                "CustomKeyStoreId": "cks-1",
+            }],
+        });
+        let expected = r#"{
+    "CustomKeyStores": [
+        {
+            "CustomKeyStoreId": "cks-1",
+            "CustomKeyStoreName": "store",
+            "CloudHsmClusterId": "cluster-abcdefghijk",
+            "ConnectionState": "FAILED",
+            "ConnectionErrorCode": "INVALID_CREDENTIALS",
+            "CreationDate": "2023-11-14T22:13:20.000000+00:00",
+            "CustomKeyStoreType": "AWS_CLOUDHSM"
+        }
+    ],
+    "Truncated": false
+}
+"#;
+        assert_eq!(render("DescribeCustomKeyStores", &response, OutputFormat::Json), expected);
+        assert_eq!(
+            render("DescribeCustomKeyStores", &response, OutputFormat::Text),
+            "False\nCUSTOMKEYSTORES\tcluster-abcdefghijk\tINVALID_CREDENTIALS\tFAILED\t\
+             2023-11-14T22:13:20.000000+00:00\tcks-1\tstore\tAWS_CLOUDHSM\n"
+        );
+    }
+
+    #[test]
     fn timestamps_already_strings_are_left_alone() {
         let out = render("ListAliases", &json!({"CreationDate": "yesterday"}), OutputFormat::Json);
         assert!(out.contains("\"yesterday\""), "{out}");
