@@ -24,7 +24,11 @@ struct Made {
 /// Creates a key, encrypts under it and generates a data key (the data key's blob and its
 /// plaintext kept), as a service and a mounted volume would.
 fn make_keys(agent: &TestAgent) -> Made {
-    let key_id = create_key(agent);
+    ciphertexts_under(agent, create_key(agent))
+}
+
+/// Ciphertexts under `key_id`'s current material: two Encrypts and a GenerateDataKey.
+fn ciphertexts_under(agent: &TestAgent, key_id: String) -> Made {
     let mut blobs = Vec::new();
     for plaintext in [&b"database password"[..], b"api token"] {
         let out = agent.ok("Encrypt", json!({"KeyId": key_id, "Plaintext": b64(plaintext)}));
@@ -325,9 +329,8 @@ fn a_file_state_directory_moves_into_the_tpm_with_every_key() {
     let made = make_keys(&agent);
     // A second version of the key's material: older ciphertexts keep the first.
     agent.ok("RotateKeyOnDemand", json!({"KeyId": made.key_id}));
-    let mut after_rotation = make_keys(&agent);
-    let out = agent.ok("Encrypt", json!({"KeyId": made.key_id, "Plaintext": b64(b"second material")}));
-    after_rotation.blobs.push((out["CiphertextBlob"].clone(), b"second material".to_vec()));
+    let after_rotation = ciphertexts_under(&agent, made.key_id.clone());
+    let other_key = make_keys(&agent);
     agent.stop();
 
     let recovery = secret_file(&agent, "recovery-passphrase", PASSPHRASE);
@@ -353,6 +356,7 @@ fn a_file_state_directory_moves_into_the_tpm_with_every_key() {
     assert!(agent.log().contains(&format!("tpm2 ({tcti}, PCRs 7)")), "{}", agent.log());
     assert_all_decrypt(&agent, &made);
     assert_all_decrypt(&agent, &after_rotation);
+    assert_all_decrypt(&agent, &other_key);
     agent.restart();
     assert_all_decrypt(&agent, &made);
 

@@ -26,7 +26,7 @@
 //! `noDA` means a wrong authorization value never locks the TPM out (kmsd restarted by systemd
 //! with a wrong `--tpm-auth-file` would otherwise lock every DA-protected key of the machine),
 //! and also that guesses are not rate-limited: an authorization value should be random
-//! (e.g. 32 bytes from /dev/urandom), not a word.
+//! (e.g. the 32 characters of `openssl rand -hex 16`), not a word.
 //!
 //! Without a resource manager (swtpm, `/dev/tpm0`) the TPM holds only a few transient
 //! objects: every handle made here is flushed on every path, and transient objects left
@@ -77,14 +77,6 @@ pub struct TpmOptions {
 
 /// The kernel's resource manager: several processes may use the TPM at once.
 pub const DEFAULT_TCTI: &str = "device:/dev/tpmrm0";
-
-/// What `root.tpm` records besides the sealed object: for `kmsd` to use the recorded TCTI
-/// by default and to keep PCRs and authorization when resealing without new ones.
-pub struct SealedSettings {
-    pub tcti: String,
-    pub pcrs: Vec<u8>,
-    pub auth: bool,
-}
 
 const SEALED_FILE: &str = "root.tpm";
 const RECOVERY_FILE: &str = "root.recovery";
@@ -325,19 +317,13 @@ pub fn reseal(
     Ok(())
 }
 
-/// What STATE_DIR/root.tpm records: the TCTI, PCRs and whether an authorization value is needed.
-pub fn sealed_settings(state_dir: &Path) -> Result<SealedSettings, String> {
-    let sealed = read_sealed(&state_dir.join(SEALED_FILE))?;
-    Ok(SealedSettings { tcti: sealed.tcti, pcrs: sealed.pcrs.iter().map(|p| p.index).collect(), auth: sealed.auth })
-}
-
 /// A description for logs: "tpm2 (device:/dev/tpmrm0, PCRs 7)".
 pub fn describe(state_dir: &Path, tcti: &str) -> String {
-    match sealed_settings(state_dir) {
-        Ok(settings) => format!(
+    match read_sealed(&state_dir.join(SEALED_FILE)) {
+        Ok(sealed) => format!(
             "tpm2 ({tcti}, {}{})",
-            pcr_summary(&settings.pcrs),
-            if settings.auth { ", authorization value" } else { "" }
+            pcr_summary(&sealed.pcrs.iter().map(|p| p.index).collect::<Vec<_>>()),
+            if sealed.auth { ", authorization value" } else { "" }
         ),
         Err(_) => format!("tpm2 ({tcti})"),
     }
@@ -371,7 +357,7 @@ fn check_options(opts: &TpmOptions) -> Result<(), String> {
         if auth.is_empty() || auth.len() > MAX_AUTH_LEN {
             return Err(format!(
                 "the TPM authorization value is {} bytes long: it must be 1 to {MAX_AUTH_LEN} bytes \
-                 (e.g. head -c 32 /dev/urandom)",
+                 (e.g. the text of `openssl rand -hex 16`)",
                 auth.len()
             ));
         }
@@ -1221,7 +1207,7 @@ mod tests {
         reseal(dir, &opts(&second, &[], None), &recovered, None).unwrap();
         assert_eq!(unseal(dir, &second.tcti(), None).unwrap().expose(), key.expose());
         assert!(unseal(dir, &first.tcti(), None).unwrap_err().contains("another TPM"));
-        assert_eq!(sealed_settings(dir).unwrap().tcti, second.tcti());
+        assert_eq!(read_sealed(&dir.join(SEALED_FILE)).unwrap().tcti, second.tcti());
     }
 
     #[test]
