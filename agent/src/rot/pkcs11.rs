@@ -40,7 +40,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Function, Pkcs11};
 use cryptoki::error::{Error as P11Error, RvError};
 use cryptoki::mechanism::aead::GcmParams;
-use cryptoki::mechanism::{Mechanism, MechanismType};
+use cryptoki::mechanism::{Mechanism, MechanismInfo, MechanismType};
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, SessionState, UserType};
 use cryptoki::slot::Slot;
@@ -62,10 +62,17 @@ const OBJECT_ID_LEN: usize = 16;
 pub const REFERENCE_LEN: usize = 1 + OBJECT_ID_LEN;
 const GCM_TAG_BITS: u64 = (TAG_LEN * 8) as u64;
 
-/// The mechanisms kmsd needs from a token, and what for.
-const REQUIRED_MECHANISMS: [(MechanismType, &str, &str); 2] = [
-    (MechanismType::AES_KEY_GEN, "CKM_AES_KEY_GEN", "generate AES-256 key material in the token"),
-    (MechanismType::AES_GCM, "CKM_AES_GCM", "encrypt and decrypt in the token (ciphertext blob format 2)"),
+/// The mechanisms kmsd needs from a token, what for, and the use it must allow.
+const REQUIRED_MECHANISMS: [(MechanismType, &str, &str, fn(&MechanismInfo) -> bool); 2] = [
+    (
+        MechanismType::AES_KEY_GEN,
+        "CKM_AES_KEY_GEN",
+        "generate AES-256 key material in the token",
+        MechanismInfo::generate,
+    ),
+    (MechanismType::AES_GCM, "CKM_AES_GCM", "encrypt and decrypt in the token (ciphertext blob format 2)", |info| {
+        info.encrypt() && info.decrypt()
+    }),
 ];
 
 /// Where a token is and how to log in to it.
@@ -252,9 +259,18 @@ fn find_slot(pkcs11: &Pkcs11, label: &str) -> Result<Slot, SlotSearch> {
     }
 }
 
-/// The first mechanism of [`REQUIRED_MECHANISMS`] missing from `offered`, with its purpose.
-fn missing_mechanism(offered: &[MechanismType]) -> Option<(&'static str, &'static str)> {
-    REQUIRED_MECHANISMS.iter().find(|(m, _, _)| !offered.contains(m)).map(|(_, name, purpose)| (*name, *purpose))
+/// The first of [`REQUIRED_MECHANISMS`] that `offers` (whether the token offers a
+/// mechanism for the use kmsd needs) denies, with its purpose. (Asked one by one: cryptoki
+/// logs an error for each mechanism of a full list that it does not know.)
+fn missing_mechanism(
+    offers: impl Fn(MechanismType, fn(&MechanismInfo) -> bool) -> Result<bool, P11Error>,
+) -> Result<Option<(&'static str, &'static str)>, P11Error> {
+    for (mechanism, name, purpose, uses) in REQUIRED_MECHANISMS {
+        if !offers(mechanism, uses)? {
+            return Ok(Some((name, purpose)));
+        }
+    }
+    Ok(None)
 }
 
 /// Why a session could not be opened.
@@ -372,8 +388,12 @@ impl Token {
                 describe_error(e)
             ))
         };
-        let offered = pkcs11.get_mechanism_list(slot).map_err(|e| other("list the mechanisms", &e))?;
-        if let Some((name, purpose)) = missing_mechanism(&offered) {
+        let offers = |mechanism, uses: fn(&MechanismInfo) -> bool| match pkcs11.get_mechanism_info(slot, mechanism) {
+            Ok(info) => Ok(uses(&info)),
+            Err(P11Error::Pkcs11(RvError::MechanismInvalid, _)) => Ok(false),
+            Err(e) => Err(e),
+        };
+        if let Some((name, purpose)) = missing_mechanism(offers).map_err(|e| other("read the mechanisms", &e))? {
             return Err(ConnectError::MechanismMissing(format!(
                 "the PKCS#11 token '{label}' ({}) does not offer {name}, which kmsd needs to {purpose}",
                 module.display()
@@ -1014,6 +1034,7 @@ impl RootOfTrust for Pkcs11Root {
 mod tests {
     use std::process::Command;
     use std::sync::atomic::AtomicUsize;
+    use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
     use aes_gcm::aead::{Aead, KeyInit, Payload};
     use kmsfs_common::ErrorKind;
@@ -1049,6 +1070,17 @@ mod tests {
             dir
         })
         .path()
+    }
+
+    /// Tests share the module; one that makes it initialize again runs alone.
+    static MODULE_USE: RwLock<()> = RwLock::new(());
+
+    fn shared() -> RwLockReadGuard<'static, ()> {
+        MODULE_USE.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn exclusive() -> RwLockWriteGuard<'static, ()> {
+        MODULE_USE.write().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The module's context, loaded through the registry as `Token::connect` would.
@@ -1094,15 +1126,19 @@ mod tests {
         (config, Pkcs11Root::new(token))
     }
 
-    /// `softhsm2-util --delete-token`, as an operator would remove a token.
-    fn delete_token(label: &str) {
+    /// `softhsm2-util`, as an operator would run it, on this process's token directory.
+    fn softhsm2_util(args: &[&str]) {
         let conf = softhsm().join("softhsm2.conf");
         let out = Command::new("softhsm2-util")
-            .args(["--delete-token", "--token", label])
+            .args(args)
             .env("SOFTHSM2_CONF", conf)
             .output()
             .expect("softhsm2-util is not installed: run scripts/install-test-deps");
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    fn delete_token(label: &str) {
+        softhsm2_util(&["--delete-token", "--token", label]);
     }
 
     fn object_id(stored: &[u8]) -> [u8; OBJECT_ID_LEN] {
@@ -1131,6 +1167,7 @@ mod tests {
 
     #[test]
     fn generated_material_seals_and_opens_in_the_token() {
+        let _shared = shared();
         let (_, root) = connect("roundtrip");
         let id = KeyId::random();
         let (material, stored) = root.generate(&id, 1).unwrap();
@@ -1149,6 +1186,7 @@ mod tests {
 
     #[test]
     fn tampered_blobs_are_invalid_ciphertext() {
+        let _shared = shared();
         let (_, root) = connect("tamper");
         let id = KeyId::random();
         let (material, _) = root.generate(&id, 3).unwrap();
@@ -1182,6 +1220,7 @@ mod tests {
 
     #[test]
     fn load_refuses_references_to_other_keys_versions_or_nothing() {
+        let _shared = shared();
         let (_, root) = connect("load");
         let id = KeyId::random();
         let (_, first) = root.generate(&id, 1).unwrap();
@@ -1206,6 +1245,7 @@ mod tests {
 
     #[test]
     fn material_is_sensitive_and_never_leaves_the_token() {
+        let _shared = shared();
         let (_, root) = connect("attrs");
         let id = KeyId::random();
         let (_, generated) = root.generate(&id, 1).unwrap();
@@ -1268,6 +1308,7 @@ mod tests {
 
     #[test]
     fn imported_material_is_that_key_under_standard_aes_gcm() {
+        let _shared = shared();
         let (_, root) = connect("import");
         let id = KeyId::random();
         let key = KeyBytes::random();
@@ -1294,6 +1335,7 @@ mod tests {
 
     #[test]
     fn two_tokens_of_one_module_serve_at_once() {
+        let _shared = shared();
         let (_, a) = connect("two-a");
         let (_, b) = connect("two-b");
         let id = KeyId::random();
@@ -1321,6 +1363,7 @@ mod tests {
 
     #[test]
     fn a_wrong_pin_is_incorrect_pin() {
+        let _shared = shared();
         let mut config = new_token("pin");
         config.pin = Zeroizing::new("9999".into());
         let e = Token::connect(&config).err().unwrap();
@@ -1349,6 +1392,7 @@ mod tests {
 
     #[test]
     fn a_missing_label_is_token_not_found() {
+        let _shared = shared();
         let (config, _root) = connect("present");
         let missing = TokenConfig { token_label: "no-such-token".into(), ..config.clone() };
         let e = Token::connect(&missing).err().unwrap();
@@ -1360,14 +1404,43 @@ mod tests {
 
     #[test]
     fn a_token_without_aes_gcm_is_refused_naming_the_mechanism() {
-        assert_eq!(missing_mechanism(&[MechanismType::AES_KEY_GEN]).map(|m| m.0), Some("CKM_AES_GCM"));
-        assert_eq!(missing_mechanism(&[MechanismType::AES_GCM]).map(|m| m.0), Some("CKM_AES_KEY_GEN"));
-        assert_eq!(missing_mechanism(&[MechanismType::AES_GCM, MechanismType::AES_KEY_GEN]), None);
+        let _shared = shared();
+        let lacking =
+            |missing: MechanismType| missing_mechanism(|m, _| Ok(m != missing)).unwrap().map(|(name, _)| name);
+        assert_eq!(lacking(MechanismType::AES_GCM), Some("CKM_AES_GCM"));
+        assert_eq!(lacking(MechanismType::AES_KEY_GEN), Some("CKM_AES_KEY_GEN"));
+        assert_eq!(lacking(MechanismType::AES_CBC), None);
+        // SoftHSM2 offers both, for the uses kmsd needs.
+        let (config, _root) = connect("mechanisms");
+        let registry = modules();
+        let pkcs11 = &registry[&Path::new(MODULE).canonicalize().unwrap()].pkcs11;
+        let slot = find_slot(pkcs11, &config.token_label).ok().unwrap();
+        let offers = |m, uses: fn(&MechanismInfo) -> bool| pkcs11.get_mechanism_info(slot, m).map(|info| uses(&info));
+        assert_eq!(missing_mechanism(offers).unwrap(), None);
         assert_eq!(ConnectError::MechanismMissing("x".into()).connection_error_code(), "INTERNAL_ERROR");
     }
 
     #[test]
+    fn a_token_made_later_is_found_once_none_of_the_module_is_in_use() {
+        let _alone = exclusive();
+        let (config, root) = connect("early");
+        // Made by another process after this one initialized the module.
+        softhsm2_util(&["--init-token", "--free", "--label", "late", "--pin", PIN, "--so-pin", SO_PIN]);
+        let late = TokenConfig { token_label: "late".into(), ..config.clone() };
+        // SoftHSM2 does not list it, and a token of the module is in use: no re-initialization.
+        assert!(matches!(Token::connect(&late), Err(ConnectError::TokenNotFound(_))));
+        drop(root);
+        let root = Pkcs11Root::new(Token::connect(&late).unwrap());
+        let id = KeyId::random();
+        let (material, _) = root.generate(&id, 1).unwrap();
+        seal_parse_open(&*material, &*material, &id, 1);
+        // The early token is still there for a new connection.
+        assert!(Token::connect(&config).is_ok());
+    }
+
+    #[test]
     fn a_closed_token_fails_every_use_until_connected_again() {
+        let _shared = shared();
         let (config, root) = connect("close");
         let id = KeyId::random();
         let (material, stored) = root.generate(&id, 1).unwrap();
@@ -1392,6 +1465,7 @@ mod tests {
 
     #[test]
     fn a_deleted_token_fails_cleanly_and_the_others_keep_serving() {
+        let _shared = shared();
         let (gone, doomed) = connect("deleted");
         let (_, other) = connect("survivor");
         let id = KeyId::random();
@@ -1421,6 +1495,7 @@ mod tests {
 
     #[test]
     fn a_session_that_lost_its_login_is_replaced() {
+        let _shared = shared();
         let (_, root) = connect("relogin");
         let id = KeyId::random();
         let (material, _) = root.generate(&id, 1).unwrap();
@@ -1434,6 +1509,7 @@ mod tests {
 
     #[test]
     fn destroy_removes_the_object_once_and_only_its_own() {
+        let _shared = shared();
         let (_, root) = connect("destroy");
         let id = KeyId::random();
         let (_, first) = root.generate(&id, 1).unwrap();
@@ -1449,6 +1525,7 @@ mod tests {
 
     #[test]
     fn sixteen_threads_share_the_session_pool() {
+        let _shared = shared();
         let (_, root) = connect("pool");
         let id = KeyId::random();
         let (material, _) = root.generate(&id, 1).unwrap();
