@@ -62,8 +62,11 @@ const OBJECT_ID_LEN: usize = 16;
 pub const REFERENCE_LEN: usize = 1 + OBJECT_ID_LEN;
 const GCM_TAG_BITS: u64 = (TAG_LEN * 8) as u64;
 
+/// Whether a mechanism's info allows the use kmsd makes of it.
+type Allows = fn(&MechanismInfo) -> bool;
+
 /// The mechanisms kmsd needs from a token, what for, and the use it must allow.
-const REQUIRED_MECHANISMS: [(MechanismType, &str, &str, fn(&MechanismInfo) -> bool); 2] = [
+const REQUIRED_MECHANISMS: [(MechanismType, &str, &str, Allows); 2] = [
     (
         MechanismType::AES_KEY_GEN,
         "CKM_AES_KEY_GEN",
@@ -263,7 +266,7 @@ fn find_slot(pkcs11: &Pkcs11, label: &str) -> Result<Slot, SlotSearch> {
 /// mechanism for the use kmsd needs) denies, with its purpose. (Asked one by one: cryptoki
 /// logs an error for each mechanism of a full list that it does not know.)
 fn missing_mechanism(
-    offers: impl Fn(MechanismType, fn(&MechanismInfo) -> bool) -> Result<bool, P11Error>,
+    offers: impl Fn(MechanismType, Allows) -> Result<bool, P11Error>,
 ) -> Result<Option<(&'static str, &'static str)>, P11Error> {
     for (mechanism, name, purpose, uses) in REQUIRED_MECHANISMS {
         if !offers(mechanism, uses)? {
@@ -388,7 +391,7 @@ impl Token {
                 describe_error(e)
             ))
         };
-        let offers = |mechanism, uses: fn(&MechanismInfo) -> bool| match pkcs11.get_mechanism_info(slot, mechanism) {
+        let offers = |mechanism, uses: Allows| match pkcs11.get_mechanism_info(slot, mechanism) {
             Ok(info) => Ok(uses(&info)),
             Err(P11Error::Pkcs11(RvError::MechanismInvalid, _)) => Ok(false),
             Err(e) => Err(e),
@@ -1415,7 +1418,7 @@ mod tests {
         let registry = modules();
         let pkcs11 = &registry[&Path::new(MODULE).canonicalize().unwrap()].pkcs11;
         let slot = find_slot(pkcs11, &config.token_label).ok().unwrap();
-        let offers = |m, uses: fn(&MechanismInfo) -> bool| pkcs11.get_mechanism_info(slot, m).map(|info| uses(&info));
+        let offers = |m, uses: Allows| pkcs11.get_mechanism_info(slot, m).map(|info| uses(&info));
         assert_eq!(missing_mechanism(offers).unwrap(), None);
         assert_eq!(ConnectError::MechanismMissing("x".into()).connection_error_code(), "INTERNAL_ERROR");
     }
