@@ -464,7 +464,7 @@ impl Token {
             pool.slot = None;
             std::mem::take(&mut pool.idle)
         };
-        drop(idle);
+        discard(idle);
         self.release_module();
         tracing::info!("disconnected from {}", self.describe());
     }
@@ -558,7 +558,7 @@ impl Token {
             return;
         }
         drop(pool);
-        drop(lease);
+        discard([lease.session]);
     }
 
     /// Empties the pool after a session of `epoch` was found lost, so that every session
@@ -574,7 +574,7 @@ impl Token {
             std::mem::take(&mut pool.idle)
         };
         tracing::warn!("lost a session with {} ({detail}); reconnecting", self.describe());
-        drop(idle);
+        discard(idle);
     }
 
     /// Whether the lease's session is still logged in and its slot still holds this token.
@@ -635,7 +635,7 @@ impl Token {
                 }
                 Failure::Lost(detail) => {
                     let epoch = lease.epoch;
-                    drop(lease);
+                    discard([lease.session]);
                     self.reset(epoch, &detail);
                     if retried {
                         return Err(self.unreachable(&what(), &detail));
@@ -729,6 +729,14 @@ impl Token {
 impl Drop for Token {
     fn drop(&mut self) {
         self.release_module();
+    }
+}
+
+/// Closes sessions that are no longer wanted. Closing a lost session may fail, as
+/// expected: closing explicitly keeps cryptoki from logging that as an error on drop.
+fn discard(sessions: impl IntoIterator<Item = Session>) {
+    for session in sessions {
+        let _ = session.close();
     }
 }
 
