@@ -4,15 +4,13 @@
 //! restarts, and refuses to initialize or start, with a clear message, on a wrong PIN, a
 //! missing module or a missing token.
 //!
-//! kmsd finds SoftHSM2's configuration in `SOFTHSM2_CONF`, which it inherits from this
-//! process (TestAgent gives its child no environment of its own): each test sets it for the
-//! whole process while holding [`serial`], so that tests sharing a process (`cargo test`)
-//! do not see each other's.
+//! kmsd finds SoftHSM2's configuration in `SOFTHSM2_CONF`, set for it alone
+//! ([`TestAgent::set_env`]); this process sets it for itself only to look into a token, one
+//! look at a time.
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use kmsfs_tests::softhsm::SoftHsm;
@@ -23,29 +21,22 @@ const LABEL: &str = "kmsd-root";
 /// Distinctive, so that a scan of the state directory for it means something.
 const PIN: &str = "pin-7f3a9c51";
 
-fn serial() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// A SoftHSM2 with the token [`LABEL`], and an agent directory (nothing running).
-/// Fields drop in order: the agent before the HSM, the process-wide lock last.
+/// A SoftHSM2 with the token [`LABEL`], and an agent directory (nothing running) pointed
+/// at it. Fields drop in order: the agent before the HSM.
 struct Setup {
     agent: TestAgent,
     hsm: SoftHsm,
     pin_file: PathBuf,
-    _serial: MutexGuard<'static, ()>,
 }
 
 fn prepare() -> Setup {
-    let serial = serial();
     let hsm = SoftHsm::new();
     hsm.init_token(LABEL, PIN);
-    let (var, conf) = hsm.env();
-    std::env::set_var(var, conf);
     let pin_file = hsm.pin_file("pin", PIN);
-    let agent = TestAgent::prepared(&["--pkcs11-pin-file", pin_file.to_str().expect("utf-8 path")]);
-    Setup { agent, hsm, pin_file, _serial: serial }
+    let mut agent = TestAgent::prepared(&["--pkcs11-pin-file", pin_file.to_str().expect("utf-8 path")]);
+    let (var, conf) = hsm.env();
+    agent.set_env(var, conf.to_str().expect("utf-8 path"));
+    Setup { agent, hsm, pin_file }
 }
 
 /// `kmsd init --root-of-trust pkcs11` with these settings.
@@ -107,7 +98,7 @@ fn decrypt(agent: &TestAgent, blob: &Value, context: &Value) -> Value {
 /// A look into a token from this process with cryptoki, as its owner would check it.
 mod token {
     use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
-    use std::sync::OnceLock;
+    use std::sync::{Mutex, OnceLock};
 
     use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
     use cryptoki::object::{Attribute, AttributeType, ObjectClass};
@@ -131,9 +122,12 @@ mod token {
     }
 
     /// Every secret-key object in the token `label`, logged in with `pin`. The module is
-    /// initialized for the look (SoftHSM2 reads the token directory then) and finalized after.
+    /// initialized for the look, with this HSM's configuration (SoftHSM2 reads it, and the
+    /// token directory, then), and finalized after; tests sharing the process take turns.
     pub fn secret_keys(hsm: &SoftHsm, label: &str, pin: &str) -> Vec<SecretKey> {
         static LOADED: OnceLock<Pkcs11> = OnceLock::new();
+        static TURN: Mutex<()> = Mutex::new(());
+        let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
         let pkcs11 = LOADED.get_or_init(|| Pkcs11::new(MODULE).expect("load SoftHSM2"));
         let (var, conf) = hsm.env();
         std::env::set_var(var, conf);
@@ -405,9 +399,8 @@ fn the_pin_can_come_from_a_systemd_credential() {
     std::fs::write(&s.pin_file, "not-the-pin\n").unwrap();
     let credentials = tempfile::tempdir().unwrap();
     std::fs::write(credentials.path().join("kmsd-pkcs11-pin"), format!("{PIN}\n")).unwrap();
-    std::env::set_var("CREDENTIALS_DIRECTORY", credentials.path());
+    s.agent.set_env("CREDENTIALS_DIRECTORY", credentials.path().to_str().unwrap());
     s.agent.set_args(&[]);
     s.agent.start_again();
-    std::env::remove_var("CREDENTIALS_DIRECTORY");
     assert_eq!(unb64(&decrypt(&s.agent, &blob, &json!({}))["Plaintext"]), b"credential");
 }
