@@ -9,6 +9,7 @@
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
 
+use kmsfs_tests::softhsm::SoftHsm;
 use kmsfs_tests::{bin, TestAgent};
 use serde_json::Value;
 
@@ -473,31 +474,22 @@ fn starts_a_per_user_agent_on_demand() {
 /// 7 to 32 characters).
 const STORE_PIN: &str = "kmsuser-pin-4711";
 
-/// A SoftHSM2 token directory of a test's own with a token (user PIN [`STORE_PIN`]) for each
+/// A SoftHSM2 of the test's own with a token (user PIN [`STORE_PIN`]) for each
 /// `(cluster ID, label)` of `tokens`, declared under that ID in a new agent's
 /// hsm-clusters.json, and the agent started with that SoftHSM2 configuration.
-fn agent_with_tokens(tokens: &[(&str, &str)]) -> (TestAgent, tempfile::TempDir) {
-    let hsm = tempfile::Builder::new().prefix("kmsctl-softhsm-").tempdir().unwrap();
-    let conf = hsm.path().join("softhsm2.conf");
-    std::fs::create_dir(hsm.path().join("tokens")).unwrap();
-    let config =
-        format!("directories.tokendir = {}\nobjectstore.backend = file\n", hsm.path().join("tokens").display());
-    std::fs::write(&conf, config).unwrap();
+fn agent_with_tokens(tokens: &[(&str, &str)]) -> (TestAgent, SoftHsm) {
+    let hsm = SoftHsm::new();
+    let module = hsm.module().display().to_string();
     let mut clusters = serde_json::Map::new();
     for (cluster, label) in tokens {
-        let out = Command::new("softhsm2-util")
-            .args(["--init-token", "--free", "--label", label, "--pin", STORE_PIN, "--so-pin", "5678"])
-            .env("SOFTHSM2_CONF", &conf)
-            .output()
-            .expect("softhsm2-util (SoftHSM2: scripts/install-test-deps installs it)");
-        assert!(out.status.success(), "softhsm2-util: {}", String::from_utf8_lossy(&out.stderr));
-        let module = "/usr/lib/softhsm/libsofthsm2.so";
+        hsm.init_token(label, STORE_PIN);
         clusters.insert(cluster.to_string(), serde_json::json!({"module": module, "token_label": label}));
     }
     let mut agent = TestAgent::prepared(&[]);
     let declared = serde_json::json!({ "clusters": clusters }).to_string();
     std::fs::write(agent.config_dir().join("hsm-clusters.json"), declared).unwrap();
-    agent.set_env("SOFTHSM2_CONF", conf.to_str().unwrap());
+    let (key, conf) = hsm.env();
+    agent.set_env(key, conf.to_str().unwrap());
     agent.start_again();
     (agent, hsm)
 }
