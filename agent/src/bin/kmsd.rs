@@ -100,9 +100,10 @@ struct RootArgs {
     /// one recorded at init), e.g. `swtpm:host=127.0.0.1,port=2321`.
     #[arg(long, global = true, value_name = "TCTI")]
     tpm_tcti: Option<String>,
-    /// `tpm2` (init, reseal): bind the root key to these sha256 PCRs, e.g. `7` or `0,2,7`.
+    /// `tpm2` (init, reseal): bind the root key to these sha256 PCRs, e.g. `7` or `0,2,7`
+    /// (`none`: no PCR binding).
     #[arg(long, global = true, value_name = "LIST", value_parser = parse_pcrs)]
-    tpm_pcrs: Option<Vec<u8>>,
+    tpm_pcrs: Option<PcrList>,
     /// `tpm2`: a file holding an authorization value the root key is sealed with (at
     /// start, default: the systemd credential `kmsd-tpm-auth`, else the file given at init).
     #[arg(long, global = true, value_name = "FILE")]
@@ -139,19 +140,18 @@ impl RootArgs {
     }
 }
 
-/// `7` or `0,2,7`: sha256 PCR indices.
-fn parse_pcrs(text: &str) -> Result<Vec<u8>, String> {
-    let mut pcrs = Vec::new();
-    for part in text.split(',').map(str::trim) {
-        let pcr: u8 =
-            part.parse().ok().filter(|p| *p < 24).ok_or_else(|| format!("'{part}' is not a PCR index 0-23"))?;
-        if pcrs.contains(&pcr) {
-            return Err(format!("PCR {pcr} is listed twice"));
-        }
-        pcrs.push(pcr);
-    }
-    pcrs.sort_unstable();
-    Ok(pcrs)
+/// PCR indices, one value of `--tpm-pcrs` (a list: clap would take `Vec<u8>` as repeats).
+type PcrList = Vec<u8>;
+
+/// `7` or `0,2,7`: sha256 PCR indices; `none` for no PCR binding.
+#[cfg(feature = "tpm2")]
+fn parse_pcrs(text: &str) -> Result<PcrList, String> {
+    kmsfs_agent::rot::tpm2::parse_pcrs(text)
+}
+
+#[cfg(not(feature = "tpm2"))]
+fn parse_pcrs(_: &str) -> Result<PcrList, String> {
+    Err("this kmsd was built without the tpm2 backend (cargo feature `tpm2`)".into())
 }
 
 /// A signed duration: an integer with a unit `s`, `m`, `h` or `d` (seconds if none), in ms.
@@ -186,7 +186,9 @@ enum Switch {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("KMSD_LOG").unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KMSD_LOG").unwrap_or_else(|_| "info,tss_esapi=warn".into()),
+        )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();

@@ -15,6 +15,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
+#[cfg(feature = "tpm2")]
 use kmsfs_common::aead::KeyBytes;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
@@ -104,8 +105,10 @@ pub struct RootOptions {
 
 /// The systemd credentials (`LoadCredential=`) a PIN or authorization value may come from.
 const PIN_CREDENTIAL: &str = "kmsd-pkcs11-pin";
+#[cfg(feature = "tpm2")]
 const TPM_AUTH_CREDENTIAL: &str = "kmsd-tpm-auth";
 /// The shortest recovery passphrase accepted: it alone opens the root key without the TPM.
+#[cfg(feature = "tpm2")]
 const MIN_RECOVERY_LEN: usize = 12;
 
 impl RootOptions {
@@ -458,6 +461,7 @@ fn read_secret_text(path: &Path, what: &str) -> Result<Zeroizing<String>, String
     Ok(secret)
 }
 
+#[cfg(feature = "tpm2")]
 fn read_recovery(opts: &RootOptions, what: &str) -> Result<Zeroizing<String>, String> {
     let path = opts.recovery_passphrase_file.as_deref().ok_or_else(|| {
         format!(
@@ -472,12 +476,21 @@ fn read_recovery(opts: &RootOptions, what: &str) -> Result<Zeroizing<String>, St
     Ok(passphrase)
 }
 
+/// An authorization value: the file's bytes (text or binary), without one trailing newline.
+#[cfg(feature = "tpm2")]
 fn read_tpm_auth(path: Option<&Path>) -> Result<Option<Zeroizing<Vec<u8>>>, String> {
-    match path {
-        None => Ok(None),
-        Some(path) => {
-            let text = read_secret_text(path, "TPM authorization value")?;
-            Ok(Some(Zeroizing::new(text.as_bytes().to_vec())))
+    let Some(path) = path else { return Ok(None) };
+    let mut bytes = Zeroizing::new(
+        fs::read(path).map_err(|e| format!("cannot read the TPM authorization value file {}: {e}", path.display()))?,
+    );
+    if bytes.last() == Some(&b'\n') {
+        bytes.pop();
+        if bytes.last() == Some(&b'\r') {
+            bytes.pop();
         }
     }
+    if bytes.is_empty() {
+        return Err(format!("the TPM authorization value file {} is empty", path.display()));
+    }
+    Ok(Some(bytes))
 }
