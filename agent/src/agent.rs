@@ -483,11 +483,12 @@ pub fn check_root(store: &mut Store, root: &dyn RootOfTrust, backend: Backend, s
     let check_id = KeyId::from_bytes(ROOT_CHECK_ID);
     match store.meta(ROOT_CHECK).map_err(|e| e.message)? {
         Some(stored) => {
-            root.load(&check_id, 0, &stored).map_err(|_| {
+            root.load(&check_id, 0, &stored).map_err(|e| {
                 format!(
-                    "the root of trust ({}) is not the one that created {} (wrong root key or passphrase?)",
+                    "the root of trust ({}) is not the one that created {}: {} (wrong root key or passphrase, or another token?)",
                     root.describe(),
-                    state_dir.display()
+                    state_dir.display(),
+                    e.message
                 )
             })?;
         }

@@ -306,7 +306,8 @@ fn open_pkcs11(record: &Record, opts: &RootOptions) -> Result<Pkcs11Root, String
         )?;
     let pin = read_secret_text(&pin_path, "PIN")?;
     let config = TokenConfig { module: module.clone(), token_label: token_label.clone(), pin };
-    let token = Token::connect(&config).map_err(|e| format!("cannot open the PKCS#11 token: {e}"))?;
+    let token = Token::connect(&config)
+        .map_err(|e| format!("cannot open the PKCS#11 token '{token_label}' ({}): {e}", module.display()))?;
     Ok(Pkcs11Root::new(token))
 }
 

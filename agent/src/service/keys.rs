@@ -192,14 +192,27 @@ pub fn create_key(agent: &Agent, caller: &Caller, request: Value) -> Result<Valu
             None => crate::agent::parse_stored_policy(&agent.scope, "").map_err(KmsError::internal)?,
         },
     };
-    if !bypass {
-        agent.authz.check_lockout(&record.policy, &agent.key_context(caller, "PutKeyPolicy", &record))?;
-    }
+    let lockout = if bypass {
+        Ok(())
+    } else {
+        agent.authz.check_lockout(&record.policy, &agent.key_context(caller, "PutKeyPolicy", &record))
+    };
     let metadata = key_metadata(agent, &record);
-    agent.mutate(|store| {
-        store.create_key(&row, material_row.as_ref(), &tags)?;
-        Ok(((), vec![Change::Key(record)]))
-    })?;
+    let created = lockout.and_then(|()| {
+        agent.mutate(|store| {
+            store.create_key(&row, material_row.as_ref(), &tags)?;
+            Ok(((), vec![Change::Key(record)]))
+        })
+    });
+    if let (Err(_), Some(material)) = (&created, &material_row) {
+        // Material generated in a token would otherwise stay there, named by no key.
+        if let (Ok(root), Some(stored)) = (agent.root_for(&row), &material.stored) {
+            if let Err(e) = root.destroy(&id, 1, stored) {
+                tracing::warn!(key_id = %id, "CreateKey failed and its material is left in the token: {}", e.message);
+            }
+        }
+    }
+    created?;
     tracing::info!(key_id = %id, "created key");
     Ok(json!({ "KeyMetadata": metadata }))
 }
