@@ -115,6 +115,36 @@ impl TestAgent {
         cmd
     }
 
+    /// Starts kmsd (stopped) on this agent's directories with `args` and expects it to
+    /// refuse: returns what it printed. Kills it and fails the test if it serves instead.
+    pub fn start_refused<S: AsRef<std::ffi::OsStr>>(&self, args: &[S]) -> String {
+        let mut child = self
+            .kmsd()
+            .arg("--socket")
+            .arg(self.socket())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start kmsd");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait for kmsd") {
+                let out = child.wait_with_output().expect("kmsd output");
+                let text = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+                assert!(!status.success(), "kmsd exited 0 instead of refusing to start:\n{text}");
+                return text;
+            }
+            if UnixStream::connect(self.socket()).is_ok() || Instant::now() > deadline {
+                let _ = child.kill();
+                let out = child.wait_with_output().expect("kmsd output");
+                panic!("kmsd started instead of refusing:\n{}", String::from_utf8_lossy(&out.stderr));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Sets an environment variable for kmsd from the next start on (and for
     /// [`TestAgent::kmsd`]), e.g. `SOFTHSM2_CONF` for a test's own token.
     pub fn set_env(&mut self, key: &str, value: &str) {

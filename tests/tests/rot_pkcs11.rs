@@ -8,10 +8,8 @@
 //! ([`TestAgent::set_env`]); this process sets it for itself only to look into a token, one
 //! look at a time.
 
-use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
 
 use kmsfs_tests::softhsm::SoftHsm;
 use kmsfs_tests::{b64, create_key, unb64, TestAgent};
@@ -60,31 +58,6 @@ fn setup() -> Setup {
     assert!(summary.contains(&format!("pkcs11 (token '{LABEL}', {})", s.hsm.module().display())), "{summary}");
     s.agent.start_again();
     s
-}
-
-/// Runs kmsd (the agent, not a subcommand) with `args` and waits for it to exit, which it
-/// must do within 20 s. Returns its output.
-fn start_expecting_exit(agent: &TestAgent, args: &[&OsStr]) -> Output {
-    let mut child = agent
-        .kmsd()
-        .arg("--socket")
-        .arg(agent.socket())
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start kmsd");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while child.try_wait().expect("wait for kmsd").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("kmsd output");
-            panic!("kmsd started although it should not have:\n{}", String::from_utf8_lossy(&out.stderr));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().expect("kmsd output")
 }
 
 fn encrypt(agent: &TestAgent, key: &str, plaintext: &[u8], context: &Value) -> Value {
@@ -359,22 +332,17 @@ fn kmsd_refuses_to_start_on_a_wrong_pin_a_missing_module_or_a_deleted_token() {
     s.agent.stop();
 
     let wrong_pin = s.hsm.pin_file("wrong-pin", "not-the-pin");
-    let out = start_expecting_exit(&s.agent, &["--pkcs11-pin-file".as_ref(), wrong_pin.as_os_str()]);
-    assert!(!out.status.success());
-    assert!(stderr(&out).contains("CKR_PIN_INCORRECT"), "{}", stderr(&out));
-    assert!(!stderr(&out).contains("not-the-pin"), "the PIN was printed: {}", stderr(&out));
+    let text = s.agent.start_refused(&["--pkcs11-pin-file".as_ref(), wrong_pin.as_os_str()]);
+    assert!(text.contains("CKR_PIN_INCORRECT"), "{text}");
+    assert!(!text.contains("not-the-pin"), "the PIN was printed: {text}");
 
-    let out = start_expecting_exit(
-        &s.agent,
-        &[
-            "--pkcs11-pin-file".as_ref(),
-            s.pin_file.as_os_str(),
-            "--pkcs11-module".as_ref(),
-            "/nonexistent/lib.so".as_ref(),
-        ],
-    );
-    assert!(!out.status.success());
-    assert!(stderr(&out).contains("/nonexistent/lib.so"), "{}", stderr(&out));
+    let text = s.agent.start_refused(&[
+        "--pkcs11-pin-file".as_ref(),
+        s.pin_file.as_os_str(),
+        "--pkcs11-module".as_ref(),
+        "/nonexistent/lib.so".as_ref(),
+    ]);
+    assert!(text.contains("/nonexistent/lib.so"), "{text}");
 
     // Given the right PIN (recorded at init, so no flag is needed), it starts and decrypts.
     s.agent.set_args(&[]);
@@ -384,9 +352,8 @@ fn kmsd_refuses_to_start_on_a_wrong_pin_a_missing_module_or_a_deleted_token() {
 
     s.hsm.delete_token(LABEL);
     assert!(s.hsm.token_labels().is_empty());
-    let out = start_expecting_exit(&s.agent, &["--pkcs11-pin-file".as_ref(), s.pin_file.as_os_str()]);
-    assert!(!out.status.success());
-    assert!(stderr(&out).contains(&format!("no initialized token labelled '{LABEL}'")), "{}", stderr(&out));
+    let text = s.agent.start_refused(&["--pkcs11-pin-file".as_ref(), s.pin_file.as_os_str()]);
+    assert!(text.contains(&format!("no initialized token labelled '{LABEL}'")), "{text}");
 }
 
 #[test]

@@ -6,7 +6,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
 
 use kmsfs_tests::swtpm::Swtpm;
 use kmsfs_tests::{b64, create_key, unb64, TestAgent};
@@ -90,36 +89,6 @@ fn sealed_agent(tpm: &Swtpm, pcrs: Option<&str>) -> (TestAgent, PathBuf) {
     (agent, path)
 }
 
-/// Starts kmsd (stopped) on `agent`'s directories with `args` and expects it to refuse:
-/// returns what it printed. Kills it and fails the test if it starts serving instead.
-fn start_refused(agent: &TestAgent, args: &[&str]) -> String {
-    let mut child = agent
-        .kmsd()
-        .arg("--socket")
-        .arg(agent.socket())
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start kmsd");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(status) = child.try_wait().expect("wait for kmsd") {
-            let out = child.wait_with_output().expect("kmsd output");
-            let text = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
-            assert!(!status.success(), "kmsd exited 0 instead of refusing to start:\n{text}");
-            return text;
-        }
-        if std::os::unix::net::UnixStream::connect(agent.socket()).is_ok() || Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("kmsd output");
-            panic!("kmsd started instead of refusing:\n{}", String::from_utf8_lossy(&out.stderr));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 fn tcti_args(tpm: &Swtpm) -> Vec<String> {
     vec!["--tpm-tcti".into(), tpm.tcti()]
 }
@@ -177,7 +146,7 @@ fn another_tpm_is_refused_until_resealed_with_the_recovery_passphrase() {
     // The TPM is cleared, or the disk moved to another machine: new seeds.
     tpm.replace();
     let tcti = tcti_args(&tpm);
-    let refused = start_refused(&agent, &as_strs(&tcti));
+    let refused = agent.start_refused(&as_strs(&tcti));
     assert!(refused.contains("sealed by another TPM, or this TPM was cleared"), "{refused}");
     assert!(refused.contains(RESEAL_HINT), "{refused}");
 
@@ -188,7 +157,7 @@ fn another_tpm_is_refused_until_resealed_with_the_recovery_passphrase() {
     let refused = fails(&agent, &reseal);
     assert!(refused.contains("recovery passphrase does not open"), "{refused}");
     assert_eq!(std::fs::read(agent.state_dir().join("root.tpm")).unwrap(), sealed_before, "root.tpm changed");
-    assert!(start_refused(&agent, &as_strs(&tcti)).contains("another TPM"));
+    assert!(agent.start_refused(&as_strs(&tcti)).contains("another TPM"));
 
     reseal[2] = recovery.to_str().unwrap();
     succeeds(&agent, &reseal);
@@ -212,7 +181,7 @@ fn a_changed_pcr_is_named_and_reseal_binds_its_new_value() {
     // The bootloader was updated.
     tpm.extend_pcr(7);
     let tcti = tcti_args(&tpm);
-    let refused = start_refused(&agent, &as_strs(&tcti));
+    let refused = agent.start_refused(&as_strs(&tcti));
     assert!(refused.contains("PCR 7 has changed"), "{refused}");
     assert!(!refused.contains("PCR 0"), "PCR 0 did not change: {refused}");
     assert!(refused.contains(RESEAL_HINT) && refused.contains("Secure Boot"), "{refused}");
@@ -226,7 +195,7 @@ fn a_changed_pcr_is_named_and_reseal_binds_its_new_value() {
     agent.stop();
     tpm.restart();
     let tcti = tcti_args(&tpm);
-    assert!(start_refused(&agent, &as_strs(&tcti)).contains("PCR 7 has changed"));
+    assert!(agent.start_refused(&as_strs(&tcti)).contains("PCR 7 has changed"));
     // Resealed without PCRs, no boot change matters any more.
     let tcti_value = tpm.tcti();
     succeeds(
@@ -278,7 +247,7 @@ fn the_authorization_value_must_be_the_one_sealed_with() {
     agent.stop();
     for _ in 0..5 {
         // More tries than a TPM's lockout threshold: the sealed object is exempt from it.
-        let refused = start_refused(&agent, &["--tpm-auth-file", wrong.to_str().unwrap()]);
+        let refused = agent.start_refused(&["--tpm-auth-file", wrong.to_str().unwrap()]);
         assert!(refused.contains("refused the authorization value"), "{refused}");
     }
     agent.set_args(&["--tpm-auth-file", auth.to_str().unwrap()]);
@@ -292,9 +261,9 @@ fn an_unreachable_tpm_is_named() {
     let (agent, _) = sealed_agent(&tpm, None);
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let tcti = format!("swtpm:host=127.0.0.1,port={closed}");
-    let refused = start_refused(&agent, &["--tpm-tcti", &tcti]);
+    let refused = agent.start_refused(&["--tpm-tcti", &tcti]);
     assert!(refused.contains(&format!("cannot reach the TPM through TCTI '{tcti}'")), "{refused}");
-    let refused = start_refused(&agent, &["--tpm-tcti", "device:/nonexistent/tpmrm0"]);
+    let refused = agent.start_refused(&["--tpm-tcti", "device:/nonexistent/tpmrm0"]);
     assert!(refused.contains("device:/nonexistent/tpmrm0"), "{refused}");
 }
 
@@ -313,7 +282,7 @@ fn a_sealed_state_directory_is_useless_without_its_tpm() {
     let copy = TestAgent::prepared(&[]);
     let status = Command::new("cp").arg("-a").arg(agent.state_dir()).arg(copy.dir()).status().expect("cp");
     assert!(status.success());
-    let refused = start_refused(&copy, &["--tpm-tcti", &other_tpm.tcti()]);
+    let refused = copy.start_refused(&["--tpm-tcti", &other_tpm.tcti()]);
     assert!(refused.contains("sealed by another TPM"), "{refused}");
 
     // The original still opens on its own TPM.
@@ -363,7 +332,7 @@ fn a_file_state_directory_moves_into_the_tpm_with_every_key() {
     // Moved once; again it is a tpm2 reseal, which the passphrase given at the move opens.
     agent.stop();
     tpm.extend_pcr(7);
-    assert!(start_refused(&agent, &[]).contains("PCR 7 has changed"));
+    assert!(agent.start_refused::<&str>(&[]).contains("PCR 7 has changed"));
     succeeds(&agent, &["reseal", "--recovery-passphrase-file", recovery.to_str().unwrap()]);
     agent.start_again();
     assert_all_decrypt(&agent, &made);

@@ -62,7 +62,7 @@ use tss_esapi::traits::{Marshall, UnMarshall};
 use tss_esapi::Context;
 use zeroize::Zeroizing;
 
-use super::file::{derive, KdfParams};
+use super::file::{derive, new_kdf_params, KdfParams};
 
 /// How to seal the root key.
 pub struct TpmOptions {
@@ -382,20 +382,6 @@ fn key_check(key: &KeyBytes) -> String {
     hash.update(KEY_CHECK_LABEL);
     hash.update(key.expose());
     hex(&hash.finalize()[..16])
-}
-
-/// Argon2id with a fresh salt, as the `file` backend's passphrase mode uses.
-fn new_kdf_params() -> KdfParams {
-    let mut salt = [0u8; 16];
-    random_bytes(&mut salt);
-    KdfParams {
-        algorithm: "argon2id".into(),
-        version: 0x13,
-        m_cost_kib: 64 * 1024,
-        t_cost: 3,
-        p_cost: 1,
-        salt: base64::engine::general_purpose::STANDARD.encode(salt),
-    }
 }
 
 fn wrap_for_recovery(root_key: &KeyBytes, passphrase: &str) -> Result<RecoveryFile, String> {
