@@ -111,6 +111,14 @@ fn a_key_store_is_created_connected_used_and_survives_a_restart() {
         ErrorKind::UnsupportedOperationException
     );
 
+    // Random bytes from the token; none from a store that does not exist.
+    let random = agent.ok("GenerateRandom", json!({"NumberOfBytes": 48, "CustomKeyStoreId": store}));
+    assert_eq!(unb64(&random["Plaintext"]).len(), 48);
+    assert_eq!(
+        error_kind(&agent, "GenerateRandom", json!({"NumberOfBytes": 8, "CustomKeyStoreId": "cks-00000000000000000"})),
+        ErrorKind::CustomKeyStoreNotFoundException
+    );
+
     // Cryptography in the token, beside a key of the embedded store.
     let blob = round_trip(&agent, &key);
     assert_eq!(blob[0], 2, "a token key's ciphertext blob is format 2 (AES-GCM computed in the token)");

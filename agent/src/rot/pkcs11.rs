@@ -654,6 +654,16 @@ impl Token {
         }
     }
 
+    /// Fills `out` from the token's random number generator (GenerateRandom with a
+    /// `CustomKeyStoreId`).
+    pub fn generate_random(&self, out: &mut [u8]) -> Result<(), KmsError> {
+        let what = || format!("generate {} random bytes", out.len());
+        let mut buf = Zeroizing::new(vec![0u8; out.len()]);
+        self.run(&what, |lease| lease.session.generate_random_slice(&mut buf).map_err(|e| classify(&e)))?;
+        out.copy_from_slice(&buf);
+        Ok(())
+    }
+
     /// The secret-key objects with CKA_ID `object_id`.
     fn find_by_id(&self, lease: &Lease, object_id: &[u8; OBJECT_ID_LEN]) -> Result<Vec<ObjectHandle>, Failure> {
         lease

@@ -348,9 +348,6 @@ struct GenerateRandomRequest {
 pub fn generate_random(agent: &Agent, caller: &Caller, request: Value) -> Result<Reply, KmsError> {
     let req: GenerateRandomRequest = parse(request)?;
     agent.authorize_account(caller, "GenerateRandom", |c| c)?;
-    if req.custom_key_store_id.is_some() {
-        return Err(KmsError::new(ErrorKind::UnsupportedOperationException, "Custom key stores are not supported yet"));
-    }
     no_recipient(&req.recipient)?;
     let n = req.number_of_bytes.ok_or_else(|| {
         KmsError::validation(
@@ -358,6 +355,14 @@ pub fn generate_random(agent: &Agent, caller: &Caller, request: Value) -> Result
         )
     })?;
     let mut bytes = Zeroizing::new(vec![0u8; n as usize]);
-    random_bytes(&mut bytes);
+    match &req.custom_key_store_id {
+        // From the store's token, as AWS takes them from the CloudHSM cluster.
+        Some(id) => {
+            let store = agent.key_store(id)?;
+            let root = store.root().ok_or_else(|| crate::agent::not_connected(&store))?;
+            root.token().generate_random(&mut bytes)?;
+        }
+        None => random_bytes(&mut bytes),
+    }
     Ok(Reply::with_secret(json!({}), "Plaintext", b64_secret(&bytes)))
 }
