@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use kmsfs_common::ids::{ArnScope, KeyId, KeyRef};
 use kmsfs_common::{ErrorKind, KmsError};
 
+use crate::asymmetric::PrivateKey;
 use crate::authz::{condition_keys, Authz};
 use crate::key_stores::{load_clusters, Cluster, Connection, KeyStore};
 use crate::policy::eval::{Caller, RequestContext};
@@ -26,8 +27,18 @@ use crate::store::{AliasRow, GrantRow, KeyRow, KeyState, MaterialRow, Store, Usa
 pub struct Material {
     /// `row.material_id` is AWS's `KeyMaterialId`: 64 hex digits naming this version.
     pub row: MaterialRow,
-    /// `None` while imported material is deleted or expired.
+    /// `None` while imported material is deleted or expired, and for asymmetric and HMAC
+    /// keys, whose material is `private`.
     pub key: Option<Arc<dyn KeyMaterial>>,
+    /// The private key of an asymmetric key, or an HMAC key.
+    pub private: Option<Arc<PrivateKey>>,
+}
+
+impl Material {
+    /// Symmetric material (or none yet: a key awaiting import).
+    pub fn symmetric(row: MaterialRow, key: Option<Arc<dyn KeyMaterial>>) -> Material {
+        Material { row, key, private: None }
+    }
 }
 
 impl Material {
@@ -65,6 +76,16 @@ impl KeyRecord {
         self.materials
             .get(&self.row.current_version)
             .ok_or_else(|| KmsError::invalid_state(format!("key {} has no key material", self.row.id)))
+    }
+
+    /// The private key (or HMAC key) of an asymmetric or HMAC key.
+    pub fn private_key(&self) -> Result<&Arc<PrivateKey>, KmsError> {
+        self.current()?.private.as_ref().ok_or_else(|| {
+            KmsError::new(
+                ErrorKind::InvalidKeyUsageException,
+                format!("key {} ({}) is not an asymmetric or HMAC key", self.row.id, self.row.key_spec),
+            )
+        })
     }
 
     /// The usable material new ciphertexts are made with.
@@ -171,13 +192,19 @@ impl Agent {
         for m in snapshot.materials {
             let Some(record) = records.get_mut(&m.key_id) else { continue };
             // Material in a custom key store's token is loaded when the store connects.
-            let key = match &m.stored {
-                Some(stored) if record.available => {
-                    Some(root.load(&m.key_id, m.version, stored).map_err(|e| e.message)?)
+            let material = match &m.stored {
+                Some(stored) if record.row.key_spec != "SYMMETRIC_DEFAULT" => {
+                    let secret = root.open_secret(&m.key_id, m.version, stored).map_err(|e| e.message)?;
+                    let private = PrivateKey::from_stored(&record.row.key_spec, &secret).map_err(|e| e.message)?;
+                    Material { row: m, key: None, private: Some(Arc::new(private)) }
                 }
-                _ => None,
+                Some(stored) if record.available => {
+                    let key = root.load(&m.key_id, m.version, stored).map_err(|e| e.message)?;
+                    Material::symmetric(m, Some(key))
+                }
+                _ => Material::symmetric(m, None),
             };
-            record.materials.insert(m.version, Material { row: m, key });
+            record.materials.insert(material.row.version, material);
         }
         let key_stores = snapshot
             .key_stores

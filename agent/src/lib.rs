@@ -11,11 +11,13 @@
 //!   material.
 //! - [`sys`]: memory locking, process hardening and peer pidfds (the crate's only `unsafe`).
 //! - [`daemon`]: start-up: configuration, listening sockets, systemd integration.
+//! - [`asymmetric`]: signing and HMAC keys (aws-lc-rs).
 //! - [`wrapping`]: RSA wrapping keys for importing key material (BYOK).
 //! - [`sigv4`], [`access_keys`]: the TCP listener's callers, by AWS Signature Version 4.
 
 pub mod access_keys;
 pub mod agent;
+pub mod asymmetric;
 pub mod audit;
 pub mod authz;
 pub mod daemon;

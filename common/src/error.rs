@@ -60,6 +60,8 @@ error_kinds! {
     InvalidSignatureException,
     KeyUnavailableException,
     KMSInternalException,
+    KMSInvalidMacException,
+    KMSInvalidSignatureException,
     KMSInvalidStateException,
     LimitExceededException,
     MalformedPolicyDocumentException,

@@ -681,10 +681,8 @@ fn protocol_errors_are_aws_shaped() {
     assert_eq!((status, body["__type"].as_str()), (400, Some("UnknownOperationException")));
     let (status, body) = raw(&agent, b"GET / HTTP/1.1\r\nHost: kmsd\r\nConnection: close\r\n\r\n");
     assert_eq!((status, body["__type"].as_str()), (400, Some("UnknownOperationException")));
-    let (status, body) = raw(
-        &agent,
-        &post("TrentService.Sign", "{\"KeyId\":\"k\",\"Message\":\"AA==\",\"SigningAlgorithm\":\"ECDSA_SHA_256\"}"),
-    );
+    let (status, body) =
+        raw(&agent, &post("TrentService.GenerateDataKeyPair", "{\"KeyId\":\"k\",\"KeyPairSpec\":\"RSA_2048\"}"));
     assert_eq!((status, body["__type"].as_str()), (400, Some("UnsupportedOperationException")));
     // An empty body is an empty request, as botocore sends for no parameters.
     let (status, body) = raw(&agent, &post("TrentService.ListKeys", ""));

@@ -19,8 +19,9 @@ use crate::policy::eval::Caller;
 
 /// Request members that carry secrets (or bearer tokens) and are never recorded.
 /// (An import token holds a sealed wrapping key; AWS records neither it nor the wrapped
-/// material. A key store's password is a token's PIN.)
-const SECRET_REQUEST_MEMBERS: [&str; 7] = [
+/// material. A key store's password is a token's PIN. Messages to sign or MAC, signatures
+/// and MACs are left out as AWS leaves them out.)
+const SECRET_REQUEST_MEMBERS: [&str; 10] = [
     "Plaintext",
     "CiphertextBlob",
     "GrantToken",
@@ -28,10 +29,21 @@ const SECRET_REQUEST_MEMBERS: [&str; 7] = [
     "ImportToken",
     "EncryptedKeyMaterial",
     "KeyStorePassword",
+    "Message",
+    "Signature",
+    "Mac",
 ];
 /// Reply members never recorded.
-const SECRET_RESPONSE_MEMBERS: [&str; 6] =
-    ["Plaintext", "CiphertextBlob", "CiphertextForRecipient", "GrantToken", "ImportToken", "PublicKey"];
+const SECRET_RESPONSE_MEMBERS: [&str; 8] = [
+    "Plaintext",
+    "CiphertextBlob",
+    "CiphertextForRecipient",
+    "GrantToken",
+    "ImportToken",
+    "PublicKey",
+    "Signature",
+    "Mac",
+];
 /// Request members that name a key.
 const KEY_MEMBERS: [&str; 4] = ["KeyId", "TargetKeyId", "SourceKeyId", "DestinationKeyId"];
 /// Request members holding an encryption context.

@@ -48,6 +48,13 @@ pub mod keys {
     pub const KEY_SPEC: &str = "kms:KeySpec";
     pub const KEY_USAGE: &str = "kms:KeyUsage";
     pub const ENCRYPTION_ALGORITHM: &str = "kms:EncryptionAlgorithm";
+    /// Sign and Verify: the signing algorithm and `RAW` or `DIGEST`.
+    pub const SIGNING_ALGORITHM: &str = "kms:SigningAlgorithm";
+    pub const MESSAGE_TYPE: &str = "kms:MessageType";
+    /// GenerateMac and VerifyMac: the MAC algorithm.
+    pub const MAC_ALGORITHM: &str = "kms:MacAlgorithm";
+    /// DeriveSharedSecret: `ECDH`.
+    pub const KEY_AGREEMENT_ALGORITHM: &str = "kms:KeyAgreementAlgorithm";
     /// The alias the request named the key by (`alias/...`), if it did.
     pub const REQUEST_ALIAS: &str = "kms:RequestAlias";
     /// Every alias of the key (multi-valued).

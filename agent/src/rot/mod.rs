@@ -44,12 +44,32 @@ pub trait RootOfTrust: Send + Sync {
     /// altered, or stored for another key or version.
     fn load(&self, key_id: &KeyId, version: u32, stored: &[u8]) -> Result<Arc<dyn KeyMaterial>, KmsError>;
 
+    /// Seals a secret of any length (an asymmetric private key in PKCS#8, an HMAC key) for
+    /// version `version` of `key_id`, in a form that cannot pass for symmetric material.
+    fn seal_secret(&self, _key_id: &KeyId, _version: u32, _secret: &[u8]) -> Result<Vec<u8>, KmsError> {
+        Err(no_secrets(&self.describe()))
+    }
+
+    /// Opens what `seal_secret` made for the same key and version.
+    fn open_secret(&self, _key_id: &KeyId, _version: u32, _stored: &[u8]) -> Result<Zeroizing<Vec<u8>>, KmsError> {
+        Err(no_secrets(&self.describe()))
+    }
+
     /// Destroys what `stored` refers to outside the agent's database, if anything (a token
     /// object), once the key is deleted. Backends that wrap material have nothing to do:
     /// deleting the stored bytes is enough.
     fn destroy(&self, _key_id: &KeyId, _version: u32, _stored: &[u8]) -> Result<(), KmsError> {
         Ok(())
     }
+}
+
+fn no_secrets(root: &str) -> KmsError {
+    KmsError::new(
+        kmsfs_common::ErrorKind::UnsupportedOperationException,
+        format!(
+            "the root of trust {root} holds symmetric keys only: asymmetric and HMAC keys need the file or tpm2 root"
+        ),
+    )
 }
 
 /// Usable material of one key version.
@@ -111,6 +131,7 @@ pub struct WrappingRoot {
 }
 
 const WRAP_LABEL: &[u8] = b"kmsfs key material v1\0";
+const SECRET_LABEL: &[u8] = b"kmsfs private key material v1\0";
 const WRAPPED_LEN: usize = XAES_NONCE_LEN + KEY_LEN + TAG_LEN;
 
 impl WrappingRoot {
@@ -121,7 +142,11 @@ impl WrappingRoot {
     }
 
     fn aad(key_id: &KeyId, version: u32) -> Vec<u8> {
-        let mut aad = WRAP_LABEL.to_vec();
+        Self::aad_with(WRAP_LABEL, key_id, version)
+    }
+
+    fn aad_with(label: &[u8], key_id: &KeyId, version: u32) -> Vec<u8> {
+        let mut aad = label.to_vec();
         aad.extend_from_slice(key_id.as_bytes());
         aad.extend_from_slice(&version.to_be_bytes());
         aad
@@ -152,6 +177,34 @@ impl RootOfTrust for WrappingRoot {
         stored.extend_from_slice(&sealed);
         stored.extend_from_slice(&tag);
         Ok((SoftwareKey::new(material), stored))
+    }
+
+    /// nonce(24) ‖ XAES-256-GCM(secret) ‖ tag(16), under its own label.
+    fn seal_secret(&self, key_id: &KeyId, version: u32, secret: &[u8]) -> Result<Vec<u8>, KmsError> {
+        let mut nonce = [0u8; XAES_NONCE_LEN];
+        random_bytes(&mut nonce);
+        let mut sealed = Zeroizing::new(secret.to_vec());
+        let tag = self.root.seal_in_place(&nonce, &Self::aad_with(SECRET_LABEL, key_id, version), &mut sealed);
+        Ok([&nonce[..], &sealed[..], &tag[..]].concat())
+    }
+
+    fn open_secret(&self, key_id: &KeyId, version: u32, stored: &[u8]) -> Result<Zeroizing<Vec<u8>>, KmsError> {
+        let damaged = || {
+            KmsError::internal(format!(
+                "stored private key of key {key_id} version {version} does not authenticate under the root of trust"
+            ))
+        };
+        if stored.len() < XAES_NONCE_LEN + TAG_LEN {
+            return Err(damaged());
+        }
+        let (nonce, rest) = stored.split_at(XAES_NONCE_LEN);
+        let (sealed, tag) = rest.split_at(rest.len() - TAG_LEN);
+        let nonce: [u8; XAES_NONCE_LEN] = nonce.try_into().map_err(|_| damaged())?;
+        let tag: [u8; TAG_LEN] = tag.try_into().map_err(|_| damaged())?;
+        let mut secret = Zeroizing::new(sealed.to_vec());
+        let aad = Self::aad_with(SECRET_LABEL, key_id, version);
+        self.root.open_in_place(&nonce, &aad, &mut secret, &tag).map_err(|_| damaged())?;
+        Ok(secret)
     }
 
     fn load(&self, key_id: &KeyId, version: u32, stored: &[u8]) -> Result<Arc<dyn KeyMaterial>, KmsError> {
@@ -195,5 +248,19 @@ mod tests {
         let mut flipped = stored.clone();
         flipped[30] ^= 1;
         assert!(root.load(&id, 1, &flipped).is_err());
+    }
+
+    #[test]
+    fn sealed_secrets_are_bound_to_key_and_version_and_are_not_material() {
+        let root = WrappingRoot::new(&KeyBytes::random(), "test".into());
+        let id = KeyId::random();
+        let sealed = root.seal_secret(&id, 1, &[7u8; 32]).unwrap();
+        assert_eq!(&root.open_secret(&id, 1, &sealed).unwrap()[..], &[7u8; 32]);
+        assert!(root.open_secret(&id, 2, &sealed).is_err());
+        assert!(root.open_secret(&KeyId::random(), 1, &sealed).is_err());
+        // A sealed 32-byte secret is as long as wrapped material, yet does not load as such.
+        assert!(root.load(&id, 1, &sealed).is_err());
+        let (_, material) = root.generate(&id, 1).unwrap();
+        assert!(root.open_secret(&id, 1, &material).is_err());
     }
 }

@@ -32,6 +32,22 @@ struct EncryptRequest {
     dry_run: Option<bool>,
 }
 
+/// Encrypt, Decrypt, ReEncrypt and GenerateDataKey take symmetric encryption keys.
+fn require_symmetric_key(agent: &Agent, key: &KeyRecord) -> Result<(), KmsError> {
+    if key.row.key_spec != "SYMMETRIC_DEFAULT" {
+        return Err(KmsError::new(
+            ErrorKind::InvalidKeyUsageException,
+            format!(
+                "{} is a {} key for {}: this operation needs a symmetric encryption key",
+                agent.key_arn(&key.row.id),
+                key.row.key_spec,
+                key.row.key_usage
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Seals `plaintext` under the key's current material.
 fn seal(key: &KeyRecord, context: &EncryptionContext, plaintext: &[u8]) -> Result<(Vec<u8>, String), KmsError> {
     let (current, material) = key.current_key()?;
@@ -51,6 +67,7 @@ pub fn encrypt(agent: &Agent, caller: &Caller, request: Value) -> Result<Reply, 
     })?;
     let arn = agent.key_arn(&key.row.id);
     require_usable(agent, &key)?;
+    require_symmetric_key(agent, &key)?;
     require_symmetric_algorithm(req.encryption_algorithm.as_deref(), &arn)?;
     if req.dry_run == Some(true) {
         return Err(dry_run());
@@ -98,6 +115,7 @@ fn open(
         }
     })?;
     require_usable(agent, &key)?;
+    require_symmetric_key(agent, &key)?;
     let material = key.materials.get(&parsed.material_version).ok_or_else(KmsError::invalid_ciphertext)?;
     let usable = material.key.as_ref().ok_or_else(|| {
         KmsError::invalid_state(format!(
@@ -193,6 +211,7 @@ pub fn re_encrypt(agent: &Agent, caller: &Caller, request: Value) -> Result<Repl
     })?;
     let destination_arn = agent.key_arn(&destination.row.id);
     require_usable(agent, &destination)?;
+    require_symmetric_key(agent, &destination)?;
     require_symmetric_algorithm(req.destination_encryption_algorithm.as_deref(), &destination_arn)?;
     if req.dry_run == Some(true) {
         return Err(dry_run());
@@ -263,6 +282,7 @@ pub fn generate_data_key(
     agent
         .authorize_key(caller, action, &key, |c| with_request_alias(c, &req.key_id).with_encryption_context(&ctx.0))?;
     require_usable(agent, &key)?;
+    require_symmetric_key(agent, &key)?;
     if req.dry_run == Some(true) {
         return Err(dry_run());
     }
@@ -308,6 +328,7 @@ pub fn generate_data_keys(agent: &Agent, caller: &Caller, request: Value) -> Res
             .map_err(|e| KmsError::new(e.kind, format!("EncryptionContexts[{i}]: {}", e.message)))?;
     }
     require_usable(agent, &key)?;
+    require_symmetric_key(agent, &key)?;
     if req.dry_run == Some(true) {
         return Err(dry_run());
     }

@@ -294,7 +294,7 @@ pub fn import_key_material(agent: &Agent, caller: &Caller, request: Value) -> Re
                 imported: true,
                 ..MaterialRow::generated(record.row.id, version, material_id.clone(), Vec::new(), now)
             };
-            record.materials.insert(version, Material { row, key: None });
+            record.materials.insert(version, Material::symmetric(row, None));
             if record.row.current_version == 0 {
                 record.row.current_version = version;
             }

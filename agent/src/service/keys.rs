@@ -19,6 +19,7 @@ use super::policies::parse_key_policy;
 use super::tags::{validate_new_tags, Tag};
 use super::wire::{paginate, parse, with_page_info, with_request_alias};
 use crate::agent::{Agent, Change, KeyRecord, Material};
+use crate::asymmetric::{spec_info, PrivateKey};
 use crate::policy::eval::Caller;
 use crate::policy::keys as ck;
 use crate::rot::RootOfTrust;
@@ -42,9 +43,9 @@ pub fn key_metadata(agent: &Agent, key: &KeyRecord) -> Value {
         "KeyManager": "CUSTOMER",
         "CustomerMasterKeySpec": row.key_spec,
         "KeySpec": row.key_spec,
-        "EncryptionAlgorithms": ["SYMMETRIC_DEFAULT"],
         "MultiRegion": false,
     });
+    add_algorithms(&mut meta, row);
     if let Ok(current) = key.current() {
         meta["CurrentKeyMaterialId"] = json!(current.material_id());
         if let Some(model) = &current.row.expiration_model {
@@ -67,6 +68,23 @@ pub fn key_metadata(agent: &Agent, key: &KeyRecord) -> Value {
         meta["PendingDeletionWindowInDays"] = json!(days);
     }
     meta
+}
+
+/// The algorithm lists AWS shows for a key of this spec and usage (DescribeKey, GetPublicKey):
+/// only those of its usage, and none that are empty.
+pub fn add_algorithms(out: &mut Value, row: &KeyRow) {
+    let Some(info) = spec_info(&row.key_spec) else { return };
+    let algorithms = info.algorithms(&row.key_usage);
+    for (member, list) in [
+        ("EncryptionAlgorithms", algorithms.encryption),
+        ("SigningAlgorithms", algorithms.signing),
+        ("MacAlgorithms", algorithms.mac),
+        ("KeyAgreementAlgorithms", algorithms.key_agreement),
+    ] {
+        if !list.is_empty() {
+            out[member] = json!(list);
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -100,15 +118,18 @@ pub fn create_key(agent: &Agent, caller: &Caller, request: Value) -> Result<Valu
         return Err(KmsError::validation("KeySpec and CustomerMasterKeySpec cannot both be specified; use KeySpec"));
     }
     let key_spec = req.key_spec.or(req.customer_master_key_spec).unwrap_or_else(|| "SYMMETRIC_DEFAULT".into());
-    if key_spec != "SYMMETRIC_DEFAULT" {
-        return Err(unsupported(&format!("KeySpec {key_spec} is not supported yet; only SYMMETRIC_DEFAULT")));
-    }
+    let info = spec_info(&key_spec)
+        .ok_or_else(|| unsupported(&format!("KeySpec {key_spec} is not supported by this version of kmsd")))?;
     let key_usage = req.key_usage.unwrap_or_else(|| "ENCRYPT_DECRYPT".into());
-    if key_usage != "ENCRYPT_DECRYPT" {
-        return Err(KmsError::validation(format!(
-            "KeyUsage {key_usage} is not compatible with KeySpec SYMMETRIC_DEFAULT"
-        )));
+    if !info.usages.contains(&key_usage.as_str()) {
+        let later = (key_spec.starts_with("RSA_") && key_usage == "ENCRYPT_DECRYPT")
+            || (key_spec.starts_with("ECC_NIST_P") && key_usage == "KEY_AGREEMENT");
+        if later {
+            return Err(unsupported(&format!("KeyUsage {key_usage} for {key_spec} keys is not supported yet")));
+        }
+        return Err(KmsError::validation(format!("KeyUsage {key_usage} is not compatible with KeySpec {key_spec}")));
     }
+    let asymmetric = key_spec != "SYMMETRIC_DEFAULT";
     let origin = req.origin.unwrap_or_else(|| "AWS_KMS".into());
     let key_store = match (origin.as_str(), &req.custom_key_store_id) {
         ("AWS_KMS" | "EXTERNAL", None) => None,
@@ -142,6 +163,12 @@ pub fn create_key(agent: &Agent, caller: &Caller, request: Value) -> Result<Valu
     if req.xks_key_id.is_some() {
         return Err(unsupported("XksKeyId applies to external key stores, which are not supported"));
     }
+    if asymmetric && origin != "AWS_KMS" {
+        return Err(unsupported(&format!(
+            "{key_spec} keys are created with Origin AWS_KMS only (custom key stores hold symmetric keys; importing \
+             asymmetric or HMAC material is not supported yet)"
+        )));
+    }
     if req.multi_region == Some(true) {
         return Err(unsupported("Multi-Region keys are not supported yet"));
     }
@@ -158,11 +185,18 @@ pub fn create_key(agent: &Agent, caller: &Caller, request: Value) -> Result<Valu
     let first = if external {
         None
     } else {
-        let (key, stored) = match &key_store {
-            Some(store) => store.root().ok_or_else(|| crate::agent::not_connected(store))?.generate(&id, 1)?,
-            None => agent.root().generate(&id, 1)?,
-        };
-        Some(Material { row: MaterialRow::generated(id, 1, random_material_id(), stored, now), key: Some(key) })
+        Some(if asymmetric {
+            let (private, secret) = PrivateKey::generate(&key_spec)?;
+            let stored = agent.root().seal_secret(&id, 1, &secret)?;
+            let row = MaterialRow::generated(id, 1, random_material_id(), stored, now);
+            Material { row, key: None, private: Some(std::sync::Arc::new(private)) }
+        } else {
+            let (key, stored) = match &key_store {
+                Some(store) => store.root().ok_or_else(|| crate::agent::not_connected(store))?.generate(&id, 1)?,
+                None => agent.root().generate(&id, 1)?,
+            };
+            Material::symmetric(MaterialRow::generated(id, 1, random_material_id(), stored, now), Some(key))
+        })
     };
     let row = KeyRow {
         id,

@@ -12,6 +12,7 @@ mod keys;
 pub mod model;
 mod policies;
 pub mod rotation;
+pub mod signing;
 mod tags;
 mod wire;
 
@@ -125,6 +126,11 @@ pub fn handle(agent: &Agent, caller: &Caller, action: &str, body: &[u8]) -> Resu
         "ListRetirableGrants" => grants::list_retirable_grants(agent, caller, request).map(Reply::from),
         "RetireGrant" => grants::retire_grant(agent, caller, request).map(Reply::from),
         "RevokeGrant" => grants::revoke_grant(agent, caller, request).map(Reply::from),
+        "Sign" => signing::sign(agent, caller, request).map(Reply::from),
+        "Verify" => signing::verify(agent, caller, request).map(Reply::from),
+        "GetPublicKey" => signing::get_public_key(agent, caller, request).map(Reply::from),
+        "GenerateMac" => signing::mac(agent, caller, request, false).map(Reply::from),
+        "VerifyMac" => signing::mac(agent, caller, request, true).map(Reply::from),
         "CreateCustomKeyStore" => key_stores::create_custom_key_store(agent, caller, request).map(Reply::from),
         "DescribeCustomKeyStores" => key_stores::describe_custom_key_stores(agent, caller, request).map(Reply::from),
         "ConnectCustomKeyStore" => key_stores::connect_custom_key_store(agent, caller, request).map(Reply::from),
@@ -149,6 +155,10 @@ pub fn used_keys(action: &str, reply: &Value) -> Vec<kmsfs_common::ids::KeyId> {
             | "GenerateDataKey"
             | "GenerateDataKeyWithoutPlaintext"
             | GENERATE_DATA_KEYS
+            | "Sign"
+            | "Verify"
+            | "GenerateMac"
+            | "VerifyMac"
     );
     if !tracked {
         return Vec::new();

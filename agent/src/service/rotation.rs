@@ -228,7 +228,7 @@ pub fn rotate(agent: &Agent, id: &KeyId, kind: RotationType) -> Result<KeyRecord
             let mut row = MaterialRow::generated(*id, version, random_material_id(), stored, now);
             row.rotation_type = Some(kind.as_str().to_string());
             row.rotation_ms = Some(now);
-            record.materials.insert(version, Material { row, key: Some(key) });
+            record.materials.insert(version, Material::symmetric(row, Some(key)));
             version
         };
         record.row.current_version = version;

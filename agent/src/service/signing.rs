@@ -1,0 +1,192 @@
+//! Asymmetric and HMAC keys' operations: Sign, Verify, GetPublicKey, GenerateMac and
+//! VerifyMac ([`crate::asymmetric`] holds the keys and the algorithms).
+//!
+//! The order of checks is AWS's: the key exists and the caller may use it, then its state,
+//! then whether its usage and spec allow the algorithm asked for. Messages, signatures and
+//! MACs never reach the audit trail or a log line.
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::keys::add_algorithms;
+use super::wire::{b64, dry_run, parse, with_request_alias, Blob};
+use crate::agent::{require_usable, Agent, KeyRecord};
+use crate::asymmetric::{spec_info, MessageType};
+use crate::policy::eval::Caller;
+use crate::policy::keys as ck;
+use kmsfs_common::{ErrorKind, KmsError};
+
+fn invalid_usage(message: String) -> KmsError {
+    KmsError::new(ErrorKind::InvalidKeyUsageException, message)
+}
+
+/// The key's usage must be `usage` and its spec must offer `algorithm` for it.
+fn require_algorithm(agent: &Agent, key: &KeyRecord, usage: &str, algorithm: &str) -> Result<(), KmsError> {
+    let arn = agent.key_arn(&key.row.id);
+    if key.row.key_usage != usage {
+        return Err(invalid_usage(format!("{arn} has KeyUsage {}, not {usage}", key.row.key_usage)));
+    }
+    let offered = spec_info(&key.row.key_spec).map(|i| i.algorithms(usage)).map_or(&[][..], |a| match usage {
+        "SIGN_VERIFY" => a.signing,
+        _ => a.mac,
+    });
+    if !offered.contains(&algorithm) {
+        return Err(invalid_usage(format!(
+            "{arn} ({}) does not support {algorithm}; it supports {}",
+            key.row.key_spec,
+            offered.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+fn message_type(text: Option<&str>) -> Result<MessageType, KmsError> {
+    match text.unwrap_or("RAW") {
+        "RAW" => Ok(MessageType::Raw),
+        "DIGEST" => Ok(MessageType::Digest),
+        other => Err(KmsError::new(
+            ErrorKind::UnsupportedOperationException,
+            format!("MessageType {other} is for ML-DSA keys, which kmsd does not support"),
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct SignRequest {
+    key_id: String,
+    message: Blob,
+    message_type: Option<String>,
+    signing_algorithm: String,
+    dry_run: Option<bool>,
+}
+
+pub fn sign(agent: &Agent, caller: &Caller, request: Value) -> Result<Value, KmsError> {
+    let req: SignRequest = parse(request)?;
+    let key = agent.resolve(&req.key_id, true)?;
+    let kind = req.message_type.clone().unwrap_or_else(|| "RAW".into());
+    agent.authorize_key(caller, "Sign", &key, |c| {
+        with_request_alias(c, &req.key_id)
+            .with(ck::SIGNING_ALGORITHM, req.signing_algorithm.clone())
+            .with(ck::MESSAGE_TYPE, kind.clone())
+    })?;
+    require_usable(agent, &key)?;
+    require_algorithm(agent, &key, "SIGN_VERIFY", &req.signing_algorithm)?;
+    let message_type = message_type(Some(&kind))?;
+    if req.dry_run == Some(true) {
+        return Err(dry_run());
+    }
+    let signature = key.private_key()?.sign(&req.signing_algorithm, message_type, &req.message.0)?;
+    Ok(json!({
+        "KeyId": agent.key_arn(&key.row.id),
+        "Signature": b64(&signature),
+        "SigningAlgorithm": req.signing_algorithm,
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct VerifyRequest {
+    key_id: String,
+    message: Blob,
+    message_type: Option<String>,
+    signature: Blob,
+    signing_algorithm: String,
+    dry_run: Option<bool>,
+}
+
+pub fn verify(agent: &Agent, caller: &Caller, request: Value) -> Result<Value, KmsError> {
+    let req: VerifyRequest = parse(request)?;
+    let key = agent.resolve(&req.key_id, true)?;
+    let kind = req.message_type.clone().unwrap_or_else(|| "RAW".into());
+    agent.authorize_key(caller, "Verify", &key, |c| {
+        with_request_alias(c, &req.key_id)
+            .with(ck::SIGNING_ALGORITHM, req.signing_algorithm.clone())
+            .with(ck::MESSAGE_TYPE, kind.clone())
+    })?;
+    require_usable(agent, &key)?;
+    require_algorithm(agent, &key, "SIGN_VERIFY", &req.signing_algorithm)?;
+    let message_type = message_type(Some(&kind))?;
+    if req.dry_run == Some(true) {
+        return Err(dry_run());
+    }
+    let valid = key.private_key()?.verify(&req.signing_algorithm, message_type, &req.message.0, &req.signature.0)?;
+    if !valid {
+        return Err(KmsError::new(
+            ErrorKind::KMSInvalidSignatureException,
+            "The signature is not valid for this message, key and signing algorithm",
+        ));
+    }
+    Ok(json!({
+        "KeyId": agent.key_arn(&key.row.id),
+        "SignatureValid": true,
+        "SigningAlgorithm": req.signing_algorithm,
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct KeyIdRequest {
+    key_id: String,
+}
+
+pub fn get_public_key(agent: &Agent, caller: &Caller, request: Value) -> Result<Value, KmsError> {
+    let req: KeyIdRequest = parse(request)?;
+    let key = agent.resolve(&req.key_id, true)?;
+    agent.authorize_key(caller, "GetPublicKey", &key, |c| with_request_alias(c, &req.key_id))?;
+    require_usable(agent, &key)?;
+    let der = key.private_key().ok().map(|p| p.public_key_der()).transpose()?.flatten().ok_or_else(|| {
+        KmsError::new(
+            ErrorKind::UnsupportedOperationException,
+            format!("{} ({}) has no public key", agent.key_arn(&key.row.id), key.row.key_spec),
+        )
+    })?;
+    let mut out = json!({
+        "KeyId": agent.key_arn(&key.row.id),
+        "PublicKey": b64(&der),
+        "CustomerMasterKeySpec": key.row.key_spec,
+        "KeySpec": key.row.key_spec,
+        "KeyUsage": key.row.key_usage,
+    });
+    add_algorithms(&mut out, &key.row);
+    Ok(out)
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct MacRequest {
+    key_id: String,
+    message: Blob,
+    mac_algorithm: String,
+    mac: Option<Blob>,
+    dry_run: Option<bool>,
+}
+
+/// GenerateMac (`verify` false) and VerifyMac.
+pub fn mac(agent: &Agent, caller: &Caller, request: Value, verify: bool) -> Result<Value, KmsError> {
+    let req: MacRequest = parse(request)?;
+    let action = if verify { "VerifyMac" } else { "GenerateMac" };
+    let key = agent.resolve(&req.key_id, true)?;
+    agent.authorize_key(caller, action, &key, |c| {
+        with_request_alias(c, &req.key_id).with(ck::MAC_ALGORITHM, req.mac_algorithm.clone())
+    })?;
+    require_usable(agent, &key)?;
+    require_algorithm(agent, &key, "GENERATE_VERIFY_MAC", &req.mac_algorithm)?;
+    if req.dry_run == Some(true) {
+        return Err(dry_run());
+    }
+    let private = key.private_key()?;
+    let arn = agent.key_arn(&key.row.id);
+    if !verify {
+        let mac = private.mac(&req.mac_algorithm, &req.message.0)?;
+        return Ok(json!({ "Mac": b64(&mac), "MacAlgorithm": req.mac_algorithm, "KeyId": arn }));
+    }
+    let given = req.mac.as_ref().map_or(&[][..], |m| &m.0[..]);
+    if !private.verify_mac(&req.mac_algorithm, &req.message.0, given)? {
+        return Err(KmsError::new(
+            ErrorKind::KMSInvalidMacException,
+            "The MAC is not valid for this message, key and MAC algorithm",
+        ));
+    }
+    Ok(json!({ "KeyId": arn, "MacValid": true, "MacAlgorithm": req.mac_algorithm }))
+}
