@@ -195,7 +195,7 @@ impl Agent {
             let material = match &m.stored {
                 Some(stored) if record.row.key_spec != "SYMMETRIC_DEFAULT" => {
                     let secret = root.open_secret(&m.key_id, m.version, stored).map_err(|e| e.message)?;
-                    let private = PrivateKey::from_stored(&record.row.key_spec, &secret).map_err(|e| e.message)?;
+                    let private = PrivateKey::from_stored(&record.row.key_spec, &record.row.key_usage, &secret).map_err(|e| e.message)?;
                     Material { row: m, key: None, private: Some(Arc::new(private)) }
                 }
                 Some(stored) if record.available => {

@@ -10,7 +10,10 @@ use aws_lc_rs::digest::{self, Digest};
 use aws_lc_rs::encoding::AsDer;
 use aws_lc_rs::hmac;
 use aws_lc_rs::rand::SystemRandom;
-use aws_lc_rs::rsa::KeySize;
+use aws_lc_rs::rsa::{
+    KeySize, OaepAlgorithm, OaepPrivateDecryptingKey, OaepPublicEncryptingKey, PrivateDecryptingKey,
+    OAEP_SHA1_MGF1SHA1, OAEP_SHA256_MGF1SHA256,
+};
 use aws_lc_rs::signature::{self, EcdsaKeyPair, Ed25519KeyPair, KeyPair, RsaKeyPair, UnparsedPublicKey};
 use kmsfs_common::{ErrorKind, KmsError};
 use zeroize::Zeroizing;
@@ -42,8 +45,9 @@ pub fn spec_info(spec: &str) -> Option<SpecInfo> {
         |usages, signing, encryption, mac, key_agreement| SpecInfo { usages, signing, encryption, mac, key_agreement };
     Some(match spec {
         "SYMMETRIC_DEFAULT" => info(&["ENCRYPT_DECRYPT"], none, &["SYMMETRIC_DEFAULT"], none, none),
-        // RSA encryption (RSAES_OAEP) is not served yet: only signing keys are created.
-        "RSA_2048" | "RSA_3072" | "RSA_4096" => info(&["SIGN_VERIFY"], RSA_SIGNING, RSA_ENCRYPTION, none, none),
+        "RSA_2048" | "RSA_3072" | "RSA_4096" => {
+            info(&["ENCRYPT_DECRYPT", "SIGN_VERIFY"], RSA_SIGNING, RSA_ENCRYPTION, none, none)
+        }
         "ECC_NIST_P256" | "ECC_SECG_P256K1" => info(&["SIGN_VERIFY"], &["ECDSA_SHA_256"], none, none, none),
         "ECC_NIST_P384" => info(&["SIGN_VERIFY"], &["ECDSA_SHA_384"], none, none, none),
         "ECC_NIST_P521" => info(&["SIGN_VERIFY"], &["ECDSA_SHA_512"], none, none, none),
@@ -89,6 +93,9 @@ fn invalid_usage(message: String) -> KmsError {
 /// The private half of an asymmetric key, or an HMAC key.
 pub enum PrivateKey {
     Rsa(RsaKeyPair),
+    /// An RSA key of usage ENCRYPT_DECRYPT (RSAES_OAEP), with its public half and that
+    /// half's DER SubjectPublicKeyInfo.
+    RsaEncryption(OaepPrivateDecryptingKey, OaepPublicEncryptingKey, Vec<u8>),
     Ecdsa(EcdsaKeyPair, &'static signature::EcdsaVerificationAlgorithm),
     Ed25519(Ed25519KeyPair),
     Hmac(Zeroizing<Vec<u8>>),
@@ -124,8 +131,8 @@ fn hmac_length(spec: &str) -> Option<usize> {
 }
 
 impl PrivateKey {
-    /// A new key of `spec`, and the bytes to seal (PKCS#8 DER, or the HMAC key).
-    pub fn generate(spec: &str) -> Result<(PrivateKey, Zeroizing<Vec<u8>>), KmsError> {
+    /// A new key of `spec` for `usage`, and the bytes to seal (PKCS#8 DER, or the HMAC key).
+    pub fn generate(spec: &str, usage: &str) -> Result<(PrivateKey, Zeroizing<Vec<u8>>), KmsError> {
         let bytes = if let Some(len) = hmac_length(spec) {
             let mut key = Zeroizing::new(vec![0u8; len]);
             kmsfs_common::aead::random_bytes(&mut key);
@@ -153,11 +160,11 @@ impl PrivateKey {
                 _ => return Err(KmsError::internal(format!("no key generation for {spec}"))),
             }
         };
-        Ok((PrivateKey::from_stored(spec, &bytes)?, bytes))
+        Ok((PrivateKey::from_stored(spec, usage, &bytes)?, bytes))
     }
 
-    /// The key of `spec` from the bytes `generate` returned.
-    pub fn from_stored(spec: &str, bytes: &[u8]) -> Result<PrivateKey, KmsError> {
+    /// The key of `spec` and `usage` from the bytes `generate` returned.
+    pub fn from_stored(spec: &str, usage: &str, bytes: &[u8]) -> Result<PrivateKey, KmsError> {
         let damaged = || KmsError::internal(format!("the stored {spec} key does not parse"));
         if let Some(len) = hmac_length(spec) {
             if bytes.len() != len {
@@ -173,6 +180,16 @@ impl PrivateKey {
             "ECC_NIST_EDWARDS25519" => {
                 Ok(PrivateKey::Ed25519(Ed25519KeyPair::from_pkcs8(bytes).map_err(|_| damaged())?))
             }
+            "RSA_2048" | "RSA_3072" | "RSA_4096" if usage == "ENCRYPT_DECRYPT" => {
+                let key = PrivateDecryptingKey::from_pkcs8(bytes).map_err(|_| damaged())?;
+                let public = key.public_key();
+                let spki = public.as_der().map_err(|_| damaged())?.as_ref().to_vec();
+                Ok(PrivateKey::RsaEncryption(
+                    OaepPrivateDecryptingKey::new(key).map_err(|_| damaged())?,
+                    OaepPublicEncryptingKey::new(public).map_err(|_| damaged())?,
+                    spki,
+                ))
+            }
             "RSA_2048" | "RSA_3072" | "RSA_4096" => {
                 Ok(PrivateKey::Rsa(RsaKeyPair::from_pkcs8(bytes).map_err(|_| damaged())?))
             }
@@ -185,6 +202,7 @@ impl PrivateKey {
         let failed = |_| internal("encode the public key");
         Ok(Some(match self {
             PrivateKey::Rsa(pair) => pair.public_key().as_der().map_err(failed)?.as_ref().to_vec(),
+            PrivateKey::RsaEncryption(_, _, spki) => spki.clone(),
             PrivateKey::Ecdsa(pair, _) => pair.public_key().as_der().map_err(failed)?.as_ref().to_vec(),
             PrivateKey::Ed25519(pair) => pair.public_key().as_der().map_err(failed)?.as_ref().to_vec(),
             PrivateKey::Hmac(_) => return Ok(None),
@@ -223,7 +241,7 @@ impl PrivateKey {
                     "ED25519_SHA_512 signs RAW messages only (the DIGEST form would be ED25519_PH_SHA_512)",
                 )),
             },
-            PrivateKey::Hmac(_) => Err(invalid_usage("an HMAC key does not sign".into())),
+            PrivateKey::Hmac(_) | PrivateKey::RsaEncryption(..) => Err(invalid_usage("this key does not sign".into())),
         }
     }
 
@@ -261,7 +279,9 @@ impl PrivateKey {
                     return Err(KmsError::validation("ED25519_SHA_512 verifies RAW messages only"));
                 }
             },
-            PrivateKey::Hmac(_) => return Err(invalid_usage("an HMAC key does not verify signatures".into())),
+            PrivateKey::Hmac(_) | PrivateKey::RsaEncryption(..) => {
+                return Err(invalid_usage("this key does not verify signatures".into()))
+            }
         })
     }
 
@@ -284,6 +304,50 @@ impl PrivateKey {
     pub fn verify_mac(&self, algorithm: &str, message: &[u8], mac: &[u8]) -> Result<bool, KmsError> {
         let expected = self.mac(algorithm, message)?;
         Ok(expected.len() == mac.len() && aws_lc_rs::constant_time::verify_slices_are_equal(&expected, mac).is_ok())
+    }
+}
+
+/// The aws-lc-rs OAEP parameters of an RSAES algorithm (MGF1 with the same hash, as AWS).
+fn oaep(algorithm: &str) -> Result<&'static OaepAlgorithm, KmsError> {
+    match algorithm {
+        "RSAES_OAEP_SHA_1" => Ok(&OAEP_SHA1_MGF1SHA1),
+        "RSAES_OAEP_SHA_256" => Ok(&OAEP_SHA256_MGF1SHA256),
+        other => Err(invalid_usage(format!("{other} is not an RSA encryption algorithm"))),
+    }
+}
+
+impl PrivateKey {
+    /// RSAES-OAEP encryption to this key's public half. A plaintext longer than the key and
+    /// hash allow (190 bytes for RSA_2048 with SHA-256, 214 with SHA-1) is a ValidationException.
+    pub fn encrypt(&self, algorithm: &str, plaintext: &[u8]) -> Result<Vec<u8>, KmsError> {
+        let PrivateKey::RsaEncryption(_, public, _) = self else {
+            return Err(invalid_usage("this key does not encrypt".into()));
+        };
+        let oaep = oaep(algorithm)?;
+        let max = public.max_plaintext_size(oaep);
+        if plaintext.len() > max {
+            return Err(KmsError::validation(format!(
+                "the plaintext is {} bytes; {algorithm} under a {}-bit key encrypts at most {max}",
+                plaintext.len(),
+                public.key_size_bits()
+            )));
+        }
+        let mut out = vec![0u8; public.ciphertext_size()];
+        let len = public.encrypt(oaep, plaintext, &mut out, None).map_err(|_| internal("encrypt"))?.len();
+        out.truncate(len);
+        Ok(out)
+    }
+
+    /// RSAES-OAEP decryption; a ciphertext that does not decrypt is InvalidCiphertextException.
+    pub fn decrypt(&self, algorithm: &str, ciphertext: &[u8]) -> Result<Zeroizing<Vec<u8>>, KmsError> {
+        let PrivateKey::RsaEncryption(key, _, _) = self else {
+            return Err(invalid_usage("this key does not decrypt".into()));
+        };
+        let oaep = oaep(algorithm)?;
+        let mut out = Zeroizing::new(vec![0u8; key.min_output_size()]);
+        let len = key.decrypt(oaep, ciphertext, &mut out, None).map_err(|_| KmsError::invalid_ciphertext())?.len();
+        out.truncate(len);
+        Ok(out)
     }
 }
 
@@ -345,8 +409,8 @@ mod tests {
         for spec in
             ["RSA_2048", "ECC_NIST_P256", "ECC_NIST_P384", "ECC_NIST_P521", "ECC_SECG_P256K1", "ECC_NIST_EDWARDS25519"]
         {
-            let (key, stored) = PrivateKey::generate(spec).unwrap();
-            let again = PrivateKey::from_stored(spec, &stored).unwrap();
+            let (key, stored) = PrivateKey::generate(spec, "SIGN_VERIFY").unwrap();
+            let again = PrivateKey::from_stored(spec, "SIGN_VERIFY", &stored).unwrap();
             assert!(key.public_key_der().unwrap().unwrap().len() > 32);
             for algorithm in spec_info(spec).unwrap().signing {
                 let sig = key.sign(algorithm, MessageType::Raw, b"message").unwrap();
@@ -373,7 +437,7 @@ mod tests {
         for (spec, algorithm, len) in
             [("HMAC_224", "HMAC_SHA_224", 28), ("HMAC_256", "HMAC_SHA_256", 32), ("HMAC_512", "HMAC_SHA_512", 64)]
         {
-            let (key, stored) = PrivateKey::generate(spec).unwrap();
+            let (key, stored) = PrivateKey::generate(spec, "GENERATE_VERIFY_MAC").unwrap();
             assert_eq!(stored.len(), len);
             let mac = key.mac(algorithm, b"m").unwrap();
             assert_eq!(mac.len(), len);
@@ -382,6 +446,24 @@ mod tests {
             assert!(!key.verify_mac(algorithm, b"m", &mac[1..]).unwrap());
             assert!(key.public_key_der().unwrap().is_none());
         }
-        assert!(PrivateKey::from_stored("HMAC_256", &[0u8; 31]).is_err());
+        assert!(PrivateKey::from_stored("HMAC_256", "GENERATE_VERIFY_MAC", &[0u8; 31]).is_err());
+    }
+
+    #[test]
+    fn rsa_encryption_keys_round_trip_within_the_oaep_limits() {
+        let (key, stored) = PrivateKey::generate("RSA_2048", "ENCRYPT_DECRYPT").unwrap();
+        let key_again = PrivateKey::from_stored("RSA_2048", "ENCRYPT_DECRYPT", &stored).unwrap();
+        for (algorithm, max) in [("RSAES_OAEP_SHA_1", 214), ("RSAES_OAEP_SHA_256", 190)] {
+            let sealed = key.encrypt(algorithm, &vec![9u8; max]).unwrap();
+            assert_eq!(sealed.len(), 256);
+            assert_eq!(&key_again.decrypt(algorithm, &sealed).unwrap()[..], &vec![9u8; max][..]);
+            assert!(key.encrypt(algorithm, &vec![9u8; max + 1]).is_err());
+            let mut tampered = sealed.clone();
+            tampered[10] ^= 1;
+            assert_eq!(key.decrypt(algorithm, &tampered).unwrap_err().kind, ErrorKind::InvalidCiphertextException);
+        }
+        let sealed = key.encrypt("RSAES_OAEP_SHA_1", b"x").unwrap();
+        assert!(key.decrypt("RSAES_OAEP_SHA_256", &sealed).is_err());
+        assert!(key.sign("RSASSA_PSS_SHA_256", MessageType::Raw, b"m").is_err());
     }
 }

@@ -114,7 +114,16 @@ fn create_describe_and_list_keys() {
 #[test]
 fn create_key_refuses_what_it_does_not_support() {
     let agent = TestAgent::start();
-    assert_eq!(fails(&agent, "CreateKey", json!({"KeySpec": "RSA_2048"})), UnsupportedOperationException);
+    assert_eq!(fails(&agent, "CreateKey", json!({"KeySpec": "SM2"})), UnsupportedOperationException);
+    assert_eq!(fails(&agent, "CreateKey", json!({"KeySpec": "ECC_NIST_P256"})), ValidationException);
+    assert_eq!(
+        fails(&agent, "CreateKey", json!({"KeySpec": "HMAC_256", "KeyUsage": "SIGN_VERIFY"})),
+        ValidationException
+    );
+    assert_eq!(
+        fails(&agent, "CreateKey", json!({"KeySpec": "RSA_2048", "Origin": "EXTERNAL"})),
+        UnsupportedOperationException
+    );
     assert_eq!(fails(&agent, "CreateKey", json!({"KeySpec": "NOPE"})), ValidationException);
     assert_eq!(fails(&agent, "CreateKey", json!({"KeyUsage": "SIGN_VERIFY"})), ValidationException);
     assert_eq!(fails(&agent, "CreateKey", json!({"Origin": "AWS_CLOUDHSM"})), UnsupportedOperationException);

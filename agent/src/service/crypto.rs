@@ -48,6 +48,56 @@ fn require_symmetric_key(agent: &Agent, key: &KeyRecord) -> Result<(), KmsError>
     Ok(())
 }
 
+/// Whether `key` is an asymmetric encryption key (RSA, ENCRYPT_DECRYPT), whose ciphertexts
+/// are raw RSAES-OAEP, not blobs.
+fn is_rsa_encryption(key: &KeyRecord) -> bool {
+    key.row.key_spec.starts_with("RSA_") && key.row.key_usage == "ENCRYPT_DECRYPT"
+}
+
+/// The RSAES algorithm a request names for an RSA encryption key: required, one the key
+/// offers; and no encryption context, which only symmetric keys take.
+fn rsa_algorithm<'a>(
+    agent: &Agent,
+    key: &KeyRecord,
+    algorithm: Option<&'a str>,
+    context: &EncryptionContext,
+) -> Result<&'a str, KmsError> {
+    let arn = agent.key_arn(&key.row.id);
+    let algorithm = algorithm.unwrap_or("SYMMETRIC_DEFAULT");
+    if !matches!(algorithm, "RSAES_OAEP_SHA_1" | "RSAES_OAEP_SHA_256") {
+        return Err(KmsError::new(
+            ErrorKind::InvalidKeyUsageException,
+            format!("{arn} is an RSA key: name RSAES_OAEP_SHA_1 or RSAES_OAEP_SHA_256 as the EncryptionAlgorithm, not {algorithm}"),
+        ));
+    }
+    if !context.0.is_empty() {
+        return Err(KmsError::validation(format!(
+            "{arn} is an asymmetric key: an encryption context applies only to symmetric encryption keys"
+        )));
+    }
+    Ok(algorithm)
+}
+
+/// Opens a raw RSAES-OAEP ciphertext with `key`, which the request named (`named` is how).
+#[allow(clippy::too_many_arguments)]
+fn open_rsa(
+    agent: &Agent,
+    caller: &Caller,
+    action: &str,
+    key: &KeyRecord,
+    named: &str,
+    ciphertext: &[u8],
+    context: &EncryptionContext,
+    algorithm: Option<&str>,
+) -> Result<(Zeroizing<Vec<u8>>, String), KmsError> {
+    let asked = algorithm.unwrap_or("SYMMETRIC_DEFAULT").to_string();
+    agent.authorize_key(caller, action, key, |c| with_request_alias(c, named).with(ck::ENCRYPTION_ALGORITHM, asked))?;
+    require_usable(agent, key)?;
+    let algorithm = rsa_algorithm(agent, key, algorithm, context)?;
+    let plaintext = key.private_key()?.decrypt(algorithm, ciphertext)?;
+    Ok((plaintext, algorithm.to_string()))
+}
+
 /// Seals `plaintext` under the key's current material.
 fn seal(key: &KeyRecord, context: &EncryptionContext, plaintext: &[u8]) -> Result<(Vec<u8>, String), KmsError> {
     let (current, material) = key.current_key()?;
@@ -67,6 +117,14 @@ pub fn encrypt(agent: &Agent, caller: &Caller, request: Value) -> Result<Reply, 
     })?;
     let arn = agent.key_arn(&key.row.id);
     require_usable(agent, &key)?;
+    if is_rsa_encryption(&key) {
+        let algorithm = rsa_algorithm(agent, &key, req.encryption_algorithm.as_deref(), &ctx)?;
+        if req.dry_run == Some(true) {
+            return Err(dry_run());
+        }
+        let ciphertext = key.private_key()?.encrypt(algorithm, &req.plaintext.0)?;
+        return Ok(json!({ "CiphertextBlob": b64(&ciphertext), "KeyId": arn, "EncryptionAlgorithm": algorithm }).into());
+    }
     require_symmetric_key(agent, &key)?;
     require_symmetric_algorithm(req.encryption_algorithm.as_deref(), &arn)?;
     if req.dry_run == Some(true) {
@@ -162,8 +220,22 @@ pub fn decrypt(agent: &Agent, caller: &Caller, request: Value) -> Result<Reply, 
     let req: DecryptRequest = parse(request)?;
     let blob = required_blob(req.ciphertext_blob, "ciphertextBlob")?;
     no_recipient(&req.recipient)?;
-    let (key, material_id, plaintext) =
-        open(agent, caller, "Decrypt", &blob.0, &context(req.encryption_context), req.key_id.as_deref())?;
+    let ctx = context(req.encryption_context);
+    if let Some(named) = &req.key_id {
+        let key = agent.resolve(named, true)?;
+        if is_rsa_encryption(&key) {
+            let algorithm = req.encryption_algorithm.as_deref();
+            let (plaintext, algorithm) = open_rsa(agent, caller, "Decrypt", &key, named, &blob.0, &ctx, algorithm)?;
+            if req.dry_run == Some(true) {
+                return Err(dry_run());
+            }
+            let body = json!({ "KeyId": agent.key_arn(&key.row.id), "EncryptionAlgorithm": algorithm });
+            return Ok(Reply::with_secret(body, "Plaintext", b64_secret(&plaintext)));
+        }
+    } else if req.encryption_algorithm.as_deref().is_some_and(|a| a.starts_with("RSAES_")) {
+        return Err(KmsError::validation("Decrypt with an asymmetric key needs its KeyId"));
+    }
+    let (key, material_id, plaintext) = open(agent, caller, "Decrypt", &blob.0, &ctx, req.key_id.as_deref())?;
     let arn = agent.key_arn(&key.row.id);
     require_symmetric_algorithm(req.encryption_algorithm.as_deref(), &arn)?;
     if req.dry_run == Some(true) {
@@ -192,41 +264,66 @@ struct ReEncryptRequest {
 pub fn re_encrypt(agent: &Agent, caller: &Caller, request: Value) -> Result<Reply, KmsError> {
     let req: ReEncryptRequest = parse(request)?;
     let blob = required_blob(req.ciphertext_blob, "ciphertextBlob")?;
-    let (source, source_material_id, plaintext) = open(
-        agent,
-        caller,
-        "ReEncryptFrom",
-        &blob.0,
-        &context(req.source_encryption_context),
-        req.source_key_id.as_deref(),
-    )?;
+    let source_context = context(req.source_encryption_context);
+    let rsa_source = match &req.source_key_id {
+        Some(named) => Some(agent.resolve(named, true)?).filter(|k| is_rsa_encryption(k)).map(|k| (k, named)),
+        None => None,
+    };
+    let (source, source_material_id, plaintext, source_algorithm) = match rsa_source {
+        Some((key, named)) => {
+            let algorithm = req.source_encryption_algorithm.as_deref();
+            let (plaintext, algorithm) =
+                open_rsa(agent, caller, "ReEncryptFrom", &key, named, &blob.0, &source_context, algorithm)?;
+            (key, None, plaintext, algorithm)
+        }
+        None => {
+            let (key, material_id, plaintext) =
+                open(agent, caller, "ReEncryptFrom", &blob.0, &source_context, req.source_key_id.as_deref())?;
+            require_symmetric_algorithm(req.source_encryption_algorithm.as_deref(), &agent.key_arn(&key.row.id))?;
+            (key, Some(material_id), plaintext, "SYMMETRIC_DEFAULT".to_string())
+        }
+    };
     let source_arn = agent.key_arn(&source.row.id);
-    require_symmetric_algorithm(req.source_encryption_algorithm.as_deref(), &source_arn)?;
     let destination = agent.resolve(&req.destination_key_id, true)?;
     let destination_context = context(req.destination_encryption_context);
+    let asked = req.destination_encryption_algorithm.clone().unwrap_or_else(|| "SYMMETRIC_DEFAULT".into());
     agent.authorize_key(caller, "ReEncryptTo", &destination, |c| {
         with_request_alias(c, &req.destination_key_id)
             .with_encryption_context(&destination_context.0)
-            .with(ck::ENCRYPTION_ALGORITHM, "SYMMETRIC_DEFAULT")
+            .with(ck::ENCRYPTION_ALGORITHM, asked)
     })?;
     let destination_arn = agent.key_arn(&destination.row.id);
     require_usable(agent, &destination)?;
-    require_symmetric_key(agent, &destination)?;
-    require_symmetric_algorithm(req.destination_encryption_algorithm.as_deref(), &destination_arn)?;
-    if req.dry_run == Some(true) {
-        return Err(dry_run());
-    }
-    let (new_blob, destination_material_id) = seal(&destination, &destination_context, &plaintext)?;
-    Ok(json!({
+    let (new_blob, destination_material_id, destination_algorithm) = if is_rsa_encryption(&destination) {
+        let algorithm =
+            rsa_algorithm(agent, &destination, req.destination_encryption_algorithm.as_deref(), &destination_context)?;
+        if req.dry_run == Some(true) {
+            return Err(dry_run());
+        }
+        (destination.private_key()?.encrypt(algorithm, &plaintext)?, None, algorithm.to_string())
+    } else {
+        require_symmetric_key(agent, &destination)?;
+        require_symmetric_algorithm(req.destination_encryption_algorithm.as_deref(), &destination_arn)?;
+        if req.dry_run == Some(true) {
+            return Err(dry_run());
+        }
+        let (blob, material_id) = seal(&destination, &destination_context, &plaintext)?;
+        (blob, Some(material_id), "SYMMETRIC_DEFAULT".to_string())
+    };
+    let mut out = json!({
         "CiphertextBlob": b64(&new_blob),
         "SourceKeyId": source_arn,
         "KeyId": destination_arn,
-        "SourceEncryptionAlgorithm": "SYMMETRIC_DEFAULT",
-        "DestinationEncryptionAlgorithm": "SYMMETRIC_DEFAULT",
-        "SourceKeyMaterialId": source_material_id,
-        "DestinationKeyMaterialId": destination_material_id,
-    })
-    .into())
+        "SourceEncryptionAlgorithm": source_algorithm,
+        "DestinationEncryptionAlgorithm": destination_algorithm,
+    });
+    if let Some(id) = source_material_id {
+        out["SourceKeyMaterialId"] = json!(id);
+    }
+    if let Some(id) = destination_material_id {
+        out["DestinationKeyMaterialId"] = json!(id);
+    }
+    Ok(out.into())
 }
 
 #[derive(Deserialize)]

@@ -122,8 +122,7 @@ pub fn create_key(agent: &Agent, caller: &Caller, request: Value) -> Result<Valu
         .ok_or_else(|| unsupported(&format!("KeySpec {key_spec} is not supported by this version of kmsd")))?;
     let key_usage = req.key_usage.unwrap_or_else(|| "ENCRYPT_DECRYPT".into());
     if !info.usages.contains(&key_usage.as_str()) {
-        let later = (key_spec.starts_with("RSA_") && key_usage == "ENCRYPT_DECRYPT")
-            || (key_spec.starts_with("ECC_NIST_P") && key_usage == "KEY_AGREEMENT");
+        let later = key_spec.starts_with("ECC_NIST_P") && key_usage == "KEY_AGREEMENT";
         if later {
             return Err(unsupported(&format!("KeyUsage {key_usage} for {key_spec} keys is not supported yet")));
         }
@@ -186,7 +185,7 @@ pub fn create_key(agent: &Agent, caller: &Caller, request: Value) -> Result<Valu
         None
     } else {
         Some(if asymmetric {
-            let (private, secret) = PrivateKey::generate(&key_spec)?;
+            let (private, secret) = PrivateKey::generate(&key_spec, &key_usage)?;
             let stored = agent.root().seal_secret(&id, 1, &secret)?;
             let row = MaterialRow::generated(id, 1, random_material_id(), stored, now);
             Material { row, key: None, private: Some(std::sync::Arc::new(private)) }
