@@ -144,7 +144,8 @@ impl PrivateKey {
             match spec {
                 "ECC_NIST_EDWARDS25519" => {
                     let pair = Ed25519KeyPair::generate().map_err(|_| internal("generate an Ed25519 key"))?;
-                    Zeroizing::new(pair.to_pkcs8().map_err(|_| internal("encode an Ed25519 key"))?.as_ref().to_vec())
+                    // PKCS#8 v1 (RFC 5208, no public key inside), which every library reads.
+                    Zeroizing::new(pair.to_pkcs8v1().map_err(|_| internal("encode an Ed25519 key"))?.as_ref().to_vec())
                 }
                 "RSA_2048" | "RSA_3072" | "RSA_4096" => {
                     let size = match spec {
@@ -178,7 +179,10 @@ impl PrivateKey {
         }
         match spec {
             "ECC_NIST_EDWARDS25519" => {
-                Ok(PrivateKey::Ed25519(Ed25519KeyPair::from_pkcs8(bytes).map_err(|_| damaged())?))
+                {
+                    // v1 carries no public key to check the private one against: it is derived.
+                    Ok(PrivateKey::Ed25519(Ed25519KeyPair::from_pkcs8_maybe_unchecked(bytes).map_err(|_| damaged())?))
+                }
             }
             "RSA_2048" | "RSA_3072" | "RSA_4096" if usage == "ENCRYPT_DECRYPT" => {
                 let key = PrivateDecryptingKey::from_pkcs8(bytes).map_err(|_| damaged())?;

@@ -691,7 +691,7 @@ fn protocol_errors_are_aws_shaped() {
     let (status, body) = raw(&agent, b"GET / HTTP/1.1\r\nHost: kmsd\r\nConnection: close\r\n\r\n");
     assert_eq!((status, body["__type"].as_str()), (400, Some("UnknownOperationException")));
     let (status, body) =
-        raw(&agent, &post("TrentService.GenerateDataKeyPair", "{\"KeyId\":\"k\",\"KeyPairSpec\":\"RSA_2048\"}"));
+        raw(&agent, &post("TrentService.UpdatePrimaryRegion", "{\"KeyId\":\"k\",\"PrimaryRegion\":\"us-east-1\"}"));
     assert_eq!((status, body["__type"].as_str()), (400, Some("UnsupportedOperationException")));
     // An empty body is an empty request, as botocore sends for no parameters.
     let (status, body) = raw(&agent, &post("TrentService.ListKeys", ""));

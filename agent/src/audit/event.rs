@@ -34,7 +34,7 @@ const SECRET_REQUEST_MEMBERS: [&str; 10] = [
     "Mac",
 ];
 /// Reply members never recorded.
-const SECRET_RESPONSE_MEMBERS: [&str; 8] = [
+const SECRET_RESPONSE_MEMBERS: [&str; 11] = [
     "Plaintext",
     "CiphertextBlob",
     "CiphertextForRecipient",
@@ -43,6 +43,9 @@ const SECRET_RESPONSE_MEMBERS: [&str; 8] = [
     "PublicKey",
     "Signature",
     "Mac",
+    "PrivateKeyPlaintext",
+    "PrivateKeyCiphertextBlob",
+    "SharedSecret",
 ];
 /// Request members that name a key.
 const KEY_MEMBERS: [&str; 4] = ["KeyId", "TargetKeyId", "SourceKeyId", "DestinationKeyId"];

@@ -53,6 +53,8 @@ pub mod keys {
     pub const MESSAGE_TYPE: &str = "kms:MessageType";
     /// GenerateMac and VerifyMac: the MAC algorithm.
     pub const MAC_ALGORITHM: &str = "kms:MacAlgorithm";
+    /// GenerateDataKeyPair(WithoutPlaintext): the key pair's spec.
+    pub const DATA_KEY_PAIR_SPEC: &str = "kms:DataKeyPairSpec";
     /// DeriveSharedSecret: `ECDH`.
     pub const KEY_AGREEMENT_ALGORITHM: &str = "kms:KeyAgreementAlgorithm";
     /// The alias the request named the key by (`alias/...`), if it did.

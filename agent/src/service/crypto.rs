@@ -394,6 +394,59 @@ pub fn generate_data_key(
 
 #[derive(Deserialize)]
 #[serde(rename_all = "PascalCase")]
+struct GenerateDataKeyPairRequest {
+    key_id: String,
+    key_pair_spec: String,
+    encryption_context: Option<BTreeMap<String, String>>,
+    recipient: Option<Value>,
+    dry_run: Option<bool>,
+}
+
+/// GenerateDataKeyPair (`with_plaintext`) and GenerateDataKeyPairWithoutPlaintext: a new
+/// key pair of `KeyPairSpec` made in aws-lc-rs, its private key (PKCS#8 DER) sealed under
+/// the symmetric KMS key as a ciphertext blob, and its public key (DER SubjectPublicKeyInfo).
+pub fn generate_data_key_pair(
+    agent: &Agent,
+    caller: &Caller,
+    request: Value,
+    with_plaintext: bool,
+) -> Result<Reply, KmsError> {
+    let req: GenerateDataKeyPairRequest = parse(request)?;
+    no_recipient(&req.recipient)?;
+    let key = agent.resolve(&req.key_id, true)?;
+    let ctx = context(req.encryption_context);
+    let action = if with_plaintext { "GenerateDataKeyPair" } else { "GenerateDataKeyPairWithoutPlaintext" };
+    agent.authorize_key(caller, action, &key, |c| {
+        with_request_alias(c, &req.key_id)
+            .with_encryption_context(&ctx.0)
+            .with(ck::DATA_KEY_PAIR_SPEC, req.key_pair_spec.clone())
+    })?;
+    require_usable(agent, &key)?;
+    require_symmetric_key(agent, &key)?;
+    if req.key_pair_spec == "SM2" {
+        return Err(KmsError::new(
+            ErrorKind::UnsupportedOperationException,
+            "SM2 key pairs are offered only in AWS's China Regions",
+        ));
+    }
+    if req.dry_run == Some(true) {
+        return Err(dry_run());
+    }
+    let (pair, private) = crate::asymmetric::PrivateKey::generate(&req.key_pair_spec, "SIGN_VERIFY")?;
+    let public = pair.public_key_der()?.ok_or_else(|| KmsError::internal("a key pair without a public key"))?;
+    let (blob, material_id) = seal(&key, &ctx, &private)?;
+    let body = json!({
+        "PrivateKeyCiphertextBlob": b64(&blob),
+        "PublicKey": b64(&public),
+        "KeyId": agent.key_arn(&key.row.id),
+        "KeyPairSpec": req.key_pair_spec,
+        "KeyMaterialId": material_id,
+    });
+    Ok(if with_plaintext { Reply::with_secret(body, "PrivateKeyPlaintext", b64_secret(&private)) } else { body.into() })
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
 struct GenerateDataKeysRequest {
     key_id: String,
     encryption_contexts: Vec<BTreeMap<String, String>>,

@@ -126,6 +126,8 @@ pub fn handle(agent: &Agent, caller: &Caller, action: &str, body: &[u8]) -> Resu
         "ListRetirableGrants" => grants::list_retirable_grants(agent, caller, request).map(Reply::from),
         "RetireGrant" => grants::retire_grant(agent, caller, request).map(Reply::from),
         "RevokeGrant" => grants::revoke_grant(agent, caller, request).map(Reply::from),
+        "GenerateDataKeyPair" => crypto::generate_data_key_pair(agent, caller, request, true),
+        "GenerateDataKeyPairWithoutPlaintext" => crypto::generate_data_key_pair(agent, caller, request, false),
         "Sign" => signing::sign(agent, caller, request).map(Reply::from),
         "Verify" => signing::verify(agent, caller, request).map(Reply::from),
         "GetPublicKey" => signing::get_public_key(agent, caller, request).map(Reply::from),
@@ -155,6 +157,8 @@ pub fn used_keys(action: &str, reply: &Value) -> Vec<kmsfs_common::ids::KeyId> {
             | "GenerateDataKey"
             | "GenerateDataKeyWithoutPlaintext"
             | GENERATE_DATA_KEYS
+            | "GenerateDataKeyPair"
+            | "GenerateDataKeyPairWithoutPlaintext"
             | "Sign"
             | "Verify"
             | "GenerateMac"
@@ -177,7 +181,15 @@ pub const GENERATE_DATA_KEYS: &str = "Kmsfs.GenerateDataKeys";
 /// fsync, and batches, which take a while.
 pub fn blocking(action: &str) -> bool {
     // GetParametersForImport generates an RSA key pair: up to seconds for RSA_4096.
-    mutates(action) || action == GENERATE_DATA_KEYS || action == "GetParametersForImport"
+    // GenerateDataKeyPair makes an RSA key pair, up to a second for RSA_4096.
+    mutates(action)
+        || matches!(
+            action,
+            GENERATE_DATA_KEYS
+                | "GetParametersForImport"
+                | "GenerateDataKeyPair"
+                | "GenerateDataKeyPairWithoutPlaintext"
+        )
 }
 
 /// Actions that write to the metadata store (and so block on fsync).

@@ -1,0 +1,158 @@
+//! RSA encryption keys and data key pairs, checked by an independent implementation
+//! (Python's `cryptography`, `tests/python/rsa_and_key_pairs.py`): what it encrypts to a
+//! kmsd public key decrypts in kmsd, what kmsd encrypts it cannot tamper with unnoticed,
+//! and every data key pair's private key is of its spec and signs what its public key
+//! verifies. AWS's exceptions for the misuses.
+
+use std::path::Path;
+use std::process::Command;
+
+use kmsfs_common::ErrorKind;
+use kmsfs_tests::{b64, create_key, unb64, TestAgent};
+use serde_json::{json, Value};
+
+fn python(args: &[&str]) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/rsa_and_key_pairs.py");
+    let out = Command::new("python3").arg(script).args(args).output().expect("python3");
+    assert!(out.status.success(), "rsa_and_key_pairs.py {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("utf-8").trim().to_string()
+}
+
+fn rsa_key(agent: &TestAgent, spec: &str) -> String {
+    let out = agent.ok("CreateKey", json!({"KeySpec": spec, "KeyUsage": "ENCRYPT_DECRYPT"}));
+    out["KeyMetadata"]["KeyId"].as_str().expect("KeyId").to_string()
+}
+
+fn kind(result: Result<Value, kmsfs_common::KmsError>) -> ErrorKind {
+    result.expect_err("an error").kind
+}
+
+#[test]
+fn what_cryptography_encrypts_to_the_public_key_decrypts_in_kmsd() {
+    let agent = TestAgent::start();
+    let key = rsa_key(&agent, "RSA_2048");
+    let meta = agent.ok("DescribeKey", json!({"KeyId": key}))["KeyMetadata"].clone();
+    assert_eq!(meta["EncryptionAlgorithms"], json!(["RSAES_OAEP_SHA_1", "RSAES_OAEP_SHA_256"]));
+    assert!(meta.get("SigningAlgorithms").is_none());
+    let public = agent.ok("GetPublicKey", json!({"KeyId": key}));
+    assert_eq!(public["KeyUsage"], "ENCRYPT_DECRYPT");
+    let der = public["PublicKey"].as_str().expect("PublicKey");
+    for algorithm in ["RSAES_OAEP_SHA_1", "RSAES_OAEP_SHA_256"] {
+        let ciphertext = python(&[
+            "encrypt",
+            "--public-key-b64",
+            der,
+            "--algorithm",
+            algorithm,
+            "--plaintext-b64",
+            &b64(b"to kmsd"),
+        ]);
+        let opened =
+            agent.ok("Decrypt", json!({"KeyId": key, "CiphertextBlob": ciphertext, "EncryptionAlgorithm": algorithm}));
+        assert_eq!(unb64(&opened["Plaintext"]), b"to kmsd");
+        assert_eq!(opened["EncryptionAlgorithm"], algorithm);
+        // The other hash does not decrypt it.
+        let other = if algorithm == "RSAES_OAEP_SHA_1" { "RSAES_OAEP_SHA_256" } else { "RSAES_OAEP_SHA_1" };
+        let wrong = json!({"KeyId": key, "CiphertextBlob": ciphertext, "EncryptionAlgorithm": other});
+        assert_eq!(kind(agent.call("Decrypt", wrong)), ErrorKind::InvalidCiphertextException);
+    }
+    // kmsd's own ciphertexts: round trip, tamper, and a move to a symmetric key by ReEncrypt.
+    let sealed = agent
+        .ok("Encrypt", json!({"KeyId": key, "Plaintext": b64(b"secret"), "EncryptionAlgorithm": "RSAES_OAEP_SHA_256"}));
+    let mut tampered = unb64(&sealed["CiphertextBlob"]);
+    tampered[7] ^= 1;
+    let bad = json!({"KeyId": key, "CiphertextBlob": b64(&tampered), "EncryptionAlgorithm": "RSAES_OAEP_SHA_256"});
+    assert_eq!(kind(agent.call("Decrypt", bad)), ErrorKind::InvalidCiphertextException);
+    let symmetric = create_key(&agent);
+    let moved = agent.ok(
+        "ReEncrypt",
+        json!({
+            "CiphertextBlob": sealed["CiphertextBlob"], "SourceKeyId": key,
+            "SourceEncryptionAlgorithm": "RSAES_OAEP_SHA_256", "DestinationKeyId": symmetric,
+        }),
+    );
+    assert_eq!(moved["SourceEncryptionAlgorithm"], "RSAES_OAEP_SHA_256");
+    assert_eq!(unb64(&agent.ok("Decrypt", json!({"CiphertextBlob": moved["CiphertextBlob"]}))["Plaintext"]), b"secret");
+    agent.ok("ListKeys", json!({}));
+}
+
+#[test]
+fn rsa_misuse_gets_aws_exceptions() {
+    let agent = TestAgent::start();
+    let key = rsa_key(&agent, "RSA_2048");
+    let over = json!({"KeyId": key, "Plaintext": b64(&[1u8; 191]), "EncryptionAlgorithm": "RSAES_OAEP_SHA_256"});
+    assert_eq!(kind(agent.call("Encrypt", over)), ErrorKind::ValidationException);
+    let at_limit = json!({"KeyId": key, "Plaintext": b64(&[1u8; 214]), "EncryptionAlgorithm": "RSAES_OAEP_SHA_1"});
+    agent.ok("Encrypt", at_limit);
+    let symmetric_algorithm = json!({"KeyId": key, "Plaintext": b64(b"x")});
+    assert_eq!(kind(agent.call("Encrypt", symmetric_algorithm)), ErrorKind::InvalidKeyUsageException);
+    let with_context = json!({"KeyId": key, "Plaintext": b64(b"x"), "EncryptionAlgorithm": "RSAES_OAEP_SHA_256", "EncryptionContext": {"a": "b"}});
+    assert_eq!(kind(agent.call("Encrypt", with_context)), ErrorKind::ValidationException);
+    let no_key = json!({"CiphertextBlob": b64(&[0u8; 256]), "EncryptionAlgorithm": "RSAES_OAEP_SHA_256"});
+    assert_eq!(kind(agent.call("Decrypt", no_key)), ErrorKind::ValidationException);
+    assert_eq!(
+        kind(agent.call("GenerateDataKey", json!({"KeyId": key, "KeySpec": "AES_256"}))),
+        ErrorKind::InvalidKeyUsageException
+    );
+    let sign = json!({"KeyId": key, "Message": b64(b"m"), "SigningAlgorithm": "RSASSA_PSS_SHA_256"});
+    assert_eq!(kind(agent.call("Sign", sign)), ErrorKind::InvalidKeyUsageException);
+    assert_eq!(kind(agent.call("EnableKeyRotation", json!({"KeyId": key}))), ErrorKind::UnsupportedOperationException);
+    // The private key survives a restart sealed by the root of trust.
+    let sealed = agent
+        .ok("Encrypt", json!({"KeyId": key, "Plaintext": b64(b"kept"), "EncryptionAlgorithm": "RSAES_OAEP_SHA_1"}));
+    let mut agent = agent;
+    agent.restart();
+    let opened = agent.ok(
+        "Decrypt",
+        json!({"KeyId": key, "CiphertextBlob": sealed["CiphertextBlob"], "EncryptionAlgorithm": "RSAES_OAEP_SHA_1"}),
+    );
+    assert_eq!(unb64(&opened["Plaintext"]), b"kept");
+}
+
+#[test]
+fn data_key_pairs_are_of_their_spec_and_their_private_key_decrypts_from_the_blob() {
+    let agent = TestAgent::start();
+    let key = create_key(&agent);
+    let context = json!({"purpose": "data key pair"});
+    for spec in
+        ["RSA_2048", "ECC_NIST_P256", "ECC_NIST_P384", "ECC_NIST_P521", "ECC_SECG_P256K1", "ECC_NIST_EDWARDS25519"]
+    {
+        let pair =
+            agent.ok("GenerateDataKeyPair", json!({"KeyId": key, "KeyPairSpec": spec, "EncryptionContext": context}));
+        assert_eq!(pair["KeyPairSpec"], spec);
+        let private = pair["PrivateKeyPlaintext"].as_str().expect("PrivateKeyPlaintext");
+        let public = pair["PublicKey"].as_str().expect("PublicKey");
+        assert_eq!(python(&["pair", "--private-b64", private, "--public-b64", public, "--spec", spec]), "ok", "{spec}");
+        let opened = agent
+            .ok("Decrypt", json!({"CiphertextBlob": pair["PrivateKeyCiphertextBlob"], "EncryptionContext": context}));
+        assert_eq!(opened["Plaintext"].as_str(), Some(private), "{spec}: the blob holds the private key");
+    }
+    let without =
+        agent.ok("GenerateDataKeyPairWithoutPlaintext", json!({"KeyId": key, "KeyPairSpec": "ECC_NIST_P256"}));
+    assert!(without.get("PrivateKeyPlaintext").is_none());
+    let private =
+        agent.ok("Decrypt", json!({"CiphertextBlob": without["PrivateKeyCiphertextBlob"]}))["Plaintext"].clone();
+    let public = without["PublicKey"].as_str().expect("PublicKey");
+    assert_eq!(
+        python(&[
+            "pair",
+            "--private-b64",
+            private.as_str().expect("b64"),
+            "--public-b64",
+            public,
+            "--spec",
+            "ECC_NIST_P256"
+        ]),
+        "ok"
+    );
+    // Under an asymmetric key, or SM2: AWS's exceptions. And nothing secret in the audit trail.
+    let rsa = rsa_key(&agent, "RSA_2048");
+    let under_rsa = json!({"KeyId": rsa, "KeyPairSpec": "ECC_NIST_P256"});
+    assert_eq!(kind(agent.call("GenerateDataKeyPair", under_rsa)), ErrorKind::InvalidKeyUsageException);
+    let sm2 = json!({"KeyId": key, "KeyPairSpec": "SM2"});
+    assert_eq!(kind(agent.call("GenerateDataKeyPair", sm2)), ErrorKind::UnsupportedOperationException);
+    let events = agent.audit_events();
+    let text = serde_json::to_string(&events).expect("json");
+    assert!(!text.contains(private.as_str().expect("b64")), "a private key reached the audit trail");
+    assert!(events.iter().any(|e| e["eventName"] == "GenerateDataKeyPair"));
+}
