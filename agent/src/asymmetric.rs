@@ -8,13 +8,13 @@
 
 use aws_lc_rs::digest::{self, Digest};
 use aws_lc_rs::encoding::AsDer;
-use aws_lc_rs::hmac;
 use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::rsa::{
     KeySize, OaepAlgorithm, OaepPrivateDecryptingKey, OaepPublicEncryptingKey, PrivateDecryptingKey,
     OAEP_SHA1_MGF1SHA1, OAEP_SHA256_MGF1SHA256,
 };
 use aws_lc_rs::signature::{self, EcdsaKeyPair, Ed25519KeyPair, KeyPair, RsaKeyPair, UnparsedPublicKey};
+use aws_lc_rs::{agreement, hmac};
 use kmsfs_common::{ErrorKind, KmsError};
 use zeroize::Zeroizing;
 
@@ -36,6 +36,7 @@ const RSA_SIGNING: &[&str] = &[
     "RSASSA_PKCS1_V1_5_SHA_512",
 ];
 const RSA_ENCRYPTION: &[&str] = &["RSAES_OAEP_SHA_1", "RSAES_OAEP_SHA_256"];
+const ECC_NIST_USAGES: &[&str] = &["SIGN_VERIFY", "KEY_AGREEMENT"];
 
 /// The key specs kmsd supports (SM2 is for AWS's China regions; ML-DSA waits for aws-lc-rs's
 /// stable API), with AWS's rules. `None` for a spec outside the model or not supported.
@@ -48,9 +49,10 @@ pub fn spec_info(spec: &str) -> Option<SpecInfo> {
         "RSA_2048" | "RSA_3072" | "RSA_4096" => {
             info(&["ENCRYPT_DECRYPT", "SIGN_VERIFY"], RSA_SIGNING, RSA_ENCRYPTION, none, none)
         }
-        "ECC_NIST_P256" | "ECC_SECG_P256K1" => info(&["SIGN_VERIFY"], &["ECDSA_SHA_256"], none, none, none),
-        "ECC_NIST_P384" => info(&["SIGN_VERIFY"], &["ECDSA_SHA_384"], none, none, none),
-        "ECC_NIST_P521" => info(&["SIGN_VERIFY"], &["ECDSA_SHA_512"], none, none, none),
+        "ECC_NIST_P256" => info(ECC_NIST_USAGES, &["ECDSA_SHA_256"], none, none, &["ECDH"]),
+        "ECC_NIST_P384" => info(ECC_NIST_USAGES, &["ECDSA_SHA_384"], none, none, &["ECDH"]),
+        "ECC_NIST_P521" => info(ECC_NIST_USAGES, &["ECDSA_SHA_512"], none, none, &["ECDH"]),
+        "ECC_SECG_P256K1" => info(&["SIGN_VERIFY"], &["ECDSA_SHA_256"], none, none, none),
         // aws-lc-rs has no Ed25519ph, so ED25519_PH_SHA_512 is not offered.
         "ECC_NIST_EDWARDS25519" => info(&["SIGN_VERIFY"], &["ED25519_SHA_512"], none, none, none),
         "HMAC_224" => info(&["GENERATE_VERIFY_MAC"], none, none, &["HMAC_SHA_224"], none),
@@ -98,6 +100,8 @@ pub enum PrivateKey {
     RsaEncryption(OaepPrivateDecryptingKey, OaepPublicEncryptingKey, Vec<u8>),
     Ecdsa(EcdsaKeyPair, &'static signature::EcdsaVerificationAlgorithm),
     Ed25519(Ed25519KeyPair),
+    /// A NIST-curve key of usage KEY_AGREEMENT (ECDH), with its DER SubjectPublicKeyInfo.
+    Ecdh(agreement::PrivateKey, Vec<u8>),
     Hmac(Zeroizing<Vec<u8>>),
 }
 
@@ -120,6 +124,16 @@ fn ecdsa_algorithms(
     })
 }
 
+/// The aws-lc-rs ECDH algorithm of a NIST curve spec.
+fn ecdh_algorithm(spec: &str) -> Option<&'static agreement::Algorithm> {
+    Some(match spec {
+        "ECC_NIST_P256" => &agreement::ECDH_P256,
+        "ECC_NIST_P384" => &agreement::ECDH_P384,
+        "ECC_NIST_P521" => &agreement::ECDH_P521,
+        _ => return None,
+    })
+}
+
 fn hmac_length(spec: &str) -> Option<usize> {
     Some(match spec {
         "HMAC_224" => 28,
@@ -133,7 +147,11 @@ fn hmac_length(spec: &str) -> Option<usize> {
 impl PrivateKey {
     /// A new key of `spec` for `usage`, and the bytes to seal (PKCS#8 DER, or the HMAC key).
     pub fn generate(spec: &str, usage: &str) -> Result<(PrivateKey, Zeroizing<Vec<u8>>), KmsError> {
-        let bytes = if let Some(len) = hmac_length(spec) {
+        let bytes = if let (Some(algorithm), "KEY_AGREEMENT") = (ecdh_algorithm(spec), usage) {
+            let key = agreement::PrivateKey::generate(algorithm).map_err(|_| internal("generate an ECDH key"))?;
+            let der: aws_lc_rs::encoding::Pkcs8V1Der = key.as_der().map_err(|_| internal("encode an ECDH key"))?;
+            Zeroizing::new(der.as_ref().to_vec())
+        } else if let Some(len) = hmac_length(spec) {
             let mut key = Zeroizing::new(vec![0u8; len]);
             kmsfs_common::aead::random_bytes(&mut key);
             key
@@ -173,6 +191,12 @@ impl PrivateKey {
             }
             return Ok(PrivateKey::Hmac(Zeroizing::new(bytes.to_vec())));
         }
+        if let (Some(algorithm), "KEY_AGREEMENT") = (ecdh_algorithm(spec), usage) {
+            let key = agreement::PrivateKey::from_private_key_der(algorithm, bytes).map_err(|_| damaged())?;
+            let public = key.compute_public_key().map_err(|_| damaged())?;
+            let spki = public.as_der().map_err(|_| damaged())?.as_ref().to_vec();
+            return Ok(PrivateKey::Ecdh(key, spki));
+        }
         if let Some((signing, verification)) = ecdsa_algorithms(spec) {
             let pair = EcdsaKeyPair::from_pkcs8(signing, bytes).map_err(|_| damaged())?;
             return Ok(PrivateKey::Ecdsa(pair, verification));
@@ -206,7 +230,7 @@ impl PrivateKey {
         let failed = |_| internal("encode the public key");
         Ok(Some(match self {
             PrivateKey::Rsa(pair) => pair.public_key().as_der().map_err(failed)?.as_ref().to_vec(),
-            PrivateKey::RsaEncryption(_, _, spki) => spki.clone(),
+            PrivateKey::RsaEncryption(_, _, spki) | PrivateKey::Ecdh(_, spki) => spki.clone(),
             PrivateKey::Ecdsa(pair, _) => pair.public_key().as_der().map_err(failed)?.as_ref().to_vec(),
             PrivateKey::Ed25519(pair) => pair.public_key().as_der().map_err(failed)?.as_ref().to_vec(),
             PrivateKey::Hmac(_) => return Ok(None),
@@ -245,7 +269,9 @@ impl PrivateKey {
                     "ED25519_SHA_512 signs RAW messages only (the DIGEST form would be ED25519_PH_SHA_512)",
                 )),
             },
-            PrivateKey::Hmac(_) | PrivateKey::RsaEncryption(..) => Err(invalid_usage("this key does not sign".into())),
+            PrivateKey::Hmac(_) | PrivateKey::RsaEncryption(..) | PrivateKey::Ecdh(..) => {
+                Err(invalid_usage("this key does not sign".into()))
+            }
         }
     }
 
@@ -283,7 +309,7 @@ impl PrivateKey {
                     return Err(KmsError::validation("ED25519_SHA_512 verifies RAW messages only"));
                 }
             },
-            PrivateKey::Hmac(_) | PrivateKey::RsaEncryption(..) => {
+            PrivateKey::Hmac(_) | PrivateKey::RsaEncryption(..) | PrivateKey::Ecdh(..) => {
                 return Err(invalid_usage("this key does not verify signatures".into()))
             }
         })
@@ -308,6 +334,20 @@ impl PrivateKey {
     pub fn verify_mac(&self, algorithm: &str, message: &[u8], mac: &[u8]) -> Result<bool, KmsError> {
         let expected = self.mac(algorithm, message)?;
         Ok(expected.len() == mac.len() && aws_lc_rs::constant_time::verify_slices_are_equal(&expected, mac).is_ok())
+    }
+}
+
+impl PrivateKey {
+    /// ECDH with the peer's public key (DER SubjectPublicKeyInfo, on the same curve): the raw
+    /// shared secret (the x-coordinate), as AWS returns it.
+    pub fn derive_shared_secret(&self, peer_public_key: &[u8]) -> Result<Zeroizing<Vec<u8>>, KmsError> {
+        let PrivateKey::Ecdh(key, _) = self else {
+            return Err(invalid_usage("this key does not agree keys".into()));
+        };
+        let peer = agreement::UnparsedPublicKey::new(key.algorithm(), peer_public_key);
+        let refused =
+            || KmsError::validation("PublicKey is not a DER SubjectPublicKeyInfo of a public key on the key's curve");
+        agreement::agree(key, &peer, refused(), |secret| Ok(Zeroizing::new(secret.to_vec())))
     }
 }
 
@@ -451,6 +491,20 @@ mod tests {
             assert!(key.public_key_der().unwrap().is_none());
         }
         assert!(PrivateKey::from_stored("HMAC_256", "GENERATE_VERIFY_MAC", &[0u8; 31]).is_err());
+    }
+
+    #[test]
+    fn ecdh_keys_agree_with_each_other_and_refuse_other_curves() {
+        let (a, stored) = PrivateKey::generate("ECC_NIST_P256", "KEY_AGREEMENT").unwrap();
+        let a = PrivateKey::from_stored("ECC_NIST_P256", "KEY_AGREEMENT", &stored).unwrap();
+        let (b, _) = PrivateKey::generate("ECC_NIST_P256", "KEY_AGREEMENT").unwrap();
+        let ab = a.derive_shared_secret(&b.public_key_der().unwrap().unwrap()).unwrap();
+        let ba = b.derive_shared_secret(&a.public_key_der().unwrap().unwrap()).unwrap();
+        assert_eq!((ab.len(), &ab[..]), (32, &ba[..]));
+        let (other_curve, _) = PrivateKey::generate("ECC_NIST_P384", "KEY_AGREEMENT").unwrap();
+        assert!(a.derive_shared_secret(&other_curve.public_key_der().unwrap().unwrap()).is_err());
+        assert!(a.derive_shared_secret(b"not a key").is_err());
+        assert!(a.sign("ECDSA_SHA_256", MessageType::Raw, b"m").is_err());
     }
 
     #[test]

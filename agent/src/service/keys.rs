@@ -122,10 +122,6 @@ pub fn create_key(agent: &Agent, caller: &Caller, request: Value) -> Result<Valu
         .ok_or_else(|| unsupported(&format!("KeySpec {key_spec} is not supported by this version of kmsd")))?;
     let key_usage = req.key_usage.unwrap_or_else(|| "ENCRYPT_DECRYPT".into());
     if !info.usages.contains(&key_usage.as_str()) {
-        let later = key_spec.starts_with("ECC_NIST_P") && key_usage == "KEY_AGREEMENT";
-        if later {
-            return Err(unsupported(&format!("KeyUsage {key_usage} for {key_spec} keys is not supported yet")));
-        }
         return Err(KmsError::validation(format!("KeyUsage {key_usage} is not compatible with KeySpec {key_spec}")));
     }
     let asymmetric = key_spec != "SYMMETRIC_DEFAULT";

@@ -128,6 +128,7 @@ pub fn handle(agent: &Agent, caller: &Caller, action: &str, body: &[u8]) -> Resu
         "RevokeGrant" => grants::revoke_grant(agent, caller, request).map(Reply::from),
         "GenerateDataKeyPair" => crypto::generate_data_key_pair(agent, caller, request, true),
         "GenerateDataKeyPairWithoutPlaintext" => crypto::generate_data_key_pair(agent, caller, request, false),
+        "DeriveSharedSecret" => signing::derive_shared_secret(agent, caller, request),
         "Sign" => signing::sign(agent, caller, request).map(Reply::from),
         "Verify" => signing::verify(agent, caller, request).map(Reply::from),
         "GetPublicKey" => signing::get_public_key(agent, caller, request).map(Reply::from),
@@ -163,6 +164,7 @@ pub fn used_keys(action: &str, reply: &Value) -> Vec<kmsfs_common::ids::KeyId> {
             | "Verify"
             | "GenerateMac"
             | "VerifyMac"
+            | "DeriveSharedSecret"
     );
     if !tracked {
         return Vec::new();

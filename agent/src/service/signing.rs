@@ -1,5 +1,7 @@
-//! Asymmetric and HMAC keys' operations: Sign, Verify, GetPublicKey, GenerateMac and
-//! VerifyMac ([`crate::asymmetric`] holds the keys and the algorithms).
+//! Asymmetric and HMAC keys' operations: Sign, Verify, GetPublicKey, GenerateMac,
+//! VerifyMac and DeriveSharedSecret ([`crate::asymmetric`] holds the keys and the
+//! algorithms; RSA encryption and data key pairs are in `crypto`, beside their symmetric
+//! counterparts).
 //!
 //! The order of checks is AWS's: the key exists and the caller may use it, then its state,
 //! then whether its usage and spec allow the algorithm asked for. Messages, signatures and
@@ -9,7 +11,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::keys::add_algorithms;
-use super::wire::{b64, dry_run, parse, with_request_alias, Blob};
+use super::wire::{b64, b64_secret, dry_run, parse, with_request_alias, Blob};
+use super::Reply;
 use crate::agent::{require_usable, Agent, KeyRecord};
 use crate::asymmetric::{spec_info, MessageType};
 use crate::policy::eval::Caller;
@@ -28,6 +31,7 @@ fn require_algorithm(agent: &Agent, key: &KeyRecord, usage: &str, algorithm: &st
     }
     let offered = spec_info(&key.row.key_spec).map(|i| i.algorithms(usage)).map_or(&[][..], |a| match usage {
         "SIGN_VERIFY" => a.signing,
+        "KEY_AGREEMENT" => a.key_agreement,
         _ => a.mac,
     });
     if !offered.contains(&algorithm) {
@@ -189,4 +193,41 @@ pub fn mac(agent: &Agent, caller: &Caller, request: Value, verify: bool) -> Resu
         ));
     }
     Ok(json!({ "KeyId": arn, "MacValid": true, "MacAlgorithm": req.mac_algorithm }))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct DeriveSharedSecretRequest {
+    key_id: String,
+    key_agreement_algorithm: String,
+    public_key: Blob,
+    recipient: Option<Value>,
+    dry_run: Option<bool>,
+}
+
+/// DeriveSharedSecret: ECDH between a KEY_AGREEMENT key and the caller's public key.
+pub fn derive_shared_secret(agent: &Agent, caller: &Caller, request: Value) -> Result<Reply, KmsError> {
+    let req: DeriveSharedSecretRequest = parse(request)?;
+    if req.recipient.is_some() {
+        return Err(KmsError::new(
+            ErrorKind::UnsupportedOperationException,
+            "Recipient (Nitro Enclaves attestation) is not supported",
+        ));
+    }
+    let key = agent.resolve(&req.key_id, true)?;
+    agent.authorize_key(caller, "DeriveSharedSecret", &key, |c| {
+        with_request_alias(c, &req.key_id).with(ck::KEY_AGREEMENT_ALGORITHM, req.key_agreement_algorithm.clone())
+    })?;
+    require_usable(agent, &key)?;
+    require_algorithm(agent, &key, "KEY_AGREEMENT", &req.key_agreement_algorithm)?;
+    if req.dry_run == Some(true) {
+        return Err(dry_run());
+    }
+    let secret = key.private_key()?.derive_shared_secret(&req.public_key.0)?;
+    let body = json!({
+        "KeyId": agent.key_arn(&key.row.id),
+        "KeyAgreementAlgorithm": req.key_agreement_algorithm,
+        "KeyOrigin": key.row.origin,
+    });
+    Ok(Reply::with_secret(body, "SharedSecret", b64_secret(&secret)))
 }

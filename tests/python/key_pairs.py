@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Independent checks of kmsd's RSA encryption keys and data key pairs, with `cryptography`.
+"""Independent checks of kmsd's RSA encryption keys, ECDH keys and data key pairs, with
+`cryptography`.
 
   encrypt   --public-key-b64 DER --algorithm RSAES_OAEP_SHA_1|RSAES_OAEP_SHA_256 --plaintext-b64 P
             prints the base64 RSAES-OAEP ciphertext of P to the public key (MGF1 with the same
@@ -7,6 +8,9 @@
   pair      --private-b64 PKCS8 --public-b64 SPKI --spec KEY_PAIR_SPEC
             checks that the private key is of the spec, that the public key is its public half,
             and that a signature by the private key verifies with the public key; prints "ok".
+  ecdh      --public-key-b64 SPKI
+            makes a key pair on the same curve, prints its public key (DER SPKI, base64) and the
+            ECDH shared secret with the given public key (base64), one per line.
 """
 import argparse
 import base64
@@ -56,6 +60,14 @@ def pair(args):
     print("ok")
 
 
+def ecdh(args):
+    peer = serialization.load_der_public_key(base64.b64decode(args.public_key_b64))
+    own = ec.generate_private_key(peer.curve)
+    public = own.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    print(base64.b64encode(public).decode())
+    print(base64.b64encode(own.exchange(ec.ECDH(), peer)).decode())
+
+
 def main():
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command", required=True)
@@ -67,8 +79,10 @@ def main():
     p.add_argument("--private-b64", required=True)
     p.add_argument("--public-b64", required=True)
     p.add_argument("--spec", required=True)
+    d = sub.add_parser("ecdh")
+    d.add_argument("--public-key-b64", required=True)
     args = parser.parse_args()
-    {"encrypt": encrypt, "pair": pair}[args.command](args)
+    {"encrypt": encrypt, "pair": pair, "ecdh": ecdh}[args.command](args)
 
 
 if __name__ == "__main__":

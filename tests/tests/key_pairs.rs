@@ -1,8 +1,8 @@
-//! RSA encryption keys and data key pairs, checked by an independent implementation
-//! (Python's `cryptography`, `tests/python/rsa_and_key_pairs.py`): what it encrypts to a
-//! kmsd public key decrypts in kmsd, what kmsd encrypts it cannot tamper with unnoticed,
-//! and every data key pair's private key is of its spec and signs what its public key
-//! verifies. AWS's exceptions for the misuses.
+//! RSA encryption keys, ECDH keys and data key pairs, checked by an independent
+//! implementation (Python's `cryptography`, `tests/python/key_pairs.py`): what it encrypts
+//! to a kmsd public key decrypts in kmsd, a tampered ciphertext does not, its ECDH agrees
+//! with kmsd's DeriveSharedSecret, and every data key pair's private key is of its spec and
+//! signs what its public key verifies. AWS's exceptions for the misuses.
 
 use std::path::Path;
 use std::process::Command;
@@ -12,9 +12,9 @@ use kmsfs_tests::{b64, create_key, unb64, TestAgent};
 use serde_json::{json, Value};
 
 fn python(args: &[&str]) -> String {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/rsa_and_key_pairs.py");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/key_pairs.py");
     let out = Command::new("python3").arg(script).args(args).output().expect("python3");
-    assert!(out.status.success(), "rsa_and_key_pairs.py {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "key_pairs.py {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).expect("utf-8").trim().to_string()
 }
 
@@ -155,4 +155,36 @@ fn data_key_pairs_are_of_their_spec_and_their_private_key_decrypts_from_the_blob
     let text = serde_json::to_string(&events).expect("json");
     assert!(!text.contains(private.as_str().expect("b64")), "a private key reached the audit trail");
     assert!(events.iter().any(|e| e["eventName"] == "GenerateDataKeyPair"));
+}
+
+#[test]
+fn ecdh_agrees_with_cryptography_on_every_nist_curve() {
+    let agent = TestAgent::start();
+    for (spec, len) in [("ECC_NIST_P256", 32), ("ECC_NIST_P384", 48), ("ECC_NIST_P521", 66)] {
+        let key = agent.ok("CreateKey", json!({"KeySpec": spec, "KeyUsage": "KEY_AGREEMENT"}))["KeyMetadata"].clone();
+        assert_eq!(key["KeyAgreementAlgorithms"], json!(["ECDH"]), "{spec}");
+        let id = key["KeyId"].as_str().expect("KeyId");
+        let public = agent.ok("GetPublicKey", json!({"KeyId": id}));
+        let out = python(&["ecdh", "--public-key-b64", public["PublicKey"].as_str().expect("PublicKey")]);
+        let (peer, secret) = out.split_once('\n').expect("two lines");
+        let derived =
+            agent.ok("DeriveSharedSecret", json!({"KeyId": id, "KeyAgreementAlgorithm": "ECDH", "PublicKey": peer}));
+        assert_eq!(derived["SharedSecret"].as_str(), Some(secret), "{spec}");
+        assert_eq!(unb64(&derived["SharedSecret"]).len(), len);
+        assert_eq!(derived["KeyOrigin"], "AWS_KMS");
+        // A public key on another curve, or none at all: refused.
+        let other = json!({"KeyId": id, "KeyAgreementAlgorithm": "ECDH", "PublicKey": b64(b"not a key")});
+        assert_eq!(kind(agent.call("DeriveSharedSecret", other)), ErrorKind::ValidationException);
+        let sign = json!({"KeyId": id, "Message": b64(b"m"), "SigningAlgorithm": "ECDSA_SHA_256"});
+        assert_eq!(kind(agent.call("Sign", sign)), ErrorKind::InvalidKeyUsageException);
+    }
+    let signing = agent.ok("CreateKey", json!({"KeySpec": "ECC_NIST_P256", "KeyUsage": "SIGN_VERIFY"}));
+    let id = signing["KeyMetadata"]["KeyId"].as_str().expect("KeyId");
+    let public = agent.ok("GetPublicKey", json!({"KeyId": id}))["PublicKey"].clone();
+    let derive = json!({"KeyId": id, "KeyAgreementAlgorithm": "ECDH", "PublicKey": public});
+    assert_eq!(kind(agent.call("DeriveSharedSecret", derive)), ErrorKind::InvalidKeyUsageException);
+    let k1 = json!({"KeySpec": "ECC_SECG_P256K1", "KeyUsage": "KEY_AGREEMENT"});
+    assert_eq!(kind(agent.call("CreateKey", k1)), ErrorKind::ValidationException);
+    let text = serde_json::to_string(&agent.audit_events()).expect("json");
+    assert!(!text.contains("SharedSecret\":"), "a shared secret reached the audit trail");
 }
