@@ -347,7 +347,7 @@ impl PrivateKey {
         let peer = agreement::UnparsedPublicKey::new(key.algorithm(), peer_public_key);
         let refused =
             || KmsError::validation("PublicKey is not a DER SubjectPublicKeyInfo of a public key on the key's curve");
-        agreement::agree(key, &peer, refused(), |secret| Ok(Zeroizing::new(secret.to_vec())))
+        agreement::agree(key, peer, refused(), |secret| Ok(Zeroizing::new(secret.to_vec())))
     }
 }
 
@@ -495,7 +495,7 @@ mod tests {
 
     #[test]
     fn ecdh_keys_agree_with_each_other_and_refuse_other_curves() {
-        let (a, stored) = PrivateKey::generate("ECC_NIST_P256", "KEY_AGREEMENT").unwrap();
+        let (_, stored) = PrivateKey::generate("ECC_NIST_P256", "KEY_AGREEMENT").unwrap();
         let a = PrivateKey::from_stored("ECC_NIST_P256", "KEY_AGREEMENT", &stored).unwrap();
         let (b, _) = PrivateKey::generate("ECC_NIST_P256", "KEY_AGREEMENT").unwrap();
         let ab = a.derive_shared_secret(&b.public_key_der().unwrap().unwrap()).unwrap();
