@@ -3,8 +3,11 @@
 //! operation runs in aws-lc-rs (constant time, FIPS-capable).
 //!
 //! The private key (PKCS#8 DER) or the HMAC key is kept sealed by the root of trust
-//! ([`crate::rot::RootOfTrust::seal_secret`]) and parsed once, when the key loads; aws-lc
-//! frees it with its memory cleansed. The DER bytes pass only through zeroizing buffers.
+//! ([`crate::rot::RootOfTrust::seal_secret`]) and parsed once, when the key loads. HMAC keys
+//! are zeroized and locked in RAM like symmetric material; an asymmetric private key lives
+//! in aws-lc's own allocation, which aws-lc cleanses when it frees it but which kmsd cannot
+//! `mlock` (the process-wide protections still apply: no core dumps, not dumpable). The DER
+//! bytes pass only through zeroizing buffers.
 
 use aws_lc_rs::digest::{self, Digest};
 use aws_lc_rs::encoding::AsDer;
@@ -189,7 +192,9 @@ impl PrivateKey {
             if bytes.len() != len {
                 return Err(damaged());
             }
-            return Ok(PrivateKey::Hmac(Zeroizing::new(bytes.to_vec())));
+            let key = Zeroizing::new(bytes.to_vec());
+            crate::sys::lock(&key[..]);
+            return Ok(PrivateKey::Hmac(key));
         }
         if let (Some(algorithm), "KEY_AGREEMENT") = (ecdh_algorithm(spec), usage) {
             let key = agreement::PrivateKey::from_private_key_der(algorithm, bytes).map_err(|_| damaged())?;
