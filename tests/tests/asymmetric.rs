@@ -977,3 +977,33 @@ fn the_audit_trail_records_signing_and_macs_without_messages_signatures_or_macs(
         }
     }
 }
+
+/// The condition keys of the new actions reach the policies: a root whose identity policy
+/// allows everything but ECDSA signatures of DIGESTs, and HMACs other than HMAC_SHA_256.
+#[test]
+fn signing_and_mac_condition_keys_are_evaluated() {
+    let policy = json!({"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": "kms:*", "Resource": "*"},
+        {"Effect": "Deny", "Action": ["kms:Sign", "kms:Verify"], "Resource": "*",
+         "Condition": {"StringEquals": {"kms:MessageType": "DIGEST", "kms:SigningAlgorithm": "ECDSA_SHA_256"}}},
+        {"Effect": "Deny", "Action": "kms:GenerateMac", "Resource": "*",
+         "Condition": {"StringNotEquals": {"kms:MacAlgorithm": "HMAC_SHA_256"}}},
+        {"Effect": "Deny", "Action": "kms:CreateKey", "Resource": "*",
+         "Condition": {"StringEquals": {"kms:KeySpec": "RSA_4096"}}},
+    ]})
+    .to_string();
+    let agent = TestAgent::start_configured(&[], &[("users/root.json", &policy)]);
+    let key = agent.ok("CreateKey", json!({"KeySpec": "ECC_NIST_P256", "KeyUsage": "SIGN_VERIFY"}));
+    let key = key["KeyMetadata"]["KeyId"].as_str().expect("KeyId").to_string();
+    let raw = json!({"KeyId": key, "Message": b64(b"m"), "SigningAlgorithm": "ECDSA_SHA_256"});
+    agent.ok("Sign", raw);
+    let digest =
+        json!({"KeyId": key, "Message": b64(&[0u8; 32]), "MessageType": "DIGEST", "SigningAlgorithm": "ECDSA_SHA_256"});
+    assert_eq!(agent.call("Sign", digest).expect_err("denied").kind, AccessDeniedException);
+    let hmac = agent.ok("CreateKey", json!({"KeySpec": "HMAC_384", "KeyUsage": "GENERATE_VERIFY_MAC"}));
+    let hmac = hmac["KeyMetadata"]["KeyId"].as_str().expect("KeyId").to_string();
+    let mac = json!({"KeyId": hmac, "Message": b64(b"m"), "MacAlgorithm": "HMAC_SHA_384"});
+    assert_eq!(agent.call("GenerateMac", mac).expect_err("denied").kind, AccessDeniedException);
+    let rsa = json!({"KeySpec": "RSA_4096", "KeyUsage": "SIGN_VERIFY"});
+    assert_eq!(agent.call("CreateKey", rsa).expect_err("denied").kind, AccessDeniedException);
+}
