@@ -39,6 +39,18 @@ impl Material {
     pub fn symmetric(row: MaterialRow, key: Option<Arc<dyn KeyMaterial>>) -> Material {
         Material { row, key, private: None }
     }
+
+    /// Whether this version can be used: its material is loaded (or imported).
+    pub fn usable(&self) -> bool {
+        self.key.is_some() || self.private.is_some()
+    }
+
+    /// Drops the material (deleted or expired imported material), zeroizing it.
+    pub fn clear(&mut self) {
+        self.key = None;
+        self.private = None;
+        self.row.stored = None;
+    }
 }
 
 impl Material {
@@ -195,7 +207,8 @@ impl Agent {
             let material = match &m.stored {
                 Some(stored) if record.row.key_spec != "SYMMETRIC_DEFAULT" => {
                     let secret = root.open_secret(&m.key_id, m.version, stored).map_err(|e| e.message)?;
-                    let private = PrivateKey::from_stored(&record.row.key_spec, &record.row.key_usage, &secret).map_err(|e| e.message)?;
+                    let private = PrivateKey::from_stored(&record.row.key_spec, &record.row.key_usage, &secret)
+                        .map_err(|e| e.message)?;
                     Material { row: m, key: None, private: Some(Arc::new(private)) }
                 }
                 Some(stored) if record.available => {

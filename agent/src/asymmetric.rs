@@ -137,12 +137,13 @@ fn ecdh_algorithm(spec: &str) -> Option<&'static agreement::Algorithm> {
     })
 }
 
-fn hmac_length(spec: &str) -> Option<usize> {
+/// The length of a generated HMAC key of `spec`, and the longest AWS lets one import.
+fn hmac_lengths(spec: &str) -> Option<(usize, usize)> {
     Some(match spec {
-        "HMAC_224" => 28,
-        "HMAC_256" => 32,
-        "HMAC_384" => 48,
-        "HMAC_512" => 64,
+        "HMAC_224" => (28, 64),
+        "HMAC_256" => (32, 64),
+        "HMAC_384" => (48, 128),
+        "HMAC_512" => (64, 128),
         _ => return None,
     })
 }
@@ -154,7 +155,7 @@ impl PrivateKey {
             let key = agreement::PrivateKey::generate(algorithm).map_err(|_| internal("generate an ECDH key"))?;
             let der: aws_lc_rs::encoding::Pkcs8V1Der = key.as_der().map_err(|_| internal("encode an ECDH key"))?;
             Zeroizing::new(der.as_ref().to_vec())
-        } else if let Some(len) = hmac_length(spec) {
+        } else if let Some((len, _)) = hmac_lengths(spec) {
             let mut key = Zeroizing::new(vec![0u8; len]);
             kmsfs_common::aead::random_bytes(&mut key);
             key
@@ -188,8 +189,8 @@ impl PrivateKey {
     /// The key of `spec` and `usage` from the bytes `generate` returned.
     pub fn from_stored(spec: &str, usage: &str, bytes: &[u8]) -> Result<PrivateKey, KmsError> {
         let damaged = || KmsError::internal(format!("the stored {spec} key does not parse"));
-        if let Some(len) = hmac_length(spec) {
-            if bytes.len() != len {
+        if let Some((min, max)) = hmac_lengths(spec) {
+            if !(min..=max).contains(&bytes.len()) {
                 return Err(damaged());
             }
             let key = Zeroizing::new(bytes.to_vec());
@@ -496,6 +497,8 @@ mod tests {
             assert!(key.public_key_der().unwrap().is_none());
         }
         assert!(PrivateKey::from_stored("HMAC_256", "GENERATE_VERIFY_MAC", &[0u8; 31]).is_err());
+        assert!(PrivateKey::from_stored("HMAC_256", "GENERATE_VERIFY_MAC", &[0u8; 64]).is_ok());
+        assert!(PrivateKey::from_stored("HMAC_256", "GENERATE_VERIFY_MAC", &[0u8; 65]).is_err());
     }
 
     #[test]

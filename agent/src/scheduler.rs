@@ -17,7 +17,7 @@ use kmsfs_common::ids::KeyId;
 use kmsfs_common::KmsError;
 use serde_json::{json, Map, Value};
 
-use crate::agent::{Agent, Change, KeyRecord};
+use crate::agent::{Agent, Change, KeyRecord, Material};
 use crate::audit::AuditLog;
 use crate::service::rotation::{self, RotationType};
 use crate::store::KeyState;
@@ -147,16 +147,15 @@ fn expire_material(agent: &Agent, id: &KeyId) -> Result<Vec<ServiceEvent>, KmsEr
         let mut record = (*key).clone();
         let mut events = Vec::new();
         for m in record.materials.values_mut() {
-            if m.key.is_some() && m.row.valid_to_ms.is_some_and(|v| v <= now) {
-                m.key = None;
-                m.row.stored = None;
+            if m.usable() && m.row.valid_to_ms.is_some_and(|v| v <= now) {
+                m.clear();
                 events.push(event(agent, "DeleteExpiredKeyMaterial", id, Some(m.row.material_id.clone())));
             }
         }
         if events.is_empty() {
             return Ok((Vec::new(), Vec::new()));
         }
-        if record.current().map_or(true, |c| c.key.is_none()) && record.row.state != KeyState::PendingDeletion {
+        if !record.current().is_ok_and(Material::usable) && record.row.state != KeyState::PendingDeletion {
             record.row.state = KeyState::PendingImport;
         }
         let changed: Vec<_> =

@@ -120,10 +120,6 @@ fn create_key_refuses_what_it_does_not_support() {
         fails(&agent, "CreateKey", json!({"KeySpec": "HMAC_256", "KeyUsage": "SIGN_VERIFY"})),
         ValidationException
     );
-    assert_eq!(
-        fails(&agent, "CreateKey", json!({"KeySpec": "RSA_2048", "Origin": "EXTERNAL"})),
-        UnsupportedOperationException
-    );
     assert_eq!(fails(&agent, "CreateKey", json!({"KeySpec": "NOPE"})), ValidationException);
     assert_eq!(fails(&agent, "CreateKey", json!({"KeyUsage": "SIGN_VERIFY"})), ValidationException);
     assert_eq!(fails(&agent, "CreateKey", json!({"Origin": "AWS_CLOUDHSM"})), UnsupportedOperationException);

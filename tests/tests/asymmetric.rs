@@ -199,7 +199,7 @@ fn assert_not_verified(
 /// DescribeKey's (and CreateKey's) account of a signing key.
 fn check_signing_metadata(meta: &Value, spec: &SigningSpec) {
     assert_eq!(meta["KeySpec"], spec.spec, "{meta}");
-    assert_eq!(meta["CustomerMasterKeySpec"], spec.spec, "{meta}");
+    assert_eq!(meta["CustomerMasterKeySpec"], legacy_spec(spec.spec), "{meta}");
     assert_eq!(meta["KeyUsage"], "SIGN_VERIFY", "{meta}");
     assert_eq!(meta["KeyState"], "Enabled", "{meta}");
     assert_eq!(sorted(&meta["SigningAlgorithms"]), sorted_names(spec.algorithms), "{}", spec.spec);
@@ -221,7 +221,7 @@ fn public_key(agent: &TestAgent, key: &str, spec: &SigningSpec) -> Vec<u8> {
     let out = agent.ok("GetPublicKey", json!({"KeyId": key}));
     assert_arn_of(&out["KeyId"], key);
     assert_eq!(out["KeySpec"], spec.spec);
-    assert_eq!(out["CustomerMasterKeySpec"], spec.spec);
+    assert_eq!(out["CustomerMasterKeySpec"], legacy_spec(spec.spec));
     assert_eq!(out["KeyUsage"], "SIGN_VERIFY");
     assert_eq!(sorted(&out["SigningAlgorithms"]), sorted_names(spec.algorithms), "{}", spec.spec);
     assert!(out["EncryptionAlgorithms"].is_null(), "{out}");
@@ -1006,4 +1006,14 @@ fn signing_and_mac_condition_keys_are_evaluated() {
     assert_eq!(agent.call("GenerateMac", mac).expect_err("denied").kind, AccessDeniedException);
     let rsa = json!({"KeySpec": "RSA_4096", "KeyUsage": "SIGN_VERIFY"});
     assert_eq!(agent.call("CreateKey", rsa).expect_err("denied").kind, AccessDeniedException);
+}
+
+/// The deprecated CustomerMasterKeySpec AWS reports beside KeySpec: absent for the specs its
+/// enumeration in the service model lacks (Ed25519).
+fn legacy_spec(spec: &str) -> Value {
+    if spec == "ECC_NIST_EDWARDS25519" {
+        Value::Null
+    } else {
+        json!(spec)
+    }
 }

@@ -188,3 +188,121 @@ fn ecdh_agrees_with_cryptography_on_every_nist_curve() {
     let text = serde_json::to_string(&agent.audit_events()).expect("json");
     assert!(!text.contains("SharedSecret\":"), "a shared secret reached the audit trail");
 }
+
+/// `material` wrapped for ImportKeyMaterial with Python's `cryptography`
+/// (`tests/python/wrap_key_material.py`) under the public key of `params`.
+fn wrap_for_import(params: &Value, algorithm: &str, material: &[u8]) -> String {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("material");
+    std::fs::write(&file, material).expect("material");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/wrap_key_material.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .args(["--public-key-b64", params["PublicKey"].as_str().expect("PublicKey"), "--algorithm", algorithm])
+        .arg("--material")
+        .arg(&file)
+        .output()
+        .expect("python3");
+    assert!(out.status.success(), "wrap_key_material.py: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("utf-8").trim().to_string()
+}
+
+/// Imports `material` into the EXTERNAL key `key`, RSA-AES key wrap (what fits a private key).
+fn import_material(agent: &TestAgent, key: &str, material: &[u8]) -> Result<Value, kmsfs_common::KmsError> {
+    let params = agent.ok(
+        "GetParametersForImport",
+        json!({"KeyId": key, "WrappingAlgorithm": "RSA_AES_KEY_WRAP_SHA_256", "WrappingKeySpec": "RSA_3072"}),
+    );
+    let wrapped = wrap_for_import(&params, "RSA_AES_KEY_WRAP_SHA_256", material);
+    agent.call(
+        "ImportKeyMaterial",
+        json!({"KeyId": key, "ImportToken": params["ImportToken"], "EncryptedKeyMaterial": wrapped,
+               "ExpirationModel": "KEY_MATERIAL_DOES_NOT_EXPIRE"}),
+    )
+}
+
+#[test]
+fn imported_signing_and_hmac_keys_are_the_material_given() {
+    let agent = TestAgent::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    // An OpenSSL-made P-256 key: kmsd signs with it, OpenSSL verifies with its own public half.
+    let der = dir.path().join("key.der");
+    let made = Command::new("openssl")
+        .args(["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-outform", "DER", "-out"])
+        .arg(&der)
+        .status()
+        .expect("openssl");
+    assert!(made.success());
+    // OpenSSL writes SEC1 (RFC 5915); AWS imports PKCS#8 only.
+    let sec1 = std::fs::read(&der).expect("key");
+    let sec1_file = dir.path().join("key.sec1.der");
+    std::fs::rename(&der, &sec1_file).expect("rename");
+    let to_pkcs8 = Command::new("openssl")
+        .args(["pkcs8", "-topk8", "-nocrypt", "-inform", "DER", "-outform", "DER", "-in"])
+        .arg(&sec1_file)
+        .arg("-out")
+        .arg(&der)
+        .status();
+    assert!(to_pkcs8.expect("openssl").success());
+    let key =
+        agent.ok("CreateKey", json!({"KeySpec": "ECC_NIST_P256", "KeyUsage": "SIGN_VERIFY", "Origin": "EXTERNAL"}));
+    let key = key["KeyMetadata"]["KeyId"].as_str().expect("KeyId").to_string();
+    let sign = json!({"KeyId": key, "Message": b64(b"m"), "SigningAlgorithm": "ECDSA_SHA_256"});
+    assert_eq!(kind(agent.call("Sign", sign)), ErrorKind::KMSInvalidStateException, "pending import");
+    assert_eq!(kind(import_material(&agent, &key, &[7u8; 32])), ErrorKind::IncorrectKeyMaterialException);
+    assert_eq!(kind(import_material(&agent, &key, &sec1)), ErrorKind::IncorrectKeyMaterialException);
+    import_material(&agent, &key, &std::fs::read(&der).expect("key")).expect("ImportKeyMaterial");
+    let public = agent.ok("GetPublicKey", json!({"KeyId": key}));
+    let ours = Command::new("openssl")
+        .args(["pkey", "-inform", "DER", "-pubout", "-outform", "DER", "-in"])
+        .arg(&der)
+        .output()
+        .expect("openssl");
+    assert_eq!(unb64(&public["PublicKey"]), ours.stdout, "GetPublicKey is the imported key's public half");
+    let message = dir.path().join("message");
+    std::fs::write(&message, b"signed by an imported key").expect("message");
+    let signed = agent.ok(
+        "Sign",
+        json!({"KeyId": key, "Message": b64(b"signed by an imported key"), "SigningAlgorithm": "ECDSA_SHA_256"}),
+    );
+    let (sig, pem) = (dir.path().join("sig"), dir.path().join("pub.pem"));
+    std::fs::write(&sig, unb64(&signed["Signature"])).expect("sig");
+    let to_pem = Command::new("openssl")
+        .args(["pkey", "-inform", "DER", "-pubout", "-in"])
+        .arg(&der)
+        .arg("-out")
+        .arg(&pem)
+        .status();
+    assert!(to_pem.expect("openssl").success());
+    let verified = Command::new("openssl")
+        .args(["dgst", "-sha256", "-verify"])
+        .arg(&pem)
+        .arg("-signature")
+        .arg(&sig)
+        .arg(&message)
+        .output()
+        .expect("openssl");
+    assert!(verified.status.success(), "{}", String::from_utf8_lossy(&verified.stdout));
+
+    // An imported HMAC key: its MACs are Python's hmac of the same key.
+    let secret: Vec<u8> = (0..40u8).collect();
+    let hmac =
+        agent.ok("CreateKey", json!({"KeySpec": "HMAC_256", "KeyUsage": "GENERATE_VERIFY_MAC", "Origin": "EXTERNAL"}));
+    let hmac = hmac["KeyMetadata"]["KeyId"].as_str().expect("KeyId").to_string();
+    import_material(&agent, &hmac, &secret).expect("ImportKeyMaterial");
+    let mac =
+        agent.ok("GenerateMac", json!({"KeyId": hmac, "Message": b64(b"mac me"), "MacAlgorithm": "HMAC_SHA_256"}));
+    let python = Command::new("python3")
+        .args(["-c", "import hmac,hashlib,sys,base64; print(base64.b64encode(hmac.new(bytes(range(40)), b'mac me', hashlib.sha256).digest()).decode())"])
+        .output()
+        .expect("python3");
+    assert_eq!(mac["Mac"].as_str(), Some(String::from_utf8_lossy(&python.stdout).trim()));
+    assert_eq!(kind(import_material(&agent, &hmac, &[1u8; 31])), ErrorKind::IncorrectKeyMaterialException);
+    // The imported keys survive a restart, sealed by the root of trust.
+    let mut agent = agent;
+    agent.restart();
+    let mac_again =
+        agent.ok("GenerateMac", json!({"KeyId": hmac, "Message": b64(b"mac me"), "MacAlgorithm": "HMAC_SHA_256"}));
+    assert_eq!(mac_again["Mac"], mac["Mac"]);
+    assert_eq!(agent.ok("GetPublicKey", json!({"KeyId": key}))["PublicKey"], public["PublicKey"]);
+}

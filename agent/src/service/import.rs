@@ -22,6 +22,8 @@
 //! DeleteImportedKeyMaterial and the scheduler's expiry remove the stored material; a key
 //! whose current material is gone is `PendingImport`.
 
+use std::sync::Arc;
+
 use kmsfs_common::aead::{random_bytes, KeyBytes, XaesKey, TAG_LEN, XAES_NONCE_LEN};
 use kmsfs_common::ids::KeyId;
 use kmsfs_common::time::millis_to_wire;
@@ -33,6 +35,7 @@ use zeroize::Zeroizing;
 
 use super::wire::{b64, parse, Blob};
 use crate::agent::{Agent, Change, KeyRecord, Material};
+use crate::asymmetric::PrivateKey;
 use crate::policy::eval::Caller;
 use crate::policy::keys as ck;
 use crate::store::{KeyState, MaterialRow};
@@ -61,10 +64,43 @@ fn require_external(agent: &Agent, key: &KeyRecord, action: &str) -> Result<(), 
             key.row.origin
         )));
     }
-    if key.row.key_spec != "SYMMETRIC_DEFAULT" {
-        return Err(unsupported(format!("{arn}: importing {} key material is not supported yet", key.row.key_spec)));
-    }
     Ok(())
+}
+
+/// Unwrapped key material, checked against the key's spec: 256 bits for a symmetric key; a
+/// PKCS#8 private key of the spec for an asymmetric one; for an HMAC key, as many bytes as AWS
+/// allows its spec (28-64, 32-64, 48-128, 64-128).
+enum Imported {
+    Symmetric(KeyBytes),
+    Private(Zeroizing<Vec<u8>>, Arc<PrivateKey>),
+}
+
+impl Imported {
+    fn check(key: &KeyRecord, material: Zeroizing<Vec<u8>>) -> Result<Imported, KmsError> {
+        let incorrect = |why: String| KmsError::new(ErrorKind::IncorrectKeyMaterialException, why);
+        if key.row.key_spec == "SYMMETRIC_DEFAULT" {
+            return KeyBytes::from_slice(&material).map(Imported::Symmetric).ok_or_else(|| {
+                incorrect(format!(
+                    "The key material must be 256 bits for a SYMMETRIC_DEFAULT key; it is {} bytes",
+                    material.len()
+                ))
+            });
+        }
+        let private = PrivateKey::from_stored(&key.row.key_spec, &key.row.key_usage, &material).map_err(|_| {
+            incorrect(format!(
+                "The key material is not a {} key for {} (a PKCS#8 DER private key, or for HMAC the key's bytes)",
+                key.row.key_spec, key.row.key_usage
+            ))
+        })?;
+        Ok(Imported::Private(material, Arc::new(private)))
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Imported::Symmetric(bytes) => bytes.expose(),
+            Imported::Private(bytes, _) => bytes,
+        }
+    }
 }
 
 fn not_pending_deletion(agent: &Agent, key: &KeyRecord) -> Result<(), KmsError> {
@@ -255,13 +291,8 @@ pub fn import_key_material(agent: &Agent, caller: &Caller, request: Value) -> Re
             ),
         )
     })?;
-    let material = KeyBytes::from_slice(&material).ok_or_else(|| {
-        KmsError::new(
-            ErrorKind::IncorrectKeyMaterialException,
-            format!("The key material must be 256 bits for a SYMMETRIC_DEFAULT key; it is {} bytes", material.len()),
-        )
-    })?;
-    let material_id = imported_material_id(&key.row.id, material.expose());
+    let material = Imported::check(&key, material)?;
+    let material_id = imported_material_id(&key.row.id, material.bytes());
 
     let record = agent.mutate(|store| {
         let current = agent.key(&key.row.id).ok_or_else(|| KmsError::not_found("The key no longer exists"))?;
@@ -273,6 +304,14 @@ pub fn import_key_material(agent: &Agent, caller: &Caller, request: Value) -> Re
             None => record.materials.is_empty(),
         };
         let version = if new {
+            if !matches!(material, Imported::Symmetric(_)) && !record.materials.is_empty() {
+                return Err(unsupported(format!(
+                    "{} is a {} key: it has one key material, which is re-imported with ImportType \
+                     EXISTING_KEY_MATERIAL; only symmetric keys take new material",
+                    agent.key_arn(&record.row.id),
+                    record.row.key_spec
+                )));
+            }
             if req.key_material_id.is_some() {
                 return Err(KmsError::validation("KeyMaterialId cannot be specified with ImportType NEW_KEY_MATERIAL"));
             }
@@ -326,16 +365,24 @@ pub fn import_key_material(agent: &Agent, caller: &Caller, request: Value) -> Re
             }
             target.row.version
         };
-        let (usable, stored) = agent.root().import(&record.row.id, version, &material)?;
         let m = record.materials.get_mut(&version).ok_or_else(|| KmsError::internal("lost the imported version"))?;
-        m.row.stored = Some(stored);
+        match &material {
+            Imported::Symmetric(bytes) => {
+                let (usable, stored) = agent.root().import(&record.row.id, version, bytes)?;
+                m.row.stored = Some(stored);
+                m.key = Some(usable);
+            }
+            Imported::Private(bytes, private) => {
+                m.row.stored = Some(agent.root().seal_secret(&record.row.id, version, bytes)?);
+                m.private = Some(private.clone());
+            }
+        }
         m.row.expiration_model = Some(model.clone());
         m.row.valid_to_ms = valid_to_ms;
         if req.key_material_description.is_some() {
             m.row.description = req.key_material_description.clone();
         }
-        m.key = Some(usable);
-        if record.row.state == KeyState::PendingImport && record.current_key().is_ok() {
+        if record.row.state == KeyState::PendingImport && record.current().is_ok_and(Material::usable) {
             record.row.state = KeyState::Enabled;
         }
         let row = record.materials[&version].row.clone();
@@ -375,8 +422,7 @@ pub fn delete_imported_key_material(agent: &Agent, caller: &Caller, request: Val
             None => record.row.current_version,
         };
         let m = record.materials.get_mut(&version).ok_or_else(|| KmsError::internal("lost the version"))?;
-        m.key = None;
-        m.row.stored = None;
+        m.clear();
         let row = m.row.clone();
         if version == record.row.current_version && record.row.state != KeyState::PendingDeletion {
             record.row.state = KeyState::PendingImport;

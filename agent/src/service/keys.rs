@@ -41,10 +41,10 @@ pub fn key_metadata(agent: &Agent, key: &KeyRecord) -> Value {
         "KeyState": key.state().as_str(),
         "Origin": row.origin,
         "KeyManager": "CUSTOMER",
-        "CustomerMasterKeySpec": row.key_spec,
         "KeySpec": row.key_spec,
         "MultiRegion": false,
     });
+    add_legacy_spec(&mut meta, &row.key_spec);
     add_algorithms(&mut meta, row);
     if let Ok(current) = key.current() {
         meta["CurrentKeyMaterialId"] = json!(current.material_id());
@@ -68,6 +68,14 @@ pub fn key_metadata(agent: &Agent, key: &KeyRecord) -> Value {
         meta["PendingDeletionWindowInDays"] = json!(days);
     }
     meta
+}
+
+/// The deprecated `CustomerMasterKeySpec` beside `KeySpec`, for the specs its enumeration has
+/// (it lacks the newer ones: Ed25519 and ML-DSA).
+pub fn add_legacy_spec(out: &mut Value, spec: &str) {
+    if spec != "ECC_NIST_EDWARDS25519" && !spec.starts_with("ML_DSA_") {
+        out["CustomerMasterKeySpec"] = json!(spec);
+    }
 }
 
 /// The algorithm lists AWS shows for a key of this spec and usage (DescribeKey, GetPublicKey):
@@ -158,10 +166,9 @@ pub fn create_key(agent: &Agent, caller: &Caller, request: Value) -> Result<Valu
     if req.xks_key_id.is_some() {
         return Err(unsupported("XksKeyId applies to external key stores, which are not supported"));
     }
-    if asymmetric && origin != "AWS_KMS" {
+    if asymmetric && !matches!(origin.as_str(), "AWS_KMS" | "EXTERNAL") {
         return Err(unsupported(&format!(
-            "{key_spec} keys are created with Origin AWS_KMS only (custom key stores hold symmetric keys; importing \
-             asymmetric or HMAC material is not supported yet)"
+            "{key_spec} keys are of Origin AWS_KMS or EXTERNAL: custom key stores hold symmetric keys only"
         )));
     }
     if req.multi_region == Some(true) {
@@ -426,7 +433,7 @@ pub fn cancel_key_deletion(agent: &Agent, caller: &Caller, request: Value) -> Re
         KeyState::PendingDeletion => {
             // As in AWS, a key whose deletion is cancelled comes back disabled, or pending
             // import if its current material is not imported.
-            let usable = agent.key(&row.id).is_some_and(|k| k.current_key().is_ok());
+            let usable = agent.key(&row.id).is_some_and(|k| k.current().is_ok_and(Material::usable));
             row.state = if usable { KeyState::Disabled } else { KeyState::PendingImport };
             row.deletion_ms = None;
             row.pending_days = None;

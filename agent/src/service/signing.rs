@@ -10,7 +10,7 @@
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::keys::add_algorithms;
+use super::keys::{add_algorithms, add_legacy_spec};
 use super::wire::{b64, b64_secret, dry_run, parse, with_request_alias, Blob};
 use super::Reply;
 use crate::agent::{require_usable, Agent, KeyRecord};
@@ -148,10 +148,10 @@ pub fn get_public_key(agent: &Agent, caller: &Caller, request: Value) -> Result<
     let mut out = json!({
         "KeyId": agent.key_arn(&key.row.id),
         "PublicKey": b64(&der),
-        "CustomerMasterKeySpec": key.row.key_spec,
         "KeySpec": key.row.key_spec,
         "KeyUsage": key.row.key_usage,
     });
+    add_legacy_spec(&mut out, &key.row.key_spec);
     add_algorithms(&mut out, &key.row);
     Ok(out)
 }
