@@ -55,7 +55,7 @@ fn unsupported(message: String) -> KmsError {
     KmsError::new(ErrorKind::UnsupportedOperationException, message)
 }
 
-/// Import applies to `EXTERNAL` symmetric keys.
+/// Import applies to `EXTERNAL` keys (symmetric, asymmetric and HMAC).
 fn require_external(agent: &Agent, key: &KeyRecord, action: &str) -> Result<(), KmsError> {
     let arn = agent.key_arn(&key.row.id);
     if key.row.origin != "EXTERNAL" {
