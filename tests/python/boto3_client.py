@@ -7,6 +7,9 @@ judged by AWS's own SDK rather than by kmsfs's client. The only piece written he
 transport: a `before-send` handler that writes botocore's prepared request to the socket
 with `http.client` and hands the raw reply back to botocore.
 
+Asymmetric and HMAC keys' replies are also judged by `cryptography`: public keys load,
+signatures verify, ECDH secrets agree and data key pairs match outside kmsd.
+
 Beyond what botocore's (lenient) parser checks, an `after-call` handler holds every raw
 response body to the service model botocore ships: unknown or null members, missing
 required members, wrong JSON types, enum values and length limits are all failures.
@@ -17,6 +20,7 @@ Prints one line per check and a summary; exits non-zero if any check failed.
 
 import base64
 import binascii
+import hashlib
 import http.client
 import json
 import socket
@@ -30,8 +34,10 @@ try:
     from botocore.awsrequest import AWSResponse
     from botocore.config import Config
     from botocore.exceptions import ClientError
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
 except ImportError as e:
-    sys.exit(f"boto3 is not installed ({e}); run the README's test command, which installs it")
+    sys.exit(f"boto3 or cryptography is not installed ({e}); run the README's test command, which installs it")
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
@@ -481,6 +487,328 @@ def main():
     def unknown_key_spec():
         expect_error("ValidationException", kms.generate_data_key, KeyId=state["key"], KeySpec="AES_512")
 
+    # Asymmetric and HMAC keys. Every public key, signature and shared secret is judged by
+    # `cryptography`, so a reply botocore parses but no other party could use still fails.
+    signing_specs = {
+        "RSA_2048": ("rsa", 2048),
+        "RSA_3072": ("rsa", 3072),
+        "ECC_NIST_P256": ("ec", ec.SECP256R1),
+        "ECC_NIST_P384": ("ec", ec.SECP384R1),
+        "ECC_NIST_P521": ("ec", ec.SECP521R1),
+        "ECC_SECG_P256K1": ("ec", ec.SECP256K1),
+        "ECC_NIST_EDWARDS25519": ("ed25519", None),
+    }
+
+    def create_asymmetric_and_hmac_keys():
+        made = {}
+        for spec in signing_specs:
+            meta = kms.create_key(KeySpec=spec, KeyUsage="SIGN_VERIFY")["KeyMetadata"]
+            assert meta["KeySpec"] == spec and meta["KeyUsage"] == "SIGN_VERIFY", meta
+            assert meta["SigningAlgorithms"], meta
+            assert "EncryptionAlgorithms" not in meta and "MacAlgorithms" not in meta, meta
+            made[spec] = meta
+        assert "ECDSA_SHA_256" in made["ECC_NIST_P256"]["SigningAlgorithms"], made["ECC_NIST_P256"]
+        assert "RSASSA_PSS_SHA_256" in made["RSA_2048"]["SigningAlgorithms"], made["RSA_2048"]
+        assert made["ECC_NIST_EDWARDS25519"]["SigningAlgorithms"] == ["ED25519_SHA_512"], made
+        state["signing"] = {spec: meta["KeyId"] for spec, meta in made.items()}
+        rsa_meta = kms.create_key(KeySpec="RSA_2048", KeyUsage="ENCRYPT_DECRYPT")["KeyMetadata"]
+        assert set(rsa_meta["EncryptionAlgorithms"]) == {"RSAES_OAEP_SHA_1", "RSAES_OAEP_SHA_256"}, rsa_meta
+        assert "SigningAlgorithms" not in rsa_meta, rsa_meta
+        state["rsa_encrypt"], state["rsa_encrypt_arn"] = rsa_meta["KeyId"], rsa_meta["Arn"]
+        agreement = kms.create_key(KeySpec="ECC_NIST_P384", KeyUsage="KEY_AGREEMENT")["KeyMetadata"]
+        assert agreement["KeyAgreementAlgorithms"] == ["ECDH"], agreement
+        state["agreement"] = agreement["KeyId"]
+        macs = {}
+        for spec in ("HMAC_224", "HMAC_256", "HMAC_384", "HMAC_512"):
+            meta = kms.create_key(KeySpec=spec, KeyUsage="GENERATE_VERIFY_MAC")["KeyMetadata"]
+            assert meta["MacAlgorithms"] == ["HMAC_SHA_" + spec[5:]], meta
+            macs[spec] = meta["KeyId"]
+        state["hmac"] = macs
+
+    def create_key_spec_and_usage_refused():
+        expect_error("ValidationException", kms.create_key, KeySpec="ECC_NIST_P256", KeyUsage="ENCRYPT_DECRYPT")
+        expect_error("ValidationException", kms.create_key, KeySpec="HMAC_256", KeyUsage="SIGN_VERIFY")
+
+    def public_key_der(key):
+        out = kms.get_public_key(KeyId=key)
+        assert out["KeyId"].endswith(":key/" + key), out["KeyId"]
+        return out, serialization.load_der_public_key(out["PublicKey"])
+
+    def get_public_key():
+        for spec, key in state["signing"].items():
+            out, public = public_key_der(key)
+            assert out["KeySpec"] == spec and out["KeyUsage"] == "SIGN_VERIFY", out
+            assert out["SigningAlgorithms"], out
+            kind, size = signing_specs[spec]
+            if kind == "rsa":
+                assert isinstance(public, rsa.RSAPublicKey) and public.key_size == size, (spec, public)
+            elif kind == "ec":
+                assert isinstance(public, ec.EllipticCurvePublicKey) and isinstance(public.curve, size), spec
+            else:
+                assert isinstance(public, ed25519.Ed25519PublicKey), (spec, public)
+        out, public = public_key_der(state["rsa_encrypt"])
+        assert out["KeyUsage"] == "ENCRYPT_DECRYPT" and isinstance(public, rsa.RSAPublicKey), out
+        assert "RSAES_OAEP_SHA_256" in out["EncryptionAlgorithms"], out
+        out, public = public_key_der(state["agreement"])
+        assert out["KeyAgreementAlgorithms"] == ["ECDH"] and isinstance(public.curve, ec.SECP384R1), out
+        expect_error("UnsupportedOperationException", kms.get_public_key, KeyId=state["hmac"]["HMAC_256"])
+        expect_error("UnsupportedOperationException", kms.get_public_key, KeyId=state["key"])
+
+    def verify_locally(public, algorithm, message, signature, prehashed=False):
+        """Checks a kmsd signature with `cryptography` (PSS salt as long as the hash, as AWS)."""
+        if algorithm == "ED25519_SHA_512":
+            public.verify(signature, message)
+            return
+        digest = {"256": hashes.SHA256, "384": hashes.SHA384, "512": hashes.SHA512}[algorithm[-3:]]()
+        hashing = utils.Prehashed(digest) if prehashed else digest
+        if algorithm.startswith("ECDSA_"):
+            public.verify(signature, message, ec.ECDSA(hashing))
+        elif algorithm.startswith("RSASSA_PSS_"):
+            pss = padding.PSS(mgf=padding.MGF1(digest), salt_length=digest.digest_size)
+            public.verify(signature, message, pss, hashing)
+        else:
+            public.verify(signature, message, padding.PKCS1v15(), hashing)
+
+    def sign_verify_raw():
+        message = b"signed by kmsd, judged by cryptography " * 50
+        for spec, key in state["signing"].items():
+            _, public = public_key_der(key)
+            for algorithm in kms.describe_key(KeyId=key)["KeyMetadata"]["SigningAlgorithms"]:
+                out = kms.sign(KeyId=key, Message=message, MessageType="RAW", SigningAlgorithm=algorithm)
+                assert out["SigningAlgorithm"] == algorithm and out["KeyId"].endswith(key), out
+                verify_locally(public, algorithm, message, out["Signature"])
+                ok = kms.verify(
+                    KeyId=key, Message=message, Signature=out["Signature"], SigningAlgorithm=algorithm
+                )
+                assert ok["SignatureValid"] is True and ok["SigningAlgorithm"] == algorithm, (spec, ok)
+
+    def sign_verify_digest():
+        message = b"a message hashed by the caller"
+        cases = [
+            ("ECC_NIST_P256", "ECDSA_SHA_256", hashlib.sha256),
+            ("ECC_NIST_P384", "ECDSA_SHA_384", hashlib.sha384),
+            ("ECC_SECG_P256K1", "ECDSA_SHA_256", hashlib.sha256),
+            ("RSA_2048", "RSASSA_PSS_SHA_256", hashlib.sha256),
+            ("RSA_3072", "RSASSA_PKCS1_V1_5_SHA_512", hashlib.sha512),
+        ]
+        for spec, algorithm, hash_function in cases:
+            key, digest = state["signing"][spec], hash_function(message).digest()
+            _, public = public_key_der(key)
+            out = kms.sign(KeyId=key, Message=digest, MessageType="DIGEST", SigningAlgorithm=algorithm)
+            verify_locally(public, algorithm, digest, out["Signature"], prehashed=True)
+            # A DIGEST signature is the RAW signature of the message it is the digest of.
+            verify_locally(public, algorithm, message, out["Signature"])
+            for kind, signed in (("DIGEST", digest), ("RAW", message)):
+                ok = kms.verify(
+                    KeyId=key, Message=signed, MessageType=kind, Signature=out["Signature"], SigningAlgorithm=algorithm
+                )
+                assert ok["SignatureValid"] is True, (spec, kind, ok)
+
+    def verify_refuses_a_bad_signature():
+        key = state["signing"]["ECC_NIST_P256"]
+        signature = kms.sign(KeyId=key, Message=b"original", SigningAlgorithm="ECDSA_SHA_256")["Signature"]
+        expect_error(
+            "KMSInvalidSignatureException",
+            kms.verify,
+            KeyId=key,
+            Message=b"tampered",
+            Signature=signature,
+            SigningAlgorithm="ECDSA_SHA_256",
+        )
+        flipped = signature[:-1] + bytes([signature[-1] ^ 1])
+        expect_error(
+            "KMSInvalidSignatureException",
+            kms.verify,
+            KeyId=key,
+            Message=b"original",
+            Signature=flipped,
+            SigningAlgorithm="ECDSA_SHA_256",
+        )
+        rsa_key = state["signing"]["RSA_2048"]
+        rsa_signature = kms.sign(KeyId=rsa_key, Message=b"original", SigningAlgorithm="RSASSA_PSS_SHA_256")
+        expect_error(
+            "KMSInvalidSignatureException",
+            kms.verify,
+            KeyId=state["signing"]["RSA_3072"],
+            Message=b"original",
+            Signature=rsa_signature["Signature"],
+            SigningAlgorithm="RSASSA_PSS_SHA_256",
+        )
+
+    def digest_of_the_wrong_length():
+        key = state["signing"]["ECC_NIST_P256"]
+        for length in (31, 33, 48):
+            expect_error(
+                "ValidationException",
+                kms.sign,
+                KeyId=key,
+                Message=b"\x01" * length,
+                MessageType="DIGEST",
+                SigningAlgorithm="ECDSA_SHA_256",
+            )
+        expect_error(
+            "ValidationException",
+            kms.verify,
+            KeyId=state["signing"]["RSA_2048"],
+            Message=b"\x01" * 20,
+            MessageType="DIGEST",
+            Signature=b"\x00" * 256,
+            SigningAlgorithm="RSASSA_PSS_SHA_256",
+        )
+
+    def key_usage_refused():
+        signing = state["signing"]["ECC_NIST_P256"]
+        refusals = [
+            (kms.sign, dict(KeyId=signing, Message=b"m", SigningAlgorithm="ECDSA_SHA_384")),
+            (kms.sign, dict(KeyId=signing, Message=b"m", SigningAlgorithm="RSASSA_PSS_SHA_256")),
+            (kms.sign, dict(KeyId=state["key"], Message=b"m", SigningAlgorithm="ECDSA_SHA_256")),
+            (kms.sign, dict(KeyId=state["rsa_encrypt"], Message=b"m", SigningAlgorithm="RSASSA_PSS_SHA_256")),
+            (kms.encrypt, dict(KeyId=signing, Plaintext=b"m")),
+            (kms.encrypt, dict(KeyId=state["signing"]["RSA_2048"], Plaintext=b"m", EncryptionAlgorithm="RSAES_OAEP_SHA_256")),
+            (kms.generate_mac, dict(KeyId=signing, Message=b"m", MacAlgorithm="HMAC_SHA_256")),
+            (kms.generate_mac, dict(KeyId=state["hmac"]["HMAC_256"], Message=b"m", MacAlgorithm="HMAC_SHA_512")),
+            (kms.generate_data_key, dict(KeyId=state["hmac"]["HMAC_256"], KeySpec="AES_256")),
+            (kms.generate_data_key_pair, dict(KeyId=signing, KeyPairSpec="ECC_NIST_P256")),
+            (
+                kms.derive_shared_secret,
+                dict(KeyId=signing, KeyAgreementAlgorithm="ECDH", PublicKey=peer_public_der(ec.SECP256R1())[1]),
+            ),
+        ]
+        for call, kwargs in refusals:
+            try:
+                expect_error("InvalidKeyUsageException", call, **kwargs)
+            except AssertionError as e:
+                raise AssertionError(f"{call.__name__}({kwargs.get('KeyId')}, ...): {e}") from None
+
+    def generate_verify_mac():
+        message = b"authenticated by kmsd"
+        for spec, key in state["hmac"].items():
+            algorithm = "HMAC_SHA_" + spec[5:]
+            out = kms.generate_mac(KeyId=key, Message=message, MacAlgorithm=algorithm)
+            assert len(out["Mac"]) == int(spec[5:]) // 8 and out["MacAlgorithm"] == algorithm, (spec, out)
+            assert out["KeyId"].endswith(":key/" + key), out
+            again = kms.generate_mac(KeyId=key, Message=message, MacAlgorithm=algorithm)["Mac"]
+            assert again == out["Mac"], "an HMAC of the same message under the same key changed"
+            assert kms.generate_mac(KeyId=key, Message=message + b".", MacAlgorithm=algorithm)["Mac"] != out["Mac"]
+            ok = kms.verify_mac(KeyId=key, Message=message, Mac=out["Mac"], MacAlgorithm=algorithm)
+            assert ok["MacValid"] is True and ok["MacAlgorithm"] == algorithm, ok
+        key = state["hmac"]["HMAC_256"]
+        mac = kms.generate_mac(KeyId=key, Message=message, MacAlgorithm="HMAC_SHA_256")["Mac"]
+        for wrong in (bytes([mac[0] ^ 1]) + mac[1:], mac[:-1], b"\0" * 32):
+            expect_error(
+                "KMSInvalidMacException", kms.verify_mac, KeyId=key, Message=message, Mac=wrong, MacAlgorithm="HMAC_SHA_256"
+            )
+        other = kms.create_key(KeySpec="HMAC_256", KeyUsage="GENERATE_VERIFY_MAC")["KeyMetadata"]["KeyId"]
+        expect_error(
+            "KMSInvalidMacException", kms.verify_mac, KeyId=other, Message=message, Mac=mac, MacAlgorithm="HMAC_SHA_256"
+        )
+
+    def peer_public_der(curve):
+        peer = ec.generate_private_key(curve)
+        spki = peer.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        return peer, spki
+
+    def derive_shared_secret():
+        key = state["agreement"]
+        _, ours = public_key_der(key)
+        peer, spki = peer_public_der(ec.SECP384R1())
+        out = kms.derive_shared_secret(KeyId=key, KeyAgreementAlgorithm="ECDH", PublicKey=spki)
+        assert out["KeyAgreementAlgorithm"] == "ECDH" and out["KeyOrigin"] == "AWS_KMS", out
+        assert out["KeyId"].endswith(":key/" + key), out
+        expected = peer.exchange(ec.ECDH(), ours)
+        assert out["SharedSecret"] == expected, "kmsd's ECDH secret differs from cryptography's"
+        again = kms.derive_shared_secret(KeyId=key, KeyAgreementAlgorithm="ECDH", PublicKey=spki)
+        assert again["SharedSecret"] == expected
+        _, other_curve = peer_public_der(ec.SECP256R1())
+        expect_error(
+            "ValidationException", kms.derive_shared_secret, KeyId=key, KeyAgreementAlgorithm="ECDH", PublicKey=other_curve
+        )
+
+    def check_pair(private_der, public_der, spec):
+        private = serialization.load_der_private_key(private_der, password=None)
+        own = private.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        assert own == public_der, f"{spec}: PublicKey is not the private key's public half"
+        kind, size = signing_specs[spec]
+        if kind == "rsa":
+            assert isinstance(private, rsa.RSAPrivateKey) and private.key_size == size, spec
+        elif kind == "ec":
+            assert isinstance(private, ec.EllipticCurvePrivateKey) and isinstance(private.curve, size), spec
+        else:
+            assert isinstance(private, ed25519.Ed25519PrivateKey), spec
+
+    def generate_data_key_pair():
+        for spec in ("RSA_2048", "ECC_NIST_P256", "ECC_SECG_P256K1", "ECC_NIST_EDWARDS25519"):
+            out = kms.generate_data_key_pair(KeyId=state["key"], KeyPairSpec=spec, EncryptionContext=context)
+            assert out["KeyPairSpec"] == spec and out["KeyId"] == state["arn"], out
+            check_pair(out["PrivateKeyPlaintext"], out["PublicKey"], spec)
+            back = kms.decrypt(CiphertextBlob=out["PrivateKeyCiphertextBlob"], EncryptionContext=context)
+            assert back["Plaintext"] == out["PrivateKeyPlaintext"], spec
+        expect_error("ValidationException", kms.generate_data_key_pair, KeyId=state["key"], KeyPairSpec="RSA_1024")
+
+    def generate_data_key_pair_without_plaintext():
+        out = kms.generate_data_key_pair_without_plaintext(KeyId=state["key"], KeyPairSpec="ECC_NIST_P384")
+        assert "PrivateKeyPlaintext" not in out and out["KeyPairSpec"] == "ECC_NIST_P384", sorted(out)
+        private = kms.decrypt(CiphertextBlob=out["PrivateKeyCiphertextBlob"])["Plaintext"]
+        check_pair(private, out["PublicKey"], "ECC_NIST_P384")
+
+    def rsa_encrypt_decrypt():
+        key, arn = state["rsa_encrypt"], state["rsa_encrypt_arn"]
+        for algorithm in ("RSAES_OAEP_SHA_256", "RSAES_OAEP_SHA_1"):
+            out = kms.encrypt(KeyId=key, Plaintext=b"for an RSA key", EncryptionAlgorithm=algorithm)
+            assert out["KeyId"] == arn and out["EncryptionAlgorithm"] == algorithm, out
+            assert len(out["CiphertextBlob"]) == 256, len(out["CiphertextBlob"])
+            back = kms.decrypt(CiphertextBlob=out["CiphertextBlob"], KeyId=key, EncryptionAlgorithm=algorithm)
+            assert back["Plaintext"] == b"for an RSA key" and back["KeyId"] == arn, back
+            assert back["EncryptionAlgorithm"] == algorithm, back
+        # Ciphertext made by cryptography with the public key alone opens in kmsd.
+        _, public = public_key_der(key)
+        oaep = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+        sealed = public.encrypt(b"sealed outside kmsd", oaep)
+        back = kms.decrypt(CiphertextBlob=sealed, KeyId=key, EncryptionAlgorithm="RSAES_OAEP_SHA_256")
+        assert back["Plaintext"] == b"sealed outside kmsd", back
+        state["rsa_ciphertext"] = sealed
+        # RSA_2048 with OAEP SHA-256 holds at most 256 - 2*32 - 2 = 190 bytes.
+        kms.encrypt(KeyId=key, Plaintext=b"\0" * 190, EncryptionAlgorithm="RSAES_OAEP_SHA_256")
+        expect_error(
+            "ValidationException", kms.encrypt, KeyId=key, Plaintext=b"\0" * 191, EncryptionAlgorithm="RSAES_OAEP_SHA_256"
+        )
+
+    def rsa_decrypt_refusals():
+        key, sealed = state["rsa_encrypt"], state["rsa_ciphertext"]
+        expect_error("InvalidKeyUsageException", kms.encrypt, KeyId=key, Plaintext=b"x")
+        expect_error(
+            "InvalidCiphertextException",
+            kms.decrypt,
+            CiphertextBlob=sealed[:-1] + bytes([sealed[-1] ^ 1]),
+            KeyId=key,
+            EncryptionAlgorithm="RSAES_OAEP_SHA_256",
+        )
+        expect_error(
+            "InvalidCiphertextException", kms.decrypt, CiphertextBlob=sealed, KeyId=key, EncryptionAlgorithm="RSAES_OAEP_SHA_1"
+        )
+        expect_error("ValidationException", kms.decrypt, CiphertextBlob=sealed, EncryptionAlgorithm="RSAES_OAEP_SHA_256")
+
+    def rsa_re_encrypt():
+        key, arn = state["rsa_encrypt"], state["rsa_encrypt_arn"]
+        out = kms.re_encrypt(
+            CiphertextBlob=state["rsa_ciphertext"],
+            SourceKeyId=key,
+            SourceEncryptionAlgorithm="RSAES_OAEP_SHA_256",
+            DestinationKeyId=state["key2"],
+        )
+        assert out["SourceKeyId"] == arn and out["KeyId"] == state["arn2"], out
+        assert out["SourceEncryptionAlgorithm"] == "RSAES_OAEP_SHA_256", out
+        assert out["DestinationEncryptionAlgorithm"] == "SYMMETRIC_DEFAULT", out
+        assert kms.decrypt(CiphertextBlob=out["CiphertextBlob"])["Plaintext"] == b"sealed outside kmsd"
+        back = kms.re_encrypt(
+            CiphertextBlob=out["CiphertextBlob"],
+            DestinationKeyId=key,
+            DestinationEncryptionAlgorithm="RSAES_OAEP_SHA_256",
+        )
+        assert back["KeyId"] == arn and back["DestinationEncryptionAlgorithm"] == "RSAES_OAEP_SHA_256", back
+        opened = kms.decrypt(CiphertextBlob=back["CiphertextBlob"], KeyId=key, EncryptionAlgorithm="RSAES_OAEP_SHA_256")
+        assert opened["Plaintext"] == b"sealed outside kmsd", opened
+
     checks = [
         create_key,
         create_key_tags,
@@ -506,6 +834,21 @@ def main():
         encrypt_too_large,
         generate_random,
         unknown_key_spec,
+        create_asymmetric_and_hmac_keys,
+        create_key_spec_and_usage_refused,
+        get_public_key,
+        sign_verify_raw,
+        sign_verify_digest,
+        verify_refuses_a_bad_signature,
+        digest_of_the_wrong_length,
+        key_usage_refused,
+        generate_verify_mac,
+        derive_shared_secret,
+        generate_data_key_pair,
+        generate_data_key_pair_without_plaintext,
+        rsa_encrypt_decrypt,
+        rsa_decrypt_refusals,
+        rsa_re_encrypt,
     ]
     for check in checks:
         if not checker.run(check.__name__, check) and check is create_key:
