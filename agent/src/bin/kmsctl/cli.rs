@@ -13,12 +13,19 @@ const GLOBAL: &str = "Global options";
 
 /// Examples and exit codes, shown after the subcommand list.
 const AFTER_HELP: &str = "\
-Blob arguments (--plaintext, --ciphertext-blob, --import-token, --encrypted-key-material) are
-base64, or fileb://PATH for a file's raw bytes. Without them, encrypt, decrypt and re-encrypt read raw bytes from stdin and write the raw
-result to stdout:
+Blob arguments (--plaintext, --ciphertext-blob, --message, --signature, --mac, --import-token,
+--encrypted-key-material) are base64, or fileb://PATH for a file's raw bytes. Without them,
+encrypt, decrypt and re-encrypt, and sign and generate-mac without --message, read raw bytes
+from stdin and write the raw result to stdout:
 
   kmsctl encrypt -k alias/app < secret > secret.enc
   kmsctl decrypt < secret.enc > secret
+  kmsctl sign -k alias/signer --signing-algorithm ECDSA_SHA_256 < msg > msg.sig
+
+`get-public-key --output pem` prints the public key as a PEM block that openssl reads:
+
+  kmsctl get-public-key -k alias/signer --output pem > pub.pem
+  openssl dgst -sha256 -verify pub.pem -signature msg.sig msg
 
 The key store password of create-custom-key-store and update-custom-key-store is never a
 command-line value (process lists show those): it is read from --key-store-password-file, or
@@ -159,6 +166,8 @@ pub enum OutputFormat {
     Json,
     /// Tab-separated lines, as `aws --output text`.
     Text,
+    /// get-public-key only: the public key as a PEM `PUBLIC KEY` block (what openssl reads).
+    Pem,
 }
 
 #[derive(Debug, Subcommand)]
@@ -242,6 +251,18 @@ pub enum Command {
     GenerateDataKeyWithoutPlaintext(GenerateDataKey),
     /// Returns random bytes.
     GenerateRandom(GenerateRandom),
+    /// Signs a message (from --message, or raw from stdin) with an asymmetric KMS key of
+    /// usage SIGN_VERIFY.
+    Sign(Sign),
+    /// Verifies a signature made by sign; an invalid one is KMSInvalidSignatureException.
+    Verify(Verify),
+    /// Returns the public key of an asymmetric KMS key (DER SubjectPublicKeyInfo, or PEM with
+    /// --output pem).
+    GetPublicKey(GetPublicKey),
+    /// Computes the HMAC of a message (from --message, or raw from stdin) with an HMAC KMS key.
+    GenerateMac(GenerateMac),
+    /// Verifies a MAC made by generate-mac; an invalid one is KMSInvalidMacException.
+    VerifyMac(VerifyMac),
     /// Creates a custom key store (type AWS_CLOUDHSM) on a PKCS#11 token that kmsd's
     /// hsm-clusters.json declares under a CloudHSM cluster ID. It starts DISCONNECTED.
     CreateCustomKeyStore(CreateCustomKeyStore),
@@ -706,6 +727,98 @@ pub struct GenerateRandom {
     pub number_of_bytes: Option<u32>,
 }
 
+/// What a signed message is: RAW, or a DIGEST already computed with the algorithm's hash.
+#[derive(Debug, Args)]
+pub struct MessageTypeArg {
+    /// RAW (the default; KMS hashes the message) or DIGEST (the message is the hash).
+    #[arg(long, value_name = "MESSAGE_TYPE")]
+    pub message_type: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct Sign {
+    #[command(flatten)]
+    pub key: KeyIdArg,
+    /// The message, at most 4096 bytes: base64, or fileb://PATH. Without it, the raw message
+    /// is read from stdin and the raw signature is written to stdout.
+    #[arg(long, value_parser = args::blob, value_name = "BLOB")]
+    pub message: Option<Blob>,
+    #[command(flatten)]
+    pub message_type: MessageTypeArg,
+    /// The algorithm, e.g. ECDSA_SHA_256 or RSASSA_PSS_SHA_256; describe-key lists the key's.
+    #[arg(long, value_name = "ALGORITHM")]
+    pub signing_algorithm: String,
+    #[command(flatten)]
+    pub grant_tokens: GrantTokensArg,
+    #[command(flatten)]
+    pub dry_run: DryRunArg,
+}
+
+#[derive(Debug, Args)]
+pub struct Verify {
+    #[command(flatten)]
+    pub key: KeyIdArg,
+    /// The message that was signed: base64, or fileb://PATH.
+    #[arg(long, value_parser = args::blob, value_name = "BLOB")]
+    pub message: Blob,
+    #[command(flatten)]
+    pub message_type: MessageTypeArg,
+    /// The signature: base64, or fileb://PATH (the raw bytes sign writes in its pipe form).
+    #[arg(long, value_parser = args::blob, value_name = "BLOB")]
+    pub signature: Blob,
+    /// The algorithm the message was signed with.
+    #[arg(long, value_name = "ALGORITHM")]
+    pub signing_algorithm: String,
+    #[command(flatten)]
+    pub grant_tokens: GrantTokensArg,
+    #[command(flatten)]
+    pub dry_run: DryRunArg,
+}
+
+#[derive(Debug, Args)]
+pub struct GetPublicKey {
+    #[command(flatten)]
+    pub key: KeyIdArg,
+    #[command(flatten)]
+    pub grant_tokens: GrantTokensArg,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateMac {
+    #[command(flatten)]
+    pub key: KeyIdArg,
+    /// The message, at most 4096 bytes: base64, or fileb://PATH. Without it, the raw message
+    /// is read from stdin and the raw MAC is written to stdout.
+    #[arg(long, value_parser = args::blob, value_name = "BLOB")]
+    pub message: Option<Blob>,
+    /// The algorithm: HMAC_SHA_224, HMAC_SHA_256, HMAC_SHA_384 or HMAC_SHA_512, as the key's spec.
+    #[arg(long, value_name = "ALGORITHM")]
+    pub mac_algorithm: String,
+    #[command(flatten)]
+    pub grant_tokens: GrantTokensArg,
+    #[command(flatten)]
+    pub dry_run: DryRunArg,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyMac {
+    #[command(flatten)]
+    pub key: KeyIdArg,
+    /// The message the MAC was computed over: base64, or fileb://PATH.
+    #[arg(long, value_parser = args::blob, value_name = "BLOB")]
+    pub message: Blob,
+    /// The algorithm the MAC was computed with.
+    #[arg(long, value_name = "ALGORITHM")]
+    pub mac_algorithm: String,
+    /// The MAC: base64, or fileb://PATH (the raw bytes generate-mac writes in its pipe form).
+    #[arg(long, value_parser = args::blob, value_name = "BLOB")]
+    pub mac: Blob,
+    #[command(flatten)]
+    pub grant_tokens: GrantTokensArg,
+    #[command(flatten)]
+    pub dry_run: DryRunArg,
+}
+
 #[derive(Debug, Args)]
 pub struct CustomKeyStoreIdArg {
     /// The custom key store's ID (cks-...), as create-custom-key-store printed it.
@@ -840,6 +953,28 @@ mod tests {
             &["kmsctl", "delete-custom-key-store"],
             &["kmsctl", "update-custom-key-store", "--new-custom-key-store-name", "n"],
             &["kmsctl", "describe-custom-key-stores", "--limit", "many"],
+            &["kmsctl", "sign", "-k", "k", "--message", "AQID"],
+            &["kmsctl", "sign", "--message", "AQID", "--signing-algorithm", "ECDSA_SHA_256"],
+            &["kmsctl", "sign", "-k", "k", "--message", "%%", "--signing-algorithm", "ECDSA_SHA_256"],
+            &["kmsctl", "verify", "-k", "k", "--message", "AQID", "--signing-algorithm", "ECDSA_SHA_256"],
+            &["kmsctl", "verify", "-k", "k", "--signature", "AQID", "--signing-algorithm", "ECDSA_SHA_256"],
+            &["kmsctl", "verify", "-k", "k", "--message", "AQID", "--signature", "AQID"],
+            &["kmsctl", "get-public-key"],
+            &["kmsctl", "generate-mac", "-k", "k", "--message", "AQID"],
+            &["kmsctl", "verify-mac", "-k", "k", "--message", "AQID", "--mac-algorithm", "HMAC_SHA_256"],
+            &["kmsctl", "verify-mac", "-k", "k", "--mac", "AQID", "--mac-algorithm", "HMAC_SHA_256"],
+            &[
+                "kmsctl",
+                "verify-mac",
+                "-k",
+                "k",
+                "--message",
+                "AQID",
+                "--mac-algorithm",
+                "HMAC_SHA_256",
+                "--mac",
+                "fileb:///nonexistent/mac",
+            ],
         ] {
             assert!(Cli::try_parse_from(argv).is_err(), "{argv:?}");
         }

@@ -256,6 +256,53 @@ pub fn plan(command: &Command) -> Call {
             )
         }
         C::GenerateRandom(a) => single("GenerateRandom", Request::new().opt("NumberOfBytes", a.number_of_bytes)),
+        C::Sign(a) => {
+            let request = key(&a.key.key_id)
+                .opt("Message", a.message.as_ref().map(blob))
+                .opt("MessageType", a.message_type.message_type.clone())
+                .set("SigningAlgorithm", a.signing_algorithm.as_str())
+                .opt("GrantTokens", grant_tokens(&a.grant_tokens))
+                .opt("DryRun", dry_run(&a.dry_run));
+            let mode = match a.message {
+                Some(_) => Mode::Single,
+                None => Mode::Pipe { input: "Message", output: "Signature" },
+            };
+            Call { action: "Sign", request: request.into(), mode, secret: None }
+        }
+        C::Verify(a) => single(
+            "Verify",
+            key(&a.key.key_id)
+                .set("Message", blob(&a.message))
+                .opt("MessageType", a.message_type.message_type.clone())
+                .set("Signature", blob(&a.signature))
+                .set("SigningAlgorithm", a.signing_algorithm.as_str())
+                .opt("GrantTokens", grant_tokens(&a.grant_tokens))
+                .opt("DryRun", dry_run(&a.dry_run)),
+        ),
+        C::GetPublicKey(a) => {
+            single("GetPublicKey", key(&a.key.key_id).opt("GrantTokens", grant_tokens(&a.grant_tokens)))
+        }
+        C::GenerateMac(a) => {
+            let request = key(&a.key.key_id)
+                .opt("Message", a.message.as_ref().map(blob))
+                .set("MacAlgorithm", a.mac_algorithm.as_str())
+                .opt("GrantTokens", grant_tokens(&a.grant_tokens))
+                .opt("DryRun", dry_run(&a.dry_run));
+            let mode = match a.message {
+                Some(_) => Mode::Single,
+                None => Mode::Pipe { input: "Message", output: "Mac" },
+            };
+            Call { action: "GenerateMac", request: request.into(), mode, secret: None }
+        }
+        C::VerifyMac(a) => single(
+            "VerifyMac",
+            key(&a.key.key_id)
+                .set("Message", blob(&a.message))
+                .set("MacAlgorithm", a.mac_algorithm.as_str())
+                .set("Mac", blob(&a.mac))
+                .opt("GrantTokens", grant_tokens(&a.grant_tokens))
+                .opt("DryRun", dry_run(&a.dry_run)),
+        ),
         C::CreateCustomKeyStore(a) => Call {
             secret: key_store_password(&a.password).or(Some(Secret { member: PASSWORD, source: SecretSource::Stdin })),
             ..single(
@@ -575,6 +622,117 @@ mod tests {
         let call = plan_for(&["re-encrypt", "-k", "k2"]);
         assert_eq!(call.mode, Mode::Pipe { input: "CiphertextBlob", output: "CiphertextBlob" });
         assert_eq!(call.request, json!({"DestinationKeyId": "k2"}));
+    }
+
+    #[test]
+    fn signing_requests() {
+        let dir = tempfile::tempdir().unwrap();
+        let message = dir.path().join("msg");
+        std::fs::write(&message, b"\x00signed\xff").unwrap();
+        let message_arg = format!("fileb://{}", message.display());
+        let call = plan_for(&[
+            "sign",
+            "--key-id",
+            "alias/signer",
+            "--message",
+            &message_arg,
+            "--message-type",
+            "RAW",
+            "--signing-algorithm",
+            "ECDSA_SHA_256",
+            "--grant-tokens",
+            "t1",
+            "--dry-run",
+        ]);
+        assert_eq!((call.action, call.mode), ("Sign", Mode::Single));
+        assert_eq!(
+            call.request,
+            json!({
+                "KeyId": "alias/signer",
+                "Message": "AHNpZ25lZP8=",
+                "MessageType": "RAW",
+                "SigningAlgorithm": "ECDSA_SHA_256",
+                "GrantTokens": ["t1"],
+                "DryRun": true,
+            })
+        );
+        let call = plan_for(&["sign", "-k", "k", "--signing-algorithm", "RSASSA_PSS_SHA_256"]);
+        assert_eq!(call.mode, Mode::Pipe { input: "Message", output: "Signature" });
+        assert_eq!(call.request, json!({"KeyId": "k", "SigningAlgorithm": "RSASSA_PSS_SHA_256"}));
+
+        let call = plan_for(&[
+            "verify",
+            "-k",
+            "k",
+            "--message",
+            &message_arg,
+            "--message-type",
+            "DIGEST",
+            "--signature",
+            "MEUC",
+            "--signing-algorithm",
+            "ECDSA_SHA_256",
+        ]);
+        assert_eq!((call.action, call.mode), ("Verify", Mode::Single));
+        assert_eq!(
+            call.request,
+            json!({
+                "KeyId": "k",
+                "Message": "AHNpZ25lZP8=",
+                "MessageType": "DIGEST",
+                "Signature": "MEUC",
+                "SigningAlgorithm": "ECDSA_SHA_256",
+            })
+        );
+
+        let call = plan_for(&["get-public-key", "-k", "alias/signer", "--grant-tokens", "t"]);
+        assert_eq!((call.action, call.mode), ("GetPublicKey", Mode::Single));
+        assert_eq!(call.request, json!({"KeyId": "alias/signer", "GrantTokens": ["t"]}));
+        let cli = Cli::try_parse_from(["kmsctl", "get-public-key", "-k", "k", "--output", "pem"]).unwrap();
+        assert_eq!(cli.output, crate::cli::OutputFormat::Pem);
+    }
+
+    #[test]
+    fn mac_requests() {
+        let call = plan_for(&["generate-mac", "-k", "k", "--message", "aGk=", "--mac-algorithm", "HMAC_SHA_256"]);
+        assert_eq!((call.action, call.mode), ("GenerateMac", Mode::Single));
+        assert_eq!(call.request, json!({"KeyId": "k", "Message": "aGk=", "MacAlgorithm": "HMAC_SHA_256"}));
+        let call = plan_for(&["generate-mac", "-k", "k", "--mac-algorithm", "HMAC_SHA_512", "--no-dry-run"]);
+        assert_eq!(call.mode, Mode::Pipe { input: "Message", output: "Mac" });
+        assert_eq!(call.request, json!({"KeyId": "k", "MacAlgorithm": "HMAC_SHA_512", "DryRun": false}));
+
+        let call = plan_for(&[
+            "verify-mac",
+            "-k",
+            "k",
+            "--message",
+            "aGk",
+            "--mac-algorithm",
+            "HMAC_SHA_256",
+            "--mac",
+            "AQID",
+            "--grant-tokens",
+            "t",
+        ]);
+        assert_eq!((call.action, call.mode), ("VerifyMac", Mode::Single));
+        assert_eq!(
+            call.request,
+            json!({
+                "KeyId": "k",
+                "Message": "aGk=",
+                "MacAlgorithm": "HMAC_SHA_256",
+                "Mac": "AQID",
+                "GrantTokens": ["t"],
+            })
+        );
+    }
+
+    #[test]
+    fn create_key_of_a_signing_or_hmac_spec() {
+        let call = plan_for(&["create-key", "--key-spec", "ECC_NIST_P256", "--key-usage", "SIGN_VERIFY"]);
+        assert_eq!(call.request, json!({"KeySpec": "ECC_NIST_P256", "KeyUsage": "SIGN_VERIFY"}));
+        let call = plan_for(&["create-key", "--key-spec", "HMAC_256", "--key-usage", "GENERATE_VERIFY_MAC"]);
+        assert_eq!(call.request, json!({"KeySpec": "HMAC_256", "KeyUsage": "GENERATE_VERIFY_MAC"}));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `kmsctl`, the command-line client of `kmsd`, shaped like `aws kms` (AWS CLI v2): the same
 //! subcommands, flags, output formats, error messages and exit codes, plus a pipe mode for
-//! encrypting and decrypting raw bytes between stdin and stdout.
+//! encrypting, decrypting, signing and MACing raw bytes between stdin and stdout, and a PEM
+//! output for public keys.
 //!
 //! `cli` declares the command line, `args` parses structured arguments, `commands` turns a
 //! subcommand into an API call, `password` reads the secrets no argument may carry, `output`
@@ -25,7 +26,7 @@ use kmsfs_common::client::{AgentClient, ClientError};
 use kmsfs_common::KmsError;
 use serde_json::Value;
 
-use cli::{Cli, TopCommand};
+use cli::{Cli, OutputFormat, TopCommand};
 use commands::Mode;
 
 /// Exit code of a command-line usage error (the aws CLI's).
@@ -108,6 +109,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
         TopCommand::Audit(command) => return audit::run(&command, socket.as_deref()),
     };
     let commands::Call { action, mut request, mode, secret } = commands::plan(&command);
+    if cli.output == OutputFormat::Pem && action != "GetPublicKey" {
+        return Err(Failure::Usage("--output pem is only for get-public-key; use --output json or text".into()));
+    }
     if let Some(secret) = &secret {
         // Read before the agent is reached, so that a bad source changes nothing. The
         // request body holds a plain copy for the call's short duration.
@@ -140,6 +144,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
     let checked = commands::follow_up(action, &request).and_then(|(check, body)| client.call(check, &body).ok());
     let bytes = match mode {
         Mode::Pipe { output, .. } => raw_blob(&response, output)?,
+        Mode::Single | Mode::Paginate { .. } if cli.output == OutputFormat::Pem => {
+            output::public_key_pem(&raw_blob(&response, "PublicKey")?).into_bytes()
+        }
         Mode::Single | Mode::Paginate { .. } => output::render(action, &response, cli.output).into_bytes(),
     };
     let mut stdout = stdout.lock();
@@ -159,6 +166,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
 fn flag_name(member: &str) -> &'static str {
     match member {
         "Plaintext" => "plaintext",
+        "Message" => "message",
         _ => "ciphertext-blob",
     }
 }
@@ -172,8 +180,9 @@ fn read_stdin() -> Result<Vec<u8>, Failure> {
         .map_err(|e| Failure::Other(format!("cannot read stdin: {e}")))?;
     if bytes.len() as u64 > MAX_STDIN {
         return Err(Failure::Usage(format!(
-            "stdin holds more than {MAX_STDIN} bytes; KMS encrypts at most 4096 bytes directly \
-             (encrypt larger data under a data key from generate-data-key)"
+            "stdin holds more than {MAX_STDIN} bytes; KMS encrypts, signs or MACs at most 4096 bytes \
+             directly (encrypt larger data under a data key from generate-data-key; sign a larger \
+             message's digest with --message-type DIGEST)"
         )));
     }
     Ok(bytes)

@@ -44,6 +44,23 @@ const OUTPUTS: &[(&str, &[&str])] = &[
     ("GenerateDataKey", &["CiphertextBlob", "Plaintext", "KeyId", "CiphertextForRecipient", "KeyMaterialId"]),
     ("GenerateDataKeyWithoutPlaintext", &["CiphertextBlob", "KeyId", "KeyMaterialId"]),
     ("GenerateRandom", &["Plaintext", "CiphertextForRecipient"]),
+    ("Sign", &["KeyId", "Signature", "SigningAlgorithm"]),
+    ("Verify", &["KeyId", "SignatureValid", "SigningAlgorithm"]),
+    (
+        "GetPublicKey",
+        &[
+            "KeyId",
+            "PublicKey",
+            "CustomerMasterKeySpec",
+            "KeySpec",
+            "KeyUsage",
+            "EncryptionAlgorithms",
+            "SigningAlgorithms",
+            "KeyAgreementAlgorithms",
+        ],
+    ),
+    ("GenerateMac", &["Mac", "MacAlgorithm", "KeyId"]),
+    ("VerifyMac", &["KeyId", "MacValid", "MacAlgorithm"]),
     ("CreateCustomKeyStore", &["CustomKeyStoreId"]),
     ("DescribeCustomKeyStores", &["CustomKeyStores", "NextMarker", "Truncated"]),
 ];

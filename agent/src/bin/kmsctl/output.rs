@@ -1,7 +1,10 @@
 //! Rendering responses as the aws CLI does: JSON pretty-printed with four-space indentation
 //! and members in the service model's order, or its tab-separated text format; timestamps
-//! (epoch seconds on the wire) as ISO 8601.
+//! (epoch seconds on the wire) as ISO 8601. A public key can also be printed as PEM, which
+//! the aws CLI cannot do but openssl needs.
 
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
 use serde_json::{Map, Value};
 
 use kmsfs_common::time::iso8601;
@@ -24,8 +27,26 @@ const TIMESTAMP_MEMBERS: &[&str] = &[
     "ValidTo",
 ];
 
+/// Base64 characters per line of a PEM body (RFC 7468).
+const PEM_LINE: usize = 64;
+
+/// A DER SubjectPublicKeyInfo (GetPublicKey's `PublicKey`) as an RFC 7468 `PUBLIC KEY`
+/// block, the form `openssl pkey -pubin` and `openssl dgst -verify` read.
+pub fn public_key_pem(der: &[u8]) -> String {
+    let body = STANDARD.encode(der);
+    let mut out = String::from("-----BEGIN PUBLIC KEY-----\n");
+    // Base64 is ASCII, so every 64-byte chunk is a whole line of characters.
+    for line in body.as_bytes().chunks(PEM_LINE) {
+        out.push_str(&String::from_utf8_lossy(line));
+        out.push('\n');
+    }
+    out.push_str("-----END PUBLIC KEY-----\n");
+    out
+}
+
 /// The text to print for `action`'s response. Empty responses print nothing, as with the
-/// aws CLI.
+/// aws CLI. `--output pem` is refused before any call but get-public-key's, whose PEM
+/// `main` renders with [`public_key_pem`]; here it falls back to JSON.
 pub fn render(action: &str, response: &Value, format: OutputFormat) -> String {
     if response.as_object().is_some_and(Map::is_empty) || response.is_null() {
         return String::new();
@@ -33,7 +54,7 @@ pub fn render(action: &str, response: &Value, format: OutputFormat) -> String {
     let mut response = response.clone();
     convert_timestamps(&mut response);
     match format {
-        OutputFormat::Json => json(&response, model::output_members(action)),
+        OutputFormat::Json | OutputFormat::Pem => json(&response, model::output_members(action)),
         OutputFormat::Text => {
             let mut out = String::new();
             text(&mut out, &response, None, None);
@@ -440,6 +461,54 @@ mod tests {
             "False\nCUSTOMKEYSTORES\tcluster-abcdefghijk\tINVALID_CREDENTIALS\tFAILED\t\
              2023-11-14T22:13:20.000000+00:00\tcks-1\tstore\tAWS_CLOUDHSM\n"
         );
+    }
+
+    #[test]
+    fn public_keys_print_as_pem_in_64_character_lines() {
+        let der: Vec<u8> = (0..91u8).collect();
+        let pem = public_key_pem(&der);
+        let lines: Vec<&str> = pem.lines().collect();
+        assert_eq!(lines.first(), Some(&"-----BEGIN PUBLIC KEY-----"));
+        assert_eq!(lines.last(), Some(&"-----END PUBLIC KEY-----"));
+        let body = &lines[1..lines.len() - 1];
+        assert_eq!(body.iter().map(|l| l.len()).collect::<Vec<_>>(), vec![64, 60], "{pem}");
+        assert_eq!(STANDARD.decode(body.concat()).unwrap(), der);
+        assert!(pem.ends_with("-----END PUBLIC KEY-----\n"));
+        assert_eq!(public_key_pem(&[0; 48]).lines().count(), 3, "exactly one full line, no empty one");
+    }
+
+    #[test]
+    fn signing_responses_follow_the_model() {
+        let response = json!({
+            "SigningAlgorithms": ["ECDSA_SHA_256"],
+            "KeyUsage": "SIGN_VERIFY",
+            "KeySpec": "ECC_NIST_P256",
+            "CustomerMasterKeySpec": "ECC_NIST_P256",
+            "PublicKey": "MFkw",
+            "KeyId": "arn:k",
+        });
+        let expected = r#"{
+    "KeyId": "arn:k",
+    "PublicKey": "MFkw",
+    "CustomerMasterKeySpec": "ECC_NIST_P256",
+    "KeySpec": "ECC_NIST_P256",
+    "KeyUsage": "SIGN_VERIFY",
+    "SigningAlgorithms": [
+        "ECDSA_SHA_256"
+    ]
+}
+"#;
+        assert_eq!(render("GetPublicKey", &response, OutputFormat::Json), expected);
+        assert_eq!(
+            render("GetPublicKey", &response, OutputFormat::Text),
+            "ECC_NIST_P256\tarn:k\tECC_NIST_P256\tSIGN_VERIFY\tMFkw\nSIGNINGALGORITHMS\tECDSA_SHA_256\n"
+        );
+        let mac = json!({"KeyId": "arn:k", "MacAlgorithm": "HMAC_SHA_256", "Mac": "AQID"});
+        let expected =
+            "{\n    \"Mac\": \"AQID\",\n    \"MacAlgorithm\": \"HMAC_SHA_256\",\n    \"KeyId\": \"arn:k\"\n}\n";
+        assert_eq!(render("GenerateMac", &mac, OutputFormat::Json), expected);
+        let verified = json!({"SigningAlgorithm": "ECDSA_SHA_256", "SignatureValid": true, "KeyId": "arn:k"});
+        assert_eq!(render("Verify", &verified, OutputFormat::Text), "arn:k\tTrue\tECDSA_SHA_256\n");
     }
 
     #[test]
