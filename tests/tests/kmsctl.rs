@@ -1,7 +1,8 @@
 //! End-to-end tests of `kmsctl` against a real agent: the `aws kms`-shaped subcommands and
 //! their JSON and text output, the pipe forms, the aws CLI's error messages and exit codes,
 //! key rotation, imported key material (wrapped with `openssl pkeyutl`, as AWS's
-//! documentation shows), last usage, the warning that comes with a scheduled deletion,
+//! documentation shows), signatures that `openssl dgst` verifies with get-public-key's PEM,
+//! MACs, last usage, the warning that comes with a scheduled deletion,
 //! custom key stores on a real SoftHSM2 token (their password read from a file, a pipe or a
 //! prompt that does not echo, never from an argument), and starting a per-user agent on
 //! demand when none is running.
@@ -415,6 +416,198 @@ fn imported_key_material_through_the_cli() {
     );
     assert_eq!(out.status.code(), Some(252), "a --valid-to that is no date is a usage error");
     assert!(String::from_utf8_lossy(&out.stderr).contains("ISO 8601"));
+}
+
+/// Runs `openssl dgst -sha256 -verify` on a signature file; true when openssl says
+/// "Verified OK".
+fn openssl_verifies(pem: &std::path::Path, signature: &std::path::Path, message: &std::path::Path) -> bool {
+    let out = Command::new("openssl")
+        .args(["dgst", "-sha256", "-verify"])
+        .arg(pem)
+        .arg("-signature")
+        .arg(signature)
+        .arg(message)
+        .output()
+        .expect("this test checks signatures with openssl");
+    let verified = String::from_utf8_lossy(&out.stdout).contains("Verified OK");
+    assert_eq!(out.status.success(), verified, "openssl: {}", String::from_utf8_lossy(&out.stderr));
+    verified
+}
+
+/// An ECC_NIST_P256 key through kmsctl as an `aws kms` user signs with it: sign a file
+/// (fileb://) and a pipe, get-public-key --output pem for openssl, which verifies both
+/// signatures; kmsctl verify accepts them (RAW, and DIGEST of the same message) and refuses
+/// a tampered signature or message with the aws CLI's error and exit code 254.
+#[test]
+fn signing_through_the_cli_verifies_with_openssl() {
+    let agent = TestAgent::start();
+    let dir = tempfile::tempdir().unwrap();
+    let created = json(&agent, &["create-key", "--key-spec", "ECC_NIST_P256", "--key-usage", "SIGN_VERIFY"]);
+    assert_eq!(created["KeyMetadata"]["KeySpec"], "ECC_NIST_P256");
+    assert_eq!(created["KeyMetadata"]["SigningAlgorithms"], serde_json::json!(["ECDSA_SHA_256"]));
+    let key = key_id_of(&created);
+    json(&agent, &["create-alias", "--alias-name", "alias/signer", "--target-key-id", &key]);
+
+    let message = dir.path().join("msg");
+    std::fs::write(&message, b"\x00release 1.2.3\xff\n").unwrap();
+    let message_arg = format!("fileb://{}", message.display());
+    let sign = ["sign", "--key-id", "alias/signer", "--signing-algorithm", "ECDSA_SHA_256"];
+    let signed = json(&agent, &[&sign[..], &["--message", &message_arg]].concat());
+    assert!(signed["KeyId"].as_str().unwrap().ends_with(&key), "{signed}");
+    assert_eq!(signed["SigningAlgorithm"], "ECDSA_SHA_256");
+    let signature = dir.path().join("sig.bin");
+    std::fs::write(&signature, kmsfs_tests::unb64(&signed["Signature"])).unwrap();
+    let piped = pipe(&agent, &sign, &std::fs::read(&message).unwrap());
+    assert!(piped.status.success(), "{}", String::from_utf8_lossy(&piped.stderr));
+    let piped_signature = dir.path().join("piped.sig");
+    std::fs::write(&piped_signature, &piped.stdout).unwrap();
+
+    let out = run(agent.kmsctl(), &["get-public-key", "--key-id", "alias/signer", "--output", "pem"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let pem = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = pem.lines().collect();
+    assert_eq!((lines[0], lines[lines.len() - 1]), ("-----BEGIN PUBLIC KEY-----", "-----END PUBLIC KEY-----"));
+    assert!(lines[1..lines.len() - 1].iter().all(|l| !l.is_empty() && l.len() <= 64), "{pem}");
+    let described = json(&agent, &["get-public-key", "--key-id", &key]);
+    assert_eq!(described["KeyUsage"], "SIGN_VERIFY");
+    assert_eq!(
+        kmsfs_tests::unb64(&Value::String(lines[1..lines.len() - 1].concat())),
+        kmsfs_tests::unb64(&described["PublicKey"]),
+        "the PEM is the JSON output's DER"
+    );
+    let public_pem = dir.path().join("pub.pem");
+    std::fs::write(&public_pem, &pem).unwrap();
+
+    assert!(openssl_verifies(&public_pem, &signature, &message), "openssl verifies kmsctl's signature");
+    assert!(openssl_verifies(&public_pem, &piped_signature, &message), "and the one from the pipe form");
+    let other = dir.path().join("other-msg");
+    std::fs::write(&other, b"\x00release 1.2.4\xff\n").unwrap();
+    assert!(!openssl_verifies(&public_pem, &signature, &other), "openssl is not a rubber stamp");
+
+    let signature_arg = format!("fileb://{}", signature.display());
+    let verify = ["verify", "--key-id", &key, "--signing-algorithm", "ECDSA_SHA_256", "--signature", &signature_arg];
+    let verified = json(&agent, &[&verify[..], &["--message", &message_arg]].concat());
+    assert_eq!(verified["SignatureValid"], true, "{verified}");
+    assert!(verified["KeyId"].as_str().unwrap().ends_with(&key), "{verified}");
+    let digest = Command::new("openssl").args(["dgst", "-sha256", "-binary"]).arg(&message).output().unwrap();
+    let digest = kmsfs_tests::b64(&digest.stdout);
+    let by_digest = json(&agent, &[&verify[..], &["--message", &digest, "--message-type", "DIGEST"]].concat());
+    assert_eq!(by_digest["SignatureValid"], true, "a DIGEST of the message verifies the same signature");
+    let out = run(agent.kmsctl(), &["verify", "--key-id", &key, "--message", &message_arg]);
+    assert_eq!(out.status.code(), Some(252), "verify needs --signature and --signing-algorithm");
+
+    let other_arg = format!("fileb://{}", other.display());
+    let stderr = service_error(
+        &agent,
+        &[&verify[..], &["--message", &other_arg]].concat(),
+        "KMSInvalidSignatureException",
+        "Verify",
+    );
+    assert!(stderr.contains("not valid"), "{stderr}");
+    let mut tampered = std::fs::read(&signature).unwrap();
+    let last = tampered.len() - 1;
+    tampered[last] ^= 1;
+    let tampered = kmsfs_tests::b64(&tampered);
+    service_error(
+        &agent,
+        &[
+            "verify",
+            "--key-id",
+            &key,
+            "--message",
+            &message_arg,
+            "--signature",
+            &tampered,
+            "--signing-algorithm",
+            "ECDSA_SHA_256",
+        ],
+        "KMSInvalidSignatureException",
+        "Verify",
+    );
+
+    let out = run(agent.kmsctl(), &["--output", "text", "get-public-key", "--key-id", &key]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.lines().any(|l| l == "SIGNINGALGORITHMS\tECDSA_SHA_256"), "aws-style text: {text}");
+    let out = run(agent.kmsctl(), &["--output", "pem", "sign", "--key-id", &key, "--message", &message_arg]);
+    assert_eq!(out.status.code(), Some(252));
+    let out = run(agent.kmsctl(), &["--output", "pem", "describe-key", "--key-id", &key]);
+    assert_eq!(out.status.code(), Some(252), "--output pem is only for get-public-key");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("only for get-public-key"));
+    service_error(
+        &agent,
+        &[&sign[..], &["--message", &message_arg, "--dry-run"]].concat(),
+        "DryRunOperationException",
+        "Sign",
+    );
+    let symmetric = key_id_of(&json(&agent, &["create-key"]));
+    service_error(
+        &agent,
+        &["get-public-key", "--key-id", &symmetric, "--output", "pem"],
+        "UnsupportedOperationException",
+        "GetPublicKey",
+    );
+}
+
+/// An HMAC_256 key through kmsctl: generate-mac of a file and of a pipe give the same MAC
+/// (HMAC is deterministic), verify-mac accepts it from base64 and from a file, and refuses a
+/// tampered MAC or another message with KMSInvalidMacException and exit code 254.
+#[test]
+fn macs_through_the_cli() {
+    let agent = TestAgent::start();
+    let dir = tempfile::tempdir().unwrap();
+    let created = json(&agent, &["create-key", "--key-spec", "HMAC_256", "--key-usage", "GENERATE_VERIFY_MAC"]);
+    assert_eq!(created["KeyMetadata"]["MacAlgorithms"], serde_json::json!(["HMAC_SHA_256"]));
+    let key = key_id_of(&created);
+    let message = dir.path().join("msg");
+    std::fs::write(&message, b"\x00token payload\xff").unwrap();
+    let message_arg = format!("fileb://{}", message.display());
+
+    let generated =
+        json(&agent, &["generate-mac", "--key-id", &key, "--message", &message_arg, "--mac-algorithm", "HMAC_SHA_256"]);
+    assert_eq!(generated["MacAlgorithm"], "HMAC_SHA_256");
+    let mac = kmsfs_tests::unb64(&generated["Mac"]);
+    assert_eq!(mac.len(), 32);
+    let piped = pipe(
+        &agent,
+        &["generate-mac", "--key-id", &key, "--mac-algorithm", "HMAC_SHA_256"],
+        &std::fs::read(&message).unwrap(),
+    );
+    assert!(piped.status.success(), "{}", String::from_utf8_lossy(&piped.stderr));
+    assert_eq!(piped.stdout, mac, "the pipe form writes the raw MAC");
+    let mac_file = dir.path().join("mac.bin");
+    std::fs::write(&mac_file, &mac).unwrap();
+
+    let verify_mac = ["verify-mac", "--key-id", &key, "--mac-algorithm", "HMAC_SHA_256"];
+    let mac_file_arg = format!("fileb://{}", mac_file.display());
+    for mac_arg in [generated["Mac"].as_str().unwrap(), &mac_file_arg] {
+        let verified = json(&agent, &[&verify_mac[..], &["--message", &message_arg, "--mac", mac_arg]].concat());
+        assert_eq!(verified["MacValid"], true, "{verified}");
+        assert!(verified["KeyId"].as_str().unwrap().ends_with(&key), "{verified}");
+    }
+
+    let mut tampered = mac.clone();
+    tampered[0] ^= 0x80;
+    let tampered = kmsfs_tests::b64(&tampered);
+    let stderr = service_error(
+        &agent,
+        &[&verify_mac[..], &["--message", &message_arg, "--mac", &tampered]].concat(),
+        "KMSInvalidMacException",
+        "VerifyMac",
+    );
+    assert!(stderr.contains("not valid"), "{stderr}");
+    let another = kmsfs_tests::b64(b"another message");
+    service_error(
+        &agent,
+        &[&verify_mac[..], &["--message", &another, "--mac", &mac_file_arg]].concat(),
+        "KMSInvalidMacException",
+        "VerifyMac",
+    );
+    service_error(
+        &agent,
+        &["generate-mac", "--key-id", &key, "--message", &message_arg, "--mac-algorithm", "HMAC_SHA_512"],
+        "InvalidKeyUsageException",
+        "GenerateMac",
+    );
 }
 
 /// Without a socket given and no agent running, kmsctl starts a per-user agent (on the
