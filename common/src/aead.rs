@@ -112,6 +112,33 @@ impl XaesKey {
         }
     }
 
+    /// Seals `plaintext` under a fresh random nonce, self-contained:
+    /// nonce (24) ‖ ciphertext ‖ tag (16).
+    pub fn seal(&self, aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
+        let mut nonce = [0u8; XAES_NONCE_LEN];
+        random_bytes(&mut nonce);
+        let mut out = Vec::with_capacity(XAES_NONCE_LEN + plaintext.len() + TAG_LEN);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(plaintext);
+        let tag = self.seal_in_place(&nonce, aad, &mut out[XAES_NONCE_LEN..]);
+        out.extend_from_slice(&tag);
+        out
+    }
+
+    /// Opens what [`XaesKey::seal`] made with the same `aad`, into a zeroizing buffer.
+    pub fn open(&self, aad: &[u8], sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, AeadError> {
+        if sealed.len() < XAES_NONCE_LEN + TAG_LEN {
+            return Err(AeadError);
+        }
+        let (nonce, rest) = sealed.split_at(XAES_NONCE_LEN);
+        let (ciphertext, tag) = rest.split_at(rest.len() - TAG_LEN);
+        let nonce: &[u8; XAES_NONCE_LEN] = nonce.try_into().map_err(|_| AeadError)?;
+        let tag: &[u8; TAG_LEN] = tag.try_into().map_err(|_| AeadError)?;
+        let mut plaintext = Zeroizing::new(ciphertext.to_vec());
+        self.open_in_place(nonce, aad, &mut plaintext, tag)?;
+        Ok(plaintext)
+    }
+
     /// Decrypts `buf` in place if `tag` authenticates it with `aad`.
     pub fn open_in_place(
         &self,
@@ -128,6 +155,19 @@ impl XaesKey {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn sealed_messages_carry_their_nonce_and_bind_the_aad() {
+        let key = XaesKey::new(&KeyBytes::random());
+        let sealed = key.seal(b"aad", b"secret");
+        assert_eq!(sealed.len(), XAES_NONCE_LEN + 6 + TAG_LEN);
+        assert_ne!(sealed, key.seal(b"aad", b"secret"));
+        assert_eq!(&key.open(b"aad", &sealed).unwrap()[..], b"secret");
+        assert!(key.open(b"other", &sealed).is_err());
+        assert!(key.open(b"aad", &sealed[..sealed.len() - 1]).is_err());
+        assert!(key.open(b"aad", &sealed[..XAES_NONCE_LEN + TAG_LEN - 1]).is_err());
+        assert!(XaesKey::new(&KeyBytes::random()).open(b"aad", &sealed).is_err());
+    }
+
     use super::*;
 
     fn hex(bytes: &[u8]) -> String {

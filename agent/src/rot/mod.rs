@@ -15,7 +15,7 @@ pub mod tpm2;
 
 use std::sync::Arc;
 
-use kmsfs_common::aead::{random_bytes, KeyBytes, XaesKey, KEY_LEN, TAG_LEN, XAES_NONCE_LEN};
+use kmsfs_common::aead::{KeyBytes, XaesKey, KEY_LEN, TAG_LEN, XAES_NONCE_LEN};
 use kmsfs_common::blob::{self, CiphertextBlob};
 use kmsfs_common::context::EncryptionContext;
 use kmsfs_common::ids::KeyId;
@@ -168,43 +168,21 @@ impl RootOfTrust for WrappingRoot {
         version: u32,
         material: &KeyBytes,
     ) -> Result<(Arc<dyn KeyMaterial>, Vec<u8>), KmsError> {
-        let mut nonce = [0u8; XAES_NONCE_LEN];
-        random_bytes(&mut nonce);
-        let mut sealed = Zeroizing::new(material.expose().to_vec());
-        let tag = self.root.seal_in_place(&nonce, &Self::aad(key_id, version), &mut sealed);
-        let mut stored = Vec::with_capacity(WRAPPED_LEN);
-        stored.extend_from_slice(&nonce);
-        stored.extend_from_slice(&sealed);
-        stored.extend_from_slice(&tag);
+        let stored = self.root.seal(&Self::aad(key_id, version), material.expose());
         Ok((SoftwareKey::new(material), stored))
     }
 
     /// nonce(24) ‖ XAES-256-GCM(secret) ‖ tag(16), under its own label.
     fn seal_secret(&self, key_id: &KeyId, version: u32, secret: &[u8]) -> Result<Vec<u8>, KmsError> {
-        let mut nonce = [0u8; XAES_NONCE_LEN];
-        random_bytes(&mut nonce);
-        let mut sealed = Zeroizing::new(secret.to_vec());
-        let tag = self.root.seal_in_place(&nonce, &Self::aad_with(SECRET_LABEL, key_id, version), &mut sealed);
-        Ok([&nonce[..], &sealed[..], &tag[..]].concat())
+        Ok(self.root.seal(&Self::aad_with(SECRET_LABEL, key_id, version), secret))
     }
 
     fn open_secret(&self, key_id: &KeyId, version: u32, stored: &[u8]) -> Result<Zeroizing<Vec<u8>>, KmsError> {
-        let damaged = || {
+        self.root.open(&Self::aad_with(SECRET_LABEL, key_id, version), stored).map_err(|_| {
             KmsError::internal(format!(
                 "stored private key of key {key_id} version {version} does not authenticate under the root of trust"
             ))
-        };
-        if stored.len() < XAES_NONCE_LEN + TAG_LEN {
-            return Err(damaged());
-        }
-        let (nonce, rest) = stored.split_at(XAES_NONCE_LEN);
-        let (sealed, tag) = rest.split_at(rest.len() - TAG_LEN);
-        let nonce: [u8; XAES_NONCE_LEN] = nonce.try_into().map_err(|_| damaged())?;
-        let tag: [u8; TAG_LEN] = tag.try_into().map_err(|_| damaged())?;
-        let mut secret = Zeroizing::new(sealed.to_vec());
-        let aad = Self::aad_with(SECRET_LABEL, key_id, version);
-        self.root.open_in_place(&nonce, &aad, &mut secret, &tag).map_err(|_| damaged())?;
-        Ok(secret)
+        })
     }
 
     fn load(&self, key_id: &KeyId, version: u32, stored: &[u8]) -> Result<Arc<dyn KeyMaterial>, KmsError> {
@@ -216,14 +194,8 @@ impl RootOfTrust for WrappingRoot {
         if stored.len() != WRAPPED_LEN {
             return Err(damaged());
         }
-        let (nonce, rest) = stored.split_at(XAES_NONCE_LEN);
-        let (sealed, tag) = rest.split_at(KEY_LEN);
-        let nonce: [u8; XAES_NONCE_LEN] = nonce.try_into().map_err(|_| damaged())?;
-        let tag: [u8; TAG_LEN] = tag.try_into().map_err(|_| damaged())?;
-        let mut material = Zeroizing::new([0u8; KEY_LEN]);
-        material.copy_from_slice(sealed);
-        self.root.open_in_place(&nonce, &Self::aad(key_id, version), &mut material[..], &tag).map_err(|_| damaged())?;
-        Ok(SoftwareKey::new(&KeyBytes::from_array(*material)))
+        let material = self.root.open(&Self::aad(key_id, version), stored).map_err(|_| damaged())?;
+        Ok(SoftwareKey::new(&KeyBytes::from_slice(&material).ok_or_else(damaged)?))
     }
 }
 

@@ -149,11 +149,6 @@ impl RootOptions {
     }
 }
 
-/// The backend recorded for `state_dir`: `None` if it was never initialized.
-pub fn recorded_backend(state_dir: &Path) -> Result<Option<Backend>, String> {
-    Ok(read_record(state_dir)?.map(|r| r.backend()))
-}
-
 fn read_record(state_dir: &Path) -> Result<Option<Record>, String> {
     let path = state_dir.join(RECORD);
     match fs::read_to_string(&path) {

@@ -24,7 +24,7 @@
 
 use std::sync::Arc;
 
-use kmsfs_common::aead::{random_bytes, KeyBytes, XaesKey, TAG_LEN, XAES_NONCE_LEN};
+use kmsfs_common::aead::{KeyBytes, XaesKey};
 use kmsfs_common::ids::KeyId;
 use kmsfs_common::time::millis_to_wire;
 use kmsfs_common::{ErrorKind, KmsError};
@@ -180,26 +180,15 @@ fn seal_token(
         body.extend_from_slice(name.as_bytes());
     }
     body.extend_from_slice(pkcs8);
-    let mut nonce = [0u8; XAES_NONCE_LEN];
-    random_bytes(&mut nonce);
-    let tag = sealer.seal_in_place(&nonce, TOKEN_AAD, &mut body);
-    let mut token = nonce.to_vec();
-    token.extend_from_slice(&body);
-    token.extend_from_slice(&tag);
-    token
+    sealer.seal(TOKEN_AAD, &body)
 }
 
 fn open_token(sealer: &XaesKey, token: &[u8]) -> Result<Token, KmsError> {
     let invalid = || KmsError::new(ErrorKind::InvalidImportTokenException, "The import token is not valid");
-    if token.len() < XAES_NONCE_LEN + TAG_LEN + 24 {
+    let body = sealer.open(TOKEN_AAD, token).map_err(|_| invalid())?;
+    if body.len() < 24 {
         return Err(invalid());
     }
-    let (nonce, rest) = token.split_at(XAES_NONCE_LEN);
-    let (sealed, tag) = rest.split_at(rest.len() - TAG_LEN);
-    let nonce: [u8; XAES_NONCE_LEN] = nonce.try_into().map_err(|_| invalid())?;
-    let tag: [u8; TAG_LEN] = tag.try_into().map_err(|_| invalid())?;
-    let mut body = Zeroizing::new(sealed.to_vec());
-    sealer.open_in_place(&nonce, TOKEN_AAD, &mut body, &tag).map_err(|_| invalid())?;
     let (id, rest) = body.split_at(16);
     let key_id = KeyId::from_bytes(id.try_into().map_err(|_| invalid())?);
     let (valid_to, mut rest) = rest.split_at(8);

@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use kmsfs_common::aead::{random_bytes, KeyBytes, XaesKey, TAG_LEN, XAES_NONCE_LEN};
+use kmsfs_common::aead::{random_bytes, KeyBytes, XaesKey};
 use kmsfs_common::time::millis_to_wire;
 use kmsfs_common::{ErrorKind, KmsError};
 use serde::Deserialize;
@@ -47,24 +47,12 @@ fn password_aad(store_id: &str) -> Vec<u8> {
 
 /// nonce ‖ XAES-256-GCM(password) ‖ tag, bound to the store's ID.
 fn seal_password(key: &XaesKey, store_id: &str, password: &str) -> Vec<u8> {
-    let mut nonce = [0u8; XAES_NONCE_LEN];
-    random_bytes(&mut nonce);
-    let mut body = Zeroizing::new(password.as_bytes().to_vec());
-    let tag = key.seal_in_place(&nonce, &password_aad(store_id), &mut body);
-    [&nonce[..], &body[..], &tag[..]].concat()
+    key.seal(&password_aad(store_id), password.as_bytes())
 }
 
 fn open_password(key: &XaesKey, store_id: &str, sealed: &[u8]) -> Result<Zeroizing<String>, KmsError> {
     let damaged = || KmsError::internal(format!("the stored password of custom key store {store_id} does not open"));
-    if sealed.len() < XAES_NONCE_LEN + TAG_LEN {
-        return Err(damaged());
-    }
-    let (nonce, rest) = sealed.split_at(XAES_NONCE_LEN);
-    let (body, tag) = rest.split_at(rest.len() - TAG_LEN);
-    let nonce: [u8; XAES_NONCE_LEN] = nonce.try_into().map_err(|_| damaged())?;
-    let tag: [u8; TAG_LEN] = tag.try_into().map_err(|_| damaged())?;
-    let mut body = Zeroizing::new(body.to_vec());
-    key.open_in_place(&nonce, &password_aad(store_id), &mut body, &tag).map_err(|_| damaged())?;
+    let body = key.open(&password_aad(store_id), sealed).map_err(|_| damaged())?;
     String::from_utf8(body.to_vec()).map(Zeroizing::new).map_err(|_| damaged())
 }
 

@@ -7,6 +7,8 @@
 //! then whether its usage and spec allow the algorithm asked for. Messages, signatures and
 //! MACs never reach the audit trail or a log line.
 
+use std::sync::Arc;
+
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -44,15 +46,38 @@ fn require_algorithm(agent: &Agent, key: &KeyRecord, usage: &str, algorithm: &st
     Ok(())
 }
 
-fn message_type(text: Option<&str>) -> Result<MessageType, KmsError> {
-    match text.unwrap_or("RAW") {
-        "RAW" => Ok(MessageType::Raw),
-        "DIGEST" => Ok(MessageType::Digest),
-        other => Err(KmsError::new(
-            ErrorKind::UnsupportedOperationException,
-            format!("MessageType {other} is for ML-DSA keys, which kmsd does not support"),
-        )),
+/// Sign's and Verify's common part: the key, authorized for `action` with the signing
+/// condition keys, usable, of usage SIGN_VERIFY with `algorithm`; and the message type.
+fn signing_key(
+    agent: &Agent,
+    caller: &Caller,
+    action: &str,
+    key_id: &str,
+    algorithm: &str,
+    message_type: Option<&str>,
+    dry: Option<bool>,
+) -> Result<(Arc<KeyRecord>, MessageType), KmsError> {
+    let key = agent.resolve(key_id, true)?;
+    let kind = message_type.unwrap_or("RAW");
+    agent.authorize_key(caller, action, &key, |c| {
+        with_request_alias(c, key_id).with(ck::SIGNING_ALGORITHM, algorithm).with(ck::MESSAGE_TYPE, kind)
+    })?;
+    require_usable(agent, &key)?;
+    require_algorithm(agent, &key, "SIGN_VERIFY", algorithm)?;
+    let message_type = match kind {
+        "RAW" => MessageType::Raw,
+        "DIGEST" => MessageType::Digest,
+        other => {
+            return Err(KmsError::new(
+                ErrorKind::UnsupportedOperationException,
+                format!("MessageType {other} is for ML-DSA keys, which kmsd does not support"),
+            ))
+        }
+    };
+    if dry == Some(true) {
+        return Err(dry_run());
     }
+    Ok((key, message_type))
 }
 
 #[derive(Deserialize)]
@@ -67,19 +92,15 @@ struct SignRequest {
 
 pub fn sign(agent: &Agent, caller: &Caller, request: Value) -> Result<Value, KmsError> {
     let req: SignRequest = parse(request)?;
-    let key = agent.resolve(&req.key_id, true)?;
-    let kind = req.message_type.clone().unwrap_or_else(|| "RAW".into());
-    agent.authorize_key(caller, "Sign", &key, |c| {
-        with_request_alias(c, &req.key_id)
-            .with(ck::SIGNING_ALGORITHM, req.signing_algorithm.clone())
-            .with(ck::MESSAGE_TYPE, kind.clone())
-    })?;
-    require_usable(agent, &key)?;
-    require_algorithm(agent, &key, "SIGN_VERIFY", &req.signing_algorithm)?;
-    let message_type = message_type(Some(&kind))?;
-    if req.dry_run == Some(true) {
-        return Err(dry_run());
-    }
+    let (key, message_type) = signing_key(
+        agent,
+        caller,
+        "Sign",
+        &req.key_id,
+        &req.signing_algorithm,
+        req.message_type.as_deref(),
+        req.dry_run,
+    )?;
     let signature = key.private_key()?.sign(&req.signing_algorithm, message_type, &req.message.0)?;
     Ok(json!({
         "KeyId": agent.key_arn(&key.row.id),
@@ -101,19 +122,15 @@ struct VerifyRequest {
 
 pub fn verify(agent: &Agent, caller: &Caller, request: Value) -> Result<Value, KmsError> {
     let req: VerifyRequest = parse(request)?;
-    let key = agent.resolve(&req.key_id, true)?;
-    let kind = req.message_type.clone().unwrap_or_else(|| "RAW".into());
-    agent.authorize_key(caller, "Verify", &key, |c| {
-        with_request_alias(c, &req.key_id)
-            .with(ck::SIGNING_ALGORITHM, req.signing_algorithm.clone())
-            .with(ck::MESSAGE_TYPE, kind.clone())
-    })?;
-    require_usable(agent, &key)?;
-    require_algorithm(agent, &key, "SIGN_VERIFY", &req.signing_algorithm)?;
-    let message_type = message_type(Some(&kind))?;
-    if req.dry_run == Some(true) {
-        return Err(dry_run());
-    }
+    let (key, message_type) = signing_key(
+        agent,
+        caller,
+        "Verify",
+        &req.key_id,
+        &req.signing_algorithm,
+        req.message_type.as_deref(),
+        req.dry_run,
+    )?;
     let valid = key.private_key()?.verify(&req.signing_algorithm, message_type, &req.message.0, &req.signature.0)?;
     if !valid {
         return Err(KmsError::new(
