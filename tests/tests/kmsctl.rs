@@ -2,7 +2,7 @@
 //! their JSON and text output, the pipe forms, the aws CLI's error messages and exit codes,
 //! key rotation, imported key material (wrapped with `openssl pkeyutl`, as AWS's
 //! documentation shows), signatures that `openssl dgst` verifies with get-public-key's PEM,
-//! MACs, last usage, the warning that comes with a scheduled deletion,
+//! MACs, ECDH that agrees with `openssl pkeyutl -derive`, data key pairs, last usage, the warning that comes with a scheduled deletion,
 //! custom key stores on a real SoftHSM2 token (their password read from a file, a pipe or a
 //! prompt that does not echo, never from an argument), and starting a per-user agent on
 //! demand when none is running.
@@ -607,6 +607,112 @@ fn macs_through_the_cli() {
         &["generate-mac", "--key-id", &key, "--message", &message_arg, "--mac-algorithm", "HMAC_SHA_512"],
         "InvalidKeyUsageException",
         "GenerateMac",
+    );
+}
+
+/// Runs openssl with `args`; it must succeed. Returns its stdout.
+fn openssl(args: &[&str]) -> Vec<u8> {
+    let out = Command::new("openssl").args(args).output().expect("this test checks keys with openssl");
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    out.stdout
+}
+
+/// A KEY_AGREEMENT key through kmsctl: derive-shared-secret with an OpenSSL-made peer key
+/// (DER from fileb://) gives the secret that `openssl pkeyutl -derive` computes from the
+/// peer's private key and get-public-key's PEM; a peer key on another curve is refused.
+/// Data key pairs: generate-data-key-pair's private key is PKCS#8 whose public half (as
+/// openssl derives it) is the PublicKey returned, and its encrypted copy decrypts (with its
+/// encryption context) to the same bytes through kmsctl decrypt; the WithoutPlaintext form
+/// returns no private key plaintext, and its encrypted private key matches its public key.
+#[test]
+fn key_agreement_and_data_key_pairs_through_the_cli() {
+    let agent = TestAgent::start();
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).display().to_string();
+    let created = json(&agent, &["create-key", "--key-spec", "ECC_NIST_P256", "--key-usage", "KEY_AGREEMENT"]);
+    assert_eq!(created["KeyMetadata"]["KeyAgreementAlgorithms"], serde_json::json!(["ECDH"]));
+    let key = key_id_of(&created);
+    let out = run(agent.kmsctl(), &["get-public-key", "--key-id", &key, "--output", "pem"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(path("kms.pem"), &out.stdout).unwrap();
+
+    openssl(&["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", &path("peer.pem")]);
+    openssl(&["pkey", "-in", &path("peer.pem"), "-pubout", "-outform", "DER", "-out", &path("peer.der")]);
+    let peer_arg = format!("fileb://{}", path("peer.der"));
+    let derive = ["derive-shared-secret", "--key-id", &key, "--key-agreement-algorithm", "ECDH"];
+    let derived = json(&agent, &[&derive[..], &["--public-key", &peer_arg]].concat());
+    assert_eq!(derived["KeyAgreementAlgorithm"], "ECDH");
+    assert_eq!(derived["KeyOrigin"], "AWS_KMS");
+    assert!(derived["KeyId"].as_str().unwrap().ends_with(&key), "{derived}");
+    let theirs = openssl(&["pkeyutl", "-derive", "-inkey", &path("peer.pem"), "-peerkey", &path("kms.pem")]);
+    assert_eq!(theirs.len(), 32);
+    assert_eq!(kmsfs_tests::unb64(&derived["SharedSecret"]), theirs, "ECDH agrees with OpenSSL's");
+
+    openssl(&["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-384", "-out", &path("p384.pem")]);
+    openssl(&["pkey", "-in", &path("p384.pem"), "-pubout", "-outform", "DER", "-out", &path("p384.der")]);
+    let stderr = service_error(
+        &agent,
+        &[&derive[..], &["--public-key", &format!("fileb://{}", path("p384.der"))]].concat(),
+        "ValidationException",
+        "DeriveSharedSecret",
+    );
+    assert!(stderr.contains("curve"), "{stderr}");
+    let out = run(agent.kmsctl(), &derive);
+    assert_eq!(out.status.code(), Some(252), "derive-shared-secret needs --public-key");
+
+    let wrapping = key_id_of(&json(&agent, &["create-key"]));
+    let pair = json(
+        &agent,
+        &[
+            "generate-data-key-pair",
+            "--key-id",
+            &wrapping,
+            "--key-pair-spec",
+            "ECC_NIST_P256",
+            "--encryption-context",
+            "purpose=cli-test",
+        ],
+    );
+    assert_eq!(pair["KeyPairSpec"], "ECC_NIST_P256");
+    assert!(pair["KeyId"].as_str().unwrap().ends_with(&wrapping), "{pair}");
+    let private = kmsfs_tests::unb64(&pair["PrivateKeyPlaintext"]);
+    std::fs::write(path("pair.der"), &private).unwrap();
+    let public = openssl(&["pkey", "-inform", "DER", "-in", &path("pair.der"), "-pubout", "-outform", "DER"]);
+    assert_eq!(public, kmsfs_tests::unb64(&pair["PublicKey"]), "the private key is the public key's");
+    let decrypted = json(
+        &agent,
+        &[
+            "decrypt",
+            "--ciphertext-blob",
+            pair["PrivateKeyCiphertextBlob"].as_str().unwrap(),
+            "--encryption-context",
+            "purpose=cli-test",
+        ],
+    );
+    assert_eq!(kmsfs_tests::unb64(&decrypted["Plaintext"]), private, "the encrypted private key is the same key");
+
+    let pair = json(
+        &agent,
+        &["generate-data-key-pair-without-plaintext", "--key-id", &wrapping, "--key-pair-spec", "RSA_2048"],
+    );
+    assert_eq!(pair["KeyPairSpec"], "RSA_2048");
+    assert!(pair.get("PrivateKeyPlaintext").is_none(), "{pair}");
+    let decrypted = json(&agent, &["decrypt", "--ciphertext-blob", pair["PrivateKeyCiphertextBlob"].as_str().unwrap()]);
+    std::fs::write(path("rsa.der"), kmsfs_tests::unb64(&decrypted["Plaintext"])).unwrap();
+    let public = openssl(&["pkey", "-inform", "DER", "-in", &path("rsa.der"), "-pubout", "-outform", "DER"]);
+    assert_eq!(public, kmsfs_tests::unb64(&pair["PublicKey"]));
+
+    service_error(
+        &agent,
+        &["generate-data-key-pair", "--key-id", &wrapping, "--key-pair-spec", "RSA_1024"],
+        "ValidationException",
+        "GenerateDataKeyPair",
+    );
+    service_error(
+        &agent,
+        &["generate-data-key-pair", "--key-id", &key, "--key-pair-spec", "RSA_2048"],
+        "InvalidKeyUsageException",
+        "GenerateDataKeyPair",
     );
 }
 

@@ -249,6 +249,12 @@ pub enum Command {
     GenerateDataKey(GenerateDataKey),
     /// Generates a data key and returns only its ciphertext under a KMS key.
     GenerateDataKeyWithoutPlaintext(GenerateDataKey),
+    /// Generates a data key pair: its public key, and its private key both in plaintext and
+    /// encrypted under a symmetric KMS key.
+    GenerateDataKeyPair(GenerateDataKeyPair),
+    /// Generates a data key pair and returns only its public key and its private key
+    /// encrypted under a symmetric KMS key.
+    GenerateDataKeyPairWithoutPlaintext(GenerateDataKeyPair),
     /// Returns random bytes.
     GenerateRandom(GenerateRandom),
     /// Signs a message (from --message, or raw from stdin) with an asymmetric KMS key of
@@ -263,6 +269,9 @@ pub enum Command {
     GenerateMac(GenerateMac),
     /// Verifies a MAC made by generate-mac; an invalid one is KMSInvalidMacException.
     VerifyMac(VerifyMac),
+    /// Derives the ECDH shared secret of a KEY_AGREEMENT KMS key's private key and another
+    /// party's public key.
+    DeriveSharedSecret(DeriveSharedSecret),
     /// Creates a custom key store (type AWS_CLOUDHSM) on a PKCS#11 token that kmsd's
     /// hsm-clusters.json declares under a CloudHSM cluster ID. It starts DISCONNECTED.
     CreateCustomKeyStore(CreateCustomKeyStore),
@@ -721,6 +730,24 @@ pub struct GenerateDataKey {
 }
 
 #[derive(Debug, Args)]
+pub struct GenerateDataKeyPair {
+    /// The symmetric KMS key that encrypts the private key.
+    #[command(flatten)]
+    pub key: KeyIdArg,
+    /// The pair's type: RSA_2048, RSA_3072, RSA_4096, ECC_NIST_P256, ECC_NIST_P384,
+    /// ECC_NIST_P521, ECC_SECG_P256K1 or ECC_NIST_EDWARDS25519.
+    #[arg(long, value_name = "KEY_PAIR_SPEC")]
+    pub key_pair_spec: String,
+    /// Encryption context of the encrypted private key: KEY=VALUE,... or a JSON object.
+    #[arg(long, value_parser = args::context, value_name = "CONTEXT")]
+    pub encryption_context: Option<Context>,
+    #[command(flatten)]
+    pub grant_tokens: GrantTokensArg,
+    #[command(flatten)]
+    pub dry_run: DryRunArg,
+}
+
+#[derive(Debug, Args)]
 pub struct GenerateRandom {
     /// How many random bytes to return.
     #[arg(long, value_name = "N")]
@@ -813,6 +840,23 @@ pub struct VerifyMac {
     /// The MAC: base64, or fileb://PATH (the raw bytes generate-mac writes in its pipe form).
     #[arg(long, value_parser = args::blob, value_name = "BLOB")]
     pub mac: Blob,
+    #[command(flatten)]
+    pub grant_tokens: GrantTokensArg,
+    #[command(flatten)]
+    pub dry_run: DryRunArg,
+}
+
+#[derive(Debug, Args)]
+pub struct DeriveSharedSecret {
+    #[command(flatten)]
+    pub key: KeyIdArg,
+    /// The key agreement algorithm; the only one is ECDH.
+    #[arg(long, value_name = "ALGORITHM")]
+    pub key_agreement_algorithm: String,
+    /// The other party's public key, a DER SubjectPublicKeyInfo on the key's curve: base64,
+    /// or fileb://PATH (`openssl pkey -pubin -outform DER` converts a PEM one).
+    #[arg(long, value_parser = args::blob, value_name = "BLOB")]
+    pub public_key: Blob,
     #[command(flatten)]
     pub grant_tokens: GrantTokensArg,
     #[command(flatten)]

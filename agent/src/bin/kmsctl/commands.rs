@@ -255,6 +255,21 @@ pub fn plan(command: &Command) -> Call {
                     .opt("DryRun", dry_run(&a.dry_run)),
             )
         }
+        C::GenerateDataKeyPair(a) | C::GenerateDataKeyPairWithoutPlaintext(a) => {
+            let action = match command {
+                C::GenerateDataKeyPair(_) => "GenerateDataKeyPair",
+                _ => "GenerateDataKeyPairWithoutPlaintext",
+            };
+            single(
+                action,
+                Request::new()
+                    .opt("EncryptionContext", a.encryption_context.as_ref().map(context))
+                    .set("KeyId", a.key.key_id.as_str())
+                    .set("KeyPairSpec", a.key_pair_spec.as_str())
+                    .opt("GrantTokens", grant_tokens(&a.grant_tokens))
+                    .opt("DryRun", dry_run(&a.dry_run)),
+            )
+        }
         C::GenerateRandom(a) => single("GenerateRandom", Request::new().opt("NumberOfBytes", a.number_of_bytes)),
         C::Sign(a) => {
             let request = key(&a.key.key_id)
@@ -300,6 +315,14 @@ pub fn plan(command: &Command) -> Call {
                 .set("Message", blob(&a.message))
                 .set("MacAlgorithm", a.mac_algorithm.as_str())
                 .set("Mac", blob(&a.mac))
+                .opt("GrantTokens", grant_tokens(&a.grant_tokens))
+                .opt("DryRun", dry_run(&a.dry_run)),
+        ),
+        C::DeriveSharedSecret(a) => single(
+            "DeriveSharedSecret",
+            key(&a.key.key_id)
+                .set("KeyAgreementAlgorithm", a.key_agreement_algorithm.as_str())
+                .set("PublicKey", blob(&a.public_key))
                 .opt("GrantTokens", grant_tokens(&a.grant_tokens))
                 .opt("DryRun", dry_run(&a.dry_run)),
         ),
@@ -725,6 +748,47 @@ mod tests {
                 "GrantTokens": ["t"],
             })
         );
+    }
+
+    #[test]
+    fn key_agreement_and_data_key_pair_requests() {
+        let call = plan_for(&[
+            "derive-shared-secret",
+            "-k",
+            "alias/agree",
+            "--key-agreement-algorithm",
+            "ECDH",
+            "--public-key",
+            "MFkw",
+            "--dry-run",
+        ]);
+        assert_eq!((call.action, call.mode), ("DeriveSharedSecret", Mode::Single));
+        assert_eq!(
+            call.request,
+            json!({"KeyId": "alias/agree", "KeyAgreementAlgorithm": "ECDH", "PublicKey": "MFkw", "DryRun": true})
+        );
+        assert!(Cli::try_parse_from(["kmsctl", "derive-shared-secret", "-k", "k", "--public-key", "MFkw"]).is_err());
+
+        let call = plan_for(&[
+            "generate-data-key-pair",
+            "-k",
+            "k",
+            "--key-pair-spec",
+            "ECC_NIST_P256",
+            "--encryption-context",
+            "a=b",
+            "--grant-tokens",
+            "t",
+        ]);
+        assert_eq!((call.action, call.mode), ("GenerateDataKeyPair", Mode::Single));
+        assert_eq!(
+            call.request,
+            json!({"KeyId": "k", "KeyPairSpec": "ECC_NIST_P256", "EncryptionContext": {"a": "b"}, "GrantTokens": ["t"]})
+        );
+        let call = plan_for(&["generate-data-key-pair-without-plaintext", "-k", "k", "--key-pair-spec", "RSA_4096"]);
+        assert_eq!(call.action, "GenerateDataKeyPairWithoutPlaintext");
+        assert_eq!(call.request, json!({"KeyId": "k", "KeyPairSpec": "RSA_4096"}));
+        assert!(Cli::try_parse_from(["kmsctl", "generate-data-key-pair", "-k", "k"]).is_err(), "the spec is required");
     }
 
     #[test]

@@ -43,6 +43,22 @@ const OUTPUTS: &[(&str, &[&str])] = &[
     ),
     ("GenerateDataKey", &["CiphertextBlob", "Plaintext", "KeyId", "CiphertextForRecipient", "KeyMaterialId"]),
     ("GenerateDataKeyWithoutPlaintext", &["CiphertextBlob", "KeyId", "KeyMaterialId"]),
+    (
+        "GenerateDataKeyPair",
+        &[
+            "PrivateKeyCiphertextBlob",
+            "PrivateKeyPlaintext",
+            "PublicKey",
+            "KeyId",
+            "KeyPairSpec",
+            "CiphertextForRecipient",
+            "KeyMaterialId",
+        ],
+    ),
+    (
+        "GenerateDataKeyPairWithoutPlaintext",
+        &["PrivateKeyCiphertextBlob", "PublicKey", "KeyId", "KeyPairSpec", "KeyMaterialId"],
+    ),
     ("GenerateRandom", &["Plaintext", "CiphertextForRecipient"]),
     ("Sign", &["KeyId", "Signature", "SigningAlgorithm"]),
     ("Verify", &["KeyId", "SignatureValid", "SigningAlgorithm"]),
@@ -61,6 +77,7 @@ const OUTPUTS: &[(&str, &[&str])] = &[
     ),
     ("GenerateMac", &["Mac", "MacAlgorithm", "KeyId"]),
     ("VerifyMac", &["KeyId", "MacValid", "MacAlgorithm"]),
+    ("DeriveSharedSecret", &["KeyId", "SharedSecret", "CiphertextForRecipient", "KeyAgreementAlgorithm", "KeyOrigin"]),
     ("CreateCustomKeyStore", &["CustomKeyStoreId"]),
     ("DescribeCustomKeyStores", &["CustomKeyStores", "NextMarker", "Truncated"]),
 ];
