@@ -5,8 +5,10 @@
 //! The binaries come from the workspace's target directory (`cargo build --bins`, which
 //! the README's test command runs first) or from `KMSFS_BIN_DIR`.
 
+pub mod netns;
 pub mod softhsm;
 pub mod swtpm;
+pub mod tls;
 
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};

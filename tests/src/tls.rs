@@ -1,0 +1,1 @@
+//! Certificates for the TLS tests (filled in by the TLS harness).
