@@ -14,6 +14,7 @@
 //! - [`asymmetric`]: signing and HMAC keys (aws-lc-rs).
 //! - [`wrapping`]: RSA wrapping keys for importing key material (BYOK).
 //! - [`sigv4`], [`access_keys`]: the TCP listener's callers, by AWS Signature Version 4.
+//! - [`tls`]: TLS on the TCP listener: certificates, keys, client certificate identities.
 
 pub mod access_keys;
 pub mod agent;
@@ -31,4 +32,5 @@ pub mod service;
 pub mod sigv4;
 pub mod store;
 pub mod sys;
+pub mod tls;
 pub mod wrapping;
