@@ -149,6 +149,11 @@ pub struct Agent {
     /// Last successful cryptographic use per key, and which entries the store lacks.
     usage: Mutex<HashMap<KeyId, (UsageRow, bool)>>,
     usage_tracking_start_ms: i64,
+    /// The agents of other regions (`peers.json`), which hold replicas of multi-Region keys.
+    pub peers: crate::peers::Peers,
+    /// Serializes changes to multi-Region configurations (ReplicateKey, UpdatePrimaryRegion,
+    /// synchronization), which span a call to a peer.
+    pub replication: Mutex<()>,
 }
 
 /// Stored under `meta.root_check`: material made for a reserved key ID when the state
@@ -169,6 +174,7 @@ impl Agent {
     pub fn open(config: AgentConfig, root: Box<dyn RootOfTrust>) -> Result<Agent, String> {
         let root: Arc<dyn RootOfTrust> = Arc::from(root);
         let clusters = load_clusters(config.config_dir.as_deref())?;
+        let peers = crate::peers::Peers::load(config.config_dir.as_deref(), &config.scope.region)?;
         let mut store = Store::open(&config.state_dir.join("kmsd.db"))?;
         check_root(&mut store, &*root, config.root_backend, &config.state_dir)?;
         // A kill between destroying material and scrubbing the files is finished here.
@@ -251,6 +257,8 @@ impl Agent {
             clock_offset_ms: config.clock_offset_ms,
             usage: Mutex::new(usage),
             usage_tracking_start_ms,
+            peers,
+            replication: Mutex::new(()),
         })
     }
 
@@ -371,6 +379,11 @@ impl Agent {
         let n = clusters.len();
         *write(&self.clusters) = clusters;
         Ok(n)
+    }
+
+    /// Re-reads `peers.json` (SIGHUP).
+    pub fn reload_peers(&self) -> Result<usize, String> {
+        self.peers.reload(self.config_dir.as_deref(), &self.scope.region)
     }
 
     /// The keys in custom key store `id`.

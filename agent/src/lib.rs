@@ -24,6 +24,7 @@ pub mod authz;
 pub mod daemon;
 pub mod identity;
 pub mod key_stores;
+pub mod peers;
 pub mod policy;
 pub mod rot;
 pub mod scheduler;

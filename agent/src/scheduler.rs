@@ -72,6 +72,7 @@ pub fn run_due(agent: &Agent) -> Pass {
     if let Err(e) = agent.save_usage() {
         tracing::warn!("cannot save key usage: {}", e.message);
     }
+    failed += crate::service::replicas::retry_pending(agent);
     Pass { events: done, failed }
 }
 

@@ -117,6 +117,17 @@ const MIGRATIONS: &[&str] = &[
     );
     ALTER TABLE keys ADD COLUMN custom_key_store_id TEXT REFERENCES custom_key_stores(key_store_id);
 "#,
+    r#"
+    -- Multi-Region keys: the key's configuration as this agent last learnt it (JSON
+    -- {"Primary": region, "Replicas": [regions]}), NULL for single-Region keys; and the
+    -- replicas a primary still has to bring up to date (new material, configuration).
+    ALTER TABLE keys ADD COLUMN multi_region TEXT;
+    CREATE TABLE replica_sync (
+        key_id TEXT NOT NULL REFERENCES keys(key_id) ON DELETE CASCADE,
+        region TEXT NOT NULL,
+        PRIMARY KEY (key_id, region)
+    );
+"#,
 ];
 
 /// Set in `meta` by the transaction that destroys a key, cleared once the files are scrubbed.
@@ -178,6 +189,24 @@ pub struct KeyRow {
     pub next_rotation_ms: Option<i64>,
     /// The custom key store whose token holds the material (`Origin` `AWS_CLOUDHSM`).
     pub custom_key_store_id: Option<String>,
+    /// Of a multi-Region key: its primary and replica regions.
+    pub multi_region: Option<MultiRegion>,
+}
+
+/// A multi-Region key's configuration: which region holds the primary key and which hold
+/// replicas. The primary's agent is the authority; replicas learn it from the primary.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct MultiRegion {
+    pub primary: String,
+    pub replicas: Vec<String>,
+}
+
+impl MultiRegion {
+    /// Every region the key is in, primary first.
+    pub fn regions(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.primary.as_str()).chain(self.replicas.iter().map(String::as_str))
+    }
 }
 
 /// A custom key store, as stored.
@@ -349,7 +378,7 @@ impl Store {
             let mut stmt = self.conn.prepare(
                 "SELECT key_id, created_ms, description, key_usage, key_spec, origin, state, \
                  deletion_ms, pending_days, current_version, policy, rotation_period_days, next_rotation_ms, \
-                 custom_key_store_id FROM keys",
+                 custom_key_store_id, multi_region FROM keys",
             )?;
             let keys = stmt
                 .query_map([], |r| {
@@ -368,6 +397,11 @@ impl Store {
                         rotation_period_days: r.get(11)?,
                         next_rotation_ms: r.get(12)?,
                         custom_key_store_id: r.get(13)?,
+                        multi_region: r
+                            .get::<_, Option<String>>(14)?
+                            .map(|json| serde_json::from_str(&json))
+                            .transpose()
+                            .map_err(|_| corrupt("multi-Region configuration"))?,
                     })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -485,38 +519,62 @@ impl Store {
         tags: &BTreeMap<String, String>,
     ) -> Result<(), KmsError> {
         self.write(|tx| {
-            tx.execute(
-                "INSERT INTO keys (key_id, created_ms, description, key_usage, key_spec, origin, state, \
-                 deletion_ms, pending_days, current_version, policy, rotation_period_days, next_rotation_ms, \
-                 custom_key_store_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
-                params![
-                    key.id.to_string(),
-                    key.created_ms,
-                    key.description,
-                    key.key_usage,
-                    key.key_spec,
-                    key.origin,
-                    key.state.as_str(),
-                    key.deletion_ms,
-                    key.pending_days,
-                    key.current_version,
-                    key.policy,
-                    key.rotation_period_days,
-                    key.next_rotation_ms,
-                    key.custom_key_store_id
-                ],
-            )?;
+            insert_key(tx, key, tags)?;
             if let Some(material) = material {
                 put_material(tx, material)?;
             }
-            for (k, v) in tags {
+            Ok(())
+        })
+    }
+
+    /// Stores a new replica key with every version of its material and its tags, in one
+    /// transaction.
+    pub fn create_replica(
+        &mut self,
+        key: &KeyRow,
+        materials: &[MaterialRow],
+        tags: &BTreeMap<String, String>,
+    ) -> Result<(), KmsError> {
+        self.write(|tx| {
+            insert_key(tx, key, tags)?;
+            for m in materials {
+                put_material(tx, m)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Marks whether replica `region` of primary key `key_id` still has to be brought up to date.
+    pub fn set_replica_sync(&mut self, key_id: &KeyId, region: &str, pending: bool) -> Result<(), KmsError> {
+        self.write(|tx| {
+            if pending {
                 tx.execute(
-                    "INSERT INTO tags (key_id, tag_key, tag_value) VALUES (?1, ?2, ?3)",
-                    params![key.id.to_string(), k, v],
+                    "INSERT OR IGNORE INTO replica_sync (key_id, region) VALUES (?1, ?2)",
+                    params![key_id.to_string(), region],
+                )?;
+            } else {
+                tx.execute(
+                    "DELETE FROM replica_sync WHERE key_id = ?1 AND region = ?2",
+                    params![key_id.to_string(), region],
                 )?;
             }
             Ok(())
         })
+    }
+
+    /// The replicas still to be brought up to date, by primary key.
+    pub fn pending_replica_syncs(&self) -> Result<Vec<(KeyId, String)>, KmsError> {
+        let read = || -> rusqlite::Result<Vec<(KeyId, String)>> {
+            let mut stmt = self.conn.prepare("SELECT key_id, region FROM replica_sync ORDER BY key_id, region")?;
+            let rows = stmt
+                .query_map([], |r| {
+                    let id: String = r.get(0)?;
+                    Ok((KeyId::parse(&id).ok_or_else(|| corrupt("key ID"))?, r.get(1)?))
+                })?
+                .collect();
+            rows
+        };
+        read().map_err(db_error)
     }
 
     /// Rewrites a key's mutable metadata.
@@ -709,7 +767,8 @@ impl Store {
 fn update_key_row(tx: &Transaction<'_>, key: &KeyRow) -> rusqlite::Result<()> {
     tx.execute(
         "UPDATE keys SET description = ?2, state = ?3, deletion_ms = ?4, pending_days = ?5, \
-         current_version = ?6, policy = ?7, rotation_period_days = ?8, next_rotation_ms = ?9 WHERE key_id = ?1",
+         current_version = ?6, policy = ?7, rotation_period_days = ?8, next_rotation_ms = ?9, multi_region = ?10 \
+         WHERE key_id = ?1",
         params![
             key.id.to_string(),
             key.description,
@@ -719,10 +778,48 @@ fn update_key_row(tx: &Transaction<'_>, key: &KeyRow) -> rusqlite::Result<()> {
             key.current_version,
             key.policy,
             key.rotation_period_days,
-            key.next_rotation_ms
+            key.next_rotation_ms,
+            multi_region_json(key)
         ],
     )?;
     Ok(())
+}
+
+fn insert_key(tx: &Transaction<'_>, key: &KeyRow, tags: &BTreeMap<String, String>) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT INTO keys (key_id, created_ms, description, key_usage, key_spec, origin, state, \
+         deletion_ms, pending_days, current_version, policy, rotation_period_days, next_rotation_ms, \
+         custom_key_store_id, multi_region) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, \
+         ?14, ?15)",
+        params![
+            key.id.to_string(),
+            key.created_ms,
+            key.description,
+            key.key_usage,
+            key.key_spec,
+            key.origin,
+            key.state.as_str(),
+            key.deletion_ms,
+            key.pending_days,
+            key.current_version,
+            key.policy,
+            key.rotation_period_days,
+            key.next_rotation_ms,
+            key.custom_key_store_id,
+            multi_region_json(key)
+        ],
+    )?;
+    for (k, v) in tags {
+        tx.execute(
+            "INSERT INTO tags (key_id, tag_key, tag_value) VALUES (?1, ?2, ?3)",
+            params![key.id.to_string(), k, v],
+        )?;
+    }
+    Ok(())
+}
+
+fn multi_region_json(key: &KeyRow) -> Option<String> {
+    key.multi_region.as_ref().map(|m| serde_json::to_string(m).unwrap_or_default())
 }
 
 fn put_material(tx: &Transaction<'_>, m: &MaterialRow) -> rusqlite::Result<()> {
@@ -767,6 +864,7 @@ mod tests {
             rotation_period_days: None,
             next_rotation_ms: None,
             custom_key_store_id: None,
+            multi_region: None,
         }
     }
 

@@ -28,7 +28,8 @@ use std::fmt;
 use aws_lc_rs::encoding::AsDer;
 use aws_lc_rs::key_wrap::{AesKek, KeyWrapPadded, AES_256};
 use aws_lc_rs::rsa::{
-    KeySize, OaepAlgorithm, OaepPrivateDecryptingKey, PrivateDecryptingKey, OAEP_SHA1_MGF1SHA1, OAEP_SHA256_MGF1SHA256,
+    KeySize, OaepAlgorithm, OaepPrivateDecryptingKey, OaepPublicEncryptingKey, PrivateDecryptingKey,
+    PublicEncryptingKey, OAEP_SHA1_MGF1SHA1, OAEP_SHA256_MGF1SHA256,
 };
 use zeroize::Zeroizing;
 
@@ -237,10 +238,41 @@ impl fmt::Debug for WrappingKey {
     }
 }
 
+/// Wraps `material` for the holder of the RSA public key `public_der` (DER
+/// SubjectPublicKeyInfo) with `algorithm`, in the formats of the module's documentation:
+/// what a user does with GetParametersForImport's public key, and what kmsd does to send a
+/// replica its key material. (tests/python/wrap_key_material.py is an independent
+/// implementation the import tests use.)
+pub fn wrap(public_der: &[u8], algorithm: WrappingAlgorithm, material: &[u8]) -> Result<Vec<u8>, String> {
+    let not_rsa = |_| "the wrapping key is not an RSA public key (DER SubjectPublicKeyInfo)".to_string();
+    let public = OaepPublicEncryptingKey::new(PublicEncryptingKey::from_der(public_der).map_err(not_rsa)?)
+        .map_err(|_| "the wrapping key cannot encrypt RSA-OAEP".to_string())?;
+    let rsa = |plaintext: &[u8]| -> Result<Vec<u8>, String> {
+        let mut out = vec![0u8; public.ciphertext_size()];
+        let len = public
+            .encrypt(algorithm.oaep(), plaintext, &mut out, None)
+            .map_err(|_| format!("{} cannot wrap {} bytes with this key", algorithm.as_str(), plaintext.len()))?
+            .len();
+        out.truncate(len);
+        Ok(out)
+    };
+    if !algorithm.is_hybrid() {
+        return rsa(material);
+    }
+    let mut aes_key = Zeroizing::new([0u8; EPHEMERAL_AES_KEY_LEN]);
+    kmsfs_common::aead::random_bytes(&mut aes_key[..]);
+    let kek = AesKek::new(&AES_256, &aes_key[..]).map_err(|_| "cannot make an AES key wrap key".to_string())?;
+    let mut kwp = vec![0u8; material.len() + 15];
+    let len = kek.wrap_with_padding(material, &mut kwp).map_err(|_| "AES key wrap failed".to_string())?.len();
+    kwp.truncate(len);
+    let mut out = rsa(&aes_key[..])?;
+    out.extend_from_slice(&kwp);
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use aws_lc_rs::rsa::{OaepPublicEncryptingKey, PublicEncryptingKey};
 
     const ALGORITHMS: [WrappingAlgorithm; 4] = [
         WrappingAlgorithm::RsaesOaepSha1,
@@ -255,32 +287,8 @@ mod tests {
         bytes
     }
 
-    /// What a user does with GetParametersForImport's public key, written from the
-    /// documented format with aws-lc-rs's public-key API (tests/python/wrap_key_material.py
-    /// is the independent implementation).
     fn wrap(public_der: &[u8], algorithm: WrappingAlgorithm, material: &[u8]) -> Vec<u8> {
-        let public = OaepPublicEncryptingKey::new(PublicEncryptingKey::from_der(public_der).unwrap()).unwrap();
-        let oaep = match algorithm {
-            WrappingAlgorithm::RsaesOaepSha1 | WrappingAlgorithm::RsaAesKeyWrapSha1 => &OAEP_SHA1_MGF1SHA1,
-            _ => &OAEP_SHA256_MGF1SHA256,
-        };
-        let rsa = |plaintext: &[u8]| {
-            let mut out = vec![0u8; public.ciphertext_size()];
-            public.encrypt(oaep, plaintext, &mut out, None).unwrap().to_vec()
-        };
-        match algorithm {
-            WrappingAlgorithm::RsaesOaepSha1 | WrappingAlgorithm::RsaesOaepSha256 => rsa(material),
-            WrappingAlgorithm::RsaAesKeyWrapSha1 | WrappingAlgorithm::RsaAesKeyWrapSha256 => {
-                let aes_key = random(32);
-                let mut kwp = vec![0u8; material.len() + 15];
-                let len = AesKek::new(&AES_256, &aes_key).unwrap().wrap_with_padding(material, &mut kwp).unwrap().len();
-                kwp.truncate(len);
-                let mut out = rsa(&aes_key);
-                assert_eq!(out.len(), public.key_size_bytes());
-                out.extend_from_slice(&kwp);
-                out
-            }
-        }
+        super::wrap(public_der, algorithm, material).unwrap()
     }
 
     #[test]

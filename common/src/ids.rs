@@ -5,13 +5,27 @@ use std::fmt;
 
 use crate::error::{ErrorKind, KmsError};
 
-/// A KMS key's ID: a UUID, printed in lowercase hyphenated form.
+/// A KMS key's ID: a UUID, printed in lowercase hyphenated form; or, for a multi-Region
+/// key, `mrk-` and 32 lowercase hex digits, as AWS spells those.
+///
+/// Both are 16 bytes (ciphertext blobs carry the bytes). A multi-Region ID is a UUID of
+/// version 8 (RFC 9562's custom layout: random bits, the version and variant fixed); the
+/// agent's other keys are version 4. The version nibble alone tells them apart, so a blob
+/// names a multi-Region key exactly as it names any other.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct KeyId(uuid::Uuid);
+
+/// The prefix of multi-Region key IDs.
+pub const MULTI_REGION_PREFIX: &str = "mrk-";
 
 impl KeyId {
     pub fn random() -> KeyId {
         KeyId(uuid::Uuid::new_v4())
+    }
+
+    /// A new multi-Region key ID (`mrk-…`).
+    pub fn random_multi_region() -> KeyId {
+        KeyId(uuid::Builder::from_custom_bytes(*uuid::Uuid::new_v4().as_bytes()).into_uuid())
     }
 
     pub fn from_bytes(bytes: [u8; 16]) -> KeyId {
@@ -22,18 +36,33 @@ impl KeyId {
         self.0.as_bytes()
     }
 
-    /// Parses the canonical hyphenated form only, as AWS does.
+    /// Whether this is a multi-Region key's ID.
+    pub fn is_multi_region(&self) -> bool {
+        self.0.get_version_num() == 8
+    }
+
+    /// Parses the canonical forms only, as AWS does: a hyphenated lowercase UUID, or
+    /// `mrk-` and 32 lowercase hex digits of a multi-Region ID.
     pub fn parse(s: &str) -> Option<KeyId> {
+        if let Some(hex) = s.strip_prefix(MULTI_REGION_PREFIX) {
+            let lower_hex = hex.len() == 32 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            let id = uuid::Uuid::try_parse(hex).ok().filter(|_| lower_hex).map(KeyId)?;
+            return id.is_multi_region().then_some(id);
+        }
         if s.len() != 36 {
             return None;
         }
-        uuid::Uuid::try_parse(s).ok().map(KeyId)
+        uuid::Uuid::try_parse(s).ok().map(KeyId).filter(|id| !id.is_multi_region())
     }
 }
 
 impl fmt::Display for KeyId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.hyphenated().fmt(f)
+        if self.is_multi_region() {
+            write!(f, "{MULTI_REGION_PREFIX}{}", self.0.simple())
+        } else {
+            self.0.hyphenated().fmt(f)
+        }
     }
 }
 
@@ -138,6 +167,27 @@ mod tests {
             KeyRef::parse(&scope.alias_arn("alias/app")).unwrap(),
             KeyRef::AliasArn { scope, name: "alias/app".into() }
         );
+    }
+
+    #[test]
+    fn multi_region_ids_are_spelled_as_aws_spells_them() {
+        let id = KeyId::random_multi_region();
+        assert!(id.is_multi_region() && !KeyId::random().is_multi_region());
+        let text = id.to_string();
+        assert!(text.starts_with("mrk-") && text.len() == 36, "{text}");
+        assert!(text[4..].bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()), "{text}");
+        assert_eq!(KeyId::parse(&text), Some(id));
+        assert_eq!(KeyRef::parse(&text).unwrap(), KeyRef::Id(id));
+        let scope = ArnScope { region: "region-b".into(), account: "123456789012".into() };
+        assert_eq!(scope.key_arn(&id), format!("arn:aws:kms:region-b:123456789012:key/{text}"));
+        assert_eq!(KeyRef::parse(&scope.key_arn(&id)).unwrap(), KeyRef::KeyArn { scope, id });
+        // The same bytes in the other spelling, and other spellings, are not IDs.
+        let hyphenated = uuid::Uuid::from_bytes(*id.as_bytes()).hyphenated().to_string();
+        assert_eq!(KeyId::parse(&hyphenated), None);
+        assert_eq!(KeyId::parse(&text.to_uppercase().replace("MRK-", "mrk-")), None);
+        let v4 = KeyId::random();
+        assert_eq!(KeyId::parse(&format!("mrk-{}", uuid::Uuid::from_bytes(*v4.as_bytes()).simple())), None);
+        assert_eq!(KeyId::parse("mrk-1234"), None);
     }
 
     #[test]

@@ -55,6 +55,21 @@ pub trait RootOfTrust: Send + Sync {
         Err(no_secrets(&self.describe()))
     }
 
+    /// Whether [`export`](Self::export) works: the material is held by the agent (wrapped),
+    /// not inside a token. Multi-Region keys need it, since replicas get copies.
+    fn exports_material(&self) -> bool {
+        false
+    }
+
+    /// The raw material that `stored` (from `generate` or `import`) holds, to be wrapped
+    /// for a replica on another agent; in memory wiped on drop.
+    fn export(&self, key_id: &KeyId, _version: u32, _stored: &[u8]) -> Result<Zeroizing<Vec<u8>>, KmsError> {
+        Err(KmsError::new(
+            kmsfs_common::ErrorKind::UnsupportedOperationException,
+            format!("the material of key {key_id} stays in {}: it cannot be replicated", self.describe()),
+        ))
+    }
+
     /// Destroys what `stored` refers to outside the agent's database, if anything (a token
     /// object), once the key is deleted. Backends that wrap material have nothing to do:
     /// deleting the stored bytes is enough.
@@ -185,6 +200,21 @@ impl RootOfTrust for WrappingRoot {
         })
     }
 
+    fn exports_material(&self) -> bool {
+        true
+    }
+
+    fn export(&self, key_id: &KeyId, version: u32, stored: &[u8]) -> Result<Zeroizing<Vec<u8>>, KmsError> {
+        if stored.len() != WRAPPED_LEN {
+            return Err(KmsError::internal(format!("stored material of key {key_id} version {version} is damaged")));
+        }
+        self.root.open(&Self::aad(key_id, version), stored).map_err(|_| {
+            KmsError::internal(format!(
+                "stored material of key {key_id} version {version} does not authenticate under the root of trust"
+            ))
+        })
+    }
+
     fn load(&self, key_id: &KeyId, version: u32, stored: &[u8]) -> Result<Arc<dyn KeyMaterial>, KmsError> {
         let damaged = || {
             KmsError::internal(format!(
@@ -207,6 +237,9 @@ mod tests {
     fn wrapped_material_is_bound_to_key_and_version() {
         let root = WrappingRoot::new(&KeyBytes::random(), "test".into());
         let id = KeyId::random();
+        let (_, exported_from) = root.import(&id, 3, &KeyBytes::from_slice(&[9; 32]).unwrap()).unwrap();
+        assert_eq!(&root.export(&id, 3, &exported_from).unwrap()[..], &[9; 32], "export returns what was imported");
+        assert!(root.export(&id, 4, &exported_from).is_err(), "bound to its version");
         let (material, stored) = root.generate(&id, 1).unwrap();
         let loaded = root.load(&id, 1, &stored).unwrap();
         let ctx = EncryptionContext::default();

@@ -110,7 +110,7 @@ fn not_pending_deletion(agent: &Agent, key: &KeyRecord) -> Result<(), KmsError> 
     Ok(())
 }
 
-fn token_key(agent: &Agent) -> Result<XaesKey, KmsError> {
+pub(super) fn token_key(agent: &Agent) -> Result<XaesKey, KmsError> {
     let secret = agent.internal_secret(TOKEN_SECRET_NAME, TOKEN_SECRET_ID).map_err(KmsError::internal)?;
     Ok(XaesKey::new(&KeyBytes::from_array(*secret)))
 }
@@ -147,7 +147,7 @@ pub fn get_parameters_for_import(agent: &Agent, caller: &Caller, request: Value)
     })?;
     let wrapping = WrappingKey::generate(spec).map_err(KmsError::internal)?;
     let valid_to = agent.now_ms() + TOKEN_LIFETIME_MS;
-    let token = seal_token(&token_key(agent)?, &key.row.id, valid_to, algorithm, spec, &wrapping.to_pkcs8());
+    let token = seal_token(&token_key(agent)?, TOKEN_AAD, &key.row.id, valid_to, algorithm, spec, &wrapping.to_pkcs8());
     Ok(json!({
         "KeyId": agent.key_arn(&key.row.id),
         "ImportToken": b64(&token),
@@ -157,15 +157,18 @@ pub fn get_parameters_for_import(agent: &Agent, caller: &Caller, request: Value)
 }
 
 /// What an import token holds.
-struct Token {
-    key_id: KeyId,
-    valid_to_ms: i64,
-    algorithm: WrappingAlgorithm,
-    private_key: Zeroizing<Vec<u8>>,
+pub(super) struct Token {
+    pub(super) key_id: KeyId,
+    pub(super) valid_to_ms: i64,
+    pub(super) algorithm: WrappingAlgorithm,
+    pub(super) private_key: Zeroizing<Vec<u8>>,
 }
 
-fn seal_token(
+/// Seals a token under `aad` (this module's `TOKEN_AAD` for import tokens; replication
+/// tokens have their own, so that neither passes for the other).
+pub(super) fn seal_token(
     sealer: &XaesKey,
+    aad: &[u8],
     key_id: &KeyId,
     valid_to_ms: i64,
     algorithm: WrappingAlgorithm,
@@ -180,12 +183,12 @@ fn seal_token(
         body.extend_from_slice(name.as_bytes());
     }
     body.extend_from_slice(pkcs8);
-    sealer.seal(TOKEN_AAD, &body)
+    sealer.seal(aad, &body)
 }
 
-fn open_token(sealer: &XaesKey, token: &[u8]) -> Result<Token, KmsError> {
+pub(super) fn open_token(sealer: &XaesKey, aad: &[u8], token: &[u8]) -> Result<Token, KmsError> {
     let invalid = || KmsError::new(ErrorKind::InvalidImportTokenException, "The import token is not valid");
-    let body = sealer.open(TOKEN_AAD, token).map_err(|_| invalid())?;
+    let body = sealer.open(aad, token).map_err(|_| invalid())?;
     if body.len() < 24 {
         return Err(invalid());
     }
@@ -257,7 +260,7 @@ pub fn import_key_material(agent: &Agent, caller: &Caller, request: Value) -> Re
         }
         _ => {}
     }
-    let token = open_token(&token_key(agent)?, &req.import_token.0)?;
+    let token = open_token(&token_key(agent)?, TOKEN_AAD, &req.import_token.0)?;
     if token.key_id != key.row.id {
         return Err(KmsError::new(
             ErrorKind::InvalidImportTokenException,

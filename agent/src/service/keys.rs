@@ -1,9 +1,8 @@
 //! Key lifecycle: CreateKey, DescribeKey, ListKeys, EnableKey, DisableKey,
 //! UpdateKeyDescription, ScheduleKeyDeletion and CancelKeyDeletion.
 //!
-//! Only `SYMMETRIC_DEFAULT` keys with origin `AWS_KMS` exist so far; other specs, origins,
-//! custom key stores and multi-Region keys are refused with UnsupportedOperationException.
-//! ScheduleKeyDeletion moves a key to PendingDeletion; destroying its material when the
+//! `MultiRegion: true` makes a multi-Region primary key (`mrk-…`); replicas are made by
+//! ReplicateKey (`super::replicas`). ScheduleKeyDeletion moves a key to PendingDeletion; destroying its material when the
 //! window ends is the scheduler's job.
 
 use std::collections::BTreeMap;
@@ -42,8 +41,11 @@ pub fn key_metadata(agent: &Agent, key: &KeyRecord) -> Value {
         "Origin": row.origin,
         "KeyManager": "CUSTOMER",
         "KeySpec": row.key_spec,
-        "MultiRegion": false,
+        "MultiRegion": row.multi_region.is_some(),
     });
+    if let Some(config) = &row.multi_region {
+        meta["MultiRegionConfiguration"] = multi_region_configuration(agent, &row.id, config);
+    }
     add_legacy_spec(&mut meta, &row.key_spec);
     add_algorithms(&mut meta, row);
     if let Ok(current) = key.current() {
@@ -68,6 +70,19 @@ pub fn key_metadata(agent: &Agent, key: &KeyRecord) -> Value {
         meta["PendingDeletionWindowInDays"] = json!(days);
     }
     meta
+}
+
+/// DescribeKey's `MultiRegionConfiguration` of a multi-Region key, as this agent knows it.
+pub fn multi_region_configuration(agent: &Agent, id: &KeyId, config: &crate::store::MultiRegion) -> Value {
+    let arn_in = |region: &str| {
+        kmsfs_common::ids::ArnScope { region: region.to_string(), account: agent.scope.account.clone() }.key_arn(id)
+    };
+    let key_type = if config.primary == agent.scope.region { "PRIMARY" } else { "REPLICA" };
+    json!({
+        "MultiRegionKeyType": key_type,
+        "PrimaryKey": {"Arn": arn_in(&config.primary), "Region": config.primary},
+        "ReplicaKeys": config.replicas.iter().map(|r| json!({"Arn": arn_in(r), "Region": r})).collect::<Vec<_>>(),
+    })
 }
 
 /// The deprecated `CustomerMasterKeySpec` beside `KeySpec`, for the specs its enumeration has
@@ -171,8 +186,24 @@ pub fn create_key(agent: &Agent, caller: &Caller, request: Value) -> Result<Valu
             "{key_spec} keys are of Origin AWS_KMS or EXTERNAL: custom key stores hold symmetric keys only"
         )));
     }
-    if req.multi_region == Some(true) {
-        return Err(unsupported("Multi-Region keys are not supported yet"));
+    let multi_region = req.multi_region == Some(true);
+    if multi_region {
+        if key_store.is_some() {
+            return Err(unsupported("Multi-Region keys cannot be created in a custom key store"));
+        }
+        if origin == "EXTERNAL" {
+            return Err(unsupported(
+                "Multi-Region keys of imported material are not supported by kmsd: create the key with Origin \
+                 AWS_KMS",
+            ));
+        }
+        if !agent.root().exports_material() {
+            return Err(unsupported(&format!(
+                "Multi-Region keys need material that can be replicated; the root of trust {} keeps it in the \
+                 token",
+                agent.root().describe()
+            )));
+        }
     }
     let policy = match &req.policy {
         Some(text) => Some((text.clone(), std::sync::Arc::new(parse_key_policy(text)?))),
@@ -180,7 +211,7 @@ pub fn create_key(agent: &Agent, caller: &Caller, request: Value) -> Result<Valu
     };
     let tags = validate_new_tags(&BTreeMap::new(), req.tags.unwrap_or_default())?;
 
-    let id = KeyId::random();
+    let id = if multi_region { KeyId::random_multi_region() } else { KeyId::random() };
     let now = agent.now_ms();
     // An EXTERNAL key starts without material, waiting for ImportKeyMaterial.
     let external = origin == "EXTERNAL";
@@ -215,6 +246,8 @@ pub fn create_key(agent: &Agent, caller: &Caller, request: Value) -> Result<Valu
         rotation_period_days: None,
         next_rotation_ms: None,
         custom_key_store_id: key_store.as_ref().map(|s| s.row.id.clone()),
+        multi_region: multi_region
+            .then(|| crate::store::MultiRegion { primary: agent.scope.region.clone(), replicas: Vec::new() }),
     };
     let material_row = first.as_ref().map(|m| m.row.clone());
     let record = KeyRecord {

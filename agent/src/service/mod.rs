@@ -11,6 +11,7 @@ pub mod key_stores;
 mod keys;
 pub mod model;
 mod policies;
+pub mod replicas;
 pub mod rotation;
 pub mod signing;
 mod tags;
@@ -85,6 +86,9 @@ pub fn handle(agent: &Agent, caller: &Caller, action: &str, body: &[u8]) -> Resu
             KmsError::new(ErrorKind::SerializationException, format!("The request body is not valid JSON: {e}"))
         })?
     };
+    if action.starts_with(replicas::PEER_PREFIX) {
+        return replicas::peer_action(agent, caller, action, request).map(Reply::from);
+    }
     model::model().validate(action, &request)?;
     match action {
         "CreateKey" => keys::create_key(agent, caller, request).map(Reply::from),
@@ -140,6 +144,8 @@ pub fn handle(agent: &Agent, caller: &Caller, action: &str, body: &[u8]) -> Resu
         "DisconnectCustomKeyStore" => key_stores::disconnect_custom_key_store(agent, caller, request).map(Reply::from),
         "UpdateCustomKeyStore" => key_stores::update_custom_key_store(agent, caller, request).map(Reply::from),
         "DeleteCustomKeyStore" => key_stores::delete_custom_key_store(agent, caller, request).map(Reply::from),
+        "ReplicateKey" => replicas::replicate_key(agent, caller, request).map(Reply::from),
+        "UpdatePrimaryRegion" => replicas::update_primary_region(agent, caller, request).map(Reply::from),
         _ => Err(KmsError::new(
             ErrorKind::UnsupportedOperationException,
             format!("{action} is not supported by this version of kmsd"),
@@ -196,34 +202,39 @@ pub fn blocking(action: &str) -> bool {
 
 /// Actions that write to the metadata store (and so block on fsync).
 pub fn mutates(action: &str) -> bool {
-    matches!(
-        action,
-        "CreateKey"
-            | "EnableKey"
-            | "DisableKey"
-            | "UpdateKeyDescription"
-            | "ScheduleKeyDeletion"
-            | "CancelKeyDeletion"
-            | "EnableKeyRotation"
-            | "DisableKeyRotation"
-            | "RotateKeyOnDemand"
-            | "ImportKeyMaterial"
-            | "DeleteImportedKeyMaterial"
-            | "CreateAlias"
-            | "UpdateAlias"
-            | "DeleteAlias"
-            | "TagResource"
-            | "UntagResource"
-            | "PutKeyPolicy"
-            | "CreateGrant"
-            | "RetireGrant"
-            | "RevokeGrant"
-            | "CreateCustomKeyStore"
-            | "ConnectCustomKeyStore"
-            | "DisconnectCustomKeyStore"
-            | "UpdateCustomKeyStore"
-            | "DeleteCustomKeyStore"
-    )
+    // The peer actions also wait on RSA key generation; ReplicateKey and UpdatePrimaryRegion
+    // on a peer.
+    action.starts_with(replicas::PEER_PREFIX)
+        || matches!(
+            action,
+            "CreateKey"
+                | "EnableKey"
+                | "DisableKey"
+                | "UpdateKeyDescription"
+                | "ScheduleKeyDeletion"
+                | "CancelKeyDeletion"
+                | "EnableKeyRotation"
+                | "DisableKeyRotation"
+                | "RotateKeyOnDemand"
+                | "ImportKeyMaterial"
+                | "DeleteImportedKeyMaterial"
+                | "CreateAlias"
+                | "UpdateAlias"
+                | "DeleteAlias"
+                | "TagResource"
+                | "UntagResource"
+                | "PutKeyPolicy"
+                | "CreateGrant"
+                | "RetireGrant"
+                | "RevokeGrant"
+                | "CreateCustomKeyStore"
+                | "ConnectCustomKeyStore"
+                | "DisconnectCustomKeyStore"
+                | "UpdateCustomKeyStore"
+                | "DeleteCustomKeyStore"
+                | "ReplicateKey"
+                | "UpdatePrimaryRegion"
+        )
 }
 
 #[cfg(test)]

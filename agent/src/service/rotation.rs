@@ -69,9 +69,22 @@ fn require_symmetric(agent: &Agent, key: &KeyRecord, what: &str) -> Result<(), K
     Ok(())
 }
 
+/// A replica's rotations are its primary key's.
+fn require_not_replica(agent: &Agent, key: &KeyRecord, what: &str) -> Result<(), KmsError> {
+    match &key.row.multi_region {
+        Some(config) if super::replicas::is_replica(agent, &key.row) => Err(unsupported(format!(
+            "{} is a replica key: {what} is set on its primary key, in region {}",
+            agent.key_arn(&key.row.id),
+            config.primary
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Automatic rotation: symmetric keys whose material the root of trust generates.
 fn require_automatic_rotation(agent: &Agent, key: &KeyRecord) -> Result<(), KmsError> {
     require_symmetric(agent, key, "automatic key rotation")?;
+    require_not_replica(agent, key, "automatic key rotation")?;
     if key.row.origin != "AWS_KMS" {
         return Err(unsupported(format!(
             "{} has imported key material (Origin {}): automatic key rotation is not supported for it; import new \
@@ -128,31 +141,33 @@ fn set_rotation(
         Some(days) => c.with(ck::ROTATION_PERIOD_IN_DAYS, days.to_string()),
         None => c,
     })?;
-    agent.mutate(|store| {
-        let current = agent.key(&key.row.id).ok_or_else(|| gone(agent, &key.row.id))?;
-        require_automatic_rotation(agent, &current)?;
-        require_enabled(agent, &current)?;
-        let mut record = (*current).clone();
-        let row = &mut record.row;
-        match period {
-            Some(days) => {
-                let since = match (row.rotation_period_days, row.next_rotation_ms) {
-                    (Some(old), Some(next)) => next - i64::from(old) * DAY_MS,
-                    _ => agent.now_ms(),
-                };
-                row.rotation_period_days = Some(days);
-                row.next_rotation_ms = Some(since + i64::from(days) * DAY_MS);
+    agent
+        .mutate(|store| {
+            let current = agent.key(&key.row.id).ok_or_else(|| gone(agent, &key.row.id))?;
+            require_automatic_rotation(agent, &current)?;
+            require_enabled(agent, &current)?;
+            let mut record = (*current).clone();
+            let row = &mut record.row;
+            match period {
+                Some(days) => {
+                    let since = match (row.rotation_period_days, row.next_rotation_ms) {
+                        (Some(old), Some(next)) => next - i64::from(old) * DAY_MS,
+                        _ => agent.now_ms(),
+                    };
+                    row.rotation_period_days = Some(days);
+                    row.next_rotation_ms = Some(since + i64::from(days) * DAY_MS);
+                }
+                None => {
+                    row.rotation_period_days = None;
+                    row.next_rotation_ms = None;
+                }
             }
-            None => {
-                row.rotation_period_days = None;
-                row.next_rotation_ms = None;
+            if record.row != current.row {
+                store.update_key(&record.row)?;
             }
-        }
-        if record.row != current.row {
-            store.update_key(&record.row)?;
-        }
-        Ok(((), vec![Change::Key(record)]))
-    })?;
+            Ok((record.clone(), vec![Change::Key(record)]))
+        })
+        .map(|record| super::replicas::propagate(agent, &record, false))?;
     Ok(json!({}))
 }
 
@@ -187,11 +202,14 @@ pub fn rotate_key_on_demand(agent: &Agent, caller: &Caller, request: Value) -> R
 /// Checks the key's spec, origin and state (and, on demand, AWS's limit); an automatic
 /// rotation also moves `next_rotation_ms` one period on.
 pub fn rotate(agent: &Agent, id: &KeyId, kind: RotationType) -> Result<KeyRecord, KmsError> {
-    agent.mutate(|store| {
+    let rotated = agent.mutate(|store| {
         let current = agent.key(id).ok_or_else(|| gone(agent, id))?;
         match kind {
             RotationType::Automatic => require_automatic_rotation(agent, &current)?,
-            RotationType::OnDemand => require_symmetric(agent, &current, "on-demand key rotation")?,
+            RotationType::OnDemand => {
+                require_symmetric(agent, &current, "on-demand key rotation")?;
+                require_not_replica(agent, &current, "on-demand key rotation")?;
+            }
         }
         require_enabled(agent, &current)?;
         let now = agent.now_ms();
@@ -243,7 +261,10 @@ pub fn rotate(agent: &Agent, id: &KeyId, kind: RotationType) -> Result<KeyRecord
         let material = &record.materials[&version].row;
         store.update_key_and_materials(&record.row, &[material])?;
         Ok((record.clone(), vec![Change::Key(record)]))
-    })
+    })?;
+    // A multi-Region primary's replicas get the new version.
+    super::replicas::propagate(agent, &rotated, true);
+    Ok(rotated)
 }
 
 fn gone(agent: &Agent, id: &KeyId) -> KmsError {

@@ -272,6 +272,12 @@ pub enum Command {
     /// Derives the ECDH shared secret of a KEY_AGREEMENT KMS key's private key and another
     /// party's public key.
     DeriveSharedSecret(DeriveSharedSecret),
+    /// Replicates a multi-Region primary key to the agent of another region (a peer named in
+    /// kmsd's peers.json): same key ID and material, its own policy, description and tags.
+    ReplicateKey(ReplicateKey),
+    /// Makes the replica of a multi-Region key in another region its primary key, and this
+    /// one a replica.
+    UpdatePrimaryRegion(UpdatePrimaryRegion),
     /// Creates a custom key store (type AWS_CLOUDHSM) on a PKCS#11 token that kmsd's
     /// hsm-clusters.json declares under a CloudHSM cluster ID. It starts DISCONNECTED.
     CreateCustomKeyStore(CreateCustomKeyStore),
@@ -844,6 +850,37 @@ pub struct VerifyMac {
     pub grant_tokens: GrantTokensArg,
     #[command(flatten)]
     pub dry_run: DryRunArg,
+}
+
+#[derive(Debug, Args)]
+pub struct ReplicateKey {
+    /// The multi-Region primary key (mrk-... key ID or key ARN).
+    #[command(flatten)]
+    pub key: KeyIdArg,
+    /// The region whose agent gets the replica.
+    #[arg(long, value_name = "REGION")]
+    pub replica_region: String,
+    /// The replica's key policy (JSON, or file://PATH); default: the default key policy.
+    #[arg(long, value_parser = args::text, value_name = "POLICY")]
+    pub policy: Option<String>,
+    #[command(flatten)]
+    pub bypass: BypassLockoutArg,
+    /// The replica's description.
+    #[arg(long, value_parser = args::text)]
+    pub description: Option<String>,
+    /// The replica's tags: TagKey=KEY,TagValue=VALUE (repeatable) or a JSON list.
+    #[arg(long, num_args = 1.., value_parser = args::tags, value_name = "TAG")]
+    pub tags: Vec<TagList>,
+}
+
+#[derive(Debug, Args)]
+pub struct UpdatePrimaryRegion {
+    /// The multi-Region primary key (mrk-... key ID or key ARN), in this agent's region.
+    #[command(flatten)]
+    pub key: KeyIdArg,
+    /// The region of the replica that becomes the primary key.
+    #[arg(long, value_name = "REGION")]
+    pub primary_region: String,
 }
 
 #[derive(Debug, Args)]

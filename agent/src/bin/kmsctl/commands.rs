@@ -326,6 +326,18 @@ pub fn plan(command: &Command) -> Call {
                 .opt("GrantTokens", grant_tokens(&a.grant_tokens))
                 .opt("DryRun", dry_run(&a.dry_run)),
         ),
+        C::ReplicateKey(a) => single(
+            "ReplicateKey",
+            key(&a.key.key_id)
+                .set("ReplicaRegion", a.replica_region.as_str())
+                .opt("Policy", a.policy.clone())
+                .opt("BypassPolicyLockoutSafetyCheck", bypass(&a.bypass))
+                .opt("Description", a.description.clone())
+                .opt("Tags", tags(&a.tags)),
+        ),
+        C::UpdatePrimaryRegion(a) => {
+            single("UpdatePrimaryRegion", key(&a.key.key_id).set("PrimaryRegion", a.primary_region.as_str()))
+        }
         C::CreateCustomKeyStore(a) => Call {
             secret: key_store_password(&a.password).or(Some(Secret { member: PASSWORD, source: SecretSource::Stdin })),
             ..single(
@@ -748,6 +760,34 @@ mod tests {
                 "GrantTokens": ["t"],
             })
         );
+    }
+
+    #[test]
+    fn multi_region_requests() {
+        let call = plan_for(&[
+            "replicate-key",
+            "-k",
+            "mrk-0123456789abcdef8123456789abcdef",
+            "--replica-region",
+            "region-b",
+            "--description",
+            "replica",
+            "--tags",
+            "TagKey=site,TagValue=b",
+        ]);
+        assert_eq!((call.action, call.mode), ("ReplicateKey", Mode::Single));
+        assert_eq!(
+            call.request,
+            json!({
+                "KeyId": "mrk-0123456789abcdef8123456789abcdef",
+                "ReplicaRegion": "region-b",
+                "Description": "replica",
+                "Tags": [{"TagKey": "site", "TagValue": "b"}],
+            })
+        );
+        let call = plan_for(&["update-primary-region", "-k", "k", "--primary-region", "region-b"]);
+        assert_eq!(call.action, "UpdatePrimaryRegion");
+        assert_eq!(call.request, json!({"KeyId": "k", "PrimaryRegion": "region-b"}));
     }
 
     #[test]
