@@ -68,6 +68,9 @@ pub struct TestAgent {
     env: Vec<(String, String)>,
     /// `KMSD_LOG`; `None` leaves kmsd's default.
     log_filter: Option<&'static str>,
+    /// What kmsd runs under, e.g. `ip netns exec NAME`; empty runs it directly. It must
+    /// exec kmsd, so that the child's pid is kmsd's (for kill, stop and SIGHUP).
+    wrapper: Vec<String>,
 }
 
 impl TestAgent {
@@ -101,6 +104,22 @@ impl TestAgent {
         TestAgent::start_in(args, policies, Some(access_keys), Some(AGENT_TEST_LOG), None)
     }
 
+    /// Starts a fresh agent as [`TestAgent::start_with_access_keys`] (no access keys file
+    /// with `None`) inside network namespace `netns` (run under `ip netns exec`; see
+    /// [`netns::NetnsPair`]): its `--listen-tcp` addresses are that namespace's, while its
+    /// Unix socket, a file, still serves the test. Restarts stay in the namespace.
+    pub fn start_in_netns(
+        netns: &str,
+        args: &[&str],
+        policies: &[(&str, &str)],
+        access_keys: Option<&str>,
+    ) -> TestAgent {
+        let mut agent = TestAgent::new_in(args, policies, access_keys, Some(AGENT_TEST_LOG), None);
+        agent.wrapper = ["ip", "netns", "exec", netns].map(String::from).to_vec();
+        agent.launch();
+        agent
+    }
+
     /// An agent's directory and configuration (as [`TestAgent::start`]'s) with nothing
     /// running yet: for `kmsd init` (see [`TestAgent::kmsd`]) before the first
     /// [`TestAgent::start_again`], which runs kmsd with `args`.
@@ -108,11 +127,10 @@ impl TestAgent {
         TestAgent::new_in(args, &[("users/root.json", ROOT_USES_EVERYTHING)], None, Some(AGENT_TEST_LOG), None)
     }
 
-    /// `kmsd` with this agent's state and configuration directories, for its subcommands
-    /// (`kmsd init …`, `kmsd reseal …`).
+    /// `kmsd` with this agent's state and configuration directories (and in its network
+    /// namespace, if it has one), for its subcommands (`kmsd init …`, `kmsd reseal …`).
     pub fn kmsd(&self) -> Command {
-        let mut cmd = Command::new(bin("kmsd"));
-        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
+        let mut cmd = self.kmsd_command();
         cmd.arg("--state-dir").arg(self.state_dir()).arg("--config-dir").arg(self.config_dir());
         cmd
     }
@@ -188,7 +206,21 @@ impl TestAgent {
             std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o600)).expect("chmod access keys");
         }
         let extra_args = args.iter().map(|s| s.to_string()).collect();
-        TestAgent { dir, child: None, extra_args, env: Vec::new(), log_filter }
+        TestAgent { dir, child: None, extra_args, env: Vec::new(), log_filter, wrapper: Vec::new() }
+    }
+
+    /// The kmsd binary, under the agent's wrapper if it has one, with its environment.
+    fn kmsd_command(&self) -> Command {
+        let mut cmd = match self.wrapper.split_first() {
+            None => Command::new(bin("kmsd")),
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(bin("kmsd"));
+                cmd
+            }
+        };
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
+        cmd
     }
 
     /// Writes (or with `None` removes) an identity policy file and reloads the agent's
@@ -231,8 +263,7 @@ impl TestAgent {
 
     fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).expect("agent log");
-        let mut cmd = Command::new(bin("kmsd"));
-        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
+        let mut cmd = self.kmsd_command();
         match self.log_filter {
             Some(filter) => cmd.env("KMSD_LOG", filter),
             None => cmd.env_remove("KMSD_LOG"),
