@@ -16,6 +16,11 @@
 //! `arn:aws:iam::<account>:role/<unit>` as a process in that systemd unit would; its user
 //! principal is `user/<AccessKeyId>`, which no policy names unless one is written for it.
 //!
+//! An entry may carry `"TlsClient": "<identity>"`: that key is then accepted only on a
+//! mutual-TLS connection whose client certificate has that identity
+//! ([`crate::tls::certificate_identity`]); elsewhere the server refuses it as an
+//! unrecognized client.
+//!
 //! The file holds secrets: it must not be readable or writable by group or others, and must
 //! belong to the agent's user or root; otherwise it is refused. It is read at start and on
 //! SIGHUP; a file that does not load leaves the previous keys in force. A missing file means
@@ -48,6 +53,9 @@ pub struct AccessKey {
     pub arn: String,
     /// The principal as the policy evaluator sees it.
     pub caller: Arc<Caller>,
+    /// The client certificate identity this key is bound to (`TlsClient`): the key is
+    /// accepted only on a mutual-TLS connection whose client certificate names it.
+    pub tls_client: Option<String>,
 }
 
 impl Secret for AccessKey {
@@ -58,7 +66,11 @@ impl Secret for AccessKey {
 
 impl std::fmt::Debug for AccessKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AccessKey").field("access_key_id", &self.access_key_id).field("arn", &self.arn).finish()
+        f.debug_struct("AccessKey")
+            .field("access_key_id", &self.access_key_id)
+            .field("arn", &self.arn)
+            .field("tls_client", &self.tls_client)
+            .finish()
     }
 }
 
@@ -79,6 +91,8 @@ struct Entry {
     secret_access_key: String,
     #[serde(rename = "Principal")]
     principal: String,
+    #[serde(rename = "TlsClient", default)]
+    tls_client: Option<String>,
 }
 
 /// A loaded set of access keys.
@@ -101,39 +115,26 @@ impl AccessKeys {
         self.by_id.is_empty()
     }
 
+    /// How many keys are bound to a client certificate identity (`TlsClient`).
+    pub fn bound_to_tls_clients(&self) -> usize {
+        self.by_id.values().filter(|k| k.tls_client.is_some()).count()
+    }
+
     /// Reads `path` (absent: no keys), refusing a file others could read or change.
     pub fn load(path: &Path, account: &str) -> Result<AccessKeys, String> {
-        let meta = match std::fs::metadata(path) {
-            Ok(meta) => meta,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(AccessKeys::default()),
-            Err(e) => return Err(format!("{}: {e}", path.display())),
-        };
-        let mode = meta.mode() & 0o777;
-        if mode & 0o077 != 0 {
-            return Err(format!(
-                "{} is accessible to group or others (mode {mode:04o}); it holds secret access keys, so kmsd \
-                 refuses it: chmod 600 {}",
-                path.display(),
-                path.display()
-            ));
-        }
-        let euid = nix::unistd::geteuid().as_raw();
-        if meta.uid() != euid && meta.uid() != 0 {
-            return Err(format!(
-                "{} belongs to uid {}; it must belong to kmsd's user (uid {euid}) or root",
-                path.display(),
-                meta.uid()
-            ));
-        }
-        let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?);
-        AccessKeys::parse(&text, account).map_err(|e| format!("{}: {e}", path.display()))
+        let Some(bytes) = read_private_file(path, "secret access keys")? else { return Ok(AccessKeys::default()) };
+        let text = std::str::from_utf8(&bytes).map_err(|_| format!("{}: not UTF-8 text", path.display()))?;
+        AccessKeys::parse(text, account).map_err(|e| format!("{}: {e}", path.display()))
     }
 
     /// Parses and validates the file's text. Errors name the entry and the problem, never
     /// a secret.
     pub fn parse(text: &str, account: &str) -> Result<AccessKeys, String> {
         let doc: FileDoc = serde_json::from_str(text).map_err(|e| {
-            format!("expected {{\"AccessKeys\": [{{\"AccessKeyId\", \"SecretAccessKey\", \"Principal\"}}]}}: {e}")
+            format!(
+                "expected {{\"AccessKeys\": [{{\"AccessKeyId\", \"SecretAccessKey\", \"Principal\", optional \
+                 \"TlsClient\"}}]}}: {e}"
+            )
         })?;
         let mut keys = AccessKeys::default();
         for (i, entry) in doc.access_keys.into_iter().enumerate() {
@@ -149,8 +150,13 @@ impl AccessKeys {
             }
             let (arn, caller) =
                 principal(&entry.principal, &id, account).map_err(|e| format!("{at} ({id}): Principal {e}"))?;
+            if let Some(identity) = &entry.tls_client {
+                if !crate::tls::is_valid_identity(identity) {
+                    return Err(format!("{at} ({id}): TlsClient {}", crate::tls::IDENTITY_RULE));
+                }
+            }
             let secret = Zeroizing::new(entry.secret_access_key);
-            let key = AccessKey { access_key_id: id.clone(), secret, arn, caller };
+            let key = AccessKey { access_key_id: id.clone(), secret, arn, caller, tls_client: entry.tls_client };
             if keys.by_id.insert(id.clone(), Arc::new(key)).is_some() {
                 return Err(format!("{at}: AccessKeyId {id} appears more than once"));
             }
@@ -158,6 +164,51 @@ impl AccessKeys {
         Ok(keys)
     }
 }
+
+/// Reads a file that holds secrets (`holding` says which, for the refusal), or `None` if
+/// it does not exist. The file is refused if group or others may read or write it, or if it
+/// belongs to neither kmsd's user nor root; the checks are made on the open file, so that
+/// the file read is the file checked.
+pub fn read_private_file(path: &Path, holding: &str) -> Result<Option<Zeroizing<Vec<u8>>>, String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    // Non-blocking, so that a FIFO in the file's place cannot hang the agent.
+    let mut file = match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    let meta = file.metadata().map_err(|e| format!("{}: {e}", path.display()))?;
+    let mode = meta.mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "{} is accessible to group or others (mode {mode:04o}); it holds {holding}, so kmsd refuses it: \
+             chmod 600 {}",
+            path.display(),
+            path.display()
+        ));
+    }
+    let euid = nix::unistd::geteuid().as_raw();
+    if meta.uid() != euid && meta.uid() != 0 {
+        return Err(format!(
+            "{} belongs to uid {}; it holds {holding}, so it must belong to kmsd's user (uid {euid}) or root",
+            path.display(),
+            meta.uid()
+        ));
+    }
+    if !meta.is_file() {
+        return Err(format!("{} is not a regular file", path.display()));
+    }
+    let mut bytes = Zeroizing::new(Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0).min(MAX_FILE)));
+    (&mut file).take(MAX_FILE as u64 + 1).read_to_end(&mut bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    if bytes.len() > MAX_FILE {
+        return Err(format!("{} is larger than {MAX_FILE} bytes", path.display()));
+    }
+    Ok(Some(bytes))
+}
+
+/// The largest secret file read: far more than any key file or access key list needs.
+const MAX_FILE: usize = 4 << 20;
 
 /// The principal `user/<name>` or `role/<unit>`: its ARN and its caller.
 fn principal(text: &str, access_key_id: &str, account: &str) -> Result<(String, Arc<Caller>), String> {
@@ -269,6 +320,19 @@ mod tests {
         assert!(parse(&[twice.clone(), twice]).err().expect("refused").contains("more than once"));
         let unknown = r#"{"AccessKeys": [], "Extra": 1}"#;
         assert!(AccessKeys::parse(unknown, ACCOUNT).is_err());
+    }
+
+    #[test]
+    fn a_key_may_be_bound_to_a_tls_client_identity() {
+        let bound = r#"{"AccessKeys": [{"AccessKeyId": "AKIAKMSDTEST00000001", "SecretAccessKey": "secret-secret-1234",
+            "Principal": "user/root", "TlsClient": "host-b.example.com"}]}"#;
+        let keys = AccessKeys::parse(bound, ACCOUNT).expect("valid");
+        let key = keys.get("AKIAKMSDTEST00000001").expect("key");
+        assert_eq!(key.tls_client.as_deref(), Some("host-b.example.com"));
+        assert_eq!(keys.bound_to_tls_clients(), 1);
+        let bad = bound.replace("host-b.example.com", "*.example.com");
+        let e = AccessKeys::parse(&bad, ACCOUNT).err().expect("refused");
+        assert!(e.contains("TlsClient") && e.contains("letters, digits"), "{e}");
     }
 
     #[test]

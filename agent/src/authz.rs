@@ -4,9 +4,11 @@
 //!
 //! Identity policies live in `<config>/policies/{users,groups,roles}/<name>.json`, one
 //! policy document per file, attached to the Unix user, the Unix group or the systemd
-//! system unit (role) the file is named after. On top of them the defaults apply: root
-//! and members of `kmsadmin` administer keys (no cryptographic use); and a per-user agent
-//! (one not running as root) lets its own user do everything — it is that user's keyring.
+//! system unit (role) the file is named after; `roles/tls/<identity>.json` is attached to
+//! the role `role/tls/<identity>` of a mutual-TLS client certificate. On top of them the
+//! defaults apply: root and members of `kmsadmin` administer keys (no cryptographic use);
+//! and a per-user agent (one not running as root) lets its own user do everything — it is
+//! that user's keyring.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -26,17 +28,23 @@ pub struct IdentityPolicies {
     users: HashMap<String, Vec<Arc<Policy>>>,
     groups: HashMap<String, Vec<Arc<Policy>>>,
     roles: HashMap<String, Vec<Arc<Policy>>>,
+    /// The roles of client certificates, `roles/tls/<identity>.json`.
+    tls_roles: HashMap<String, Vec<Arc<Policy>>>,
     files: usize,
 }
 
 impl IdentityPolicies {
-    /// Loads `<dir>/policies/{users,groups,roles}/*.json`. Every file must be a valid
+    /// Loads `<dir>/policies/{users,groups,roles,roles/tls}/*.json`. Every file must be a valid
     /// identity policy: one bad file fails the whole load (naming the file and the problem),
     /// so that a typo never silently drops a Deny.
     pub fn load(dir: &Path) -> Result<IdentityPolicies, String> {
         let mut loaded = IdentityPolicies::default();
-        for (kind, map) in [("users", &mut loaded.users), ("groups", &mut loaded.groups), ("roles", &mut loaded.roles)]
-        {
+        for (kind, map) in [
+            ("users", &mut loaded.users),
+            ("groups", &mut loaded.groups),
+            ("roles", &mut loaded.roles),
+            ("roles/tls", &mut loaded.tls_roles),
+        ] {
             let sub = dir.join("policies").join(kind);
             let entries = match std::fs::read_dir(&sub) {
                 Ok(entries) => entries,
@@ -114,11 +122,12 @@ impl Authz {
             groups: identity.group_names.clone(),
             unit: identity.unit.clone(),
             executable: identity.executable.as_ref().map(|p| p.display().to_string()),
+            tls_client: None,
         }
     }
 
-    /// The identity policies attached to `caller`: its user's, its groups', its role's, and
-    /// the defaults'.
+    /// The identity policies attached to `caller`: its user's, its groups', its roles' (unit
+    /// and client certificate), and the defaults'.
     fn policies_for(&self, caller: &Caller) -> Vec<Arc<Policy>> {
         let loaded = self.policies.read().unwrap_or_else(|p| p.into_inner()).clone();
         let mut out: Vec<Arc<Policy>> = Vec::new();
@@ -128,6 +137,9 @@ impl Authz {
         }
         if let Some(unit) = &caller.unit {
             out.extend(loaded.roles.get(unit).into_iter().flatten().cloned());
+        }
+        if let Some(identity) = &caller.tls_client {
+            out.extend(loaded.tls_roles.get(identity).into_iter().flatten().cloned());
         }
         if defaults::is_default_key_administrator(caller) {
             out.push(self.admin_policy.clone());

@@ -1,6 +1,6 @@
 //! Starting the agent: configuration, the state directory and its lock, the root of
-//! trust, the listening socket (our own, or one passed by systemd) and any TCP listeners,
-//! the audit trail, readiness and shutdown notifications.
+//! trust, the listening socket (our own, or one passed by systemd) and any TCP listeners
+//! (with their TLS configuration), the audit trail, readiness and shutdown notifications.
 
 use std::fs;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -16,6 +16,7 @@ use crate::authz::Authz;
 use crate::rot::setup::{self, Backend, RootOptions};
 use crate::server;
 use crate::store::Store;
+use crate::tls::TlsSettings;
 
 /// How kmsd was asked to run.
 pub struct DaemonConfig {
@@ -31,8 +32,10 @@ pub struct DaemonConfig {
     pub config_dir: PathBuf,
     /// TCP addresses to serve SigV4-signed requests on (none by default).
     pub listen_tcp: Vec<std::net::SocketAddr>,
-    /// Allow TCP addresses other than loopback ones (plain HTTP: no TLS).
+    /// Allow TCP addresses other than loopback ones without TLS (plain HTTP).
     pub allow_remote_tcp: bool,
+    /// TLS on every TCP listener: the certificate, key and optional client CA.
+    pub tls: Option<crate::tls::TlsFiles>,
     /// Record every request in the audit trail (on unless explicitly turned off).
     pub audit: bool,
     /// Where the audit trail's files go; default `audit/` in the state directory.
@@ -59,15 +62,7 @@ pub fn default_account_id() -> String {
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub fn run(config: DaemonConfig) -> Result<(), String> {
-    if let Some(addr) = config.listen_tcp.iter().find(|a| !a.ip().is_loopback()) {
-        if !config.allow_remote_tcp {
-            return Err(format!(
-                "--listen-tcp {addr} is not a loopback address: the TCP listener speaks plain HTTP (no TLS), so \
-                 requests and replies, plaintexts and data keys included, would cross the network unencrypted; \
-                 pass --allow-remote-tcp if that network is trusted or tunneled"
-            ));
-        }
-    }
+    let tls = check_tcp(&config)?;
     crate::sys::harden_process();
     create_state_dir(&config.state_dir)?;
     let _lock = lock_state_dir(&config.state_dir)?;
@@ -84,6 +79,9 @@ pub fn run(config: DaemonConfig) -> Result<(), String> {
     let access_keys = Arc::new(AccessKeyStore::load(&config.config_dir, &scope.account)?);
     if !access_keys.current().is_empty() || !config.listen_tcp.is_empty() {
         tracing::info!(keys = access_keys.current().len(), "access keys loaded");
+    }
+    if !tls.as_ref().is_some_and(|t| t.mutual()) {
+        warn_of_unusable_bound_keys(&access_keys);
     }
     if config.clock_offset_ms != 0 {
         tracing::warn!(
@@ -124,7 +122,17 @@ pub fn run(config: DaemonConfig) -> Result<(), String> {
             let listener =
                 tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on TCP {addr}: {e}"))?;
             let local = listener.local_addr().map_err(|e| e.to_string())?;
-            tracing::info!(address = %local, "listening on TCP for SigV4-signed requests");
+            match &tls {
+                Some(tls) => tracing::info!(
+                    address = %local,
+                    certificate = %tls.files().cert.display(),
+                    client_ca = tls.files().client_ca.as_ref().map(|p| p.display().to_string()),
+                    "listening on TCP with TLS for SigV4-signed requests"
+                ),
+                None => {
+                    tracing::info!(address = %local, "listening on TCP (plain HTTP, no TLS) for SigV4-signed requests")
+                }
+            }
             tcp.push(listener);
         }
         // Custom key stores left connected are connected again before the first request.
@@ -135,8 +143,8 @@ pub fn run(config: DaemonConfig) -> Result<(), String> {
         let (listener, bound) = listen(&config.socket)?;
         tracing::info!(socket = %config.socket.display(), "kmsd ready");
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-        tokio::spawn(reload_on_sighup(agent.clone(), access_keys.clone()));
-        let listeners = server::Listeners { unix: listener, tcp, access_keys };
+        tokio::spawn(reload_on_sighup(agent.clone(), access_keys.clone(), tls.clone()));
+        let listeners = server::Listeners { unix: listener, tcp, access_keys, tls };
         server::serve(agent.clone(), audit.clone(), listeners, shutdown_signal()).await;
         if let Err(e) = agent.save_usage() {
             tracing::warn!("cannot save key usage: {}", e.message);
@@ -151,6 +159,53 @@ pub fn run(config: DaemonConfig) -> Result<(), String> {
         tracing::info!("kmsd stopped");
         Ok(())
     })
+}
+
+/// Checks the TCP listeners' settings and loads their TLS configuration, if any. Without
+/// TLS a non-loopback address needs `--allow-remote-tcp`, and is loudly warned about.
+fn check_tcp(config: &DaemonConfig) -> Result<Option<Arc<TlsSettings>>, String> {
+    let remote = config.listen_tcp.iter().find(|a| !a.ip().is_loopback());
+    let Some(files) = &config.tls else {
+        if let Some(addr) = remote {
+            if !config.allow_remote_tcp {
+                return Err(format!(
+                    "--listen-tcp {addr} is not a loopback address and there is no TLS (--tls-cert, --tls-key): \
+                     requests and replies, plaintexts and data keys included, would cross the network \
+                     unencrypted; give kmsd a certificate and key, or pass --allow-remote-tcp if that network \
+                     is trusted or tunneled"
+                ));
+            }
+            tracing::warn!(
+                address = %addr,
+                "--allow-remote-tcp WITHOUT TLS: secrets, plaintexts and data keys cross the network IN CLEAR \
+                 on {addr}; anyone on the path can read them and replay requests; use --tls-cert and --tls-key"
+            );
+        }
+        return Ok(None);
+    };
+    if config.listen_tcp.is_empty() {
+        return Err("--tls-cert and --tls-key apply to the TCP listeners, and there is no --listen-tcp".into());
+    }
+    let settings = TlsSettings::load(files.clone())?;
+    tracing::info!(
+        certificate = %files.cert.display(),
+        mutual = settings.mutual(),
+        "TLS configuration loaded for the TCP listeners"
+    );
+    Ok(Some(Arc::new(settings)))
+}
+
+/// Warns of access keys bound to a client certificate (`TlsClient`) when there is no mutual
+/// TLS: no connection can present one, so these keys are refused.
+fn warn_of_unusable_bound_keys(access_keys: &AccessKeyStore) {
+    let bound = access_keys.current().bound_to_tls_clients();
+    if bound > 0 {
+        tracing::warn!(
+            keys = bound,
+            "access keys bound to a TLS client (TlsClient) are refused: kmsd has no --tls-client-ca, so no \
+             connection presents a client certificate"
+        );
+    }
 }
 
 /// `kmsd init`: creates the state directory `state_dir` for `backend`.
@@ -263,9 +318,10 @@ async fn shutdown_signal() {
     }
 }
 
-/// SIGHUP reloads the identity policies and the access keys; a bad file is reported and
-/// the previous set stays in force.
-async fn reload_on_sighup(agent: Arc<Agent>, access_keys: Arc<AccessKeyStore>) {
+/// SIGHUP reloads the identity policies, the access keys and the TLS certificate, key and
+/// client CA; a bad file is reported and the previous set stays in force. (A renewed
+/// certificate serves new connections; established ones keep theirs.)
+async fn reload_on_sighup(agent: Arc<Agent>, access_keys: Arc<AccessKeyStore>, tls: Option<Arc<TlsSettings>>) {
     use tokio::signal::unix::{signal, SignalKind};
     let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
     while hup.recv().await.is_some() {
@@ -280,6 +336,15 @@ async fn reload_on_sighup(agent: Arc<Agent>, access_keys: Arc<AccessKeyStore>) {
         match access_keys.reload() {
             Ok(keys) => tracing::info!(keys, "access keys reloaded"),
             Err(e) => tracing::error!("access keys NOT reloaded, the previous ones stay in force: {e}"),
+        }
+        if let Some(tls) = &tls {
+            match tls.reload() {
+                Ok(()) => tracing::info!(certificate = %tls.files().cert.display(), "TLS configuration reloaded"),
+                Err(e) => tracing::error!("TLS configuration NOT reloaded, the previous one stays in force: {e}"),
+            }
+        }
+        if !tls.as_ref().is_some_and(|t| t.mutual()) {
+            warn_of_unusable_bound_keys(&access_keys);
         }
     }
 }

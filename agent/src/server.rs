@@ -4,6 +4,14 @@
 //! depends on the listener ([`Peer`]): on the Unix socket by the kernel (SO_PEERCRED) when
 //! the connection is accepted, never by the request; on TCP by each request's AWS Signature
 //! Version 4 with one of the agent's access keys ([`crate::sigv4`], [`crate::access_keys`]).
+//!
+//! With TLS ([`crate::tls`]), every TCP connection is a TLS connection: its handshake runs on
+//! a task of its own under [`HANDSHAKE_TIMEOUT`], so a slow or hostile client never holds up
+//! the accept loop, and a failed handshake is logged with the peer's address and dropped.
+//! A connection whose first byte is not a TLS handshake record is answered with one plain
+//! HTTP 400 saying that the port speaks TLS, and closed. Under mutual TLS the verified
+//! client certificate's identity is a principal (`role/tls/<identity>`) of every request
+//! on the connection, beside the access key's; SigV4 is required all the same.
 //! A request is `POST /` with `X-Amz-Target: TrentService.<Action>`; bodies larger than
 //! [`MAX_BODY`] are refused from their Content-Length, or as soon as they grow past it.
 //! Actions that write to the store, and batches, run on the blocking pool; the others run
@@ -49,17 +57,30 @@ use crate::authz::Authz;
 use crate::identity::identify;
 use crate::policy::eval::Caller;
 use crate::service;
+use crate::tls::TlsSettings;
 
 /// The largest request body accepted: room for a 128 KiB key policy with JSON escaping
 /// (the model's largest member), far more than any cryptographic request needs.
 pub const MAX_BODY: usize = 512 * 1024;
 
+/// How long a TCP client has to complete its TLS handshake (or to send its plain HTTP
+/// request to a TLS port) before the connection is dropped.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How many TLS handshakes may be in progress at once; further connections wait in the
+/// kernel's accept queue.
+const MAX_HANDSHAKES: usize = 256;
+
+/// The first byte of a TLS handshake record (ContentType `handshake`).
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
 /// Where requests come from: the Unix socket, and the TCP listeners (none by default)
-/// whose callers sign with the access keys of `access_keys`.
+/// whose callers sign with the access keys of `access_keys`, over TLS if `tls` is set.
 pub struct Listeners {
     pub unix: UnixListener,
     pub tcp: Vec<TcpListener>,
     pub access_keys: Arc<AccessKeyStore>,
+    pub tls: Option<Arc<TlsSettings>>,
 }
 
 /// How a connection's caller is known.
@@ -67,8 +88,22 @@ pub struct Listeners {
 enum Peer {
     /// By the kernel, once for the connection: the caller, and its `userIdentity` record.
     Kernel(Arc<Caller>, Arc<serde_json::Value>),
-    /// By each request's SigV4 signature; the connection's remote address.
-    SigV4(Arc<AccessKeyStore>, Option<std::net::SocketAddr>),
+    /// By each request's SigV4 signature, on a TCP connection.
+    SigV4(Arc<Remote>),
+}
+
+/// A TCP connection's caller, as far as the connection tells.
+struct Remote {
+    access_keys: Arc<AccessKeyStore>,
+    address: Option<std::net::SocketAddr>,
+    /// The identity of the verified client certificate (mutual TLS).
+    tls_client: Option<String>,
+}
+
+/// A TCP connection ready for HTTP: plain, or past its TLS handshake.
+enum TcpConnection {
+    Plain(tokio::net::TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>, Option<String>),
 }
 
 /// Serves `listeners` until `shutdown` resolves, then lets requests in flight finish
@@ -85,9 +120,15 @@ pub async fn serve(
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.keep_alive(true).timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
-    // Each TCP listener accepts on its own task and hands connections to this loop.
-    let (tcp_tx, mut tcp_rx) = tokio::sync::mpsc::channel::<tokio::net::TcpStream>(16);
-    let acceptors: Vec<_> = listeners.tcp.into_iter().map(|l| tokio::spawn(accept_tcp(l, tcp_tx.clone()))).collect();
+    // Each TCP listener accepts on its own task (handshakes on tasks of their own) and hands
+    // connections to this loop.
+    let (tcp_tx, mut tcp_rx) = tokio::sync::mpsc::channel::<(TcpConnection, Option<std::net::SocketAddr>)>(16);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    let acceptors: Vec<_> = listeners
+        .tcp
+        .into_iter()
+        .map(|l| tokio::spawn(accept_tcp(l, listeners.tls.clone(), handshakes.clone(), tcp_tx.clone())))
+        .collect();
     drop(tcp_tx);
     let access_keys = listeners.access_keys;
     let listener = listeners.unix;
@@ -108,9 +149,14 @@ pub async fn serve(
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
-            Some(stream) = tcp_rx.recv() => {
-                let peer = Peer::SigV4(access_keys.clone(), stream.peer_addr().ok());
-                serve_connection(&http, &graceful, &shared, peer, stream);
+            Some((connection, address)) = tcp_rx.recv() => {
+                let remote = |tls_client| Peer::SigV4(Arc::new(Remote { access_keys: access_keys.clone(), address, tls_client }));
+                match connection {
+                    TcpConnection::Plain(stream) => serve_connection(&http, &graceful, &shared, remote(None), stream),
+                    TcpConnection::Tls(stream, tls_client) => {
+                        serve_connection(&http, &graceful, &shared, remote(tls_client), *stream)
+                    }
+                }
             }
             () = &mut shutdown => break,
         }
@@ -127,20 +173,138 @@ pub async fn serve(
     }
 }
 
-async fn accept_tcp(listener: TcpListener, connections: tokio::sync::mpsc::Sender<tokio::net::TcpStream>) {
+async fn accept_tcp(
+    listener: TcpListener,
+    tls: Option<Arc<TlsSettings>>,
+    handshakes: Arc<tokio::sync::Semaphore>,
+    connections: tokio::sync::mpsc::Sender<(TcpConnection, Option<std::net::SocketAddr>)>,
+) {
     loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                if connections.send(stream).await.is_err() {
-                    return;
-                }
-            }
+        let (stream, address) = match listener.accept().await {
+            Ok((stream, address)) => (stream, address),
             Err(e) => {
                 tracing::warn!("TCP accept failed: {e}");
                 tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
             }
+        };
+        let Some(tls) = &tls else {
+            if connections.send((TcpConnection::Plain(stream), Some(address))).await.is_err() {
+                return;
+            }
+            continue;
+        };
+        let Ok(permit) = handshakes.clone().acquire_owned().await else { return };
+        let (config, connections) = (tls.current(), connections.clone());
+        tokio::spawn(async move {
+            let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls_handshake(stream, address, config)).await;
+            drop(permit);
+            match accepted {
+                Ok(Some(connection)) => {
+                    let _ = connections.send((connection, Some(address))).await;
+                }
+                Ok(None) => {}
+                Err(_) => tracing::info!(peer = %address, "TLS handshake timed out; connection dropped"),
+            }
+        });
+    }
+}
+
+/// Takes a TCP connection through its TLS handshake; `None` if it did not complete (logged)
+/// or was plain HTTP (answered).
+async fn tls_handshake(
+    stream: tokio::net::TcpStream,
+    address: std::net::SocketAddr,
+    config: Arc<rustls::ServerConfig>,
+) -> Option<TcpConnection> {
+    let mut first = [0u8; 1];
+    match stream.peek(&mut first).await {
+        Ok(0) => return None,
+        Ok(_) if first[0] != TLS_HANDSHAKE_RECORD => {
+            refuse_plain_http(stream, address).await;
+            return None;
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::debug!(peer = %address, "TCP connection failed before its TLS handshake: {e}");
+            return None;
         }
     }
+    let tls = match tokio_rustls::TlsAcceptor::from(config).accept(stream).await {
+        Ok(tls) => tls,
+        Err(e) => {
+            tracing::info!(peer = %address, "TLS handshake failed: {e}");
+            return None;
+        }
+    };
+    let (_, session) = tls.get_ref();
+    let certificate = session.peer_certificates().and_then(<[_]>::first);
+    let tls_client = certificate.and_then(crate::tls::certificate_identity);
+    if certificate.is_some() && tls_client.is_none() {
+        tracing::info!(
+            peer = %address,
+            "the client certificate names no usable identity (DNS subjectAltName or CN {}); its requests carry no \
+             role/tls/ principal",
+            crate::tls::IDENTITY_RULE
+        );
+    }
+    tracing::debug!(peer = %address, version = ?session.protocol_version(), tls_client = tls_client.as_deref(), "TLS handshake done");
+    Some(TcpConnection::Tls(Box::new(tls), tls_client))
+}
+
+/// The largest plain HTTP request head read from a TLS port before answering it.
+const PLAIN_HEAD_LIMIT: usize = 16 * 1024;
+
+/// Answers plain HTTP sent to a TLS port with one `400` in AWS's JSON 1.1 error shape that
+/// says so, then closes. Nothing in the request is served.
+async fn refuse_plain_http(mut stream: tokio::net::TcpStream, address: std::net::SocketAddr) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Read the request's head first: closing with unread data would reset the connection
+    // before the client reads the answer.
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 2048];
+    while head.len() < PLAIN_HEAD_LIMIT && !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => head.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    let host = plain_http_host(&head).or_else(|| stream.local_addr().ok().map(|a| a.to_string()));
+    let url = host.map_or_else(|| "https://".to_string(), |h| format!("https://{h}"));
+    tracing::info!(peer = %address, "plain HTTP on the TLS port refused: the client must use {url}");
+    let message = format!("This port speaks TLS (HTTPS), not plain HTTP: use {url} as the endpoint");
+    let error = KmsError::new(ErrorKind::ValidationException, message);
+    let body = serde_json::to_vec(&error.to_wire()).unwrap_or_default();
+    let reply = format!(
+        "HTTP/1.1 400 Bad Request\r\nContent-Type: application/x-amz-json-1.1\r\nx-amzn-ErrorType: {}\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        error.kind.as_str(),
+        body.len()
+    );
+    let written = async {
+        stream.write_all(reply.as_bytes()).await?;
+        stream.write_all(&body).await?;
+        stream.shutdown().await
+    };
+    if tokio::time::timeout(Duration::from_secs(2), written).await.is_ok() {
+        // Let the client read the answer before the socket goes.
+        let _ =
+            tokio::time::timeout(Duration::from_secs(1), async { while let Ok(1..) = stream.read(&mut buf).await {} })
+                .await;
+    }
+}
+
+/// The `Host` header of a plain HTTP request head, if it is a plausible host and port.
+fn plain_http_host(head: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(head).ok()?;
+    let value = text.split("\r\n").skip(1).find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.trim().eq_ignore_ascii_case("host").then(|| value.trim())
+    })?;
+    let plausible = !value.is_empty()
+        && value.len() <= 255
+        && value.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'));
+    plausible.then(|| value.to_string())
 }
 
 fn serve_connection<S>(
@@ -226,10 +390,12 @@ async fn respond(shared: Arc<Shared>, peer: &Peer, req: Request<Incoming>) -> Re
     let (response, mut outcome) = answer(&shared, peer, req, &request_id, true).await;
     let (user_identity, source_address) = match peer {
         Peer::Kernel(_, recorded) => ((**recorded).clone(), audit_event::source_address(None)),
-        Peer::SigV4(_, address) => (
-            outcome.identity.unwrap_or_else(|| audit_event::unauthenticated_identity(authorization.as_deref())),
-            audit_event::source_address(*address),
-        ),
+        Peer::SigV4(remote) => {
+            let mut identity =
+                outcome.identity.unwrap_or_else(|| audit_event::unauthenticated_identity(authorization.as_deref()));
+            audit_event::add_tls_client(&mut identity, remote.tls_client.as_deref(), &shared.agent.scope.account);
+            (identity, audit_event::source_address(remote.address))
+        }
     };
     let scope = &shared.agent.scope;
     let (used_keys, name) = (std::mem::take(&mut outcome.used_keys), outcome.name.clone());
@@ -342,7 +508,7 @@ async fn answer(
     let mut outcome = Outcome::new(action.clone(), source);
     let caller = match peer {
         Peer::Kernel(caller, _) => caller.clone(),
-        Peer::SigV4(keys, _) => match authenticate(&shared.agent, keys, &target, &parts, &body) {
+        Peer::SigV4(remote) => match authenticate(&shared.agent, remote, &target, &parts, &body) {
             Ok(key) => {
                 outcome.identity = Some(audit_event::access_key_identity(&key.arn, &key.access_key_id, &key.caller));
                 if matches!(target, Target::Sts) {
@@ -353,15 +519,23 @@ async fn answer(
                     }
                     return (response.map(Either::Left), outcome);
                 }
-                key.caller.clone()
+                match &remote.tls_client {
+                    Some(identity) => {
+                        let mut caller = (*key.caller).clone();
+                        caller.tls_client = Some(identity.clone());
+                        Arc::new(caller)
+                    }
+                    None => key.caller.clone(),
+                }
             }
             Err(e) => {
                 shared.stats.record(&action, false);
-                tracing::info!(%action, error = e.json_code(), "request not authenticated: {}", e.message());
-                outcome.error = Some((e.json_code().to_string(), e.message().to_string()));
+                let message = e.message();
+                tracing::info!(%action, error = e.json_code(), "request not authenticated: {message}");
+                outcome.error = Some((e.json_code().to_string(), message.clone()));
                 let response = match target {
-                    Target::Sts => sts_error(StatusCode::FORBIDDEN, e.query_code(), e.message(), request_id),
-                    _ => error_response(&auth_error(&e), request_id, false),
+                    Target::Sts => sts_error(StatusCode::FORBIDDEN, e.query_code(), &message, request_id),
+                    _ => error_response(&e.to_error(), request_id, false),
                 };
                 return (response.map(Either::Left), outcome);
             }
@@ -568,6 +742,8 @@ async fn read_request(
         "Kmsfs.GetAgentStats" => Target::Extension(Extension::GetAgentStats),
         "Kmsfs.GetAuditInfo" => Target::Extension(Extension::GetAuditInfo),
         "" if query => Target::Sts,
+        // Agents of other regions call these on the TCP listener only (multi-Region keys).
+        peer if query && peer.starts_with(service::replicas::PEER_PREFIX) => Target::Kms(peer.to_string()),
         _ => match header.strip_prefix("TrentService.").filter(|a| !a.is_empty()) {
             Some(action) => Target::Kms(action.to_string()),
             None => {
@@ -608,14 +784,15 @@ async fn read_request(
 }
 
 /// The access key a TCP request is signed with, by SigV4 for the agent's region and the
-/// target's service.
+/// target's service; a key bound to a client certificate identity (`TlsClient`) only on a
+/// connection whose client certificate has it.
 fn authenticate(
     agent: &Agent,
-    keys: &AccessKeyStore,
+    remote: &Remote,
     target: &Target,
     parts: &hyper::http::request::Parts,
     body: &[u8],
-) -> Result<Arc<AccessKey>, crate::sigv4::SigError> {
+) -> Result<Arc<AccessKey>, Refusal> {
     let headers: Vec<(String, String)> = parts
         .headers
         .iter()
@@ -631,14 +808,65 @@ fn authenticate(
     let service = if matches!(target, Target::Sts) { "sts" } else { "kms" };
     let expect = crate::sigv4::Expect { region: &agent.scope.region, service };
     let now = kmsfs_common::time::now_millis().div_euclid(1000);
-    let current = keys.current();
-    crate::sigv4::verify(&request, &expect, now, |id| current.get(id)).cloned()
+    let current = remote.access_keys.current();
+    let key = crate::sigv4::verify(&request, &expect, now, |id| current.get(id)).cloned().map_err(Refusal::Sig)?;
+    match &key.tls_client {
+        Some(bound) if remote.tls_client.as_ref() != Some(bound) => {
+            tracing::info!(
+                access_key_id = %key.access_key_id,
+                bound_to = %bound,
+                tls_client = remote.tls_client.as_deref(),
+                peer = ?remote.address,
+                "access key refused: it is bound to another TLS client certificate identity"
+            );
+            Err(Refusal::TlsClient(key.access_key_id.clone()))
+        }
+        _ => Ok(key),
+    }
 }
 
-/// A SigV4 failure as a JSON 1.1 error.
-fn auth_error(e: &crate::sigv4::SigError) -> KmsError {
-    let kind = ErrorKind::from_wire(e.json_code()).unwrap_or(ErrorKind::InvalidSignatureException);
-    KmsError::new(kind, e.message())
+/// Why a TCP request did not authenticate.
+enum Refusal {
+    /// Its signature.
+    Sig(crate::sigv4::SigError),
+    /// Its access key (named) is bound to a client certificate identity this connection
+    /// does not have.
+    TlsClient(String),
+}
+
+impl Refusal {
+    /// The JSON 1.1 error code.
+    fn json_code(&self) -> &str {
+        match self {
+            Refusal::Sig(e) => e.json_code(),
+            Refusal::TlsClient(_) => ErrorKind::UnrecognizedClientException.as_str(),
+        }
+    }
+
+    /// STS's code for it (query protocol).
+    fn query_code(&self) -> &str {
+        match self {
+            Refusal::Sig(e) => e.query_code(),
+            Refusal::TlsClient(_) => "InvalidClientTokenId",
+        }
+    }
+
+    fn message(&self) -> String {
+        match self {
+            Refusal::Sig(e) => e.message().to_string(),
+            // The identity the key is bound to is the operator's business, not the caller's.
+            Refusal::TlsClient(id) => format!(
+                "The access key {id} is not valid on this connection: it is bound to a TLS client certificate \
+                 this connection did not present"
+            ),
+        }
+    }
+
+    /// The refusal as a JSON 1.1 error.
+    fn to_error(&self) -> KmsError {
+        let kind = ErrorKind::from_wire(self.json_code()).unwrap_or(ErrorKind::InvalidSignatureException);
+        KmsError::new(kind, self.message())
+    }
 }
 
 const STS_NAMESPACE: &str = "https://sts.amazonaws.com/doc/2011-06-15/";

@@ -91,6 +91,14 @@ pub fn access_key_identity(arn: &str, access_key_id: &str, caller: &Caller) -> V
     })
 }
 
+/// Adds to a TCP caller's `userIdentity` the identity of its connection's verified client
+/// certificate (`tlsClient`) and the role it carries (`tlsClientArn`), when it has one.
+pub fn add_tls_client(user_identity: &mut Value, tls_client: Option<&str>, account: &str) {
+    let (Some(identity), Value::Object(o)) = (tls_client, user_identity) else { return };
+    o.insert("tlsClient".into(), Value::from(identity));
+    o.insert("tlsClientArn".into(), Value::from(Caller::tls_role_arn_of(account, identity)));
+}
+
 /// `userIdentity` of a TCP request whose signature did not authenticate: only the access
 /// key it claimed, if its Authorization header names one.
 pub fn unauthenticated_identity(authorization: Option<&str>) -> Value {

@@ -6,8 +6,10 @@ use std::process::ExitCode;
 use clap::Parser;
 use kmsfs_agent::daemon::{self, DaemonConfig};
 use kmsfs_agent::rot::setup::{Backend, RootOptions};
+use kmsfs_agent::tls::TlsFiles;
 
-/// The kmsfs key management agent: AWS KMS's API on a Unix socket (and optionally TCP).
+/// The kmsfs key management agent: AWS KMS's API on a Unix socket (and optionally TCP,
+/// with TLS).
 /// Without a subcommand, runs the agent.
 #[derive(Parser)]
 #[command(version, about)]
@@ -36,13 +38,29 @@ struct Args {
     region: String,
     /// Also serve AWS SDKs on this TCP address (e.g. 127.0.0.1:4566), accepting only
     /// requests signed (SigV4) with an access key from CONFIG_DIR/access-keys.json.
-    /// Repeatable. Plain HTTP: loopback addresses only unless --allow-remote-tcp.
+    /// Repeatable. With --tls-cert and --tls-key every TCP listener speaks TLS (HTTPS) and
+    /// may be on any address; without them it is plain HTTP, on loopback addresses only
+    /// unless --allow-remote-tcp.
     #[arg(long, value_name = "ADDR")]
     listen_tcp: Vec<std::net::SocketAddr>,
-    /// Allow --listen-tcp on non-loopback addresses. There is no TLS: use only on a
-    /// trusted or tunneled network.
+    /// Allow --listen-tcp on non-loopback addresses without TLS: requests and replies
+    /// (plaintexts and data keys included) then cross the network in clear, which kmsd
+    /// warns of at start. Use only on a trusted or tunneled network; prefer --tls-cert.
     #[arg(long)]
     allow_remote_tcp: bool,
+    /// TLS on the TCP listeners: the server's certificate chain (PEM, end-entity first).
+    /// Needs --tls-key. SIGHUP reloads it (a renewal needs no restart).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS on the TCP listeners: the certificate's private key (PEM; the file must not be
+    /// accessible to group or others). Needs --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Mutual TLS: every TCP client must present a certificate that chains to a CA in this
+    /// PEM file; its identity (first DNS subjectAltName, else CN) is then the principal
+    /// arn:aws:iam::<account>:role/tls/<identity> of its requests, beside the access key's.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
     /// The audit trail: `on` records every request (and refuses requests it cannot
     /// record); `off` serves requests without any record, for benchmarks and tests only.
     #[arg(long, value_enum, default_value = "on", value_name = "on|off")]
@@ -221,6 +239,10 @@ fn main() -> ExitCode {
         config_dir: args.config_dir.unwrap_or_else(daemon::default_config_dir),
         listen_tcp: args.listen_tcp,
         allow_remote_tcp: args.allow_remote_tcp,
+        tls: match (args.tls_cert, args.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key, client_ca: args.tls_client_ca }),
+            _ => None,
+        },
         audit: args.audit == Switch::On,
         audit_dir: args.audit_dir,
         audit_journald: match args.audit_journald {

@@ -27,8 +27,9 @@ use super::document::{
 /// Condition keys the agent puts in a request context. Names are matched
 /// case-insensitively; these constants are the canonical spellings.
 pub mod keys {
-    /// The caller's principal ARNs: the user, and the role of its systemd unit if it has one
-    /// (multi-valued, so `StringEquals`/`ArnEquals` match either).
+    /// The caller's principal ARNs: the user, the role of its systemd unit if it has one, and
+    /// the `role/tls/<identity>` of its client certificate if it has one (multi-valued, so
+    /// `StringEquals`/`ArnEquals` match any).
     pub const PRINCIPAL_ARN: &str = "aws:PrincipalArn";
     /// The caller's Unix user name.
     pub const USERNAME: &str = "aws:username";
@@ -108,6 +109,9 @@ pub struct Caller {
     /// The systemd system unit the caller runs in.
     pub unit: Option<String>,
     pub executable: Option<String>,
+    /// The identity of the verified client certificate of the caller's mutual-TLS
+    /// connection, if any (`crate::tls::certificate_identity`).
+    pub tls_client: Option<String>,
 }
 
 impl Caller {
@@ -121,6 +125,7 @@ impl Caller {
             groups: Vec::new(),
             unit: None,
             executable: None,
+            tls_client: None,
         }
     }
 
@@ -134,10 +139,22 @@ impl Caller {
         self.unit.as_ref().map(|unit| format!("arn:aws:iam::{}:role/{unit}", self.account))
     }
 
+    /// `arn:aws:iam::<account>:role/tls/<identity>` (an IAM role with path `/tls/`) for a
+    /// caller whose connection presented a client certificate.
+    pub fn tls_role_arn(&self) -> Option<String> {
+        self.tls_client.as_ref().map(|identity| Caller::tls_role_arn_of(&self.account, identity))
+    }
+
+    /// The role of client certificate identity `identity` in `account`.
+    pub fn tls_role_arn_of(account: &str, identity: &str) -> String {
+        format!("arn:aws:iam::{account}:role/tls/{identity}")
+    }
+
     /// Every principal the caller carries, user first.
     pub fn principal_arns(&self) -> Vec<String> {
         let mut arns = vec![self.user_arn()];
         arns.extend(self.role_arn());
+        arns.extend(self.tls_role_arn());
         arns
     }
 
@@ -146,11 +163,13 @@ impl Caller {
         format!("arn:aws:iam::{}:root", self.account)
     }
 
-    /// How the caller is named in reasons: its user ARN, and its role inside a unit.
+    /// How the caller is named in reasons: its user ARN, and its roles (of its unit, of its
+    /// client certificate).
     pub fn describe(&self) -> String {
-        match self.role_arn() {
-            Some(role) => format!("{} (as {role})", self.user_arn()),
-            None => self.user_arn(),
+        let roles: Vec<String> = self.role_arn().into_iter().chain(self.tls_role_arn()).collect();
+        match roles.is_empty() {
+            true => self.user_arn(),
+            false => format!("{} (as {})", self.user_arn(), roles.join(", ")),
         }
     }
 
@@ -817,6 +836,22 @@ mod tests {
         assert!(compile("${kms:Nope}", true, Some(&ctx)).is_none());
         let tokens = compile("${kms:Nope, 'dflt'}", true, Some(&ctx)).unwrap();
         assert!(matches_tokens(&tokens, "dflt", false));
+    }
+
+    #[test]
+    fn a_client_certificate_adds_a_tls_role() {
+        let mut caller = Caller::user("111122223333", "alice", 1000);
+        caller.tls_client = Some("host-b".into());
+        assert_eq!(
+            caller.principal_arns(),
+            ["arn:aws:iam::111122223333:user/alice", "arn:aws:iam::111122223333:role/tls/host-b"]
+        );
+        assert_eq!(
+            caller.describe(),
+            "arn:aws:iam::111122223333:user/alice (as arn:aws:iam::111122223333:role/tls/host-b)"
+        );
+        let ctx = RequestContext::new("kms:Encrypt", "*", caller);
+        assert_eq!(ctx.get(keys::PRINCIPAL_ARN).map(<[String]>::len), Some(2));
     }
 
     #[test]
