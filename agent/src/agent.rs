@@ -154,6 +154,8 @@ pub struct Agent {
     /// Serializes changes to multi-Region configurations (ReplicateKey, UpdatePrimaryRegion,
     /// synchronization), which span a call to a peer.
     pub replication: Mutex<()>,
+    /// Wakes the scheduler before its next date: a replica left to synchronize.
+    pub wake_scheduler: tokio::sync::Notify,
 }
 
 /// Stored under `meta.root_check`: material made for a reserved key ID when the state
@@ -259,6 +261,7 @@ impl Agent {
             usage_tracking_start_ms,
             peers,
             replication: Mutex::new(()),
+            wake_scheduler: tokio::sync::Notify::new(),
         })
     }
 

@@ -333,6 +333,10 @@ async fn reload_on_sighup(agent: Arc<Agent>, access_keys: Arc<AccessKeyStore>, t
             Ok(clusters) => tracing::info!(clusters, "HSM clusters reloaded"),
             Err(e) => tracing::error!("HSM clusters NOT reloaded, the previous ones stay in force: {e}"),
         }
+        match agent.reload_peers() {
+            Ok(peers) => tracing::info!(peers, "peer agents reloaded"),
+            Err(e) => tracing::error!("peer agents NOT reloaded, the previous ones stay in force: {e}"),
+        }
         match access_keys.reload() {
             Ok(keys) => tracing::info!(keys, "access keys reloaded"),
             Err(e) => tracing::error!("access keys NOT reloaded, the previous ones stay in force: {e}"),

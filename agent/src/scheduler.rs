@@ -237,9 +237,17 @@ pub async fn run(agent: Arc<Agent>, audit: Option<Arc<AuditLog>>, mut succeeded:
         let wait = next_due(&agent).map_or(MAX_SLEEP, |at| {
             Duration::from_millis((at - agent.now_ms()).clamp(0, MAX_SLEEP.as_millis() as i64) as u64)
         });
-        // A failed action (still due) is retried after a while, not in a loop.
-        let floor = if succeeded { Duration::from_millis(200) } else { RETRY_AFTER_FAILURE };
-        tokio::time::sleep(wait.max(floor)).await;
+        // A failed action (still due, or a replica to synchronize) is retried after a while,
+        // not in a loop.
+        let (floor, wait) = match succeeded {
+            true => (Duration::from_millis(200), wait),
+            false => (RETRY_AFTER_FAILURE, wait.min(RETRY_AFTER_FAILURE)),
+        };
+        tokio::select! {
+            () = tokio::time::sleep(wait.max(floor)) => {}
+            // A replica could not be reached during a request: try it again soon.
+            () = agent.wake_scheduler.notified() => tokio::time::sleep(floor).await,
+        }
         succeeded = pass(&agent, audit.as_ref()).await;
     }
 }

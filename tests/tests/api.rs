@@ -123,7 +123,10 @@ fn create_key_refuses_what_it_does_not_support() {
     assert_eq!(fails(&agent, "CreateKey", json!({"KeySpec": "NOPE"})), ValidationException);
     assert_eq!(fails(&agent, "CreateKey", json!({"KeyUsage": "SIGN_VERIFY"})), ValidationException);
     assert_eq!(fails(&agent, "CreateKey", json!({"Origin": "AWS_CLOUDHSM"})), UnsupportedOperationException);
-    assert_eq!(fails(&agent, "CreateKey", json!({"MultiRegion": true})), UnsupportedOperationException);
+    assert_eq!(
+        fails(&agent, "CreateKey", json!({"MultiRegion": true, "Origin": "EXTERNAL"})),
+        UnsupportedOperationException
+    );
     assert_eq!(fails(&agent, "CreateKey", json!({"Description": "x".repeat(8193)})), ValidationException);
     assert_eq!(fails(&agent, "CreateKey", json!({"Tags": [{"TagKey": "aws:x", "TagValue": ""}]})), TagException);
     assert_eq!(
@@ -686,9 +689,9 @@ fn protocol_errors_are_aws_shaped() {
     assert_eq!((status, body["__type"].as_str()), (400, Some("UnknownOperationException")));
     let (status, body) = raw(&agent, b"GET / HTTP/1.1\r\nHost: kmsd\r\nConnection: close\r\n\r\n");
     assert_eq!((status, body["__type"].as_str()), (400, Some("UnknownOperationException")));
-    let (status, body) =
-        raw(&agent, &post("TrentService.UpdatePrimaryRegion", "{\"KeyId\":\"k\",\"PrimaryRegion\":\"us-east-1\"}"));
-    assert_eq!((status, body["__type"].as_str()), (400, Some("UnsupportedOperationException")));
+    // Agents call each other's peer actions on the TCP listener only, never on the socket.
+    let (status, body) = raw(&agent, &post("KmsfsPeer.GetReplicationParameters", "{\"KeyId\":\"k\"}"));
+    assert_eq!((status, body["__type"].as_str()), (400, Some("UnknownOperationException")));
     // An empty body is an empty request, as botocore sends for no parameters.
     let (status, body) = raw(&agent, &post("TrentService.ListKeys", ""));
     assert_eq!(status, 200);

@@ -263,6 +263,7 @@ fn synchronize_or_mark(agent: &Agent, id: &KeyId, region: &str, with_material: b
         if let Err(e) = agent.mutate(|store| Ok((store.set_replica_sync(id, region, true)?, Vec::new()))) {
             tracing::error!(key_id = %id, region, "cannot record the replica to synchronize: {}", e.message);
         }
+        agent.wake_scheduler.notify_one();
     }
 }
 
@@ -508,7 +509,9 @@ fn create_replica(agent: &Agent, caller: &Caller, request: Value) -> Result<Valu
             None => crate::agent::parse_stored_policy(&agent.scope, "").map_err(KmsError::internal)?,
         },
     };
-    if req.bypass_policy_lockout_safety_check != Some(true) {
+    // The default key policy cannot lock anyone out. A policy of the caller's is checked
+    // against the principal asking here, the primary's agent (whose user is not known here).
+    if policy.is_some() && req.bypass_policy_lockout_safety_check != Some(true) {
         agent.authz.check_lockout(&record.policy, &agent.key_context(caller, "PutKeyPolicy", &record))?;
     }
     let rows: Vec<MaterialRow> = record.materials.values().map(|m| m.row.clone()).collect();
