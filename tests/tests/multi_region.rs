@@ -1,0 +1,263 @@
+//! Multi-Region keys: a primary on one agent, replicas on the agents of other regions.
+//!
+//! The two-host test runs two real kmsd in two network namespaces joined by a veth pair
+//! (`kmsfs_tests::netns`), each serving TLS with mutual authentication on its veth address
+//! under certificates the test makes, each naming the other in `peers.json`. The test
+//! itself reaches each agent only over its Unix socket, as a local user of that host.
+
+use std::time::{Duration, Instant};
+
+use kmsfs_common::ErrorKind;
+use kmsfs_tests::netns::{NetnsPair, Side};
+use kmsfs_tests::tls::TestCa;
+use kmsfs_tests::{b64, unb64, TestAgent};
+use serde_json::{json, Value};
+
+const ACCOUNT: &str = "111122223333";
+const ROOT_POLICY: &str =
+    r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"kms:*","Resource":"*"}]}"#;
+/// What a peer agent's principal may do here: create replicas and keep them up to date.
+const PEER_POLICY: &str = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow",
+  "Action":["kms:CreateKey","kms:SynchronizeMultiRegionKey"],"Resource":"*"}]}"#;
+
+fn fails(agent: &TestAgent, action: &str, request: Value) -> ErrorKind {
+    match agent.call(action, request.clone()) {
+        Ok(v) => panic!("{action} {request} succeeded: {v}"),
+        Err(e) => e.kind,
+    }
+}
+
+#[test]
+fn a_multi_region_primary_on_its_own() {
+    let agent = TestAgent::start_with(&["--region", "us-east-1", "--account-id", ACCOUNT]);
+    let created = agent.ok("CreateKey", json!({"MultiRegion": true, "Description": "mrk"}));
+    let meta = &created["KeyMetadata"];
+    let id = meta["KeyId"].as_str().unwrap().to_string();
+    assert!(id.starts_with("mrk-") && id.len() == 36, "{id}");
+    assert_eq!(meta["Arn"], format!("arn:aws:kms:us-east-1:{ACCOUNT}:key/{id}"));
+    assert_eq!(meta["MultiRegion"], true);
+    assert_eq!(
+        meta["MultiRegionConfiguration"],
+        json!({
+            "MultiRegionKeyType": "PRIMARY",
+            "PrimaryKey": {"Arn": format!("arn:aws:kms:us-east-1:{ACCOUNT}:key/{id}"), "Region": "us-east-1"},
+            "ReplicaKeys": [],
+        })
+    );
+    let blob = agent.ok("Encrypt", json!({"KeyId": id, "Plaintext": b64(b"multi-Region")}))["CiphertextBlob"].clone();
+
+    let single = agent.ok("CreateKey", json!({}))["KeyMetadata"]["KeyId"].as_str().unwrap().to_string();
+    assert_eq!(agent.ok("DescribeKey", json!({"KeyId": single}))["KeyMetadata"]["MultiRegion"], false);
+    let replicate =
+        |key: &str, region: &str| fails(&agent, "ReplicateKey", json!({"KeyId": key, "ReplicaRegion": region}));
+    assert_eq!(replicate(&single, "eu-west-1"), ErrorKind::UnsupportedOperationException, "not multi-Region");
+    assert_eq!(replicate(&id, "us-east-1"), ErrorKind::AlreadyExistsException, "its own region");
+    let err = agent.call("ReplicateKey", json!({"KeyId": id, "ReplicaRegion": "eu-west-1"})).unwrap_err();
+    assert_eq!(err.kind, ErrorKind::UnsupportedOperationException);
+    assert!(err.message.contains("peers.json"), "{}", err.message);
+    assert_eq!(
+        fails(&agent, "UpdatePrimaryRegion", json!({"KeyId": id, "PrimaryRegion": "eu-west-1"})),
+        ErrorKind::NotFoundException,
+        "no replica there"
+    );
+    assert_eq!(
+        fails(&agent, "CreateKey", json!({"MultiRegion": true, "Origin": "EXTERNAL"})),
+        ErrorKind::UnsupportedOperationException
+    );
+
+    let mut agent = agent;
+    agent.restart();
+    let described = agent.ok("DescribeKey", json!({"KeyId": id}));
+    assert_eq!(described["KeyMetadata"]["MultiRegionConfiguration"]["MultiRegionKeyType"], "PRIMARY");
+    let plain = agent.ok("Decrypt", json!({"CiphertextBlob": blob}));
+    assert_eq!(unb64(&plain["Plaintext"]), b"multi-Region");
+    assert_eq!(plain["KeyId"], format!("arn:aws:kms:us-east-1:{ACCOUNT}:key/{id}"));
+}
+
+/// One host of the two-host test: its agent, in its namespace, serving TLS on its address.
+struct Host {
+    agent: TestAgent,
+    region: &'static str,
+}
+
+fn access_keys(id: &str, secret: &str, principal: &str) -> String {
+    json!({"AccessKeys": [{"AccessKeyId": id, "SecretAccessKey": secret, "Principal": principal}]}).to_string()
+}
+
+fn write_private(path: &std::path::Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+/// Waits for `check` to hold (the scheduler's retries), failing after `limit`.
+fn eventually(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !check() {
+        assert!(started.elapsed() < limit, "{what} did not happen within {limit:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn rotations(host: &Host, id: &str) -> usize {
+    host.agent.ok("ListKeyRotations", json!({"KeyId": id}))["Rotations"].as_array().map_or(0, Vec::len)
+}
+
+#[test]
+fn replicas_on_two_hosts_over_mutual_tls() {
+    let net = NetnsPair::new();
+    let certs = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(certs.path(), "ca");
+    let sides = [(Side::A, "us-east-1", "host-a"), (Side::B, "eu-west-1", "host-b")];
+    // Each agent's access key at the other, and the principal it maps to there.
+    let key_id = |region: &str| format!("AKIAPEER{:0>12}", region.to_uppercase().replace('-', ""));
+    let secret = |region: &str| format!("peer-secret-of-{region}-0123456789");
+    let mut hosts = Vec::new();
+    for (side, region, name) in sides {
+        let ip = net.ip(side).to_string();
+        let server = ca.server(name, &[&ip]);
+        let other = sides.iter().find(|s| s.0 != side).unwrap().1;
+        let peer_user = format!("{other}-agent");
+        let policy_path = format!("users/{peer_user}.json");
+        let args = [
+            "--region",
+            region,
+            "--account-id",
+            ACCOUNT,
+            "--listen-tcp",
+            &format!("{ip}:4566"),
+            "--tls-cert",
+            server.cert.to_str().unwrap(),
+            "--tls-key",
+            server.key.to_str().unwrap(),
+            "--tls-client-ca",
+            ca.cert.to_str().unwrap(),
+        ];
+        let agent = TestAgent::start_in_netns(
+            net.name(side),
+            &args,
+            &[("users/root.json", ROOT_POLICY), (&policy_path, PEER_POLICY)],
+            Some(&access_keys(&key_id(other), &secret(other), &format!("user/{peer_user}"))),
+        );
+        hosts.push((side, Host { agent, region }));
+    }
+    // peers.json on each, naming the other (with this host's client certificate); SIGHUP
+    // loads it.
+    for (side, region, name) in sides {
+        let (other_side, other_region) = sides.iter().find(|s| s.0 != side).map(|s| (s.0, s.1)).unwrap();
+        let client = ca.client(&format!("{name}-client"));
+        let peers = json!({"Peers": [{
+            "Region": other_region,
+            "Endpoint": format!("https://{}:4566", net.ip(other_side)),
+            "CaFile": ca.cert,
+            "AccessKeyId": key_id(region),
+            "SecretAccessKey": secret(region),
+            "ClientCertificateFile": client.cert,
+            "ClientKeyFile": client.key,
+        }]});
+        let host = &hosts.iter().find(|h| h.0 == side).unwrap().1;
+        write_private(&host.agent.config_dir().join("peers.json"), &peers.to_string());
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(host.agent.pid() as i32), nix::sys::signal::Signal::SIGHUP)
+            .unwrap();
+    }
+    for (side, _, _) in sides {
+        net.wait_tcp(side.other(), std::net::SocketAddr::new(net.ip(side), 4566));
+    }
+    let log_has = |host: &Host, needle: &str| host.agent.log().contains(needle);
+    for (_, host) in &hosts {
+        eventually(Duration::from_secs(10), "peers.json reloaded", || log_has(host, "peer agents reloaded"));
+    }
+    let (a, mut b) = {
+        let mut it = hosts.into_iter().map(|(_, h)| h);
+        (it.next().unwrap(), it.next().unwrap())
+    };
+    let arn = |host: &Host, id: &str| format!("arn:aws:kms:{}:{ACCOUNT}:key/{id}", host.region);
+
+    // A primary on A, replicated to B with its own description and tags.
+    let id =
+        a.agent.ok("CreateKey", json!({"MultiRegion": true}))["KeyMetadata"]["KeyId"].as_str().unwrap().to_string();
+    let from_a = a.agent.ok("Encrypt", json!({"KeyId": id, "Plaintext": b64(b"made on A")}))["CiphertextBlob"].clone();
+    let replicated = a.agent.ok(
+        "ReplicateKey",
+        json!({"KeyId": id, "ReplicaRegion": "eu-west-1", "Description": "replica on B",
+               "Tags": [{"TagKey": "site", "TagValue": "b"}]}),
+    );
+    let replica = &replicated["ReplicaKeyMetadata"];
+    assert_eq!(replica["KeyId"], id);
+    assert_eq!(replica["Arn"], arn(&b, &id));
+    assert_eq!(replica["Description"], "replica on B");
+    assert_eq!(replica["MultiRegionConfiguration"]["MultiRegionKeyType"], "REPLICA");
+    assert_eq!(replicated["ReplicaTags"], json!([{"TagKey": "site", "TagValue": "b"}]));
+    assert!(replicated["ReplicaPolicy"].as_str().unwrap().contains("kms:*"), "{replicated}");
+    let expected = json!({
+        "PrimaryKey": {"Arn": arn(&a, &id), "Region": "us-east-1"},
+        "ReplicaKeys": [{"Arn": arn(&b, &id), "Region": "eu-west-1"}],
+    });
+    for (host, key_type) in [(&a, "PRIMARY"), (&b, "REPLICA")] {
+        let config = &host.agent.ok("DescribeKey", json!({"KeyId": id}))["KeyMetadata"]["MultiRegionConfiguration"];
+        assert_eq!(config["MultiRegionKeyType"], key_type, "{config}");
+        assert_eq!(
+            (&config["PrimaryKey"], &config["ReplicaKeys"]),
+            (&expected["PrimaryKey"], &expected["ReplicaKeys"])
+        );
+    }
+    assert_eq!(
+        a.agent.call("ReplicateKey", json!({"KeyId": id, "ReplicaRegion": "eu-west-1"})).unwrap_err().kind,
+        ErrorKind::AlreadyExistsException
+    );
+    // Tags and description are the replica's own.
+    assert_eq!(a.agent.ok("ListResourceTags", json!({"KeyId": id}))["Tags"], json!([]));
+
+    // Ciphertexts cross both ways.
+    let on_b = b.agent.ok("Decrypt", json!({"CiphertextBlob": from_a}));
+    assert_eq!(unb64(&on_b["Plaintext"]), b"made on A");
+    assert_eq!(on_b["KeyId"], arn(&b, &id));
+    let from_b = b.agent.ok("Encrypt", json!({"KeyId": id, "Plaintext": b64(b"made on B")}))["CiphertextBlob"].clone();
+    assert_eq!(unb64(&a.agent.ok("Decrypt", json!({"CiphertextBlob": from_b}))["Plaintext"]), b"made on B");
+
+    // The material crossed wrapped, and the audit trail of neither agent holds it.
+    let b_events = b.agent.audit_events();
+    let created = b_events.iter().find(|e| e["eventName"] == "KmsfsPeer.CreateReplica").expect("audited on B");
+    assert_eq!(created["userIdentity"]["arn"], format!("arn:aws:iam::{ACCOUNT}:user/us-east-1-agent"), "{created}");
+    assert!(created["requestParameters"].get("EncryptedKeyMaterial").is_none(), "{created}");
+    assert!(created["requestParameters"].get("ImportToken").is_none(), "{created}");
+
+    // Enablement is per replica; rotation belongs to the primary.
+    b.agent.ok("DisableKey", json!({"KeyId": id}));
+    assert_eq!(fails(&b.agent, "Decrypt", json!({"CiphertextBlob": from_a})), ErrorKind::DisabledException);
+    a.agent.ok("Encrypt", json!({"KeyId": id, "Plaintext": b64(b"A is unaffected")}));
+    b.agent.ok("EnableKey", json!({"KeyId": id}));
+    assert_eq!(fails(&b.agent, "RotateKeyOnDemand", json!({"KeyId": id})), ErrorKind::UnsupportedOperationException);
+    assert_eq!(fails(&b.agent, "EnableKeyRotation", json!({"KeyId": id})), ErrorKind::UnsupportedOperationException);
+
+    // A rotation of the primary reaches the replica at once.
+    a.agent.ok("RotateKeyOnDemand", json!({"KeyId": id}));
+    assert_eq!(rotations(&b, &id), 1, "the new version is on B");
+    let rotated = a.agent.ok("Encrypt", json!({"KeyId": id, "Plaintext": b64(b"version 2")}))["CiphertextBlob"].clone();
+    assert_eq!(unb64(&b.agent.ok("Decrypt", json!({"CiphertextBlob": rotated}))["Plaintext"]), b"version 2");
+
+    // B's agent stopped: A keeps working, rotates, and B catches up once it is back.
+    b.agent.stop();
+    let alone = a.agent.ok("Encrypt", json!({"KeyId": id, "Plaintext": b64(b"B is down")}))["CiphertextBlob"].clone();
+    assert_eq!(unb64(&a.agent.ok("Decrypt", json!({"CiphertextBlob": alone.clone()}))["Plaintext"]), b"B is down");
+    a.agent.ok("RotateKeyOnDemand", json!({"KeyId": id}));
+    let while_down = a.agent.ok("Encrypt", json!({"KeyId": id, "Plaintext": b64(b"v3")}))["CiphertextBlob"].clone();
+    assert!(log_has(&a, "replica not synchronized, retrying later"), "A noticed B was down");
+    b.agent.start_again();
+    eventually(Duration::from_secs(30), "the replica caught up", || rotations(&b, &id) == 2);
+    assert_eq!(unb64(&b.agent.ok("Decrypt", json!({"CiphertextBlob": while_down}))["Plaintext"]), b"v3");
+
+    // B becomes the primary: now B rotates, and A is the replica.
+    a.agent.ok("UpdatePrimaryRegion", json!({"KeyId": id, "PrimaryRegion": "eu-west-1"}));
+    for (host, key_type) in [(&a, "REPLICA"), (&b, "PRIMARY")] {
+        let config = &host.agent.ok("DescribeKey", json!({"KeyId": id}))["KeyMetadata"]["MultiRegionConfiguration"];
+        assert_eq!(config["MultiRegionKeyType"], key_type, "{config}");
+        assert_eq!(config["PrimaryKey"]["Region"], "eu-west-1");
+        assert_eq!(config["ReplicaKeys"], json!([{"Arn": arn(&a, &id), "Region": "us-east-1"}]));
+    }
+    assert_eq!(fails(&a.agent, "RotateKeyOnDemand", json!({"KeyId": id})), ErrorKind::UnsupportedOperationException);
+    b.agent.ok("RotateKeyOnDemand", json!({"KeyId": id}));
+    assert_eq!(rotations(&a, &id), 3, "B's rotation reached A");
+    let newest = b.agent.ok("Encrypt", json!({"KeyId": id, "Plaintext": b64(b"v4 from B")}))["CiphertextBlob"].clone();
+    assert_eq!(unb64(&a.agent.ok("Decrypt", json!({"CiphertextBlob": newest}))["Plaintext"]), b"v4 from B");
+}
