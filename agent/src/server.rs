@@ -67,9 +67,9 @@ pub const MAX_BODY: usize = 512 * 1024;
 /// request to a TLS port) before the connection is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How many TLS handshakes may be in progress at once; further connections wait in the
-/// kernel's accept queue.
-const MAX_HANDSHAKES: usize = 256;
+/// How many TLS handshakes may be in progress at once; a connection beyond that is closed
+/// at once (the accept loop never waits for a handshake).
+const MAX_HANDSHAKES: usize = 1024;
 
 /// The first byte of a TLS handshake record (ContentType `handshake`).
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
@@ -194,7 +194,10 @@ async fn accept_tcp(
             }
             continue;
         };
-        let Ok(permit) = handshakes.clone().acquire_owned().await else { return };
+        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            tracing::warn!(peer = %address, "{MAX_HANDSHAKES} TLS handshakes in progress already; connection dropped");
+            continue;
+        };
         let (config, connections) = (tls.current(), connections.clone());
         tokio::spawn(async move {
             let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls_handshake(stream, address, config)).await;
@@ -230,10 +233,11 @@ async fn tls_handshake(
             return None;
         }
     }
-    let tls = match tokio_rustls::TlsAcceptor::from(config).accept(stream).await {
+    let tls = match tokio_rustls::TlsAcceptor::from(config).accept(stream).into_fallible().await {
         Ok(tls) => tls,
-        Err(e) => {
+        Err((e, stream)) => {
             tracing::info!(peer = %address, "TLS handshake failed: {e}");
+            linger_and_close(stream).await;
             return None;
         }
     };
@@ -250,6 +254,19 @@ async fn tls_handshake(
     }
     tracing::debug!(peer = %address, version = ?session.protocol_version(), tls_client = tls_client.as_deref(), "TLS handshake done");
     Some(TcpConnection::Tls(Box::new(tls), tls_client))
+}
+
+/// Closes a connection whose last words (a TLS alert, a 400) were written, so that the
+/// client reads them: a close with unread data would reset the connection first, and the
+/// client would see only "connection reset" where rustls's alert says why.
+async fn linger_and_close(mut stream: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if tokio::time::timeout(Duration::from_secs(2), stream.shutdown()).await.is_err() {
+        return;
+    }
+    let mut buf = [0u8; 4096];
+    let drain = async { while let Ok(1..) = stream.read(&mut buf).await {} };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
 }
 
 /// The largest plain HTTP request head read from a TLS port before answering it.
@@ -283,14 +300,10 @@ async fn refuse_plain_http(mut stream: tokio::net::TcpStream, address: std::net:
     );
     let written = async {
         stream.write_all(reply.as_bytes()).await?;
-        stream.write_all(&body).await?;
-        stream.shutdown().await
+        stream.write_all(&body).await
     };
-    if tokio::time::timeout(Duration::from_secs(2), written).await.is_ok() {
-        // Let the client read the answer before the socket goes.
-        let _ =
-            tokio::time::timeout(Duration::from_secs(1), async { while let Ok(1..) = stream.read(&mut buf).await {} })
-                .await;
+    if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(2), written).await {
+        linger_and_close(stream).await;
     }
 }
 

@@ -351,6 +351,45 @@ fn plain_http_to_the_tls_port_gets_one_clear_400_and_nothing_more() {
 }
 
 #[test]
+fn silent_and_stalled_clients_neither_hold_up_others_nor_stay_connected() {
+    use std::io::{Read, Write};
+    require_clients();
+    let pki = Pki::new();
+    let port = free_port();
+    let agent = start(&tls_args(port, &pki.server, None), &[]);
+    let connect = || std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    // Connections that never speak, and ones that stop inside their first TLS record.
+    let mut idle: Vec<std::net::TcpStream> = (0..40).map(|_| connect()).collect();
+    for _ in 0..10 {
+        let mut stalled = connect();
+        stalled.write_all(&[0x16, 0x03, 0x01, 0x02]).expect("write");
+        idle.push(stalled);
+    }
+
+    // Another client is served meanwhile, well before their handshakes time out (10 s).
+    let started = Instant::now();
+    ok(Client::new(&pki.ca.cert).kms(&agent, &https(port), "ListKeys", json!({})), &agent);
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "a client waited behind idle handshakes: {:?}",
+        started.elapsed()
+    );
+
+    // Then kmsd closes them, and says so.
+    for mut stream in idle {
+        stream.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+        let mut buf = [0u8; 64];
+        match stream.read(&mut buf) {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("an idle connection was not closed by its handshake timeout: {other:?}"),
+        }
+    }
+    wait_for_log(&agent, "TLS handshake timed out", 50);
+    assert_eq!(tcp_events(&agent).len(), 1, "only the real client's request was served");
+}
+
+#[test]
 fn unsigned_requests_over_tls_are_refused_as_on_plain_tcp() {
     require_clients();
     let pki = Pki::new();
@@ -386,23 +425,26 @@ fn mutual_tls_refuses_clients_without_a_good_certificate() {
     let endpoint = https(port);
     let client = Client::new(&pki.ca.cert);
 
-    for (what, attempt, why) in [
-        ("no client certificate", client, "TLS handshake failed: peer sent no certificates"),
+    // Each is refused at the handshake: the client reads rustls's alert, kmsd's log says
+    // why, naming the peer.
+    for (what, attempt, alert, why) in [
+        ("no client certificate", client, "certificate required", "peer sent no certificates"),
         (
             "a certificate from another CA",
             client.with_cert(&stranger),
-            "TLS handshake failed: invalid peer certificate: UnknownIssuer",
+            "unknown ca",
+            "invalid peer certificate: UnknownIssuer",
         ),
         (
             "an expired certificate",
             client.with_cert(&expired),
-            "TLS handshake failed: invalid peer certificate: certificate expired",
+            "certificate expired",
+            "invalid peer certificate: certificate expired",
         ),
     ] {
-        let result = attempt.kms(&agent, &endpoint, "ListKeys", json!({}));
-        assert!(result.get("transport").is_some(), "{what}: expected the handshake to be refused, got {result}");
-        // kmsd's log says why, naming the peer.
-        wait_for_log(&agent, why, 1);
+        let message = transport_error(&attempt.kms(&agent, &endpoint, "ListKeys", json!({})));
+        assert!(message.contains(alert), "{what}: expected the alert '{alert}', got: {message}");
+        wait_for_log(&agent, &format!("TLS handshake failed: {why}"), 1);
     }
     assert_eq!(tcp_events(&agent), Vec::<Value>::new(), "refused handshakes serve nothing");
 
