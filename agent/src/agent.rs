@@ -604,6 +604,9 @@ pub fn require_usable(agent: &Agent, key: &KeyRecord) -> Result<(), KmsError> {
         KeyState::PendingDeletion => {
             Err(KmsError::invalid_state(format!("{} is pending deletion.", agent.key_arn(&key.row.id))))
         }
+        KeyState::PendingReplicaDeletion => {
+            Err(KmsError::invalid_state(format!("{} is pending replica deletion.", agent.key_arn(&key.row.id))))
+        }
         KeyState::PendingImport => {
             Err(KmsError::invalid_state(format!("{} is pending import.", agent.key_arn(&key.row.id))))
         }

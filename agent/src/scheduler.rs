@@ -88,7 +88,7 @@ enum Due {
 /// or the expiry of imported material, whichever comes first.
 fn next_action(key: &KeyRecord) -> Option<(Due, i64)> {
     let row = &key.row;
-    if row.state == KeyState::PendingDeletion {
+    if row.state.is_pending_deletion() {
         return row.deletion_ms.map(|at| (Due::Deletion, at));
     }
     let rotation = (row.state == KeyState::Enabled).then_some(row.next_rotation_ms).flatten();
@@ -115,7 +115,9 @@ fn destroy(agent: &Agent, id: &KeyId) -> Result<Vec<ServiceEvent>, KmsError> {
             return Ok((Vec::new(), Vec::new()));
         }
         destroy_token_objects(agent, &key);
-        store.destroy_key(id)?;
+        // A replica's primary learns that it is gone (right after this pass, or later).
+        let primary = key.row.multi_region.as_ref().map(|m| m.primary.as_str()).filter(|p| *p != agent.scope.region);
+        store.destroy_key(id, primary)?;
         tracing::info!(key_id = %id, "deletion window ended: key and its material destroyed");
         Ok((vec![event(agent, "DeleteKey", id, None)], vec![Change::KeyDestroyed(*id)]))
     })
@@ -156,7 +158,7 @@ fn expire_material(agent: &Agent, id: &KeyId) -> Result<Vec<ServiceEvent>, KmsEr
         if events.is_empty() {
             return Ok((Vec::new(), Vec::new()));
         }
-        if !record.current().is_ok_and(Material::usable) && record.row.state != KeyState::PendingDeletion {
+        if !record.current().is_ok_and(Material::usable) && !record.row.state.is_pending_deletion() {
             record.row.state = KeyState::PendingImport;
         }
         let changed: Vec<_> =

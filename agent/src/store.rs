@@ -127,6 +127,11 @@ const MIGRATIONS: &[&str] = &[
         region TEXT NOT NULL,
         PRIMARY KEY (key_id, region)
     );
+    -- Destroyed replicas whose primary's agent is still to be told (the key row is gone).
+    CREATE TABLE replica_removals (
+        key_id         TEXT PRIMARY KEY,
+        primary_region TEXT NOT NULL
+    );
 "#,
 ];
 
@@ -139,6 +144,9 @@ pub enum KeyState {
     Enabled,
     Disabled,
     PendingDeletion,
+    /// A multi-Region primary key scheduled for deletion, waiting for its replicas to be
+    /// deleted; then it is PendingDeletion for its waiting period (`pending_days`).
+    PendingReplicaDeletion,
     /// An `EXTERNAL` key without usable current material: never imported, deleted or expired.
     PendingImport,
     /// A key whose custom key store is not connected (never stored: the stored state is
@@ -152,9 +160,15 @@ impl KeyState {
             KeyState::Enabled => "Enabled",
             KeyState::Disabled => "Disabled",
             KeyState::PendingDeletion => "PendingDeletion",
+            KeyState::PendingReplicaDeletion => "PendingReplicaDeletion",
             KeyState::PendingImport => "PendingImport",
             KeyState::Unavailable => "Unavailable",
         }
+    }
+
+    /// Scheduled for deletion: PendingDeletion, or PendingReplicaDeletion on the way to it.
+    pub fn is_pending_deletion(self) -> bool {
+        matches!(self, KeyState::PendingDeletion | KeyState::PendingReplicaDeletion)
     }
 
     fn parse(s: &str) -> Option<KeyState> {
@@ -162,6 +176,7 @@ impl KeyState {
             "Enabled" => Some(KeyState::Enabled),
             "Disabled" => Some(KeyState::Disabled),
             "PendingDeletion" => Some(KeyState::PendingDeletion),
+            "PendingReplicaDeletion" => Some(KeyState::PendingReplicaDeletion),
             "PendingImport" => Some(KeyState::PendingImport),
             _ => None,
         }
@@ -562,6 +577,29 @@ impl Store {
         })
     }
 
+    /// Destroyed replica keys whose primary's agent has not yet been told, with its region.
+    pub fn replica_removals(&self) -> Result<Vec<(KeyId, String)>, KmsError> {
+        let read = || -> rusqlite::Result<Vec<(KeyId, String)>> {
+            let mut stmt = self.conn.prepare("SELECT key_id, primary_region FROM replica_removals ORDER BY key_id")?;
+            let rows = stmt
+                .query_map([], |r| {
+                    let id: String = r.get(0)?;
+                    Ok((KeyId::parse(&id).ok_or_else(|| corrupt("key ID"))?, r.get(1)?))
+                })?
+                .collect();
+            rows
+        };
+        read().map_err(db_error)
+    }
+
+    /// The primary's agent knows replica `key_id` is gone.
+    pub fn forget_replica_removal(&mut self, key_id: &KeyId) -> Result<(), KmsError> {
+        self.write(|tx| {
+            tx.execute("DELETE FROM replica_removals WHERE key_id = ?1", [key_id.to_string()])?;
+            Ok(())
+        })
+    }
+
     /// The replicas still to be brought up to date, by primary key.
     pub fn pending_replica_syncs(&self) -> Result<Vec<(KeyId, String)>, KmsError> {
         let read = || -> rusqlite::Result<Vec<(KeyId, String)>> {
@@ -598,9 +636,18 @@ impl Store {
     /// usage, in one transaction. Then the write-ahead log is checkpointed and truncated so
     /// that no page image holding the wrapped material survives in `kmsd.db-wal`
     /// (`secure_delete` has already zeroed the freed content in the database's pages).
-    pub fn destroy_key(&mut self, key_id: &KeyId) -> Result<(), KmsError> {
+    ///
+    /// A replica key's primary is to be told it is gone: `primary_region` records that in
+    /// the same transaction (see [`Store::replica_removals`]).
+    pub fn destroy_key(&mut self, key_id: &KeyId, primary_region: Option<&str>) -> Result<(), KmsError> {
         let id = key_id.to_string();
         self.write(|tx| {
+            if let Some(region) = primary_region {
+                tx.execute(
+                    "INSERT OR REPLACE INTO replica_removals (key_id, primary_region) VALUES (?1, ?2)",
+                    params![id, region],
+                )?;
+            }
             tx.execute("DELETE FROM aliases WHERE key_id = ?1", [&id])?;
             tx.execute("DELETE FROM key_material WHERE key_id = ?1", [&id])?;
             tx.execute("DELETE FROM keys WHERE key_id = ?1", [&id])?;
@@ -891,7 +938,7 @@ mod tests {
         assert_eq!(snapshot.keys, vec![row.clone()]);
         // A key store with keys cannot be deleted behind the agent's back either.
         assert!(store.delete_key_store(&ks.id).is_err());
-        store.destroy_key(&row.id).unwrap();
+        store.destroy_key(&row.id, None).unwrap();
         store.delete_key_store(&ks.id).unwrap();
         assert!(store.snapshot().unwrap().key_stores.is_empty());
     }

@@ -78,6 +78,8 @@ fn a_multi_region_primary_on_its_own() {
 struct Host {
     agent: TestAgent,
     region: &'static str,
+    /// kmsd's arguments (TLS, region, listener), for restarts with more.
+    args: Vec<String>,
 }
 
 fn access_keys(id: &str, secret: &str, principal: &str) -> String {
@@ -139,7 +141,7 @@ fn replicas_on_two_hosts_over_mutual_tls() {
             &[("users/root.json", ROOT_POLICY), (&policy_path, PEER_POLICY)],
             Some(&access_keys(&key_id(other), &secret(other), &format!("user/{peer_user}"))),
         );
-        hosts.push((side, Host { agent, region }));
+        hosts.push((side, Host { agent, region, args: args.iter().map(|a| a.to_string()).collect() }));
     }
     // peers.json on each, naming the other (with this host's client certificate); SIGHUP
     // loads it.
@@ -167,7 +169,7 @@ fn replicas_on_two_hosts_over_mutual_tls() {
     for (_, host) in &hosts {
         eventually(Duration::from_secs(10), "peers.json reloaded", || log_has(host, "peer agents reloaded"));
     }
-    let (a, mut b) = {
+    let (mut a, mut b) = {
         let mut it = hosts.into_iter().map(|(_, h)| h);
         (it.next().unwrap(), it.next().unwrap())
     };
@@ -260,4 +262,31 @@ fn replicas_on_two_hosts_over_mutual_tls() {
     assert_eq!(rotations(&a, &id), 3, "B's rotation reached A");
     let newest = b.agent.ok("Encrypt", json!({"KeyId": id, "Plaintext": b64(b"v4 from B")}))["CiphertextBlob"].clone();
     assert_eq!(unb64(&a.agent.ok("Decrypt", json!({"CiphertextBlob": newest}))["Plaintext"]), b"v4 from B");
+
+    // Deletion: a primary with replicas waits for them (PendingReplicaDeletion, no date yet).
+    let scheduled = b.agent.ok("ScheduleKeyDeletion", json!({"KeyId": id, "PendingWindowInDays": 7}));
+    assert_eq!(scheduled["KeyState"], "PendingReplicaDeletion", "{scheduled}");
+    assert!(scheduled.get("DeletionDate").is_none(), "{scheduled}");
+    assert_eq!(
+        fails(&b.agent, "Encrypt", json!({"KeyId": id, "Plaintext": b64(b"x")})),
+        ErrorKind::KMSInvalidStateException
+    );
+    assert_eq!(unb64(&a.agent.ok("Decrypt", json!({"CiphertextBlob": from_a}))["Plaintext"]), b"made on A");
+    let on_a = a.agent.ok("ScheduleKeyDeletion", json!({"KeyId": id, "PendingWindowInDays": 7}));
+    assert_eq!(on_a["KeyState"], "PendingDeletion");
+    // A's window ends (its lifecycle clock eight days on): the replica is destroyed, and B's
+    // agent, told so, starts the primary's own seven days.
+    a.agent.stop();
+    let mut args: Vec<&str> = a.args.iter().map(String::as_str).collect();
+    args.extend(["--clock-offset", "8d"]);
+    a.agent.set_args(&args);
+    a.agent.start_again();
+    assert_eq!(fails(&a.agent, "DescribeKey", json!({"KeyId": id})), ErrorKind::NotFoundException);
+    eventually(Duration::from_secs(30), "the primary's window began", || {
+        b.agent.ok("DescribeKey", json!({"KeyId": id}))["KeyMetadata"]["KeyState"] == "PendingDeletion"
+    });
+    let meta = b.agent.ok("DescribeKey", json!({"KeyId": id}))["KeyMetadata"].clone();
+    assert_eq!(meta["MultiRegionConfiguration"]["ReplicaKeys"], json!([]), "{meta}");
+    assert!(meta["DeletionDate"].is_number(), "{meta}");
+    assert!(log_has(&a, "told the primary's agent that this replica is deleted"));
 }

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use super::wire::{paginate, parse, with_page_info};
 use crate::agent::{Agent, Change, KeyRecord};
 use crate::policy::eval::Caller;
-use crate::store::{AliasRow, KeyState};
+use crate::store::AliasRow;
 use std::sync::Arc;
 
 fn check_alias_name(name: &str) -> Result<(), KmsError> {
@@ -39,7 +39,7 @@ fn target(agent: &Agent, target_key_id: &str) -> Result<Arc<KeyRecord>, KmsError
         )));
     }
     let key = agent.resolve(target_key_id, false)?;
-    if key.row.state == KeyState::PendingDeletion {
+    if key.row.state.is_pending_deletion() {
         return Err(KmsError::invalid_state(format!("{} is pending deletion.", agent.key_arn(&key.row.id))));
     }
     Ok(key)

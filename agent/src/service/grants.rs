@@ -105,7 +105,7 @@ pub fn create_grant(agent: &Agent, caller: &Caller, request: Value) -> Result<Va
                 format!("{} is disabled.", agent.key_arn(&key.row.id)),
             ))
         }
-        KeyState::PendingDeletion => {
+        KeyState::PendingDeletion | KeyState::PendingReplicaDeletion => {
             return Err(KmsError::invalid_state(format!("{} is pending deletion.", agent.key_arn(&key.row.id))))
         }
     }

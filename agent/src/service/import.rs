@@ -104,7 +104,7 @@ impl Imported {
 }
 
 fn not_pending_deletion(agent: &Agent, key: &KeyRecord) -> Result<(), KmsError> {
-    if key.row.state == KeyState::PendingDeletion {
+    if key.row.state.is_pending_deletion() {
         return Err(KmsError::invalid_state(format!("{} is pending deletion.", agent.key_arn(&key.row.id))));
     }
     Ok(())
@@ -416,7 +416,7 @@ pub fn delete_imported_key_material(agent: &Agent, caller: &Caller, request: Val
         let m = record.materials.get_mut(&version).ok_or_else(|| KmsError::internal("lost the version"))?;
         m.clear();
         let row = m.row.clone();
-        if version == record.row.current_version && record.row.state != KeyState::PendingDeletion {
+        if version == record.row.current_version && !record.row.state.is_pending_deletion() {
             record.row.state = KeyState::PendingImport;
         }
         store.update_key_and_materials(&record.row, &[&row])?;

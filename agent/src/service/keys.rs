@@ -389,7 +389,7 @@ fn set_enabled(agent: &Agent, caller: &Caller, request: Value, state: KeyState) 
     let action = if state == KeyState::Enabled { "EnableKey" } else { "DisableKey" };
     let authorized = |key: &KeyRecord| agent.authorize_key(caller, action, key, |c| c);
     update_row(agent, authorized, &req.key_id, |agent, row| match row.state {
-        KeyState::PendingDeletion => Err(pending_deletion(agent, row)),
+        KeyState::PendingDeletion | KeyState::PendingReplicaDeletion => Err(pending_deletion(agent, row)),
         KeyState::PendingImport => {
             Err(KmsError::invalid_state(format!("{} is pending import.", agent.key_arn(&row.id))))
         }
@@ -412,7 +412,7 @@ pub fn update_key_description(agent: &Agent, caller: &Caller, request: Value) ->
     let req: UpdateKeyDescriptionRequest = parse(request)?;
     let authorized = |key: &KeyRecord| agent.authorize_key(caller, "UpdateKeyDescription", key, |c| c);
     update_row(agent, authorized, &req.key_id, |agent, row| match row.state {
-        KeyState::PendingDeletion => Err(pending_deletion(agent, row)),
+        KeyState::PendingDeletion | KeyState::PendingReplicaDeletion => Err(pending_deletion(agent, row)),
         _ => {
             row.description = req.description;
             Ok(())
@@ -442,28 +442,35 @@ pub fn schedule_key_deletion(agent: &Agent, caller: &Caller, request: Value) -> 
         )));
     }
     let record = update_row(agent, authorized, &req.key_id, |agent, row| match row.state {
-        KeyState::PendingDeletion => Err(pending_deletion(agent, row)),
+        KeyState::PendingDeletion | KeyState::PendingReplicaDeletion => Err(pending_deletion(agent, row)),
         _ => {
-            row.state = KeyState::PendingDeletion;
-            row.deletion_ms = Some(agent.now_ms() + days * DAY_MS);
+            // A multi-Region primary waits for its replicas to be deleted before its own
+            // waiting period begins, as in AWS.
+            let has_replicas =
+                row.multi_region.as_ref().is_some_and(|m| m.primary == agent.scope.region && !m.replicas.is_empty());
+            row.state = if has_replicas { KeyState::PendingReplicaDeletion } else { KeyState::PendingDeletion };
+            row.deletion_ms = (!has_replicas).then(|| agent.now_ms() + days * DAY_MS);
             row.pending_days = Some(days as u32);
             Ok(())
         }
     })?;
     tracing::info!(key_id = %record.row.id, days, "scheduled key deletion");
-    Ok(json!({
+    let mut reply = json!({
         "KeyId": agent.key_arn(&record.row.id),
-        "DeletionDate": record.row.deletion_ms.map(millis_to_wire),
         "KeyState": record.row.state.as_str(),
         "PendingWindowInDays": days,
-    }))
+    });
+    if let Some(deletion) = record.row.deletion_ms {
+        reply["DeletionDate"] = json!(millis_to_wire(deletion));
+    }
+    Ok(reply)
 }
 
 pub fn cancel_key_deletion(agent: &Agent, caller: &Caller, request: Value) -> Result<Value, KmsError> {
     let req: KeyIdRequest = parse(request)?;
     let authorized = |key: &KeyRecord| agent.authorize_key(caller, "CancelKeyDeletion", key, |c| c);
     let record = update_row(agent, authorized, &req.key_id, |agent, row| match row.state {
-        KeyState::PendingDeletion => {
+        KeyState::PendingDeletion | KeyState::PendingReplicaDeletion => {
             // As in AWS, a key whose deletion is cancelled comes back disabled, or pending
             // import if its current material is not imported.
             let usable = agent.key(&row.id).is_some_and(|k| k.current().is_ok_and(Material::usable));

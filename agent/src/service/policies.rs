@@ -11,7 +11,6 @@ use crate::agent::{Agent, Change};
 use crate::policy::eval::Caller;
 use crate::policy::keys as ck;
 use crate::policy::{defaults, Policy};
-use crate::store::KeyState;
 
 /// The only policy name a key has.
 pub const POLICY_NAME: &str = "default";
@@ -65,7 +64,7 @@ pub fn put_key_policy(agent: &Agent, caller: &Caller, request: Value) -> Result<
     let id = key.row.id;
     agent.mutate(|store| {
         let current = agent.key(&id).ok_or_else(|| KmsError::not_found("Key does not exist"))?;
-        if current.row.state == KeyState::PendingDeletion {
+        if current.row.state.is_pending_deletion() {
             return Err(KmsError::invalid_state(format!("{} is pending deletion.", agent.key_arn(&id))));
         }
         let mut record = (*current).clone();

@@ -14,6 +14,10 @@
 //!   new configuration) and this key a replica.
 //! - A rotation of the primary sends the new version to every replica the same way. A replica
 //!   that cannot be reached is marked in the store and brought up to date by the scheduler.
+//! - ScheduleKeyDeletion of a primary with replicas leaves it PendingReplicaDeletion; when a
+//!   replica's deletion window ends, its agent tells the primary's (`KmsfsPeer.RemoveReplica`,
+//!   retried until it is heard), and once the last replica is gone the primary's own waiting
+//!   period begins (PendingDeletion), as in AWS.
 //!
 //! The peer actions are served to SigV4-signed requests on the TCP listener; the receiving
 //! agent authorizes the peer's principal as its own policies say: `kms:CreateKey` to create
@@ -47,6 +51,7 @@ pub const PEER_PREFIX: &str = "KmsfsPeer.";
 const GET_PARAMETERS: &str = "KmsfsPeer.GetReplicationParameters";
 const CREATE_REPLICA: &str = "KmsfsPeer.CreateReplica";
 const SYNCHRONIZE: &str = "KmsfsPeer.SynchronizeReplica";
+const REMOVE_REPLICA: &str = "KmsfsPeer.RemoveReplica";
 
 /// Replication tokens are import tokens under their own AAD: neither passes for the other.
 const TOKEN_AAD: &[u8] = b"kmsd replication token v1";
@@ -130,7 +135,7 @@ pub fn replicate_key(agent: &Agent, caller: &Caller, request: Value) -> Result<V
             ),
         ));
     }
-    if matches!(key.state(), KeyState::PendingDeletion | KeyState::PendingImport | KeyState::Unavailable) {
+    if key.state().is_pending_deletion() || matches!(key.state(), KeyState::PendingImport | KeyState::Unavailable) {
         return Err(KmsError::invalid_state(format!(
             "{} is {}: it cannot be replicated",
             agent.key_arn(&key.row.id),
@@ -195,7 +200,7 @@ pub fn update_primary_region(agent: &Agent, caller: &Caller, request: Value) -> 
             agent.key_arn(&key.row.id)
         )));
     }
-    if key.state() == KeyState::PendingDeletion {
+    if key.state().is_pending_deletion() {
         return Err(KmsError::invalid_state(format!("{} is pending deletion.", agent.key_arn(&key.row.id))));
     }
     let new_config = MultiRegion {
@@ -236,8 +241,40 @@ pub fn propagate(agent: &Agent, key: &KeyRecord, with_material: bool) {
     }
 }
 
-/// Brings marked replicas up to date (the scheduler's pass).
+/// Brings marked replicas up to date, and tells primaries of replicas destroyed here (the
+/// scheduler's pass). Returns how many of these failed.
 pub fn retry_pending(agent: &Agent) -> usize {
+    retry_syncs(agent) + retry_removals(agent)
+}
+
+fn retry_removals(agent: &Agent) -> usize {
+    let removals = match agent.mutate(|store| Ok((store.replica_removals()?, Vec::new()))) {
+        Ok(removals) => removals,
+        Err(e) => {
+            tracing::warn!("cannot read the destroyed replicas to report: {}", e.message);
+            return 0;
+        }
+    };
+    let mut failed = 0;
+    for (id, primary) in removals {
+        let told = agent.peers.get(&primary).and_then(|peer| {
+            peer.call(REMOVE_REPLICA, &json!({"KeyId": id.to_string(), "Region": agent.scope.region}))
+        });
+        match told {
+            Ok(_) => {
+                let _ = agent.mutate(|store| Ok((store.forget_replica_removal(&id)?, Vec::new())));
+                tracing::info!(key_id = %id, primary = %primary, "told the primary's agent that this replica is deleted");
+            }
+            Err(e) => {
+                failed += 1;
+                tracing::warn!(key_id = %id, primary = %primary, "the primary's agent does not know yet that this replica is deleted: {}", e.message);
+            }
+        }
+    }
+    failed
+}
+
+fn retry_syncs(agent: &Agent) -> usize {
     let pending = match agent.mutate(|store| Ok((store.pending_replica_syncs()?, Vec::new()))) {
         Ok(pending) => pending,
         Err(e) => {
@@ -351,6 +388,7 @@ pub fn peer_action(agent: &Agent, caller: &Caller, action: &str, request: Value)
         GET_PARAMETERS => get_replication_parameters(agent, caller, request),
         CREATE_REPLICA => create_replica(agent, caller, request),
         SYNCHRONIZE => synchronize_replica(agent, caller, request),
+        REMOVE_REPLICA => remove_replica(agent, caller, request),
         _ => Err(KmsError::new(ErrorKind::UnknownOperationException, format!("Unknown operation {action}"))),
     }
 }
@@ -602,6 +640,51 @@ fn synchronize_replica(agent: &Agent, caller: &Caller, request: Value) -> Result
     })?;
     tracing::info!(key_id = %id, primary = %req.multi_region.primary, "synchronized multi-Region key");
     Ok(json!({"KeyId": agent.key_arn(&id)}))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct RemoveReplicaRequest {
+    key_id: String,
+    region: String,
+}
+
+/// The replica in `Region` was deleted: the primary forgets it, tells the other replicas, and
+/// a primary PendingReplicaDeletion whose last replica this was begins its waiting period.
+fn remove_replica(agent: &Agent, caller: &Caller, request: Value) -> Result<Value, KmsError> {
+    let req: RemoveReplicaRequest = parse(request)?;
+    let id = multi_region_id(&req.key_id)?;
+    let Some(key) = agent.key(&id) else {
+        // Already gone here too: nothing to forget.
+        agent.authorize_account(caller, "SynchronizeMultiRegionKey", |c| c)?;
+        return Ok(json!({}));
+    };
+    agent.authorize_key(caller, "SynchronizeMultiRegionKey", &key, |c| c)?;
+    let _serial = lock(agent);
+    let remaining = agent.mutate(|store| {
+        let current = agent
+            .key(&id)
+            .ok_or_else(|| KmsError::not_found(format!("Key '{}' does not exist", agent.key_arn(&id))))?;
+        let mut record = (*current).clone();
+        let Some(config) = record.row.multi_region.as_mut() else { return Ok((Vec::new(), Vec::new())) };
+        if !config.replicas.contains(&req.region) {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        config.replicas.retain(|r| *r != req.region);
+        let remaining = config.replicas.clone();
+        if record.row.state == KeyState::PendingReplicaDeletion && remaining.is_empty() {
+            let days = i64::from(record.row.pending_days.unwrap_or(30));
+            record.row.state = KeyState::PendingDeletion;
+            record.row.deletion_ms = Some(agent.now_ms() + days * 86_400_000);
+        }
+        store.update_key(&record.row)?;
+        Ok((remaining, vec![Change::Key(record)]))
+    })?;
+    tracing::info!(key_id = %id, region = %req.region, "replica deleted");
+    for region in remaining.iter().filter(|r| **r != agent.scope.region) {
+        synchronize_or_mark(agent, &id, region, false);
+    }
+    Ok(json!({}))
 }
 
 /// A configuration from a peer must include this agent's region, and not twice.

@@ -102,7 +102,9 @@ fn require_enabled(agent: &Agent, key: &KeyRecord) -> Result<(), KmsError> {
     match key.state() {
         KeyState::Enabled => Ok(()),
         KeyState::Disabled => Err(KmsError::new(ErrorKind::DisabledException, format!("{arn} is disabled."))),
-        KeyState::PendingDeletion => Err(KmsError::invalid_state(format!("{arn} is pending deletion."))),
+        KeyState::PendingDeletion | KeyState::PendingReplicaDeletion => {
+            Err(KmsError::invalid_state(format!("{arn} is pending deletion.")))
+        }
         KeyState::PendingImport => Err(KmsError::invalid_state(format!("{arn} is pending import."))),
         KeyState::Unavailable => Err(KmsError::invalid_state(format!("{arn} is unavailable."))),
     }

@@ -58,7 +58,7 @@ struct TagResourceRequest {
 }
 
 fn not_pending(agent: &Agent, state: KeyState, id: &kmsfs_common::ids::KeyId) -> Result<(), KmsError> {
-    if state == KeyState::PendingDeletion {
+    if state.is_pending_deletion() {
         return Err(KmsError::invalid_state(format!("{} is pending deletion.", agent.key_arn(id))));
     }
     Ok(())
