@@ -105,8 +105,23 @@ fn rotations(host: &Host, id: &str) -> usize {
     host.agent.ok("ListKeyRotations", json!({"KeyId": id}))["Rotations"].as_array().map_or(0, Vec::len)
 }
 
-#[test]
-fn replicas_on_two_hosts_over_mutual_tls() {
+/// Two hosts, A in us-east-1 and B in eu-west-1: two kmsd in two network namespaces, each
+/// serving mutual TLS on its veth address with certificates from the test's CA and naming
+/// the other in `peers.json` (with its client certificate and an access key the other maps
+/// to `user/<region>-agent`, allowed to create and synchronize replicas). Fields drop in
+/// order: the agents before the namespaces they run in.
+struct TwoHosts {
+    a: Host,
+    b: Host,
+    _certs: tempfile::TempDir,
+    _net: NetnsPair,
+}
+
+fn log_has(host: &Host, needle: &str) -> bool {
+    host.agent.log().contains(needle)
+}
+
+fn two_hosts() -> TwoHosts {
     let net = NetnsPair::new();
     let certs = tempfile::tempdir().unwrap();
     let ca = TestCa::new(certs.path(), "ca");
@@ -165,14 +180,18 @@ fn replicas_on_two_hosts_over_mutual_tls() {
     for (side, _, _) in sides {
         net.wait_tcp(side.other(), std::net::SocketAddr::new(net.ip(side), 4566));
     }
-    let log_has = |host: &Host, needle: &str| host.agent.log().contains(needle);
     for (_, host) in &hosts {
         eventually(Duration::from_secs(10), "peers.json reloaded", || log_has(host, "peer agents reloaded"));
     }
-    let (mut a, mut b) = {
-        let mut it = hosts.into_iter().map(|(_, h)| h);
-        (it.next().unwrap(), it.next().unwrap())
-    };
+    let mut it = hosts.into_iter().map(|(_, h)| h);
+    let (a, b) = (it.next().unwrap(), it.next().unwrap());
+    TwoHosts { a, b, _certs: certs, _net: net }
+}
+
+#[test]
+fn replicas_on_two_hosts_over_mutual_tls() {
+    // Bound in this order so that the agents drop before their namespaces.
+    let TwoHosts { _net, _certs, mut a, mut b } = two_hosts();
     let arn = |host: &Host, id: &str| format!("arn:aws:kms:{}:{ACCOUNT}:key/{id}", host.region);
 
     // A primary on A, replicated to B with its own description and tags.
@@ -289,4 +308,25 @@ fn replicas_on_two_hosts_over_mutual_tls() {
     assert_eq!(meta["MultiRegionConfiguration"]["ReplicaKeys"], json!([]), "{meta}");
     assert!(meta["DeletionDate"].is_number(), "{meta}");
     assert!(log_has(&a, "told the primary's agent that this replica is deleted"));
+}
+
+/// boto3 (every reply held to botocore's service model) and the AWS Encryption SDK, on each
+/// agent's socket: ReplicateKey, DescribeKey in both regions, a message encrypted under the
+/// primary's ARN decrypting with the MRK-aware provider given only the replica's ARN (and
+/// not with the strict one), UpdatePrimaryRegion.
+#[test]
+fn aws_sdks_see_multi_region_keys_as_aws_ones() {
+    let hosts = two_hosts();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/multi_region_clients.py");
+    let out = std::process::Command::new("python3")
+        .arg(&script)
+        .arg(hosts.a.region)
+        .arg(hosts.a.agent.socket())
+        .arg(hosts.b.region)
+        .arg(hosts.b.agent.socket())
+        .output()
+        .expect("run multi_region_clients.py");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("multi-Region: 4 passed, 0 failed"), "{stdout}");
 }
