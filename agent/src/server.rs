@@ -309,7 +309,8 @@ async fn refuse_plain_http(mut stream: tokio::net::TcpStream, address: std::net:
 
 /// The `Host` header of a plain HTTP request head, if it is a plausible host and port.
 fn plain_http_host(head: &[u8]) -> Option<String> {
-    let text = std::str::from_utf8(head).ok()?;
+    let end = head.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(head.len());
+    let text = String::from_utf8_lossy(&head[..end]);
     let value = text.split("\r\n").skip(1).find_map(|line| {
         let (name, value) = line.split_once(':')?;
         name.trim().eq_ignore_ascii_case("host").then(|| value.trim())
@@ -978,4 +979,21 @@ fn error_response(e: &KmsError, request_id: &str, close: bool) -> Response<Full<
     }
     insert_request_id(&mut response, request_id);
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_host_of_plain_http_names_the_https_endpoint_only_if_plausible() {
+        let head =
+            |host: &str| format!("POST / HTTP/1.1\r\nX-Amz-Target: a\r\nhost: {host}\r\n\r\n\u{fffd}body").into_bytes();
+        assert_eq!(plain_http_host(&head("kms.example:4566")).as_deref(), Some("kms.example:4566"));
+        assert_eq!(plain_http_host(&head("[::1]:4566")).as_deref(), Some("[::1]:4566"));
+        assert_eq!(plain_http_host(&head("evil\u{1b}[2J")), None);
+        assert_eq!(plain_http_host(&head("a b")), None);
+        assert_eq!(plain_http_host(b"POST / HTTP/1.1\r\n\r\n"), None);
+        assert_eq!(plain_http_host(&[0xff, 0xfe, b'\r', b'\n']), None);
+    }
 }

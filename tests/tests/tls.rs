@@ -454,6 +454,22 @@ fn mutual_tls_refuses_clients_without_a_good_certificate() {
     assert_eq!(events.len(), 1, "{events:?}");
     assert_eq!(events[0]["userIdentity"]["tlsClient"], "host-b", "{}", events[0]);
     assert_eq!(events[0]["userIdentity"]["tlsClientArn"], format!("arn:aws:iam::{ACCOUNT}:role/tls/host-b"));
+
+    // Without a DNS subjectAltName the identity is the CN; a wildcard names no identity (the
+    // connection is served, without a role/tls/ principal).
+    let by_cn = pki.ca.issue(
+        "by-cn",
+        &Leaf { sans: vec!["10.0.0.5".into()], common_name: Some("host-e".into()), client: true, ..Leaf::default() },
+    );
+    let wildcard =
+        pki.ca.issue("wildcard", &Leaf { sans: vec!["*.example.com".into()], client: true, ..Leaf::default() });
+    ok(client.with_cert(&by_cn).kms(&agent, &endpoint, "ListKeys", json!({})), &agent);
+    ok(client.with_cert(&wildcard).kms(&agent, &endpoint, "ListKeys", json!({})), &agent);
+    let events = tcp_events(&agent);
+    assert_eq!(events.len(), 3, "{events:?}");
+    assert_eq!(events[1]["userIdentity"]["tlsClient"], "host-e", "{}", events[1]);
+    assert!(events[2]["userIdentity"].get("tlsClient").is_none(), "{}", events[2]);
+    assert!(agent.log().contains("the client certificate names no usable identity"), "{}", agent.log());
 }
 
 #[test]
@@ -492,6 +508,11 @@ fn client_certificate_identities_are_principals_of_key_and_identity_policies() {
     assert_eq!(error_code(&encrypt(app.with_cert(&host_c), &default_policy)), "AccessDeniedException");
     assert_eq!(error_code(&encrypt(app.with_cert(&host_b), &default_policy)), "AccessDeniedException");
 
+    // A grant to role/tls/host-c lets host-c's certificate use the key.
+    let grantee = format!("arn:aws:iam::{ACCOUNT}:role/tls/host-c");
+    agent.ok("CreateGrant", json!({"KeyId": default_policy, "GranteePrincipal": grantee, "Operations": ["Encrypt"]}));
+    ok(encrypt(app.with_cert(&host_c), &default_policy), &agent);
+
     let events = tcp_events(&agent);
     let by = |identity: &str, code: Option<&str>| {
         events.iter().any(|e| {
@@ -501,7 +522,7 @@ fn client_certificate_identities_are_principals_of_key_and_identity_policies() {
                 && e.get("errorCode").and_then(Value::as_str) == code
         })
     };
-    assert!(by("host-b", None) && by("host-d", None), "{events:?}");
+    assert!(by("host-b", None) && by("host-c", None) && by("host-d", None), "{events:?}");
     assert!(by("host-c", Some("AccessDeniedException")), "{events:?}");
 }
 
