@@ -9,4 +9,5 @@ pub mod keys;
 pub mod pool;
 pub mod rewrap;
 pub mod ring;
+pub mod snapshot;
 pub mod volume;

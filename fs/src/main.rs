@@ -1,5 +1,5 @@
-//! `kmsfs`: create (`init`), mount, check (`fsck`), re-wrap (`rewrap`) and inspect
-//! (`status`) encrypted directories. See the README for usage; `common/src/format/FORMAT.md` for the format.
+//! `kmsfs`: create (`init`), mount, check (`fsck`), re-wrap (`rewrap`), move to another
+//! host (`snapshot export`, `snapshot import`) and inspect (`status`) encrypted directories. See the README for usage; `common/src/format/FORMAT.md` for the format.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, IsTerminal, Write};
@@ -93,8 +93,59 @@ enum Cmd {
         #[arg(long, default_value_t = kmsfs_fs::rewrap::DEFAULT_THREADS)]
         threads: usize,
     },
+    /// Move a volume to another host: copy it with every key wrapped for the receiver
+    /// (export), then re-wrap it there under the receiver's own key (import).
+    Snapshot {
+        #[command(subcommand)]
+        command: SnapshotCmd,
+    },
     /// Show a mount's data-key cache and open files.
     Status { mountpoint: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum SnapshotCmd {
+    /// Copy the backing directory VOLUME to DEST (new or empty) for another host: the data
+    /// blocks byte for byte, every file key and the name key wrapped for a key the receiver
+    /// holds. Resumable: run it again after an interruption.
+    Export {
+        volume: PathBuf,
+        dest: PathBuf,
+        /// A KMS key both hosts hold (a multi-Region key: `mrk-…`), which the sender's agent
+        /// ReEncrypts to; with --public-key, the ARN of the receiver's RSA key.
+        #[arg(long)]
+        to_key: String,
+        /// The receiver's RSA public key (RSA_2048 or RSA_3072, ENCRYPT_DECRYPT): DER or
+        /// PEM, as `kmsctl get-public-key` gives it. kmsfs encrypts each key to it with
+        /// RSAES_OAEP_SHA_256.
+        #[arg(long)]
+        public_key: Option<PathBuf>,
+        /// Bring a complete snapshot in DEST up to date: only what changed is copied.
+        #[arg(long)]
+        update: bool,
+        /// Seconds between syncs of the files copied so far, after which a rerun (after a
+        /// crash or a kill) need not copy them again.
+        #[arg(long, default_value_t = kmsfs_fs::snapshot::DEFAULT_CHECKPOINT.as_secs_f64())]
+        checkpoint_secs: f64,
+        #[arg(long, env = "KMSD_SOCKET")]
+        socket: Option<PathBuf>,
+        /// Files copied at once.
+        #[arg(long, default_value_t = kmsfs_fs::snapshot::DEFAULT_THREADS)]
+        threads: usize,
+    },
+    /// Re-wrap a snapshot from another host under KEY, a KMS key of this host's agent; then
+    /// it mounts. Resumable: run it again after an interruption.
+    Import {
+        dest: PathBuf,
+        /// The symmetric KMS key (ID, ARN or alias) the volume is to be under from now on.
+        #[arg(long)]
+        key: String,
+        #[arg(long, env = "KMSD_SOCKET")]
+        socket: Option<PathBuf>,
+        /// Files re-wrapped at once.
+        #[arg(long, default_value_t = kmsfs_fs::rewrap::DEFAULT_THREADS)]
+        threads: usize,
+    },
 }
 
 fn agent(socket: Option<&Path>) -> Result<AgentPool, String> {
@@ -124,6 +175,7 @@ fn main() -> ExitCode {
         Some(Cmd::Rewrap { cipherdir, to_key, socket, threads }) => {
             return rewrap(&cipherdir, to_key.as_deref(), socket.as_deref(), threads)
         }
+        Some(Cmd::Snapshot { command }) => return snapshot(command),
         Some(Cmd::Status { mountpoint }) => status(&mountpoint),
         None if cli.mount_helper.len() == 2 => {
             let mount = MountArgs {
@@ -192,6 +244,7 @@ struct MountArgs {
 /// Forks off a `--foreground` copy of ourselves and returns once it reports the mount
 /// ready (or fails), as mount helpers are expected to.
 fn mount_background(mount: &MountArgs, log_file: Option<PathBuf>) -> Result<(), String> {
+    kmsfs_fs::snapshot::refuse_unimported(&mount.cipherdir).map_err(|e| format!("cannot mount: {e}"))?;
     let log_file = log_file.unwrap_or_else(default_log_file);
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -273,6 +326,7 @@ fn lock_volume(cipherdir: &Path) -> Result<Flock<File>, String> {
 const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(3);
 
 fn mount_foreground(mount: &MountArgs, _daemon: bool) -> Result<(), String> {
+    kmsfs_fs::snapshot::refuse_unimported(&mount.cipherdir).map_err(|e| format!("cannot mount: {e}"))?;
     let _only_mount = lock_volume(&mount.cipherdir)?;
     let agent = agent(mount.socket.as_deref())?;
     let socket = agent.socket().to_path_buf();
@@ -474,5 +528,129 @@ fn rewrap(cipherdir: &Path, to_key: Option<&str>, socket: Option<&Path>, threads
     for failure in &summary.failed {
         println!("  {failure}");
     }
+    ExitCode::from(1)
+}
+
+fn snapshot(command: SnapshotCmd) -> ExitCode {
+    match command {
+        SnapshotCmd::Export { volume, dest, to_key, public_key, update, checkpoint_secs, socket, threads } => {
+            let Some(checkpoint) = std::time::Duration::try_from_secs_f64(checkpoint_secs).ok() else {
+                eprintln!(
+                    "kmsfs snapshot export: --checkpoint-secs must be a number of seconds, not {checkpoint_secs}"
+                );
+                return ExitCode::from(2);
+            };
+            let args = kmsfs_fs::snapshot::ExportArgs {
+                volume: &volume,
+                dest: &dest,
+                to_key: &to_key,
+                public_key: public_key.as_deref(),
+                socket: socket.as_deref(),
+                threads,
+                update,
+                checkpoint,
+            };
+            snapshot_export(&args)
+        }
+        SnapshotCmd::Import { dest, key, socket, threads } => snapshot_import(&dest, &key, socket.as_deref(), threads),
+    }
+}
+
+/// Prints up to 20 of `lines` under `title`.
+fn print_list(title: &str, lines: &[String]) {
+    println!("{title}:");
+    for line in lines.iter().take(20) {
+        println!("  {line}");
+    }
+    if lines.len() > 20 {
+        println!("  … and {} more", lines.len() - 20);
+    }
+}
+
+fn snapshot_export(args: &kmsfs_fs::snapshot::ExportArgs<'_>) -> ExitCode {
+    let summary = match kmsfs_fs::snapshot::export(args) {
+        Ok(summary) => summary,
+        Err(e) => {
+            eprintln!("kmsfs snapshot export: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let secs = summary.elapsed.as_secs_f64().max(0.001);
+    let m = &summary.manifest;
+    let c = &m.counts;
+    if summary.is_complete() {
+        println!(
+            "{} → {}: snapshot of volume {} for {} ({}): {} files ({:.1} MiB), {} directories, {} symlinks, {} hard \
+             links, {} special files, in {secs:.1} s ({:.1} MiB/s, {:.0} files/s); {} copied ({:.1} MiB), {} kept \
+             from an earlier run",
+            args.volume.display(),
+            args.dest.display(),
+            m.volume_id.to_hex(),
+            m.key_id,
+            m.wrapping.algorithm(),
+            c.files,
+            c.bytes as f64 / 1048576.0,
+            c.directories,
+            c.symlinks,
+            c.hard_links,
+            c.special_files,
+            c.bytes as f64 / 1048576.0 / secs,
+            c.files as f64 / secs,
+            summary.copied,
+            summary.copied_bytes as f64 / 1048576.0,
+            summary.kept
+        );
+        return ExitCode::SUCCESS;
+    }
+    if !summary.failed.is_empty() {
+        print_list("not copied", &summary.failed);
+    }
+    if !summary.changed.is_empty() {
+        print_list("changed in the volume while it was being exported", &summary.changed);
+    }
+    println!(
+        "{}: the snapshot is unfinished ({} copied, {} kept, {} failed, {} changed, in {secs:.1} s); it cannot be \
+         imported as it is. Once nothing writes to the volume, run the same command again: it copies only what is \
+         missing or changed",
+        args.dest.display(),
+        summary.copied,
+        summary.kept,
+        summary.failed.len(),
+        summary.changed.len()
+    );
+    ExitCode::from(1)
+}
+
+fn snapshot_import(dest: &Path, key: &str, socket: Option<&Path>, threads: usize) -> ExitCode {
+    let summary = match kmsfs_fs::snapshot::import(dest, key, socket, threads) {
+        Ok(summary) => summary,
+        Err(e) => {
+            eprintln!("kmsfs snapshot import: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let r = &summary.rewrap;
+    let secs = r.elapsed.as_secs_f64().max(0.001);
+    println!(
+        "{}: {} files ({:.1} MiB) of volume {} now under {}: {} re-wrapped, {} already were, {} failed, in {secs:.1} s \
+         ({:.0} files/s)",
+        dest.display(),
+        r.files,
+        summary.manifest.counts.bytes as f64 / 1048576.0,
+        summary.manifest.volume_id.to_hex(),
+        r.target.key_arn,
+        r.rewrapped,
+        r.skipped,
+        r.failed.len(),
+        r.files as f64 / secs
+    );
+    if r.failed.is_empty() {
+        println!("imported: mount it with kmsfs mount {} MOUNTPOINT", dest.display());
+        return ExitCode::SUCCESS;
+    }
+    print_list(
+        "not re-wrapped (run the import again to retry them; the snapshot does not mount until then)",
+        &r.failed,
+    );
     ExitCode::from(1)
 }

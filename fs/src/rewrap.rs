@@ -46,7 +46,7 @@
 //! Two rewraps of one volume do not run at once: each holds an exclusive lock on
 //! [`LOCK_FILE`] in the backing directory (a reserved name: the mount does not show it).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::{self, IsTerminal, Write};
@@ -62,6 +62,7 @@ use kmsfs_common::context::EncryptionContext;
 use kmsfs_common::files::write_atomically;
 use kmsfs_common::format::header::{self, DataKey, FileHeader, HEADER_SIZE};
 use kmsfs_common::format::names;
+use kmsfs_common::format::snapshot::RSAES_OAEP_SHA_256;
 use kmsfs_common::format::volume::{file_key_context, name_key_context, VolumeConfig, VOLUME_FILE};
 use kmsfs_common::ids::KeyId;
 use nix::fcntl::{Flock, FlockArg};
@@ -89,7 +90,7 @@ pub struct Target {
 
 impl Target {
     /// Whether `blob` (a ciphertext blob) was made by this key at this material version.
-    fn made(&self, blob: &[u8]) -> bool {
+    pub(crate) fn made(&self, blob: &[u8]) -> bool {
         CiphertextBlob::parse(blob)
             .is_ok_and(|b| b.key_id == self.key_id && b.material_version == self.material_version)
     }
@@ -111,11 +112,49 @@ pub struct Summary {
     pub elapsed: Duration,
 }
 
+/// How the wrapped keys in a volume's headers are opened, and so re-wrapped.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Source<'a> {
+    /// Ciphertext blobs of KMS keys, opened by Decrypt under the file-key context: every
+    /// volume, and a snapshot exported for a KMS key both hosts hold.
+    Kms,
+    /// Data keys encrypted with RSAES_OAEP_SHA_256 to the RSA KMS key `key_id`, without
+    /// encryption context: a snapshot exported with `--public-key`, until it is imported.
+    /// Headers already re-wrapped (by an interrupted import) hold blobs of the target key.
+    Rsa { key_id: &'a str },
+}
+
 /// Moves the volume in `cipherdir` to `to_key` (ID, ARN or alias), or to the newest
 /// material of its own key, through the agent at `socket`; `threads` files at once.
 /// Files that fail are listed in the summary (and printed as found); the run fails as a
 /// whole only if the volume file cannot be moved or the agent goes away.
 pub fn run(cipherdir: &Path, socket: Option<&Path>, to_key: Option<&str>, threads: usize) -> Result<Summary, String> {
+    crate::snapshot::refuse_unimported(cipherdir)?;
+    let job = Job { label: "rewrap", source: Source::Kms, times: None };
+    run_with(cipherdir, socket, to_key, threads, &job)
+}
+
+/// What a run of [`run_with`] re-wraps, and how it talks about it.
+pub(crate) struct Job<'a> {
+    /// The command, for messages and the progress line.
+    pub label: &'static str,
+    pub source: Source<'a>,
+    /// The access and modification times each file (by backing path) is to be left
+    /// with, recorded before any header was touched: a run killed between a header write
+    /// and the times' restoring leaves the time of the write, which a rerun would take
+    /// for the file's own. Without them, each file's times as found are put back.
+    pub times: Option<&'a HashMap<PathBuf, fs::FileTimes>>,
+}
+
+/// [`run`] for `job`: also the second half of `kmsfs snapshot import`.
+pub(crate) fn run_with(
+    cipherdir: &Path,
+    socket: Option<&Path>,
+    to_key: Option<&str>,
+    threads: usize,
+    job: &Job<'_>,
+) -> Result<Summary, String> {
+    let Job { label, source, .. } = *job;
     let started = Instant::now();
     let client = kmsfs_common::client::AgentClient::connect_or_start(socket).map_err(|e| e.to_string())?;
     let options = OpenOptions { cache_capacity: std::num::NonZeroUsize::MIN, ..OpenOptions::default() };
@@ -131,6 +170,7 @@ pub fn run(cipherdir: &Path, socket: Option<&Path>, to_key: Option<&str>, thread
     let run = Run {
         volume: &volume,
         target: &target,
+        job,
         files: &files,
         next: AtomicUsize::new(0),
         rewrapped: AtomicU64::new(0),
@@ -145,12 +185,16 @@ pub fn run(cipherdir: &Path, socket: Option<&Path>, to_key: Option<&str>, thread
         let workers: Vec<_> = (0..threads.max(1)).map(|_| s.spawn(|| run.work())).collect();
         while !workers.iter().all(|w| w.is_finished()) {
             std::thread::sleep(Duration::from_millis(50));
-            progress.show(&run, walked);
+            progress.show(label, run.done(), files.len() as u64, None, walked);
         }
     });
     progress.clear();
     if let Some(fatal) = run.fatal.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        return Err(format!("{fatal}; the volume is usable as it is, and running kmsfs rewrap again finishes the job"));
+        let again = match source {
+            Source::Kms if label == "rewrap" => "the volume is usable as it is, and running kmsfs rewrap again",
+            _ => "running the same command again",
+        };
+        return Err(format!("{fatal}; {again} finishes the job"));
     }
     failed.extend(run.failed.into_inner().unwrap_or_else(|p| p.into_inner()));
     failed.sort();
@@ -167,7 +211,7 @@ pub fn run(cipherdir: &Path, socket: Option<&Path>, to_key: Option<&str>, thread
     })
 }
 
-fn lock(root: &Path) -> Result<Flock<File>, String> {
+pub(crate) fn lock(root: &Path) -> Result<Flock<File>, String> {
     let path = root.join(LOCK_FILE);
     let file = fs::OpenOptions::new()
         .read(true)
@@ -183,26 +227,30 @@ fn lock(root: &Path) -> Result<Flock<File>, String> {
     })
 }
 
-/// ReEncrypt of `blob` under `context` to `destination`: the new blob and the ARN of the
-/// key that made it.
-fn reencrypt(
+/// ReEncrypt of `blob`, wrapped as `source` says (under `context` for a KMS key), to
+/// `destination` under `context`: the new blob and the ARN of the key that made it. The
+/// plaintext never leaves the agent.
+pub(crate) fn reencrypt(
     agent: &AgentPool,
     blob: &[u8],
+    source: Source<'_>,
     context: &EncryptionContext,
     destination: &str,
 ) -> Result<(Vec<u8>, String), VolError> {
     let context = context_json(context);
-    let answer = agent
-        .call(
-            "ReEncrypt",
-            &json!({
-                "CiphertextBlob": b64(blob),
-                "SourceEncryptionContext": context,
-                "DestinationKeyId": destination,
-                "DestinationEncryptionContext": context,
-            }),
-        )
-        .map_err(agent_error)?;
+    let mut request = json!({
+        "CiphertextBlob": b64(blob),
+        "DestinationKeyId": destination,
+        "DestinationEncryptionContext": context,
+    });
+    match source {
+        Source::Kms => request["SourceEncryptionContext"] = context,
+        Source::Rsa { key_id } => {
+            request["SourceKeyId"] = json!(key_id);
+            request["SourceEncryptionAlgorithm"] = json!(RSAES_OAEP_SHA_256);
+        }
+    }
+    let answer = agent.call("ReEncrypt", &request).map_err(agent_error)?;
     let new = unb64(&answer["CiphertextBlob"])?.to_vec();
     let arn = answer["KeyId"].as_str().unwrap_or(destination).to_string();
     Ok((new, arn))
@@ -212,9 +260,9 @@ fn reencrypt(
 /// it already names the target. The target is learnt from the name key's new blob.
 fn rewrap_volume_file(volume: &Volume, destination: &str) -> Result<(Target, bool), String> {
     let config = volume.config();
-    let (wrapped, key_arn) =
-        reencrypt(volume.agent(), &config.wrapped_name_key, &name_key_context(&config.volume_id), destination)
-            .map_err(|e| format!("cannot re-wrap the volume's name key for {destination}: {e}"))?;
+    let context = name_key_context(&config.volume_id);
+    let (wrapped, key_arn) = reencrypt(volume.agent(), &config.wrapped_name_key, Source::Kms, &context, destination)
+        .map_err(|e| format!("cannot re-wrap the volume's name key for {destination}: {e}"))?;
     let blob = CiphertextBlob::parse(&wrapped).map_err(|e| format!("the agent's ReEncrypt answer: {e:?}"))?;
     let target = Target { key_arn, key_id: blob.key_id, material_version: blob.material_version };
     if target.made(&config.wrapped_name_key) && config.key_id == target.key_arn {
@@ -331,7 +379,7 @@ fn walk(volume: &Volume) -> (Vec<Item>, Vec<String>) {
 
 /// A temporary of [`write_atomically`] for one of the format's files:
 /// `.kmsfs.<name>.tmp<pid>`.
-fn is_temporary(name: &str) -> bool {
+pub(crate) fn is_temporary(name: &str) -> bool {
     name.strip_prefix(".")
         .filter(|rest| rest.starts_with(names::RESERVED_PREFIX))
         .and_then(|rest| rest.rsplit_once(".tmp"))
@@ -342,6 +390,7 @@ fn is_temporary(name: &str) -> bool {
 struct Run<'a> {
     volume: &'a Volume,
     target: &'a Target,
+    job: &'a Job<'a>,
     files: &'a [Item],
     next: AtomicUsize,
     rewrapped: AtomicU64,
@@ -368,7 +417,7 @@ impl Run<'_> {
     fn work(&self) {
         while !self.stop.load(Ordering::Relaxed) {
             let Some(item) = self.files.get(self.next.fetch_add(1, Ordering::Relaxed)) else { return };
-            match rewrap_file(self.volume, self.target, &item.backing) {
+            match rewrap_file(self.volume, self.target, self.job, &item.backing) {
                 Ok(Outcome::Rewrapped) => _ = self.rewrapped.fetch_add(1, Ordering::Relaxed),
                 Ok(Outcome::Skipped | Outcome::Gone) => _ = self.skipped.fetch_add(1, Ordering::Relaxed),
                 Err(Failure::AgentGone(e)) => {
@@ -377,7 +426,7 @@ impl Run<'_> {
                 }
                 Err(Failure::File(e)) => {
                     let message = format!("{} (backing file {}): {e}", item.shown.display(), item.backing.display());
-                    self.progress.print(&format!("kmsfs rewrap: {message}"));
+                    self.progress.print(&format!("kmsfs {}: {message}", self.job.label));
                     self.failed.lock().unwrap_or_else(|p| p.into_inner()).push(message);
                 }
             }
@@ -386,7 +435,7 @@ impl Run<'_> {
 }
 
 /// Why a file was not re-wrapped.
-enum Failure {
+pub(crate) enum Failure {
     /// The agent is unreachable: the whole run stops.
     AgentGone(VolError),
     /// This file only: what was being done, and what went wrong.
@@ -395,7 +444,7 @@ enum Failure {
 
 impl Failure {
     /// Makes `error`, met while `doing`, a failure.
-    fn of(doing: &'static str) -> impl Fn(VolError) -> Failure {
+    pub(crate) fn of(doing: &'static str) -> impl Fn(VolError) -> Failure {
         move |error| match error {
             VolError::Unreachable(_) => Failure::AgentGone(error),
             other => Failure::File(format!("{doing}: {other}")),
@@ -404,7 +453,8 @@ impl Failure {
 }
 
 /// Step 2 for one file (see the module's documentation).
-fn rewrap_file(volume: &Volume, target: &Target, path: &Path) -> Result<Outcome, Failure> {
+fn rewrap_file(volume: &Volume, target: &Target, job: &Job<'_>, path: &Path) -> Result<Outcome, Failure> {
+    let source = job.source;
     let io = |doing| move |e: io::Error| Failure::File(format!("{doing}: {e}"));
     let file = match fs::OpenOptions::new().read(true).write(true).open(path) {
         Ok(file) => file,
@@ -419,22 +469,30 @@ fn rewrap_file(volume: &Volume, target: &Target, path: &Path) -> Result<Outcome,
     if slots.len() == 2 && slots.iter().all(|slot| target.made(slot.wrapped_key())) {
         return Ok(Outcome::Skipped);
     }
-    let (current, keys) = volume.open_file_keys(&file).map_err(bad_header)?;
+    let (current, data_key) = match source {
+        Source::Kms => volume.open_file_keys(&file).map(|(header, keys)| (header, keys.data.clone())),
+        Source::Rsa { key_id } => crate::snapshot::open_imported_header(volume, target, key_id, &bytes),
+    }
+    .map_err(bad_header)?;
     let wrapped = if target.made(current.wrapped_key()) {
         current.wrapped_key().to_vec() // a run killed between the two slots
     } else {
         let context = file_key_context(&volume.config().volume_id, &current.file_id());
-        reencrypt(volume.agent(), current.wrapped_key(), &context, &target.key_arn)
+        reencrypt(volume.agent(), current.wrapped_key(), source, &context, &target.key_arn)
             .map_err(Failure::of("ReEncrypt of its data key"))?
             .0
     };
     let corrupt = |error| Failure::File(format!("cannot make its new header: {error}"));
     let first = current.rewrapped(wrapped.clone()).map_err(corrupt)?;
-    write_slot(&file, &first, &keys.data).map_err(io("cannot write its header"))?;
+    write_slot(&file, &first, &data_key).map_err(io("cannot write its header"))?;
     let second = first.rewrapped(wrapped).map_err(corrupt)?;
-    write_slot(&file, &second, &keys.data).map_err(io("cannot write its header"))?;
-    let times = fs::FileTimes::new().set_accessed(meta.accessed().map_err(io("atime"))?);
-    let times = times.set_modified(meta.modified().map_err(io("mtime"))?);
+    write_slot(&file, &second, &data_key).map_err(io("cannot write its header"))?;
+    let times = match job.times.and_then(|times| times.get(path)) {
+        Some(times) => *times,
+        None => fs::FileTimes::new()
+            .set_accessed(meta.accessed().map_err(io("atime"))?)
+            .set_modified(meta.modified().map_err(io("mtime"))?),
+    };
     file.set_times(times).map_err(io("cannot put its times back"))?;
     Ok(Outcome::Rewrapped)
 }
@@ -446,32 +504,48 @@ fn write_slot(file: &File, header: &FileHeader, data_key: &DataKey) -> io::Resul
 }
 
 /// The progress line on a terminal (stderr): nothing otherwise.
-struct Progress {
+pub(crate) struct Progress {
     on: bool,
     out: Mutex<()>,
 }
 
 impl Progress {
-    fn new(on: bool) -> Progress {
+    pub(crate) fn new(on: bool) -> Progress {
         Progress { on, out: Mutex::new(()) }
     }
 
-    /// Files done of all, and the rate since `started` (when the first file was begun).
-    fn show(&self, run: &Run<'_>, started: Instant) {
+    /// `label`: files done of all, with `bytes` done of all if given, and the rate since
+    /// `started` (when the first file was begun). The ETA goes by bytes when they are known.
+    pub(crate) fn show(&self, label: &str, done: u64, total: u64, bytes: Option<(u64, u64)>, started: Instant) {
         if !self.on {
             return;
         }
-        let (done, total) = (run.done(), run.files.len() as u64);
-        let secs = started.elapsed().as_secs_f64();
-        let rate = done as f64 / secs.max(0.001);
-        let eta = if rate > 0.0 { format_secs((total - done.min(total)) as f64 / rate) } else { "?".into() };
+        let secs = started.elapsed().as_secs_f64().max(0.001);
+        let rate = done as f64 / secs;
+        let (amount, left) = match bytes {
+            Some((done_bytes, total_bytes)) => {
+                let byte_rate = done_bytes as f64 / secs;
+                let left = (done_bytes > 0).then(|| total_bytes.saturating_sub(done_bytes) as f64 / byte_rate);
+                (
+                    format!(
+                        ", {} of {}, {}/s",
+                        format_bytes(done_bytes),
+                        format_bytes(total_bytes),
+                        format_bytes(byte_rate as u64)
+                    ),
+                    left,
+                )
+            }
+            None => (String::new(), (rate > 0.0).then(|| total.saturating_sub(done) as f64 / rate)),
+        };
+        let eta = left.map_or_else(|| "?".to_string(), format_secs);
         let _out = self.out.lock().unwrap_or_else(|p| p.into_inner());
-        eprint!("\r\x1b[Krewrap: {done}/{total} files, {rate:.0} files/s, ETA {eta}");
+        eprint!("\r\x1b[K{label}: {done}/{total} files{amount}, {rate:.0} files/s, ETA {eta}");
         let _ = io::stderr().flush();
     }
 
     /// Prints a line above the progress line.
-    fn print(&self, line: &str) {
+    pub(crate) fn print(&self, line: &str) {
         let _out = self.out.lock().unwrap_or_else(|p| p.into_inner());
         if self.on {
             eprint!("\r\x1b[K");
@@ -479,14 +553,30 @@ impl Progress {
         eprintln!("{line}");
     }
 
-    fn clear(&self) {
+    pub(crate) fn clear(&self) {
         if self.on {
             eprint!("\r\x1b[K");
         }
     }
 }
 
-fn format_secs(secs: f64) -> String {
+/// A byte count in binary units, for people.
+pub(crate) fn format_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+pub(crate) fn format_secs(secs: f64) -> String {
     let secs = secs.round() as u64;
     if secs >= 60 {
         format!("{}m{:02}s", secs / 60, secs % 60)
@@ -518,5 +608,13 @@ mod tests {
     fn durations_read_as_minutes_and_seconds() {
         assert_eq!(format_secs(5.4), "5s");
         assert_eq!(format_secs(125.0), "2m05s");
+    }
+
+    #[test]
+    fn byte_counts_read_in_binary_units() {
+        assert_eq!(format_bytes(0), "0 B");
+        assert_eq!(format_bytes(1023), "1023 B");
+        assert_eq!(format_bytes(1536), "1.5 KiB");
+        assert_eq!(format_bytes(1 << 30), "1.0 GiB");
     }
 }

@@ -49,6 +49,9 @@ pub enum FormatError {
     /// `kmsfs.volume` is not a valid volume configuration.
     #[error("invalid volume configuration: {0}")]
     InvalidConfig(String),
+    /// `kmsfs.snapshot` is not a valid snapshot manifest.
+    #[error("invalid snapshot manifest: {0}")]
+    InvalidManifest(String),
 }
 
 impl FormatError {
@@ -67,6 +70,7 @@ impl FormatError {
                 | FormatError::InvalidStoredSize(_)
                 | FormatError::HoleAtEnd(_)
                 | FormatError::InvalidConfig(_)
+                | FormatError::InvalidManifest(_)
         )
     }
 }

@@ -8,7 +8,8 @@
 //! - [`header`]: the two-slot header at offset 0 of every regular file, and the file's
 //!   [`DataKey`];
 //! - [`block`]: the encrypted content blocks after the header and the offset arithmetic;
-//! - [`names`]: file names, directory IDs, long names, symlink targets and extended attributes.
+//! - [`names`]: file names, directory IDs, long names, symlink targets and extended attributes;
+//! - [`snapshot`]: `kmsfs.snapshot`, the manifest of a snapshot exported for another host.
 //!
 //! The filesystem layer reads and writes bytes and asks the agent for keys; everything that
 //! decides what those bytes mean lives here.
@@ -16,6 +17,7 @@
 pub mod block;
 pub mod header;
 pub mod names;
+pub mod snapshot;
 pub mod volume;
 
 mod error;

@@ -277,7 +277,7 @@ impl VolumeConfig {
     }
 }
 
-fn validate_key_id(key_id: &str) -> Result<(), FormatError> {
+pub(super) fn validate_key_id(key_id: &str) -> Result<(), FormatError> {
     if key_id.is_empty() || key_id.len() > MAX_KEY_ID_LEN {
         return Err(invalid(format!("key_id must be 1 to {MAX_KEY_ID_LEN} characters")));
     }
