@@ -176,7 +176,7 @@ impl Agent {
     pub fn open(config: AgentConfig, root: Box<dyn RootOfTrust>) -> Result<Agent, String> {
         let root: Arc<dyn RootOfTrust> = Arc::from(root);
         let clusters = load_clusters(config.config_dir.as_deref())?;
-        let peers = crate::peers::Peers::load(config.config_dir.as_deref(), &config.scope.region)?;
+        let peers = crate::peers::Peers::load(config.config_dir.as_deref(), &config.scope)?;
         let mut store = Store::open(&config.state_dir.join("kmsd.db"))?;
         check_root(&mut store, &*root, config.root_backend, &config.state_dir)?;
         // A kill between destroying material and scrubbing the files is finished here.
@@ -386,7 +386,7 @@ impl Agent {
 
     /// Re-reads `peers.json` (SIGHUP).
     pub fn reload_peers(&self) -> Result<usize, String> {
-        self.peers.reload(self.config_dir.as_deref(), &self.scope.region)
+        self.peers.reload(self.config_dir.as_deref(), &self.scope)
     }
 
     /// The keys in custom key store `id`.

@@ -5,11 +5,19 @@
 //!
 //! ```json
 //! {"Peers": [
-//!   {"Region": "region-b", "Endpoint": "https://10.0.0.2:4566", "CaFile": "/etc/kmsd/peers/ca.pem",
+//!   {"Region": "eu-west-1", "Endpoint": "https://10.0.0.2:4566", "CaFile": "/etc/kmsd/peers/ca.pem",
 //!    "AccessKeyId": "AKIAREGIONAPEER00001", "SecretAccessKey": "...",
-//!    "ClientCertificateFile": "/etc/kmsd/tls/host-a.pem", "ClientKeyFile": "/etc/kmsd/tls/host-a.key"}
+//!    "ClientCertificateFile": "/etc/kmsd/tls/host-a.pem", "ClientKeyFile": "/etc/kmsd/tls/host-a.key",
+//!    "Principal": "user/eu-west-1-agent"}
 //! ]}
 //! ```
+//!
+//! `Principal` is who that peer's agent is when it calls this one (its access key's
+//! `user/…` or `role/…` in this agent's `access-keys.json`, its client certificate's
+//! `role/tls/<identity>`, or a full ARN). A peer action is served only to a caller that is
+//! some peer's principal, and only as that peer's region may ask: a replica takes material
+//! and configuration from its primary's agent alone. Without `Principal`, that peer can be
+//! called but cannot call.
 //!
 //! The endpoint must be `https://`: key material crosses to a peer only over TLS, verified
 //! against `CaFile` (and the peer's name or address in its certificate), and inside that
@@ -31,6 +39,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use kmsfs_common::ids::ArnScope;
 use kmsfs_common::{ErrorKind, KmsError};
 use rustls::pki_types::ServerName;
 use serde::Deserialize;
@@ -62,6 +71,7 @@ struct Entry {
     secret_access_key: String,
     client_certificate_file: Option<PathBuf>,
     client_key_file: Option<PathBuf>,
+    principal: Option<String>,
 }
 
 /// One peer agent.
@@ -74,6 +84,8 @@ pub struct Peer {
     access_key_id: String,
     secret: Zeroizing<String>,
     tls: Arc<rustls::ClientConfig>,
+    /// The ARN the peer's agent calls this one as.
+    principal: Option<String>,
 }
 
 impl std::fmt::Debug for Peer {
@@ -90,19 +102,26 @@ pub struct Peers {
 
 impl Peers {
     /// Reads `<config_dir>/peers.json` (absent: no peers).
-    pub fn load(config_dir: Option<&Path>, own_region: &str) -> Result<Peers, String> {
+    pub fn load(config_dir: Option<&Path>, scope: &ArnScope) -> Result<Peers, String> {
         let peers = Peers::default();
-        peers.reload(config_dir, own_region)?;
+        peers.reload(config_dir, scope)?;
         Ok(peers)
     }
 
     /// Re-reads the file; on error the previous peers stay. Returns how many are loaded.
-    pub fn reload(&self, config_dir: Option<&Path>, own_region: &str) -> Result<usize, String> {
+    pub fn reload(&self, config_dir: Option<&Path>, scope: &ArnScope) -> Result<usize, String> {
         let Some(dir) = config_dir else { return Ok(0) };
-        let loaded = read_file(&dir.join(FILE_NAME), own_region)?;
+        let loaded = read_file(&dir.join(FILE_NAME), &scope.region, &scope.account)?;
         let n = loaded.len();
         *self.by_region.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(loaded);
         Ok(n)
+    }
+
+    /// The region of the peer whose agent `caller` is, if it is one.
+    pub fn region_of(&self, caller: &crate::policy::eval::Caller) -> Option<String> {
+        let arns = caller.principal_arns();
+        let peers = self.by_region.read().unwrap_or_else(|p| p.into_inner()).clone();
+        peers.values().find(|p| p.principal.as_ref().is_some_and(|arn| arns.contains(arn))).map(|p| p.region.clone())
     }
 
     /// The peer serving `region`, or the error AWS gives for a region it cannot reach.
@@ -116,7 +135,7 @@ impl Peers {
     }
 }
 
-fn read_file(path: &Path, own_region: &str) -> Result<BTreeMap<String, Arc<Peer>>, String> {
+fn read_file(path: &Path, own_region: &str, account: &str) -> Result<BTreeMap<String, Arc<Peer>>, String> {
     let meta = match std::fs::metadata(path) {
         Ok(meta) => meta,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
@@ -132,10 +151,10 @@ fn read_file(path: &Path, own_region: &str) -> Result<BTreeMap<String, Arc<Peer>
         ));
     }
     let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?);
-    parse(&text, own_region).map_err(|e| format!("{}: {e}", path.display()))
+    parse(&text, own_region, account).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-fn parse(text: &str, own_region: &str) -> Result<BTreeMap<String, Arc<Peer>>, String> {
+fn parse(text: &str, own_region: &str, account: &str) -> Result<BTreeMap<String, Arc<Peer>>, String> {
     let doc: FileDoc = serde_json::from_str(text).map_err(|e| {
         format!("expected {{\"Peers\": [{{\"Region\", \"Endpoint\", \"CaFile\", \"AccessKeyId\", \"SecretAccessKey\"}}]}}: {e}")
     })?;
@@ -166,7 +185,19 @@ fn parse(text: &str, own_region: &str) -> Result<BTreeMap<String, Arc<Peer>>, St
         if entry.access_key_id.is_empty() || entry.secret_access_key.is_empty() {
             return Err(format!("{at}: AccessKeyId and SecretAccessKey are required"));
         }
+        let principal = match entry.principal.as_deref() {
+            None => None,
+            Some(arn) if arn.starts_with("arn:aws:iam::") => Some(arn.to_string()),
+            Some(short @ ("user/" | "role/")) => return Err(format!("{at}: Principal {short} names nobody")),
+            Some(short) if short.starts_with("user/") || short.starts_with("role/") => {
+                Some(format!("arn:aws:iam::{account}:{short}"))
+            }
+            Some(other) => {
+                return Err(format!("{at}: Principal {other} is not user/NAME, role/NAME or an arn:aws:iam:: ARN"))
+            }
+        };
         let peer = Peer {
+            principal,
             region: entry.region.clone(),
             authority,
             host,
@@ -311,6 +342,7 @@ mod tests {
                 "AccessKeyId": "AKIA", "SecretAccessKey": "s"}}]}}"#
             )
         };
+        let parse = |text: &str, region: &str| parse(text, region, "111122223333");
         let err = parse(&doc("region-b", "http://10.0.0.2:4566"), "region-a").unwrap_err();
         assert!(err.contains("https://"), "{err}");
         let err = parse(&doc("region-a", "https://10.0.0.2:4566"), "region-a").unwrap_err();

@@ -13,11 +13,19 @@ socket; nothing else is adapted.
 
 Usage: multi_region_clients.py REGION_A SOCKET_A REGION_B SOCKET_B
 Prints one line per check and a summary; exits non-zero if any check failed.
+
+       multi_region_clients.py peer ENDPOINT REGION TARGET BODY_JSON
+One SigV4-signed POST of a peer action (`KmsfsPeer.…`) to an agent's TLS listener, as
+another agent would send it (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY; TLS_CA, and
+TLS_CLIENT_CERT / TLS_CLIENT_KEY for mutual TLS); prints {"status", "body"}.
 """
 
 import contextlib
+import http.client
 import io
+import json
 import os
+import ssl
 import sys
 import urllib.parse
 
@@ -29,14 +37,34 @@ try:
     import aws_encryption_sdk.exceptions
     import boto3
     import botocore.session
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
     from aws_encryption_sdk.identifiers import CommitmentPolicy
     from aws_encryption_sdk.key_providers.kms import MRKAwareStrictAwsKmsMasterKeyProvider
     from botocore.config import Config
 except ImportError as e:
     sys.exit(f"a Python AWS SDK is missing ({e}); run the README's test command, which installs them")
 
-REGION_A, SOCKET_A, REGION_B, SOCKET_B = sys.argv[1:5]
-SOCKETS = {REGION_A: SOCKET_A, REGION_B: SOCKET_B}
+if sys.argv[1:2] != ["peer"]:
+    REGION_A, SOCKET_A, REGION_B, SOCKET_B = sys.argv[1:5]
+    SOCKETS = {REGION_A: SOCKET_A, REGION_B: SOCKET_B}
+
+
+def peer_call(endpoint, region, target, body):
+    """A peer action signed and sent as kmsd's own peer client sends one."""
+    request = AWSRequest(method="POST", url=endpoint + "/", data=body.encode(),
+                         headers={"Content-Type": "application/x-amz-json-1.1", "X-Amz-Target": target})
+    credentials = Credentials(os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"])
+    SigV4Auth(credentials, "kms", region).add_auth(request)
+    context = ssl.create_default_context(cafile=os.environ["TLS_CA"])
+    if os.environ.get("TLS_CLIENT_CERT"):
+        context.load_cert_chain(os.environ["TLS_CLIENT_CERT"], os.environ["TLS_CLIENT_KEY"])
+    url = urllib.parse.urlsplit(endpoint)
+    conn = http.client.HTTPSConnection(url.hostname, url.port, context=context, timeout=10)
+    conn.request("POST", "/", body=request.body, headers=dict(request.headers.items()))
+    reply = conn.getresponse()
+    print(json.dumps({"status": reply.status, "body": json.loads(reply.read() or b"{}")}))
 
 
 def by_region(request, **kwargs):
@@ -126,4 +154,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["peer"]:
+        peer_call(*sys.argv[2:6])
+    else:
+        main()

@@ -80,6 +80,12 @@ struct Host {
     region: &'static str,
     /// kmsd's arguments (TLS, region, listener), for restarts with more.
     args: Vec<String>,
+    side: Side,
+    /// Its TLS listener, `https://IP:4566`.
+    endpoint: String,
+    /// What its agent presents when it calls the other's: access key and client certificate,
+    /// as the environment of `multi_region_clients.py peer`.
+    credentials: Vec<(&'static str, String)>,
 }
 
 fn access_keys(id: &str, secret: &str, principal: &str) -> String {
@@ -114,7 +120,7 @@ struct TwoHosts {
     a: Host,
     b: Host,
     _certs: tempfile::TempDir,
-    _net: NetnsPair,
+    net: NetnsPair,
 }
 
 fn log_has(host: &Host, needle: &str) -> bool {
@@ -156,7 +162,17 @@ fn two_hosts() -> TwoHosts {
             &[("users/root.json", ROOT_POLICY), (&policy_path, PEER_POLICY)],
             Some(&access_keys(&key_id(other), &secret(other), &format!("user/{peer_user}"))),
         );
-        hosts.push((side, Host { agent, region, args: args.iter().map(|a| a.to_string()).collect() }));
+        let client = ca.client(&format!("{name}-client"));
+        let credentials = vec![
+            ("AWS_ACCESS_KEY_ID", key_id(region)),
+            ("AWS_SECRET_ACCESS_KEY", secret(region)),
+            ("TLS_CA", ca.cert.display().to_string()),
+            ("TLS_CLIENT_CERT", client.cert.display().to_string()),
+            ("TLS_CLIENT_KEY", client.key.display().to_string()),
+        ];
+        let args = args.iter().map(|a| a.to_string()).collect();
+        let endpoint = format!("https://{ip}:4566");
+        hosts.push((side, Host { agent, region, args, side, endpoint, credentials }));
     }
     // peers.json on each, naming the other (with this host's client certificate); SIGHUP
     // loads it.
@@ -171,6 +187,8 @@ fn two_hosts() -> TwoHosts {
             "SecretAccessKey": secret(region),
             "ClientCertificateFile": client.cert,
             "ClientKeyFile": client.key,
+            // Who the other agent is when it calls this one: its access key's user here.
+            "Principal": format!("user/{other_region}-agent"),
         }]});
         let host = &hosts.iter().find(|h| h.0 == side).unwrap().1;
         write_private(&host.agent.config_dir().join("peers.json"), &peers.to_string());
@@ -185,13 +203,31 @@ fn two_hosts() -> TwoHosts {
     }
     let mut it = hosts.into_iter().map(|(_, h)| h);
     let (a, b) = (it.next().unwrap(), it.next().unwrap());
-    TwoHosts { a, b, _certs: certs, _net: net }
+    TwoHosts { a, b, _certs: certs, net }
+}
+
+/// Sends peer action `target` to `to`'s agent from `from`'s namespace, signed with the
+/// credentials `from`'s agent uses: what that agent could send. Returns the reply's
+/// `__type` (`None` for a success).
+fn peer_call(net: &NetnsPair, from: &Host, to: &Host, target: &str, body: Value) -> Option<String> {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/multi_region_clients.py");
+    let out = net
+        .command(from.side, "python3")
+        .arg(&script)
+        .args(["peer", &to.endpoint, to.region, target, &body.to_string()])
+        .envs(from.credentials.iter().map(|(k, v)| (*k, v)))
+        .output()
+        .expect("run multi_region_clients.py peer");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let reply: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    reply["body"]["__type"].as_str().map(str::to_string)
 }
 
 #[test]
 fn replicas_on_two_hosts_over_mutual_tls() {
     // Bound in this order so that the agents drop before their namespaces.
-    let TwoHosts { _net, _certs, mut a, mut b } = two_hosts();
+    let TwoHosts { net, _certs, mut a, mut b } = two_hosts();
     let arn = |host: &Host, id: &str| format!("arn:aws:kms:{}:{ACCOUNT}:key/{id}", host.region);
 
     // A primary on A, replicated to B with its own description and tags.
@@ -228,6 +264,22 @@ fn replicas_on_two_hosts_over_mutual_tls() {
     );
     // Tags and description are the replica's own.
     assert_eq!(a.agent.ok("ListResourceTags", json!({"KeyId": id}))["Tags"], json!([]));
+
+    // A replica's agent may not speak for the key: B cannot make itself primary on A, nor
+    // report another region's replica deleted. A client that is no peer gets nothing.
+    let claim = json!({"KeyId": id, "MultiRegion": {"Primary": "eu-west-1", "Replicas": ["us-east-1"]},
+                       "CurrentVersion": 1});
+    let refused = peer_call(&net, &b, &a, "KmsfsPeer.SynchronizeReplica", claim.clone());
+    assert_eq!(refused.as_deref(), Some("AccessDeniedException"));
+    let removal = json!({"KeyId": id, "Region": "ap-south-1"});
+    let refused = peer_call(&net, &b, &a, "KmsfsPeer.RemoveReplica", removal);
+    assert_eq!(refused.as_deref(), Some("AccessDeniedException"));
+    let audited = a.agent.audit_events();
+    let refusal = audited.iter().rev().find(|e| e["eventName"] == "KmsfsPeer.SynchronizeReplica").expect("audited");
+    assert_eq!(refusal["errorCode"], "AccessDeniedException", "{refusal}");
+    assert!(refusal["errorMessage"].as_str().unwrap_or("").contains("may not synchronize"), "{refusal}");
+    let config = &a.agent.ok("DescribeKey", json!({"KeyId": id}))["KeyMetadata"]["MultiRegionConfiguration"];
+    assert_eq!((&config["MultiRegionKeyType"], &config["ReplicaKeys"]), (&json!("PRIMARY"), &expected["ReplicaKeys"]));
 
     // Ciphertexts cross both ways.
     let on_b = b.agent.ok("Decrypt", json!({"CiphertextBlob": from_a}));

@@ -19,10 +19,13 @@
 //!   retried until it is heard), and once the last replica is gone the primary's own waiting
 //!   period begins (PendingDeletion), as in AWS.
 //!
-//! The peer actions are served to SigV4-signed requests on the TCP listener; the receiving
-//! agent authorizes the peer's principal as its own policies say: `kms:CreateKey` to create
-//! a replica, `kms:SynchronizeMultiRegionKey` (AWS's name for the same internal permission)
-//! to update one. Policies, aliases, grants, tags, description and enablement belong to
+//! The peer actions are served to SigV4-signed requests on the TCP listener, from a caller
+//! that is the `Principal` of a peer in `peers.json` — which tells the receiving agent the
+//! caller's region — and only as that region may ask: a replica takes its creation, material
+//! and configuration from its primary's agent alone, a primary hears of a replica's deletion
+//! from that replica's agent alone. Then the receiving agent authorizes the principal as its
+//! own policies say: `kms:CreateKey` to create a replica, `kms:SynchronizeMultiRegionKey`
+//! (AWS's name for the same internal permission) to update one. Policies, aliases, grants, tags, description and enablement belong to
 //! each replica; key spec, usage, material and the rotation schedule belong to the key.
 
 use std::collections::BTreeMap;
@@ -384,11 +387,21 @@ fn wrap_for_peer(
 
 /// Serves a `KmsfsPeer.` action.
 pub fn peer_action(agent: &Agent, caller: &Caller, action: &str, request: Value) -> Result<Value, KmsError> {
+    let Some(sender) = agent.peers.region_of(caller) else {
+        return Err(KmsError::new(
+            ErrorKind::AccessDeniedException,
+            format!(
+                "{} is not the agent of a peer region: {action} is for the agents named in {} (Principal)",
+                caller.describe(),
+                crate::peers::FILE_NAME
+            ),
+        ));
+    };
     match action {
         GET_PARAMETERS => get_replication_parameters(agent, caller, request),
-        CREATE_REPLICA => create_replica(agent, caller, request),
-        SYNCHRONIZE => synchronize_replica(agent, caller, request),
-        REMOVE_REPLICA => remove_replica(agent, caller, request),
+        CREATE_REPLICA => create_replica(agent, caller, &sender, request),
+        SYNCHRONIZE => synchronize_replica(agent, caller, &sender, request),
+        REMOVE_REPLICA => remove_replica(agent, caller, &sender, request),
         _ => Err(KmsError::new(ErrorKind::UnknownOperationException, format!("Unknown operation {action}"))),
     }
 }
@@ -496,11 +509,14 @@ struct CreateReplicaRequest {
     tags: Option<Vec<Tag>>,
 }
 
-fn create_replica(agent: &Agent, caller: &Caller, request: Value) -> Result<Value, KmsError> {
+fn create_replica(agent: &Agent, caller: &Caller, sender: &str, request: Value) -> Result<Value, KmsError> {
     let req: CreateReplicaRequest = parse(request)?;
     let id = multi_region_id(&req.key_id)?;
     agent.authorize_account(caller, "CreateKey", |c| c)?;
     check_configuration(agent, &req.multi_region, false)?;
+    if req.multi_region.primary != sender {
+        return Err(not_from(sender, "create a replica of a primary key in another region"));
+    }
     let _serial = lock(agent);
     if let Some(existing) = agent.key(&id) {
         return Err(KmsError::new(
@@ -585,13 +601,16 @@ struct SynchronizeRequest {
 
 /// A new configuration (a new replica elsewhere, a new primary, possibly this one) and
 /// possibly new material versions, from the primary's agent.
-fn synchronize_replica(agent: &Agent, caller: &Caller, request: Value) -> Result<Value, KmsError> {
+fn synchronize_replica(agent: &Agent, caller: &Caller, sender: &str, request: Value) -> Result<Value, KmsError> {
     let req: SynchronizeRequest = parse(request)?;
     let id = multi_region_id(&req.key_id)?;
     let key =
         agent.key(&id).ok_or_else(|| KmsError::not_found(format!("Key '{}' does not exist", agent.key_arn(&id))))?;
     agent.authorize_key(caller, "SynchronizeMultiRegionKey", &key, |c| c)?;
-    configuration(agent, &key)?;
+    // Only the primary's agent speaks for the key (so never to the agent holding it).
+    if configuration(agent, &key)?.primary != sender {
+        return Err(not_from(sender, &format!("synchronize {}, whose primary it does not hold", agent.key_arn(&id))));
+    }
     check_configuration(agent, &req.multi_region, true)?;
     let _serial = lock(agent);
     let received = match (&req.import_token, &req.materials) {
@@ -651,9 +670,12 @@ struct RemoveReplicaRequest {
 
 /// The replica in `Region` was deleted: the primary forgets it, tells the other replicas, and
 /// a primary PendingReplicaDeletion whose last replica this was begins its waiting period.
-fn remove_replica(agent: &Agent, caller: &Caller, request: Value) -> Result<Value, KmsError> {
+fn remove_replica(agent: &Agent, caller: &Caller, sender: &str, request: Value) -> Result<Value, KmsError> {
     let req: RemoveReplicaRequest = parse(request)?;
     let id = multi_region_id(&req.key_id)?;
+    if req.region != sender {
+        return Err(not_from(sender, &format!("report the deletion of the replica in {}", req.region)));
+    }
     let Some(key) = agent.key(&id) else {
         // Already gone here too: nothing to forget.
         agent.authorize_account(caller, "SynchronizeMultiRegionKey", |c| c)?;
@@ -685,6 +707,11 @@ fn remove_replica(agent: &Agent, caller: &Caller, request: Value) -> Result<Valu
         synchronize_or_mark(agent, &id, region, false);
     }
     Ok(json!({}))
+}
+
+/// The refusal of a peer action the sender's region may not ask for.
+fn not_from(sender: &str, what: &str) -> KmsError {
+    KmsError::new(ErrorKind::AccessDeniedException, format!("the agent of region {sender} may not {what}"))
 }
 
 /// A configuration from a peer must include this agent's region, and not twice.
