@@ -514,7 +514,8 @@ async fn answer(
         }
     };
     let action = target.name().to_string();
-    let source = match target {
+    let source = match &target {
+        Target::Kms(action) if action.starts_with(service::replicas::PEER_PREFIX) => KMSD_SOURCE,
         Target::Kms(_) => KMS_SOURCE,
         Target::Sts => STS_SOURCE,
         Target::Extension(_) => KMSD_SOURCE,
