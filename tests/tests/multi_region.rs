@@ -65,6 +65,21 @@ fn a_multi_region_primary_on_its_own() {
         ErrorKind::UnsupportedOperationException
     );
 
+    // kmsctl, as `aws kms`: the same key through the CLI, and AWS's error and exit code.
+    let out = agent.kmsctl().args(["create-key", "--multi-region", "--description", "cli"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let cli: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(cli["KeyMetadata"]["MultiRegionConfiguration"]["MultiRegionKeyType"], "PRIMARY", "{cli}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.find("\"MultiRegion\"").unwrap() < text.find("\"MultiRegionConfiguration\"").unwrap(), "model order");
+    let out = agent.kmsctl().args(["replicate-key", "-k", &id, "--replica-region", "eu-west-1"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(254));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("An error occurred (UnsupportedOperationException) when calling the ReplicateKey operation"),
+        "{stderr}"
+    );
+
     let mut agent = agent;
     agent.restart();
     let described = agent.ok("DescribeKey", json!({"KeyId": id}));
