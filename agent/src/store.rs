@@ -579,17 +579,7 @@ impl Store {
 
     /// Destroyed replica keys whose primary's agent has not yet been told, with its region.
     pub fn replica_removals(&self) -> Result<Vec<(KeyId, String)>, KmsError> {
-        let read = || -> rusqlite::Result<Vec<(KeyId, String)>> {
-            let mut stmt = self.conn.prepare("SELECT key_id, primary_region FROM replica_removals ORDER BY key_id")?;
-            let rows = stmt
-                .query_map([], |r| {
-                    let id: String = r.get(0)?;
-                    Ok((KeyId::parse(&id).ok_or_else(|| corrupt("key ID"))?, r.get(1)?))
-                })?
-                .collect();
-            rows
-        };
-        read().map_err(db_error)
+        self.key_region_pairs("SELECT key_id, primary_region FROM replica_removals ORDER BY key_id")
     }
 
     /// The primary's agent knows replica `key_id` is gone.
@@ -602,8 +592,13 @@ impl Store {
 
     /// The replicas still to be brought up to date, by primary key.
     pub fn pending_replica_syncs(&self) -> Result<Vec<(KeyId, String)>, KmsError> {
+        self.key_region_pairs("SELECT key_id, region FROM replica_sync ORDER BY key_id, region")
+    }
+
+    /// The (key ID, region) rows `query` selects.
+    fn key_region_pairs(&self, query: &str) -> Result<Vec<(KeyId, String)>, KmsError> {
         let read = || -> rusqlite::Result<Vec<(KeyId, String)>> {
-            let mut stmt = self.conn.prepare("SELECT key_id, region FROM replica_sync ORDER BY key_id, region")?;
+            let mut stmt = self.conn.prepare(query)?;
             let rows = stmt
                 .query_map([], |r| {
                     let id: String = r.get(0)?;

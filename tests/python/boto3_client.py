@@ -160,20 +160,25 @@ class State(dict):
 
 class Checker:
     def __init__(self, socket_path):
-        self.kms = boto3.client(
+        self.kms = self.client(socket_path)
+        self.reply_problems = []
+        self.passed = 0
+        self.failed = 0
+
+    def client(self, socket_path, region="local"):
+        """A boto3 KMS client on the agent at `socket_path`, its replies held to the model."""
+        kms = boto3.client(
             "kms",
-            region_name="local",
+            region_name=region,
             aws_access_key_id="x",
             aws_secret_access_key="x",
             endpoint_url="http://kmsd",
             # A retry would hide a failed or malformed first reply.
             config=Config(retries={"total_max_attempts": 1}),
         )
-        self.kms.meta.events.register("before-send.kms", unix_transport(socket_path))
-        self.kms.meta.events.register("after-call.kms", self.check_reply)
-        self.reply_problems = []
-        self.passed = 0
-        self.failed = 0
+        kms.meta.events.register("before-send.kms", unix_transport(socket_path))
+        kms.meta.events.register("after-call.kms", self.check_reply)
+        return kms
 
     def check_reply(self, http_response, model, **_):
         """Holds every raw reply to the service model."""

@@ -35,14 +35,12 @@ from boto3_client import Checker, unix_transport  # noqa: E402  (shared transpor
 try:
     import aws_encryption_sdk
     import aws_encryption_sdk.exceptions
-    import boto3
     import botocore.session
     from botocore.auth import SigV4Auth
     from botocore.awsrequest import AWSRequest
     from botocore.credentials import Credentials
     from aws_encryption_sdk.identifiers import CommitmentPolicy
     from aws_encryption_sdk.key_providers.kms import MRKAwareStrictAwsKmsMasterKeyProvider
-    from botocore.config import Config
 except ImportError as e:
     sys.exit(f"a Python AWS SDK is missing ({e}); run the README's test command, which installs them")
 
@@ -81,16 +79,7 @@ class Regions(Checker):
 
     def __init__(self):
         super().__init__(SOCKET_A)
-        self.kms_b = boto3.client(
-            "kms",
-            region_name=REGION_B,
-            aws_access_key_id="x",
-            aws_secret_access_key="x",
-            endpoint_url="http://kmsd",
-            config=Config(retries={"total_max_attempts": 1}),
-        )
-        self.kms_b.meta.events.register("before-send.kms", unix_transport(SOCKET_B))
-        self.kms_b.meta.events.register("after-call.kms", self.check_reply)
+        self.kms_b = self.client(SOCKET_B, REGION_B)
 
 
 def main():
