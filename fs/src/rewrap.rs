@@ -45,6 +45,11 @@
 //!
 //! Two rewraps of one volume do not run at once: each holds an exclusive lock on
 //! [`LOCK_FILE`] in the backing directory (a reserved name: the mount does not show it).
+//!
+//! `kmsfs snapshot import` runs the same machinery (`run_with`) on a snapshot received
+//! from another host, whose headers may hold data keys encrypted to an RSA key rather than
+//! blobs of a KMS key (`Source::Rsa`), and with the times each file is to keep recorded
+//! beforehand (`Job::times`).
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;

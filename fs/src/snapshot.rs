@@ -42,7 +42,7 @@
 //!
 //! **Import** (`kmsfs snapshot import DEST --key KEY`, on the receiver) re-wraps every header
 //! and the name key under the receiver's own KMS key with the crash-safe two-slot machinery
-//! of `kmsfs rewrap` ([`crate::rewrap::run_with`]): ReEncrypt for a snapshot wrapped by a KMS
+//! of `kmsfs rewrap` (`rewrap::run_with`): ReEncrypt for a snapshot wrapped by a KMS
 //! key; for an RSA one, Decrypt with the RSA key (to verify the header and MAC its new slots;
 //! the plaintext stays in zeroizing memory) and ReEncrypt from the RSA key to KEY under the
 //! file-key context (so the plaintext never goes back over the socket). Interrupted, it is
@@ -352,7 +352,7 @@ enum DestState {
 
 fn inspect_dest(dest: &Path, source_root: &Path, update: bool) -> Result<DestState, String> {
     let shown = dest.display();
-    let meta = match fs::symlink_metadata(dest) {
+    let meta = match fs::metadata(dest) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             let parent = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
             let parent = fs::canonicalize(parent).map_err(|e| format!("cannot create {shown}: {e}"))?;
@@ -885,7 +885,8 @@ impl Plan {
     }
 
     /// The source entries that changed since they were copied (see the module's
-    /// documentation); `ctimes` are the files' change times when their copy began.
+    /// documentation), directories first; `ctimes` are the files' change times when their
+    /// copy began.
     fn changed(&self, ctimes: &[Option<(i64, i64)>]) -> Vec<String> {
         let mut changed = Vec::new();
         let times = |m: &fs::Metadata| (m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec());
@@ -898,6 +899,9 @@ impl Plan {
                 ));
             }
         }
+        // Directories first (a changed listing says most), each group in order.
+        changed.sort();
+        let directories = changed.len();
         for other in &self.others {
             if ctime_now(&other.src) != Some((other.meta.ctime(), other.meta.ctime_nsec())) {
                 changed.push(format!("{}: it changed", other.shown.display()));
@@ -908,7 +912,7 @@ impl Plan {
                 changed.push(format!("{}: it changed while it was being copied", file.shown.display()));
             }
         }
-        changed.sort();
+        changed[directories..].sort();
         changed
     }
 }
@@ -1303,6 +1307,7 @@ pub fn import(dest: &Path, key: &str, socket: Option<&Path>, threads: usize) -> 
     }
     let client = AgentClient::connect_or_start(socket).map_err(|e| e.to_string())?;
     let agent = AgentPool::new(client.socket_path());
+    let times = import_times(&root)?;
     let source = match manifest.wrapping {
         SnapshotWrapping::Kms => Source::Kms,
         SnapshotWrapping::RsaesOaepSha256 { public_key_sha256 } => {
@@ -1311,7 +1316,6 @@ pub fn import(dest: &Path, key: &str, socket: Option<&Path>, threads: usize) -> 
             Source::Rsa { key_id: &manifest.key_id }
         }
     };
-    let times = import_times(&root)?;
     let job = rewrap::Job { label: "snapshot import", source, times: Some(&times) };
     let summary = rewrap::run_with(&root, Some(client.socket_path()), Some(key), threads, &job)?;
     if summary.failed.is_empty() {

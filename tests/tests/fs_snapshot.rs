@@ -649,3 +649,49 @@ fn an_update_copies_only_what_changed() {
     let mounted = Mounted::new(&a.agent, &dest, &mnt, &work.path().join("kmsfs.log"));
     assert_same_tree(&expected, &mounted.mnt);
 }
+
+/// An export of a mounted volume that is being written to reports what changed under it
+/// and leaves the snapshot unfinished; once the writing stops, the same command finishes it
+/// and the snapshot holds the volume as it is then.
+#[test]
+fn changes_during_an_export_are_reported_and_a_rerun_finishes() {
+    let a = TestMount::new();
+    populate(&a, 100, 21);
+    let key = create_key(&a.agent);
+    let work = tempfile::tempdir().unwrap();
+    let dest = work.path().join("snapshot");
+    let export = || run(a.kmsfs().args(["snapshot", "export"]).arg(a.cipher()).arg(&dest).args(["--to-key", &key]));
+
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let writes = std::sync::atomic::AtomicU64::new(0);
+    let out = std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                fs::write(a.path("a/busy"), i.to_le_bytes().repeat(1000)).unwrap();
+                fs::write(a.path(&format!("docs/new{i}")), b"new").unwrap();
+                writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                i += 1;
+            }
+        });
+        while writes.load(std::sync::atomic::Ordering::Relaxed) < 5 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let out = export();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        out
+    });
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("changed in the volume while it was being exported"), "{}", text(&out));
+    assert!(text(&out).contains("/docs: entries were added"), "the directory is named: {}", text(&out));
+    assert!(text(&out).contains("/a/busy: it changed"), "the file is named: {}", text(&out));
+    assert_eq!(manifest(&dest).state, SnapshotState::Exporting);
+
+    let expected = tree(&a.mnt());
+    let out = export();
+    assert!(out.status.success(), "{}", text(&out));
+    let out = run(a.kmsfs().args(["snapshot", "import"]).arg(&dest).args(["--key", &key]));
+    assert!(out.status.success(), "{}", text(&out));
+    let mounted = Mounted::new(&a.agent, &dest, &work.path().join("mnt"), &work.path().join("kmsfs.log"));
+    assert_same_tree(&expected, &mounted.mnt);
+}
