@@ -600,7 +600,11 @@ fn snapshot_export(args: &kmsfs_fs::snapshot::ExportArgs<'_>) -> ExitCode {
             summary.copied_bytes as f64 / 1048576.0,
             summary.kept
         );
-        return ExitCode::SUCCESS;
+        if summary.failed.is_empty() {
+            return ExitCode::SUCCESS;
+        }
+        print_list("warning", &summary.failed);
+        return ExitCode::from(1);
     }
     if !summary.failed.is_empty() {
         print_list("not copied", &summary.failed);

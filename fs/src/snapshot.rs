@@ -403,6 +403,17 @@ fn validate_key_arg(key: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// An exclusive lock on DEST (the directory itself, as a mount locks its backing
+/// directory), held while exporting into it: two exports into one DEST would undo each
+/// other's work.
+fn lock_dest(dest_root: &Path) -> Result<nix::fcntl::Flock<File>, String> {
+    let dir = File::open(dest_root).map_err(|e| format!("cannot open {}: {e}", dest_root.display()))?;
+    nix::fcntl::Flock::lock(dir, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| match e {
+        Errno::EWOULDBLOCK => format!("{} is in use (another kmsfs snapshot export into it?)", dest_root.display()),
+        e => format!("cannot lock {}: {e}", dest_root.display()),
+    })
+}
+
 /// How keys are wrapped for the receiver.
 enum Wrapper<'a> {
     /// ReEncrypt by the sender's agent to this key (ARN).
@@ -482,6 +493,7 @@ pub fn export(args: &ExportArgs<'_>) -> Result<ExportSummary, String> {
         fs::create_dir(args.dest).map_err(|e| format!("cannot create {}: {e}", args.dest.display()))?;
     }
     let dest_root = fs::canonicalize(args.dest).map_err(|e| format!("cannot open {}: {e}", args.dest.display()))?;
+    let _only_export = lock_dest(&dest_root)?;
     match &dest_state {
         DestState::Snapshot(existing) if existing.state == SnapshotState::Exporting => {}
         _ => write_manifest(&dest_root, &manifest)?,
@@ -511,7 +523,7 @@ pub fn export(args: &ExportArgs<'_>) -> Result<ExportSummary, String> {
         copied: AtomicU64::new(0),
         copied_bytes: AtomicU64::new(0),
         kept: AtomicU64::new(0),
-        ctimes: (0..plan.files.len()).map(|_| Mutex::new(None)).collect(),
+        copies: (0..plan.files.len()).map(|_| Mutex::new(None)).collect(),
         failed: Mutex::new(Vec::new()),
         fatal: Mutex::new(None),
         stop: AtomicBool::new(false),
@@ -543,21 +555,25 @@ pub fn export(args: &ExportArgs<'_>) -> Result<ExportSummary, String> {
             args.dest.display()
         ));
     }
-    let ctimes: Vec<Option<(i64, i64)>> =
-        copy.ctimes.iter().map(|c| *c.lock().unwrap_or_else(|p| p.into_inner())).collect();
+    let copies: Vec<Option<Identity>> =
+        copy.copies.iter().map(|c| *c.lock().unwrap_or_else(|p| p.into_inner())).collect();
     let mut failed = std::mem::take(&mut plan.problems);
     failed.extend(copy.failed.into_inner().unwrap_or_else(|p| p.into_inner()));
     let (copied, copied_bytes, kept) =
         (copy.copied.into_inner(), copy.copied_bytes.into_inner(), copy.kept.into_inner());
 
-    plan.link(&ctimes, &mut failed);
+    plan.link(&copies, &mut failed);
     plan.finish_dirs(&mut failed);
-    let changed = plan.changed(&ctimes);
+    let changed = plan.changed(&copies);
     failed.sort();
     let mut summary = ExportSummary { manifest, copied, copied_bytes, kept, failed, changed, elapsed: Duration::ZERO };
     if summary.failed.is_empty() && summary.changed.is_empty() {
         nix::unistd::syncfs(File::open(&dest_root).map_err(|e| e.to_string())?.as_raw_fd())
             .map_err(|e| format!("cannot sync {}: {e}", dest_root.display()))?;
+        // Every file is in place: the journal is rewritten with one line each, so that
+        // updates do not make it grow without bound.
+        let entries = plan.files.iter().zip(&copies).filter_map(|(file, copy)| Some((&file.rel[..], (*copy)?)));
+        journal.rewrite(&dest_root, entries)?;
         let moved = VolumeConfig { key_id: key_id.clone(), wrapped_name_key, ..config };
         let path = dest_root.join(VOLUME_FILE);
         write_atomically(&path, moved.to_json().as_bytes(), 0o444)
@@ -638,15 +654,15 @@ impl Journal {
     }
 
     fn record(&self, rel: &[u8], identity: Identity) {
-        let line = format!(
-            "{} {} {} {} {}\n",
-            identity.ino,
-            identity.ctime.0,
-            identity.ctime.1,
-            identity.size,
-            kmsfs_common::format::hex(rel)
-        );
+        let line = journal_line(rel, identity);
         self.pending.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(line.as_bytes());
+    }
+
+    /// Replaces the journal with the lines of `entries`.
+    fn rewrite<'a>(&self, dest_root: &Path, entries: impl Iterator<Item = (&'a [u8], Identity)>) -> Result<(), String> {
+        let lines: Vec<u8> = entries.flat_map(|(rel, identity)| journal_line(rel, identity).into_bytes()).collect();
+        let path = dest_root.join(JOURNAL_FILE);
+        write_atomically(&path, &lines, 0o600).map_err(|e| format!("cannot write {}: {e}", path.display()))
     }
 
     /// Syncs DEST's filesystem, then appends the lines of the copies made before.
@@ -659,6 +675,11 @@ impl Journal {
         nix::unistd::syncfs(self.file.as_raw_fd()).map_err(sync)?;
         (&self.file).write_all(&lines).map_err(|e| format!("cannot write the journal in {}: {e}", dest_root.display()))
     }
+}
+
+fn journal_line(rel: &[u8], identity: Identity) -> String {
+    let Identity { ino, ctime: (secs, nanos), size } = identity;
+    format!("{ino} {secs} {nanos} {size} {}\n", kmsfs_common::format::hex(rel))
 }
 
 fn parse_journal_line(line: &[u8]) -> Option<(Vec<u8>, Identity)> {
@@ -848,10 +869,10 @@ impl Plan {
     }
 
     /// Makes the further hard links, once the files they link to are copied.
-    fn link(&self, ctimes: &[Option<(i64, i64)>], failed: &mut Vec<String>) {
+    fn link(&self, copies: &[Option<Identity>], failed: &mut Vec<String>) {
         for link in &self.links {
             let first = &self.files[link.first];
-            if ctimes[link.first].is_none() {
+            if copies[link.first].is_none() {
                 continue; // its file failed, and says so
             }
             let linked = (|| {
@@ -885,9 +906,9 @@ impl Plan {
     }
 
     /// The source entries that changed since they were copied (see the module's
-    /// documentation), directories first; `ctimes` are the files' change times when their
+    /// documentation), directories first; `copies` are the files as they were when their
     /// copy began.
-    fn changed(&self, ctimes: &[Option<(i64, i64)>]) -> Vec<String> {
+    fn changed(&self, copies: &[Option<Identity>]) -> Vec<String> {
         let mut changed = Vec::new();
         let times = |m: &fs::Metadata| (m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec());
         let ctime_now = |path: &Path| fs::symlink_metadata(path).ok().map(|m| (m.ctime(), m.ctime_nsec()));
@@ -907,8 +928,8 @@ impl Plan {
                 changed.push(format!("{}: it changed", other.shown.display()));
             }
         }
-        for (file, ctime) in self.files.iter().zip(ctimes) {
-            if ctime.is_some() && ctime_now(&file.src) != *ctime {
+        for (file, copy) in self.files.iter().zip(copies) {
+            if copy.is_some_and(|copy| ctime_now(&file.src) != Some(copy.ctime)) {
                 changed.push(format!("{}: it changed while it was being copied", file.shown.display()));
             }
         }
@@ -1057,7 +1078,7 @@ struct Copy<'a> {
     copied_bytes: AtomicU64,
     kept: AtomicU64,
     /// Each file's change time when its copy began, once it is in place.
-    ctimes: Vec<Mutex<Option<(i64, i64)>>>,
+    copies: Vec<Mutex<Option<Identity>>>,
     failed: Mutex<Vec<String>>,
     fatal: Mutex<Option<String>>,
     stop: AtomicBool,
@@ -1074,7 +1095,7 @@ impl Copy<'_> {
             self.done_bytes.fetch_add(item.size, Ordering::Relaxed);
             match outcome {
                 Ok((kept, identity)) => {
-                    *self.ctimes[index].lock().unwrap_or_else(|p| p.into_inner()) = Some(identity.ctime);
+                    *self.copies[index].lock().unwrap_or_else(|p| p.into_inner()) = Some(identity);
                     // Files with a header are counted; the format's own small files are not.
                     let counted = u64::from(item.content);
                     if kept {
@@ -1467,6 +1488,7 @@ mod tests {
         let identity = Identity { ino: 42, ctime: (1_700_000_000, 123_456_789), size: 5000 };
         let line = format!("42 1700000000 123456789 5000 {}", kmsfs_common::format::hex(b"a/kmsfs.dirid"));
         assert_eq!(parse_journal_line(line.as_bytes()), Some((b"a/kmsfs.dirid".to_vec(), identity)));
+        assert_eq!(journal_line(b"a/kmsfs.dirid", identity), line + "\n");
         for torn in ["42 1700000000 123456789 5000 616", "42 17000", "", "x 1 2 3 61", "1 2 3 4 61 extra"] {
             assert_eq!(parse_journal_line(torn.as_bytes()), None, "{torn}");
         }
