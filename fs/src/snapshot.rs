@@ -28,7 +28,8 @@
 //! import refuse it), and the same command run again finishes it: a file whose journal
 //! entry matches its source as it is now is kept, anything else is copied again, entries
 //! gone from the source are removed. `--update` does the same to a complete snapshot
-//! (incremental export: only what changed since is copied).
+//! (incremental export: only what changed since is copied). An export holds an exclusive
+//! lock on DEST.
 //!
 //! A volume written to during the export. Each file is copied from one open, its change
 //! time (ctime) taken before the first byte is read; directories' times are taken before
@@ -45,8 +46,10 @@
 //! of `kmsfs rewrap` (`rewrap::run_with`): ReEncrypt for a snapshot wrapped by a KMS
 //! key; for an RSA one, Decrypt with the RSA key (to verify the header and MAC its new slots;
 //! the plaintext stays in zeroizing memory) and ReEncrypt from the RSA key to KEY under the
-//! file-key context (so the plaintext never goes back over the socket). Interrupted, it is
-//! resumed by running it again. Then the manifest and journal go, and the volume mounts.
+//! file-key context (so the plaintext never goes back over the socket). Each file's times as
+//! exported are recorded first (`kmsfs.snapshot.times`), so that a file re-wrapped just
+//! before a kill still gets them back. Interrupted, the import is resumed by running it
+//! again. Then the journal, the times and the manifest go, and the volume mounts.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
