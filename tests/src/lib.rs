@@ -570,53 +570,22 @@ impl TestMount {
     /// Mounts the volume (after `unmount` or `kill`).
     pub fn mount(&mut self) {
         assert!(self.child.is_none(), "already mounted");
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).expect("log");
-        let mut cmd = self.kmsfs();
-        cmd.arg("mount").arg(self.cipher()).arg(self.mnt()).arg("--foreground");
-        if !self.mount_options.is_empty() {
-            cmd.arg("-o").arg(self.mount_options.join(","));
-        }
-        match self.log_filter {
-            Some(filter) => cmd.env("KMSFS_LOG", filter),
-            None => cmd.env_remove("KMSFS_LOG"),
-        };
-        let mut child = cmd
-            .env("KMSFS_READY_PIPE", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .expect("run kmsfs mount");
-        let mut line = String::new();
-        if let Some(stdout) = child.stdout.take() {
-            let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line);
-        }
-        if line.trim() != "ready" {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("kmsfs mount did not become ready:\n{}", self.log());
-        }
+        let child = spawn_mount(
+            &self.agent,
+            &self.cipher(),
+            &self.mnt(),
+            &self.mount_options,
+            self.log_filter,
+            &self.log_path(),
+        )
+        .unwrap_or_else(|()| panic!("kmsfs mount did not become ready:\n{}", self.log()));
         self.child = Some(child);
     }
 
     /// Unmounts cleanly and waits for kmsfs to exit.
     pub fn unmount(&mut self) {
-        let Some(mut child) = self.child.take() else { return };
-        let status = Command::new("umount").arg(self.mnt()).status().expect("umount");
-        if !status.success() {
-            let _ = Command::new("umount").arg("-l").arg(self.mnt()).status();
-        }
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(Some(_)) = child.try_wait() {
-                break;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        if let Some(child) = self.child.take() {
+            unmount_child(child, &self.mnt());
         }
     }
 
@@ -632,6 +601,90 @@ impl TestMount {
     pub fn remount(&mut self) {
         self.unmount();
         self.mount();
+    }
+}
+
+/// Runs `kmsfs mount CIPHER MNT --foreground` on `agent` (with the test suite's extra mount
+/// options and `log_filter` as `KMSFS_LOG`, its log appended to `log`) and waits until it
+/// says it is ready; `Err` if it never does (the log says why).
+fn spawn_mount(
+    agent: &TestAgent,
+    cipher: &Path,
+    mnt: &Path,
+    options: &[String],
+    log_filter: Option<&str>,
+    log: &Path,
+) -> Result<Child, ()> {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("log");
+    let mut cmd = Command::new(bin("kmsfs"));
+    cmd.env("KMSD_SOCKET", agent.socket()).arg("mount").arg(cipher).arg(mnt).arg("--foreground");
+    if !options.is_empty() {
+        cmd.arg("-o").arg(options.join(","));
+    }
+    match log_filter {
+        Some(filter) => cmd.env("KMSFS_LOG", filter),
+        None => cmd.env_remove("KMSFS_LOG"),
+    };
+    let mut child = cmd
+        .env("KMSFS_READY_PIPE", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .expect("run kmsfs mount");
+    let mut line = String::new();
+    if let Some(stdout) = child.stdout.take() {
+        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line);
+    }
+    if line.trim() != "ready" {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(());
+    }
+    Ok(child)
+}
+
+/// Unmounts `mnt` (lazily if it is busy) and waits up to 20 s for its kmsfs to exit.
+fn unmount_child(mut child: Child, mnt: &Path) {
+    if !Command::new("umount").arg(mnt).status().is_ok_and(|s| s.success()) {
+        let _ = Command::new("umount").arg("-l").arg(mnt).status();
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !matches!(child.try_wait(), Ok(Some(_))) {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// An existing backing directory (an imported snapshot, say) mounted by `kmsfs mount` on an
+/// agent, unmounted on drop.
+pub struct MountedDir {
+    child: Option<Child>,
+    /// The mount point.
+    pub mnt: PathBuf,
+}
+
+impl MountedDir {
+    /// Mounts `cipher` on `mnt` (created if missing) with `agent`'s socket; kmsfs logs to `log`.
+    pub fn new(agent: &TestAgent, cipher: &Path, mnt: &Path, log: &Path) -> MountedDir {
+        std::fs::create_dir_all(mnt).expect("mount point");
+        let child =
+            spawn_mount(agent, cipher, mnt, &extra_mount_options(), Some(FS_TEST_LOG), log).unwrap_or_else(|()| {
+                panic!("kmsfs mount of {} did not become ready: see {}", cipher.display(), log.display())
+            });
+        MountedDir { child: Some(child), mnt: mnt.to_path_buf() }
+    }
+}
+
+impl Drop for MountedDir {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.take() {
+            unmount_child(child, &self.mnt);
+        }
     }
 }
 

@@ -21,7 +21,7 @@ use kmsfs_common::format::names;
 use kmsfs_common::format::snapshot::{SnapshotManifest, SnapshotState, MANIFEST_FILE};
 use kmsfs_common::format::volume::VOLUME_FILE;
 use kmsfs_common::ids::KeyId;
-use kmsfs_tests::{b64, bin, create_key, Rng, TestAgent, TestMount};
+use kmsfs_tests::{b64, bin, create_key, MountedDir, Rng, TestAgent, TestMount};
 use serde_json::json;
 
 /// Sizes of the files made: empty, within a block, around block boundaries, several blocks.
@@ -274,56 +274,6 @@ fn text(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
 }
 
-/// `kmsfs mount CIPHER MNT --foreground` on `agent`, unmounted on drop.
-struct Mounted {
-    child: Option<Child>,
-    mnt: PathBuf,
-}
-
-impl Mounted {
-    fn new(agent: &TestAgent, cipher: &Path, mnt: &Path, log: &Path) -> Mounted {
-        fs::create_dir_all(mnt).unwrap();
-        let log = fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-        let mut cmd = kmsfs(agent);
-        cmd.arg("mount").arg(cipher).arg(mnt).arg("--foreground");
-        let options = kmsfs_tests::extra_mount_options();
-        if !options.is_empty() {
-            cmd.arg("-o").arg(options.join(","));
-        }
-        let mut child = cmd
-            .env("KMSFS_READY_PIPE", "1")
-            .env("KMSFS_LOG", "info,kmsfs_fs=debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line);
-        if line.trim() != "ready" {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("kmsfs mount of {} did not become ready", cipher.display());
-        }
-        Mounted { child: Some(child), mnt: mnt.to_path_buf() }
-    }
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let Some(mut child) = self.child.take() else { return };
-        if !Command::new("umount").arg(&self.mnt).status().is_ok_and(|s| s.success()) {
-            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
-        }
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !matches!(child.try_wait(), Ok(Some(_))) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-}
-
 /// An RSA ENCRYPT_DECRYPT key of `spec` on `agent`: its ARN, and its public key as
 /// `kmsctl get-public-key --output pem` prints it, written to `pem`.
 fn rsa_key(agent: &TestAgent, spec: &str, pem: &Path) -> String {
@@ -392,14 +342,14 @@ fn a_volume_moves_to_another_agent_by_its_rsa_public_key() {
     assert_same_blocks(&source, &dest);
 
     let log = work.path().join("kmsfs-b.log");
-    let mounted = Mounted::new(&b, &dest, &mnt, &log);
+    let mounted = MountedDir::new(&b, &dest, &mnt, &log);
     assert_same_tree(&expected, &mounted.mnt);
     drop(mounted);
 
     // A back, its key disabled: B does not depend on it.
     a.agent.start_again();
     a.agent.ok("DisableKey", json!({"KeyId": a.key_id}));
-    let mounted = Mounted::new(&b, &dest, &mnt, &log);
+    let mounted = MountedDir::new(&b, &dest, &mnt, &log);
     assert_same_tree(&expected, &mounted.mnt);
 }
 
@@ -436,7 +386,7 @@ fn a_volume_moves_by_a_kms_key_both_sides_hold() {
     for key in [&a.key_id, &k2] {
         a.agent.ok("DisableKey", json!({"KeyId": key}));
     }
-    let mounted = Mounted::new(&a.agent, &dest, &mnt, &work.path().join("kmsfs.log"));
+    let mounted = MountedDir::new(&a.agent, &dest, &mnt, &work.path().join("kmsfs.log"));
     assert_same_tree(&expected, &mounted.mnt);
 }
 
@@ -614,7 +564,7 @@ fn interrupted_exports_and_imports_finish_when_run_again() {
     assert!(text(&out).contains("already were"), "{}", text(&out));
     assert_all_under(&dest, current_material(&a.agent, &key));
     assert_same_blocks(&source, &dest);
-    let mounted = Mounted::new(&a.agent, &dest, &mnt, &work.path().join("kmsfs.log"));
+    let mounted = MountedDir::new(&a.agent, &dest, &mnt, &work.path().join("kmsfs.log"));
     assert_same_tree(&expected, &mounted.mnt);
 }
 
@@ -646,7 +596,7 @@ fn an_update_copies_only_what_changed() {
     let out = run(a.kmsfs().args(["snapshot", "import"]).arg(&dest).args(["--key", &key]));
     assert!(out.status.success(), "{}", text(&out));
     let mnt = work.path().join("mnt");
-    let mounted = Mounted::new(&a.agent, &dest, &mnt, &work.path().join("kmsfs.log"));
+    let mounted = MountedDir::new(&a.agent, &dest, &mnt, &work.path().join("kmsfs.log"));
     assert_same_tree(&expected, &mounted.mnt);
 }
 
@@ -692,6 +642,6 @@ fn changes_during_an_export_are_reported_and_a_rerun_finishes() {
     assert!(out.status.success(), "{}", text(&out));
     let out = run(a.kmsfs().args(["snapshot", "import"]).arg(&dest).args(["--key", &key]));
     assert!(out.status.success(), "{}", text(&out));
-    let mounted = Mounted::new(&a.agent, &dest, &work.path().join("mnt"), &work.path().join("kmsfs.log"));
+    let mounted = MountedDir::new(&a.agent, &dest, &work.path().join("mnt"), &work.path().join("kmsfs.log"));
     assert_same_tree(&expected, &mounted.mnt);
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use kmsfs_common::ErrorKind;
 use kmsfs_tests::netns::{NetnsPair, Side};
 use kmsfs_tests::tls::TestCa;
-use kmsfs_tests::{b64, unb64, TestAgent};
+use kmsfs_tests::{b64, unb64, TestAgent, TestMount};
 use serde_json::{json, Value};
 
 const ACCOUNT: &str = "111122223333";
@@ -396,4 +396,82 @@ fn aws_sdks_see_multi_region_keys_as_aws_ones() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("multi-Region: 4 passed, 0 failed"), "{stdout}");
+}
+
+/// The multi-Region route of `kmsfs snapshot`: a volume on A exported `--to-key` the
+/// multi-Region key (A's agent re-wraps every file key to it), imported on B under B's own
+/// key through B's replica, and mounted on B with A's agent stopped: the same files, and the
+/// blocks byte for byte.
+#[test]
+fn a_volume_moves_to_another_host_under_a_replica_key() {
+    let TwoHosts { net: _net, _certs, a, b } = two_hosts();
+    let mrk =
+        a.agent.ok("CreateKey", json!({"MultiRegion": true}))["KeyMetadata"]["KeyId"].as_str().unwrap().to_string();
+    a.agent.ok("ReplicateKey", json!({"KeyId": mrk, "ReplicaRegion": b.region}));
+    let volume_key = kmsfs_tests::create_key(&a.agent);
+    let b_key = kmsfs_tests::create_key(&b.agent);
+    let mut mount = TestMount::on_agent(a.agent, &volume_key, &[], &[]);
+    let mut files = std::collections::BTreeMap::new();
+    std::fs::create_dir(mount.path("dir")).unwrap();
+    for i in 0..40 {
+        let rel = if i % 2 == 0 { format!("dir/file-{i}") } else { format!("file-{i}") };
+        let data: Vec<u8> = (0..i * 997).map(|j| (j * 31 + i) as u8).collect();
+        std::fs::write(mount.path(&rel), &data).unwrap();
+        files.insert(rel, data);
+    }
+    std::os::unix::fs::symlink("dir/file-0", mount.path("link")).unwrap();
+    mount.unmount();
+
+    let work = tempfile::tempdir().unwrap();
+    let dest = work.path().join("snapshot");
+    let cipher = mount.cipher();
+    kmsfs_on(&mount.agent, &["snapshot", "export"], &[&cipher, &dest], &["--to-key", &mrk]);
+    mount.agent.stop();
+    kmsfs_on(&b.agent, &["snapshot", "import"], &[&dest], &["--key", &b_key]);
+
+    let mounted =
+        kmsfs_tests::MountedDir::new(&b.agent, &dest, &work.path().join("mnt"), &work.path().join("kmsfs.log"));
+    for (rel, data) in &files {
+        assert_eq!(&std::fs::read(mounted.mnt.join(rel)).unwrap(), data, "{rel} on B");
+    }
+    assert_eq!(std::fs::read_link(mounted.mnt.join("link")).unwrap(), std::path::Path::new("dir/file-0"));
+    // The blocks crossed as they were: every backing file past its header is A's.
+    let mut compared = 0;
+    for entry in walk(&cipher) {
+        let rel = entry.strip_prefix(&cipher).unwrap();
+        let (src, copy) = (std::fs::read(&entry).unwrap(), std::fs::read(dest.join(rel)).unwrap());
+        if src.len() > 1024 && std::fs::symlink_metadata(&entry).unwrap().is_file() && !rel.starts_with("kmsfs.") {
+            assert_eq!(src[1024..], copy[1024..], "{}", rel.display());
+            assert_ne!(src[..1024], copy[..1024], "{}: the header is re-wrapped", rel.display());
+            compared += 1;
+        }
+    }
+    assert!(compared >= 39, "{compared} files compared");
+}
+
+/// Runs `kmsfs WORDS PATHS FLAGS` on `agent`; it must succeed.
+fn kmsfs_on(agent: &TestAgent, words: &[&str], paths: &[&std::path::Path], flags: &[&str]) {
+    let out = std::process::Command::new(kmsfs_tests::bin("kmsfs"))
+        .env("KMSD_SOCKET", agent.socket())
+        .args(words)
+        .args(paths)
+        .args(flags)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "kmsfs {words:?} {paths:?} {flags:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Every regular file under `root`, recursively.
+fn walk(root: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(root).unwrap() {
+        let path = entry.unwrap().path();
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        if meta.is_dir() {
+            out.extend(walk(&path));
+        } else if meta.is_file() {
+            out.push(path);
+        }
+    }
+    out
 }
