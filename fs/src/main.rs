@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use kmsfs_common::client::AgentClient;
 use kmsfs_common::format::block::Layout;
 use kmsfs_common::format::volume::{BlockSize, CipherSuite, NameMode};
@@ -153,7 +153,13 @@ fn agent(socket: Option<&Path>) -> Result<AgentPool, String> {
     Ok(AgentPool::new(client.socket_path()))
 }
 
+/// `kmsfs --generate KIND`: man pages and completions for packaging.
+mod generate;
+
 fn main() -> ExitCode {
+    if let Some(code) = generate::run_if_asked("kmsfs", Cli::command, "1") {
+        return code;
+    }
     let cli = Cli::parse();
     let foreground_logging = !matches!(&cli.command, Some(Cmd::Mount { foreground: false, .. }));
     if foreground_logging {

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use kmsfs_agent::daemon::{self, DaemonConfig};
 use kmsfs_agent::rot::setup::{Backend, RootOptions};
 use kmsfs_agent::tls::TlsFiles;
@@ -202,7 +202,14 @@ enum Switch {
     Off,
 }
 
+/// `kmsd --generate KIND`: man pages (section 8) and completions for packaging.
+#[path = "kmsctl/generate.rs"]
+mod generate;
+
 fn main() -> ExitCode {
+    if let Some(code) = generate::run_if_asked("kmsd", Args::command, "8") {
+        return code;
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("KMSD_LOG").unwrap_or_else(|_| "info,tss_esapi=warn".into()),

@@ -11,6 +11,7 @@ mod args;
 mod audit;
 mod cli;
 mod commands;
+mod generate;
 mod model;
 mod output;
 mod password;
@@ -21,7 +22,7 @@ use std::process::ExitCode;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use clap::error::ErrorKind as ClapErrorKind;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use kmsfs_common::client::{AgentClient, ClientError};
 use kmsfs_common::KmsError;
 use serde_json::Value;
@@ -84,6 +85,9 @@ impl Failure {
 }
 
 fn main() -> ExitCode {
+    if let Some(code) = generate::run_if_asked("kmsctl", Cli::command, "1") {
+        return code;
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
