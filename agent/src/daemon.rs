@@ -66,6 +66,7 @@ pub fn run(config: DaemonConfig) -> Result<(), String> {
     crate::sys::harden_process();
     create_state_dir(&config.state_dir)?;
     let _lock = lock_state_dir(&config.state_dir)?;
+    check_state_access(&config.state_dir)?;
 
     let (root, backend) = setup::open(&config.state_dir, &config.root)?;
     let account = config.account_id.clone().unwrap_or_else(default_account_id);
@@ -259,6 +260,53 @@ fn journal_mirror(config: &DaemonConfig) -> Result<Option<crate::audit::journal:
             Err(format!("--audit-journald on: cannot reach the journal at {}: {e}", config.journal_socket.display()))
         }
     }
+}
+
+/// Everything in the state directory that kmsd writes must be open to it. Under systemd's
+/// hardening kmsd is root without the capability to override file permissions, so a file
+/// owned by another user (a restore from backup, a kmsd once run as someone else) is closed
+/// to it: say which file, whose it is and what to run, rather than SQLite's "unable to open
+/// database file".
+fn check_state_access(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    // The root of trust's files are only read.
+    const READ_ONLY: [&str; 5] = ["root.key", "root.kdf", "root.tpm", "root.recovery", "root-of-trust.json"];
+    let mut entries = vec![dir.to_path_buf()];
+    let mut i = 0;
+    while i < entries.len() {
+        let path = entries[i].clone();
+        i += 1;
+        let Ok(meta) = fs::symlink_metadata(&path) else { continue };
+        let result = if meta.is_dir() {
+            fs::read_dir(&path).map(|list| {
+                // The state directory and its audit directory, one level each.
+                if i == 1 || path.file_name().is_some_and(|n| n == "audit") {
+                    entries.extend(list.filter_map(|e| Some(e.ok()?.path())));
+                }
+            })
+        } else if meta.is_file() {
+            let read_only = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| READ_ONLY.contains(&n));
+            fs::OpenOptions::new().read(true).write(!read_only).open(&path).map(drop)
+        } else {
+            Ok(())
+        };
+        if let Err(e) = result {
+            if e.kind() != std::io::ErrorKind::PermissionDenied {
+                continue;
+            }
+            let (uid, gid) = (nix::unistd::geteuid(), nix::unistd::getegid());
+            return Err(format!(
+                "kmsd (uid {uid}) cannot open {} (owner uid {}, gid {}, mode {:o}): give the state directory back to \
+                 kmsd with `chown -R {uid}:{gid} {}` (under kmsd.service, root cannot override file permissions)",
+                path.display(),
+                meta.uid(),
+                meta.gid(),
+                meta.mode() & 0o7777,
+                dir.display()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// One agent per state directory: a second one would race the first on the database.

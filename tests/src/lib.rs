@@ -6,6 +6,7 @@
 //! the README's test command runs first) or from `KMSFS_BIN_DIR`.
 
 pub mod netns;
+pub mod nspawn;
 pub mod softhsm;
 pub mod swtpm;
 pub mod tls;

@@ -1,6 +1,8 @@
-//! The systemd integration: the shipped units pass `systemd-analyze verify`, and kmsd
+//! The systemd integration: the shipped units pass `systemd-analyze verify`, kmsd.service's
+//! exposure (`systemd-analyze security`) stays at most 2.0 with each of its drop-ins, and kmsd
 //! serves a socket passed by socket activation (LISTEN_FDS) and reports readiness and
-//! shutdown through NOTIFY_SOCKET — with systemd's own `systemd-socket-activate`.
+//! shutdown through NOTIFY_SOCKET — with systemd's own `systemd-socket-activate`. The units
+//! at work in a booted system: tests/tests/booted.rs.
 
 use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::path::PathBuf;
@@ -19,7 +21,18 @@ fn unit(name: &str) -> PathBuf {
 fn shipped_units_verify() {
     let dir = tempfile::tempdir().unwrap();
     let service = std::fs::read_to_string(unit("kmsd.service")).unwrap();
-    for needed in ["Type=notify", "LimitCORE=0", "NoNewPrivileges=yes", "ProtectSystem=strict", "StateDirectory=kmsd"] {
+    for needed in [
+        "Type=notify",
+        "LimitCORE=0",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "StateDirectory=kmsd",
+        "RuntimeDirectory=kmsd",
+        "MemoryDenyWriteExecute=yes",
+        "LockPersonality=yes",
+        "SystemCallFilter=@system-service @memlock",
+        "CapabilityBoundingSet=",
+    ] {
         assert!(service.lines().any(|l| l == needed), "kmsd.service lacks {needed}");
     }
     // Point ExecStart at the freshly built binary: verify checks that it is executable.
@@ -49,6 +62,43 @@ fn shipped_units_verify() {
         out.status.success() && !complaints.contains(dir.path().to_str().unwrap()),
         "systemd-analyze verify: {complaints}"
     );
+}
+
+/// `systemd-analyze security --offline=yes`'s overall exposure of the unit file `unit` (with
+/// the drop-ins in `unit.d/` beside it), from its last line:
+/// `→ Overall exposure level for kmsd.service: 1.0 OK 🙂`.
+fn exposure(unit: &std::path::Path) -> f64 {
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=yes", "--no-pager"])
+        .arg(unit)
+        .output()
+        .expect("systemd-analyze (Debian package systemd) runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let line = text.lines().find(|l| l.contains("Overall exposure level")).unwrap_or_else(|| panic!("{text}"));
+    let score = line.split(':').nth(1).and_then(|s| s.split_whitespace().next()).unwrap_or_default();
+    score.parse().unwrap_or_else(|_| panic!("no score in {line:?}"))
+}
+
+#[test]
+fn kmsd_service_exposure_is_at_most_2() {
+    // The unit alone, then with each drop-in it ships (each opens something: a device, a
+    // credential).
+    let mut dropins: Vec<Option<String>> = vec![None];
+    for entry in std::fs::read_dir(unit("kmsd.service.d")).unwrap() {
+        dropins.push(Some(entry.unwrap().file_name().to_string_lossy().into_owned()));
+    }
+    assert!(dropins.len() >= 4, "the drop-ins: {dropins:?}");
+    for dropin in dropins {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(unit("kmsd.service"), dir.path().join("kmsd.service")).unwrap();
+        if let Some(name) = &dropin {
+            std::fs::create_dir(dir.path().join("kmsd.service.d")).unwrap();
+            std::fs::copy(unit("kmsd.service.d").join(name), dir.path().join("kmsd.service.d").join(name)).unwrap();
+        }
+        let score = exposure(&dir.path().join("kmsd.service"));
+        eprintln!("kmsd.service with {dropin:?}: exposure {score}");
+        assert!(score <= 2.0, "kmsd.service with drop-in {dropin:?}: exposure {score} > 2.0");
+    }
 }
 
 #[test]

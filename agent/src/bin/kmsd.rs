@@ -202,6 +202,41 @@ enum Switch {
     Off,
 }
 
+/// A secret file given in systemd's credentials directory (`--passphrase-file
+/// %d/kmsd-passphrase` in a unit) is a credential: when it is not there, systemd did not pass
+/// it (no such credential in its credential stores), and that is what the operator has to fix,
+/// not a missing file.
+fn check_credentials(root: &RootOptions) -> Result<(), String> {
+    let flags = [
+        ("--passphrase-file", &root.passphrase_file),
+        ("--pkcs11-pin-file", &root.pkcs11_pin_file),
+        ("--tpm-auth-file", &root.tpm_auth_file),
+    ];
+    for (flag, path) in flags {
+        let Some(path) = path else { continue };
+        let Some(name) = credential_name(path) else { continue };
+        if !path.exists() {
+            return Err(format!(
+                "the systemd credential {name} ({flag} {}) was not passed to kmsd: create it with `systemd-creds \
+                 encrypt --name={name} FILE /etc/credstore.encrypted/{name}` (LoadCredentialEncrypted={name}), or \
+                 put it in /etc/credstore/{name} (LoadCredential={name})",
+                path.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The credential's name if `path` is in systemd's credentials directory: the service's
+/// `$CREDENTIALS_DIRECTORY`, or `/run/credentials/<unit>/` (where `%d` points even when
+/// systemd passed no credential at all, and so set no variable).
+fn credential_name(path: &std::path::Path) -> Option<String> {
+    let dir = path.parent()?;
+    let in_credentials = std::env::var_os("CREDENTIALS_DIRECTORY").is_some_and(|d| std::path::Path::new(&d) == dir)
+        || dir.parent() == Some(std::path::Path::new("/run/credentials"));
+    in_credentials.then(|| path.file_name()?.to_str().map(str::to_string)).flatten()
+}
+
 /// `kmsd --generate KIND`: man pages (section 8) and completions for packaging.
 #[path = "kmsctl/generate.rs"]
 mod generate;
@@ -220,6 +255,10 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let state_dir = args.state_dir.unwrap_or_else(kmsfs_common::paths::default_state_dir);
     let root = args.root.options();
+    if let Err(e) = check_credentials(&root) {
+        eprintln!("kmsd: {e}");
+        return ExitCode::FAILURE;
+    }
     let done = match args.command {
         Some(Subcommand::Init { root_of_trust }) => Some(daemon::init(&state_dir, root_of_trust, &root)),
         Some(Subcommand::Reseal { root_of_trust }) => Some(daemon::reseal(&state_dir, root_of_trust, &root)),
