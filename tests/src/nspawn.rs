@@ -18,7 +18,9 @@
 //!   are the test's choice). Each container gets its own random `/etc/machine-id`, kept
 //!   across reboots, since kmsd derives the account in its ARNs from it.
 //! - **Booting.** `systemd-nspawn -b` with `--register=no --keep-unit` (the host's PID 1 need
-//!   not be systemd: nothing is asked of machined or of a host manager), a private network
+//!   not be systemd: nothing is asked of machined or of a host manager), in a cgroup of its
+//!   own below the test's (nspawn makes its `supervisor` and `payload` cgroups where it runs,
+//!   and containers started side by side must not share them), a private network
 //!   (loopback only), `/dev/fuse` bound in, and `CAP_IPC_LOCK` and `CAP_SYS_RESOURCE` added to
 //!   nspawn's default set as a real host's PID 1 has them (without `CAP_IPC_LOCK`, nspawn's
 //!   seccomp filter refuses mlock, which kmsd uses). Not registering also means no device
@@ -101,6 +103,8 @@ pub struct Container {
     /// `flock -s` on the cache's lock, held while the overlay uses the cache.
     cache_lock: Option<(Child, ChildStdin)>,
     overlay_mounted: bool,
+    /// This container's own cgroups (see [`cgroup_dirs`]), made at each boot.
+    cgroups: Vec<PathBuf>,
 }
 
 impl Container {
@@ -133,6 +137,7 @@ impl Container {
             notify,
             cache_lock: None,
             overlay_mounted: false,
+            cgroups: Vec::new(),
         };
         container.lock_cache();
         container.mount_overlay();
@@ -210,7 +215,10 @@ impl Container {
             .append(true)
             .open(self.dir().join("console.log"))
             .expect("console log");
-        let mut cmd = Command::new("systemd-nspawn");
+        // nspawn runs in a cgroup of its own, where it makes `supervisor` (for itself) and
+        // `payload` (the container's tree): two containers in one cgroup would share those.
+        self.cgroups = cgroup_dirs(&self.name);
+        let mut cmd = nspawn_in(&self.cgroups);
         cmd.arg("--directory")
             .arg(self.root())
             .arg("--machine")
@@ -242,6 +250,7 @@ impl Container {
             }
             if let Some(status) = self.nspawn.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 self.nspawn = None;
+                self.remove_cgroups();
                 panic!("systemd-nspawn exited during boot ({status}); console:\n{}", self.console_tail());
             }
             self.notify.set_read_timeout(Some(left.min(Duration::from_millis(500)))).expect("timeout");
@@ -287,6 +296,7 @@ impl Container {
             if let Ok(Some(status)) = child.try_wait() {
                 self.nspawn = None;
                 self.leader = None;
+                self.remove_cgroups();
                 return Some(status);
             }
             if Instant::now() > deadline {
@@ -424,6 +434,11 @@ impl Container {
         }
         self.nspawn = None;
         self.leader = None;
+        self.remove_cgroups();
+    }
+
+    fn remove_cgroups(&mut self) {
+        remove_cgroups(&std::mem::take(&mut self.cgroups));
     }
 }
 
@@ -473,6 +488,79 @@ impl Drop for Container {
     }
 }
 
+/// A new cgroup for the container `name` below the test's own, in each hierarchy systemd
+/// uses: the unified one (`0::`, cgroup2) and, on a hybrid host, the named v1 hierarchy
+/// `name=systemd`. Found through /proc/self/cgroup and the mount table.
+fn cgroup_dirs(name: &str) -> Vec<PathBuf> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    // (mount point, whether it is cgroup2) of the hierarchies systemd uses.
+    let mut hierarchies = Vec::new();
+    for line in mounts.lines() {
+        let Some((left, right)) = line.split_once(" - ") else { continue };
+        let mountpoint = left.split(' ').nth(4).unwrap_or_default();
+        let mut right = right.split(' ');
+        let (fstype, options) = (right.next().unwrap_or_default(), right.nth(1).unwrap_or_default());
+        if fstype == "cgroup2" {
+            hierarchies.push((PathBuf::from(mountpoint), true));
+        } else if fstype == "cgroup" && options.split(',').any(|o| o == "name=systemd") {
+            hierarchies.push((PathBuf::from(mountpoint), false));
+        }
+    }
+    let mut dirs = Vec::new();
+    for line in own.lines() {
+        let mut fields = line.splitn(3, ':');
+        let (_, controllers, path) = (fields.next(), fields.next().unwrap_or_default(), fields.next().unwrap_or("/"));
+        let unified = controllers.is_empty();
+        if !unified && controllers != "name=systemd" {
+            continue;
+        }
+        if let Some((mountpoint, _)) = hierarchies.iter().find(|(_, v2)| *v2 == unified) {
+            dirs.push(mountpoint.join(path.trim_start_matches('/')).join(format!("kmsfs-nspawn-{name}")));
+        }
+    }
+    dirs
+}
+
+/// `systemd-nspawn`, moved into the cgroups `dirs` (made here) before it starts: a shell
+/// that joins them and then execs nspawn, so that the child's pid is nspawn's.
+fn nspawn_in(dirs: &[PathBuf]) -> Command {
+    for dir in dirs {
+        std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("create cgroup {}: {e}", dir.display()));
+    }
+    let joined = dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(":");
+    let mut cmd = Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg(
+            "IFS=:; for d in $KMSFS_CGROUPS; do echo $$ > \"$d/cgroup.procs\" || exit 125; done; \
+             unset KMSFS_CGROUPS; exec systemd-nspawn \"$@\"",
+        )
+        .arg("systemd-nspawn")
+        .env("KMSFS_CGROUPS", joined);
+    cmd
+}
+
+/// Removes cgroups made by [`nspawn_in`], deepest first (a cgroup goes only once empty, and
+/// a container's last processes may take a moment to be reaped).
+fn remove_cgroups(tops: &[PathBuf]) {
+    for top in tops {
+        let mut dirs = Vec::new();
+        let mut todo = vec![top.clone()];
+        while let Some(dir) = todo.pop() {
+            if let Ok(entries) = std::fs::read_dir(&dir) {
+                todo.extend(entries.filter_map(|e| e.ok()).filter(|e| e.path().is_dir()).map(|e| e.path()));
+            }
+            dirs.push(dir);
+        }
+        for dir in dirs.iter().rev() {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while std::fs::remove_dir(dir).is_err() && dir.exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
 /// Why this machine cannot run nspawn containers at all, if it cannot.
 fn cannot_run_nspawn() -> Option<String> {
     if !crate::is_root() {
@@ -482,7 +570,8 @@ fn cannot_run_nspawn() -> Option<String> {
     assert!(installed, "systemd-nspawn is missing: install systemd-container (scripts/install-test-deps does)");
     // The probe runs /bin/true in the cached tree, read-only.
     build_rootfs();
-    let out = Command::new("systemd-nspawn")
+    let cgroups = cgroup_dirs(&format!("probe-{}", std::process::id()));
+    let out = nspawn_in(&cgroups)
         .arg("--quiet")
         .arg("--directory")
         .arg(rootfs())
@@ -491,6 +580,7 @@ fn cannot_run_nspawn() -> Option<String> {
         .stdin(Stdio::null())
         .output()
         .expect("run systemd-nspawn");
+    remove_cgroups(&cgroups);
     if out.status.success() {
         None
     } else {
