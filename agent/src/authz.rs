@@ -17,7 +17,7 @@ use std::sync::{Arc, RwLock};
 use kmsfs_common::{ErrorKind, KmsError};
 
 use crate::identity::Identity;
-use crate::policy::decide::{authorize, authorize_without_key, GrantConstraints, GrantView};
+use crate::policy::decide::{authorize, authorize_without_key, Decision, GrantConstraints, GrantView, Refusal};
 use crate::policy::eval::{Caller, RequestContext};
 use crate::policy::{defaults, Policy};
 use crate::store::GrantRow;
@@ -160,7 +160,7 @@ impl Authz {
             return Ok(());
         }
         tracing::info!(action = %ctx.action, resource = %ctx.resource, "denied: {}", decision.reason);
-        Err(KmsError::new(ErrorKind::AccessDeniedException, decision.reason))
+        Err(self.denied(decision, &ctx))
     }
 
     /// Decides `ctx` on no key (CreateKey, ListKeys, ListAliases, GenerateRandom, ...).
@@ -172,9 +172,110 @@ impl Authz {
             return Ok(());
         }
         tracing::info!(action = %ctx.action, "denied: {}", decision.reason);
-        Err(KmsError::new(ErrorKind::AccessDeniedException, decision.reason))
+        Err(self.denied(decision, &ctx))
+    }
+
+    /// The `AccessDeniedException` of a denial: why, then what would allow it, naming the
+    /// policy files of this agent's configuration or the key policy to change.
+    fn denied(&self, decision: Decision, ctx: &RequestContext) -> KmsError {
+        let advice = decision.refusal.map(|refusal| self.advice(&refusal, ctx)).unwrap_or_default();
+        KmsError::new(ErrorKind::AccessDeniedException, format!("{}.{advice}", decision.reason))
+    }
+
+    /// What would allow a request refused for `refusal`, as a sentence or two that start with
+    /// a space.
+    fn advice(&self, refusal: &Refusal, ctx: &RequestContext) -> String {
+        let caller = &ctx.caller;
+        let action = &ctx.action;
+        let operation = action.strip_prefix("kms:").unwrap_or(action);
+        let key = &ctx.resource;
+        let reload = "then reload kmsd (`systemctl reload kmsd`, or SIGHUP)";
+        let key_policy = format!(
+            "a key administrator can change the key policy of {key} to allow {} (`kmsctl get-key-policy --key-id \
+             {key} --policy-name default --output text`, edited, then `kmsctl put-key-policy`)",
+            caller.user_arn()
+        );
+        let grant = GRANT_OPERATIONS.contains(&operation).then(|| {
+            format!(
+                "; or grant it: `kmsctl create-grant --key-id {key} --grantee-principal {} --operations {operation}`",
+                caller.user_arn()
+            )
+        });
+        match refusal {
+            Refusal::ExplicitDeny { identity_policy: Some(name) } => {
+                format!(" To allow it, remove or narrow that statement in {}; {reload}", self.policy_file(name))
+            }
+            Refusal::ExplicitDeny { identity_policy: None } => format!(
+                " To allow it, a key administrator must remove or narrow that statement of the key policy of {key} \
+                 (`kmsctl get-key-policy --key-id {key} --policy-name default --output text`, then `kmsctl \
+                 put-key-policy`)"
+            ),
+            Refusal::KeyPolicyCloses => format!(" To allow it, {key_policy}{}", grant.unwrap_or_default()),
+            Refusal::NothingAllows { key_delegates: true } => format!(
+                " To allow it, add a statement allowing {action} on {key} to {}; {reload}{}",
+                self.identity_policy_files(caller),
+                grant.unwrap_or_default()
+            ),
+            Refusal::NothingAllows { key_delegates: false } => format!(
+                " The key policy does not delegate {action} to the account ({}), so no identity policy can allow it. \
+                 To allow it, {key_policy}{}",
+                caller.account_root_arn(),
+                grant.unwrap_or_default()
+            ),
+            Refusal::NoIdentityPolicy => format!(
+                " To allow it, add a statement allowing {action} (Resource \"*\") to {}; {reload}",
+                self.identity_policy_files(caller)
+            ),
+        }
+    }
+
+    /// The file of the identity policy named `name` (`users/alice`, `roles/tls/host-c`...).
+    fn policy_file(&self, name: &str) -> String {
+        match &self.config_dir {
+            Some(dir) => dir.join("policies").join(format!("{name}.json")).display().to_string(),
+            None => format!("policies/{name}.json in kmsd's configuration directory"),
+        }
+    }
+
+    /// The identity policy files that would apply to `caller`: its user's, its unit's, its
+    /// client certificate's, then its groups'.
+    fn identity_policy_files(&self, caller: &Caller) -> String {
+        let mut files = vec![self.policy_file(&format!("users/{}", caller.user))];
+        if let Some(unit) = &caller.unit {
+            files.push(format!("roles/{unit}.json beside it (for its unit's role/{unit})"));
+        }
+        if let Some(identity) = &caller.tls_client {
+            files.push(format!("roles/tls/{identity}.json beside it (for its certificate's role/tls/{identity})"));
+        }
+        match caller.groups.as_slice() {
+            [] => {}
+            [group] => files.push(format!("groups/{group}.json beside it (for its group {group})")),
+            groups => files.push(format!("groups/GROUP.json beside it for one of its groups ({})", groups.join(", "))),
+        }
+        files.join(", or ")
     }
 }
+
+/// The operations a grant can allow (AWS's `GrantOperation`).
+const GRANT_OPERATIONS: [&str; 17] = [
+    "Decrypt",
+    "Encrypt",
+    "GenerateDataKey",
+    "GenerateDataKeyWithoutPlaintext",
+    "ReEncryptFrom",
+    "ReEncryptTo",
+    "Sign",
+    "Verify",
+    "GetPublicKey",
+    "CreateGrant",
+    "RetireGrant",
+    "DescribeKey",
+    "GenerateDataKeyPair",
+    "GenerateDataKeyPairWithoutPlaintext",
+    "GenerateMac",
+    "VerifyMac",
+    "DeriveSharedSecret",
+];
 
 impl Authz {
     /// The policy lockout safety check: would `ctx`'s caller still be allowed

@@ -25,8 +25,11 @@ const MAX_RESPONSE: usize = 16 << 20;
 /// What can go wrong talking to the agent.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot reach the agent at {path}: {source}")]
+    #[error("cannot reach the agent at {}: {}", path.display(), connect_advice(path, source))]
     Connect { path: PathBuf, source: io::Error },
+    /// No agent answered, and the per-user agent kmsctl or kmsfs tried to start did not.
+    #[error("no agent answered, and a per-user agent could not be started on {}: {message}", socket.display())]
+    Start { socket: PathBuf, message: String },
     #[error("connection to the agent failed: {0}")]
     Io(#[from] io::Error),
     #[error("the agent sent a malformed response: {0}")]
@@ -42,6 +45,41 @@ impl ClientError {
             ClientError::Service(e) => Some(e),
             _ => None,
         }
+    }
+}
+
+/// Why an agent's socket could not be connected to, and what to run about it.
+fn connect_advice(path: &Path, error: &io::Error) -> String {
+    let system = path == paths::system_socket();
+    let start = if system {
+        "Start the system agent: `systemctl start kmsd.socket` (`systemctl enable --now kmsd.socket` to have \
+         it at every boot)"
+            .to_string()
+    } else {
+        format!(
+            "Start an agent there (`kmsd --socket {}`), or leave out --socket and KMSD_SOCKET: kmsctl and kmsfs \
+             then use the system agent ({}) or start a per-user agent of your own",
+            path.display(),
+            paths::system_socket().display()
+        )
+    };
+    match error.kind() {
+        io::ErrorKind::NotFound => format!("no agent is listening there (no such socket). {start}"),
+        io::ErrorKind::ConnectionRefused => format!(
+            "the socket is there but no agent listens on it: kmsd has stopped or crashed ({}). {start}",
+            if system { "`journalctl -u kmsd` says why" } else { "its log says why" }
+        ),
+        io::ErrorKind::PermissionDenied if system => format!(
+            "permission denied ({error}): the system agent's socket is open to every user (kmsd.socket's \
+             SocketMode=0666), so check the permissions of {} and the directories above it",
+            path.display()
+        ),
+        io::ErrorKind::PermissionDenied => format!(
+            "permission denied: this socket, or a directory above it, is not open to you (another user's \
+             agent?). Use the system agent ({}) or your own per-user agent: leave out --socket and KMSD_SOCKET",
+            paths::system_socket().display()
+        ),
+        _ => format!("{error}. {start}"),
     }
 }
 
@@ -400,10 +438,17 @@ pub fn kmsd_binary() -> PathBuf {
 /// Starts a detached per-user `kmsd` on `socket` and waits until it accepts connections.
 /// Its output goes to `kmsd.log` in its state directory.
 pub fn start_agent(socket: &Path, state_dir: &Path) -> Result<(), ClientError> {
-    let fail = |source: io::Error| ClientError::Connect { path: socket.to_path_buf(), source };
-    std::fs::create_dir_all(state_dir).map_err(fail)?;
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(state_dir.join("kmsd.log")).map_err(fail)?;
-    let log_err = log.try_clone().map_err(fail)?;
+    let fail = |message: String| ClientError::Start { socket: socket.to_path_buf(), message };
+    let log_path = state_dir.join("kmsd.log");
+    std::fs::create_dir_all(state_dir).map_err(|e| fail(format!("cannot create {}: {e}", state_dir.display())))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| fail(format!("cannot open {}: {e}", log_path.display())))?;
+    let log_err = log.try_clone().map_err(|e| fail(e.to_string()))?;
+    // Where this start's lines begin in the (appended) log.
+    let logged_before = log.metadata().map(|m| m.len() as usize).unwrap_or(0);
     let binary = kmsd_binary();
     let mut child = {
         use std::os::unix::process::CommandExt;
@@ -417,7 +462,14 @@ pub fn start_agent(socket: &Path, state_dir: &Path) -> Result<(), ClientError> {
             .stderr(log_err)
             .process_group(0)
             .spawn()
-            .map_err(|e| fail(io::Error::new(e.kind(), format!("cannot start {}: {e}", binary.display()))))?
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::NotFound => fail(format!(
+                    "there is no kmsd to start ({} not found): install kmsd beside kmsctl or on PATH, or name it \
+                     with KMSD_BIN; or start the system agent: `systemctl start kmsd.socket`",
+                    binary.display()
+                )),
+                _ => fail(format!("cannot start {}: {e}", binary.display())),
+            })?
     };
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
@@ -425,13 +477,13 @@ pub fn start_agent(socket: &Path, state_dir: &Path) -> Result<(), ClientError> {
             return Ok(());
         }
         if let Ok(Some(status)) = child.try_wait() {
-            return Err(fail(io::Error::other(format!(
-                "kmsd exited with {status}; see {}",
-                state_dir.join("kmsd.log").display()
-            ))));
+            let said = std::fs::read(&log_path).unwrap_or_default();
+            let said = String::from_utf8_lossy(said.get(logged_before..).unwrap_or_default());
+            let last = said.lines().rev().find(|line| !line.trim().is_empty()).unwrap_or("");
+            return Err(fail(format!("kmsd exited with {status}: {last} (from {})", log_path.display())));
         }
         if Instant::now() > deadline {
-            return Err(fail(io::Error::new(io::ErrorKind::TimedOut, "kmsd did not start within 15 s")));
+            return Err(fail(format!("kmsd did not start within 15 s; see {}", log_path.display())));
         }
         std::thread::sleep(Duration::from_millis(20));
     }

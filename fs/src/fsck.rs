@@ -32,6 +32,9 @@ impl Report {
 /// Checks the volume in `cipherdir`, printing each problem as found (and progress when
 /// stderr is a terminal).
 pub fn run(cipherdir: &Path, socket: Option<&Path>) -> Result<Report, String> {
+    // A snapshot's headers are wrapped for its receiver: said as mount says it, not as the
+    // first header failing.
+    crate::snapshot::refuse_unimported(cipherdir)?;
     let client = kmsfs_common::client::AgentClient::connect_or_start(socket).map_err(|e| e.to_string())?;
     let volume = Volume::open(cipherdir, AgentPool::new(client.socket_path()), OpenOptions::default())?;
     let mut checker = Checker { volume, report: Report::default(), progress: std::io::stderr().is_terminal() };

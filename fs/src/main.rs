@@ -153,8 +153,16 @@ fn agent(socket: Option<&Path>) -> Result<AgentPool, String> {
     Ok(AgentPool::new(client.socket_path()))
 }
 
+/// The agent, once it has said that it can use the key of the volume in `cipherdir`.
+fn usable_agent(cipherdir: &Path, socket: Option<&Path>) -> Result<AgentPool, String> {
+    let mut client = AgentClient::connect_or_start(socket).map_err(|e| e.to_string())?;
+    preflight::volume_key_usable(cipherdir, &mut client)?;
+    Ok(AgentPool::new(client.socket_path()))
+}
+
 /// `kmsfs --generate KIND`: man pages and completions for packaging.
 mod generate;
+mod preflight;
 
 fn main() -> ExitCode {
     if let Some(code) = generate::run_if_asked("kmsfs", Cli::command, "1") {
@@ -199,10 +207,22 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("kmsfs: {e}");
+            if std::env::var_os(READY_PIPE).is_some() {
+                // Tell the waiting `kmsfs mount` (mount_background) why, in so many words.
+                let mut out = std::io::stdout();
+                let _ = write!(out, "{FAILED}{e}");
+                let _ = out.flush();
+            }
             ExitCode::FAILURE
         }
     }
 }
+
+/// Set for a `--foreground` mount started by [`mount_background`]: its stdout is a pipe on
+/// which it says [`READY`], or [`FAILED`] and why.
+const READY_PIPE: &str = "KMSFS_READY_PIPE";
+const READY: &str = "ready\n";
+const FAILED: &str = "failed: ";
 
 fn init_logging() {
     tracing_subscriber::fmt()
@@ -267,7 +287,9 @@ fn mount_background(mount: &MountArgs, log_file: Option<PathBuf>) -> Result<(), 
     if !mount.options.is_empty() {
         cmd.arg("-o").arg(mount.options.join(","));
     }
-    cmd.env("KMSFS_READY_PIPE", "1");
+    cmd.env(READY_PIPE, "1");
+    // Only what this mount writes to a shared log file is its own to quote.
+    let logged_before = log.metadata().map(|m| m.len() as usize).unwrap_or(0);
     use std::os::unix::process::CommandExt;
     let mut child = cmd
         .stdin(Stdio::null())
@@ -276,16 +298,22 @@ fn mount_background(mount: &MountArgs, log_file: Option<PathBuf>) -> Result<(), 
         .process_group(0)
         .spawn()
         .map_err(|e| format!("cannot start the mount process: {e}"))?;
-    let mut line = String::new();
+    let mut said = String::new();
     if let Some(stdout) = child.stdout.take() {
-        let _ = BufReader::new(stdout).read_line(&mut line);
-    }
-    if line.trim() == "ready" {
-        return Ok(());
+        let mut stdout = BufReader::new(stdout);
+        let _ = stdout.read_line(&mut said);
+        if said == READY {
+            return Ok(());
+        }
+        let _ = std::io::Read::read_to_string(&mut stdout, &mut said);
     }
     let status = child.wait().map_err(|e| e.to_string())?;
-    let tail = std::fs::read_to_string(&log_file).unwrap_or_default();
-    let last: Vec<&str> = tail.lines().rev().take(5).collect();
+    if let Some(why) = said.strip_prefix(FAILED) {
+        return Err(why.to_string());
+    }
+    let logged = std::fs::read(&log_file).unwrap_or_default();
+    let logged = String::from_utf8_lossy(logged.get(logged_before..).unwrap_or_default());
+    let last: Vec<&str> = logged.lines().rev().take(5).collect();
     Err(format!(
         "the mount failed ({status}); from {}:\n{}",
         log_file.display(),
@@ -317,12 +345,7 @@ fn lock_volume(cipherdir: &Path) -> Result<Flock<File>, String> {
                 dir = back;
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
-            Err((_, Errno::EWOULDBLOCK)) => {
-                return Err(format!(
-                    "{} is already mounted by another kmsfs process (a volume is mounted once at a time)",
-                    cipherdir.display()
-                ))
-            }
+            Err((_, Errno::EWOULDBLOCK)) => return Err(preflight::already_mounted(cipherdir)),
             Err((_, e)) => return Err(format!("cannot lock {}: {e}", cipherdir.display())),
         }
     }
@@ -333,8 +356,10 @@ const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(3);
 
 fn mount_foreground(mount: &MountArgs, _daemon: bool) -> Result<(), String> {
     kmsfs_fs::snapshot::refuse_unimported(&mount.cipherdir).map_err(|e| format!("cannot mount: {e}"))?;
+    preflight::fuse_available()?;
+    preflight::mountpoint_free(&mount.mountpoint)?;
     let _only_mount = lock_volume(&mount.cipherdir)?;
-    let agent = agent(mount.socket.as_deref())?;
+    let agent = usable_agent(&mount.cipherdir, mount.socket.as_deref())?;
     let socket = agent.socket().to_path_buf();
     let volume = Arc::new(Volume::open(&mount.cipherdir, agent, OpenOptions::default())?);
     let fs = Arc::new(kmsfs_fs::fuse::KmsFs::new(volume.clone()).map_err(|e| e.to_string())?);
@@ -398,8 +423,16 @@ fn mount_foreground(mount: &MountArgs, _daemon: bool) -> Result<(), String> {
     }
     fs.want_ring(ring_wanted);
     // Session::new mounts and completes FUSE_INIT before it returns.
-    let session = fuser::Session::new(kmsfs_fs::fuse::DevFuse(fs.clone()), &mount.mountpoint, &config)
-        .map_err(|e| format!("cannot mount {}: {e}", mount.mountpoint.display()))?;
+    let session =
+        fuser::Session::new(kmsfs_fs::fuse::DevFuse(fs.clone()), &mount.mountpoint, &config).map_err(|e| {
+            let hint = if e.to_string().contains("user_allow_other") {
+                "; for a user other than root, -o allow_other needs the line `user_allow_other` in /etc/fuse.conf (or \
+             mount without allow_other: then only you enter the mount)"
+            } else {
+                ""
+            };
+            format!("cannot mount {}: {}{hint}", mount.mountpoint.display(), e.to_string().trim_end())
+        })?;
     let ring = if fs.ring_negotiated() {
         let fd = std::os::fd::AsFd::as_fd(&session).try_clone_to_owned().map_err(|e| e.to_string())?;
         let cpus = kmsfs_fs::ring::uring::possible_cpus().map_err(|e| e.to_string())?.len().max(1);
@@ -428,9 +461,9 @@ fn mount_foreground(mount: &MountArgs, _daemon: bool) -> Result<(), String> {
     kmsfs_fs::keys::watch_key_events(socket, move |arn| revoker.revoke(arn), move || revoke_all.revoke_all());
     tracing::info!(cipherdir = %volume.root().display(), mountpoint = %mount.mountpoint.display(), "mounted");
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-    if std::env::var_os("KMSFS_READY_PIPE").is_some() {
+    if std::env::var_os(READY_PIPE).is_some() {
         let mut out = std::io::stdout();
-        let _ = out.write_all(b"ready\n");
+        let _ = out.write_all(READY.as_bytes());
         let _ = out.flush();
     }
     stop_on_signals(mount.mountpoint.clone());
@@ -471,7 +504,18 @@ fn status(mountpoint: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// Whether `cipherdir` is a volume (not a snapshot still to import) whose key the agent at
+/// `socket` can use: said before a long walk would fail on its first file.
+fn volume_ready(cipherdir: &Path, socket: Option<&Path>) -> Result<(), String> {
+    kmsfs_fs::snapshot::refuse_unimported(cipherdir)?;
+    usable_agent(cipherdir, socket).map(drop)
+}
+
 fn fsck(cipherdir: &Path, socket: Option<&Path>) -> ExitCode {
+    if let Err(e) = volume_ready(cipherdir, socket) {
+        eprintln!("kmsfs fsck: {e}");
+        return ExitCode::from(2);
+    }
     match kmsfs_fs::fsck::run(cipherdir, socket) {
         Ok(report) if report.is_clean() => {
             println!("{}: clean ({} files, {} directories)", cipherdir.display(), report.files, report.dirs);
@@ -495,6 +539,10 @@ fn fsck(cipherdir: &Path, socket: Option<&Path>) -> ExitCode {
 }
 
 fn rewrap(cipherdir: &Path, to_key: Option<&str>, socket: Option<&Path>, threads: usize) -> ExitCode {
+    if let Err(e) = volume_ready(cipherdir, socket) {
+        eprintln!("kmsfs rewrap: {e}");
+        return ExitCode::from(2);
+    }
     let summary = match kmsfs_fs::rewrap::run(cipherdir, socket, to_key, threads) {
         Ok(summary) => summary,
         Err(e) => {
@@ -574,6 +622,10 @@ fn print_list(title: &str, lines: &[String]) {
 }
 
 fn snapshot_export(args: &kmsfs_fs::snapshot::ExportArgs<'_>) -> ExitCode {
+    if let Err(e) = volume_ready(args.volume, args.socket) {
+        eprintln!("kmsfs snapshot export: {e}");
+        return ExitCode::from(2);
+    }
     let summary = match kmsfs_fs::snapshot::export(args) {
         Ok(summary) => summary,
         Err(e) => {

@@ -280,10 +280,15 @@ fn rewrap_volume_file(volume: &Volume, destination: &str) -> Result<(Target, boo
     Ok((target, true))
 }
 
-/// The mount points of kmsfs mounts of the backing directory `root` (canonical), from
+/// The mount points of kmsfs mounts of the backing directory `root` (canonical).
+fn mounts_of(root: &Path) -> Vec<PathBuf> {
+    kmsfs_mounts().into_iter().filter(|(source, _)| source == root).map(|(_, mountpoint)| mountpoint).collect()
+}
+
+/// Every kmsfs mount this process can see, as (backing directory, mount point), from
 /// `/proc/self/mountinfo`: a kmsfs mount's source is its backing directory, and its type
 /// `fuse.kmsfs` (or plain `fuse`, as the kernel shows a mount made without fusermount).
-fn mounts_of(root: &Path) -> Vec<PathBuf> {
+pub fn kmsfs_mounts() -> Vec<(PathBuf, PathBuf)> {
     let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     info.lines()
         .filter_map(|line| {
@@ -291,9 +296,10 @@ fn mounts_of(root: &Path) -> Vec<PathBuf> {
             let mut fs = fs.split(' ');
             let (fstype, source) = (fs.next()?, fs.next()?);
             let mountpoint = mount.split(' ').nth(4)?;
-            let kmsfs = matches!(fstype, "fuse.kmsfs" | "fuse");
-            (kmsfs && unescape_mountinfo(source) == root.as_os_str().as_bytes())
-                .then(|| PathBuf::from(OsStr::from_bytes(&unescape_mountinfo(mountpoint))))
+            matches!(fstype, "fuse.kmsfs" | "fuse").then(|| {
+                let path = |field: &str| PathBuf::from(OsStr::from_bytes(&unescape_mountinfo(field)));
+                (path(source), path(mountpoint))
+            })
         })
         .collect()
 }

@@ -31,15 +31,32 @@ use super::eval::{statement_matches, RequestContext};
 pub struct Decision {
     pub allowed: bool,
     pub reason: String,
+    /// Why a denied request was denied, for the advice on what would allow it.
+    pub refusal: Option<Refusal>,
+}
+
+/// Which of the documents would have to change for a denied request to be allowed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// An explicit `Deny` applies: in the named identity policy, or in the key policy (`None`).
+    ExplicitDeny { identity_policy: Option<String> },
+    /// One of the caller's identity policies allows, but the key policy neither allows the
+    /// caller nor delegates the action to the account.
+    KeyPolicyCloses,
+    /// Nothing allows. `key_delegates`: the key policy delegates the action to the account,
+    /// so that an identity policy of the caller's would allow it.
+    NothingAllows { key_delegates: bool },
+    /// On no key: no identity policy of the caller's allows.
+    NoIdentityPolicy,
 }
 
 impl Decision {
     fn allow(reason: String) -> Decision {
-        Decision { allowed: true, reason }
+        Decision { allowed: true, reason, refusal: None }
     }
 
-    fn deny(reason: String) -> Decision {
-        Decision { allowed: false, reason }
+    fn deny(reason: String, refusal: Refusal) -> Decision {
+        Decision { allowed: false, reason, refusal: Some(refusal) }
     }
 }
 
@@ -126,9 +143,16 @@ fn key_statement_match(statement: &Statement, ctx: &RequestContext, version: Pol
     principal
 }
 
+/// Where an explicit Deny was found: its description, and the identity policy's name (`None`
+/// for the key policy).
+struct DenyAt {
+    at: String,
+    identity_policy: Option<String>,
+}
+
 #[derive(Default)]
 struct Tally {
-    deny: Option<String>,
+    deny: Option<DenyAt>,
     key_direct: Option<String>,
     key_delegates: Option<String>,
     identity: Option<String>,
@@ -143,7 +167,7 @@ fn tally(key_policy: Option<&Policy>, identity_policies: &[&Policy], ctx: &Reque
             match (statement.effect, m) {
                 (_, PrincipalMatch::None) => {}
                 (Effect::Deny, _) => {
-                    t.deny.get_or_insert_with(|| at(policy, statement));
+                    t.deny.get_or_insert_with(|| DenyAt { at: at(policy, statement), identity_policy: None });
                 }
                 (Effect::Allow, PrincipalMatch::Direct) => {
                     t.key_direct.get_or_insert_with(|| at(policy, statement));
@@ -163,7 +187,10 @@ fn tally(key_policy: Option<&Policy>, identity_policies: &[&Policy], ctx: &Reque
             }
             match statement.effect {
                 Effect::Deny => {
-                    t.deny.get_or_insert_with(|| at(policy, statement));
+                    t.deny.get_or_insert_with(|| DenyAt {
+                        at: at(policy, statement),
+                        identity_policy: policy.name.clone(),
+                    });
                 }
                 Effect::Allow => {
                     t.identity.get_or_insert_with(|| at(policy, statement));
@@ -184,8 +211,8 @@ pub fn authorize(
 ) -> Decision {
     let t = tally(Some(key_policy), identity_policies, ctx);
     let who = ctx.caller.describe();
-    if let Some(at) = t.deny {
-        return Decision::deny(format!("{who} is not authorized to perform {}: explicitly denied by {at}", ctx.action));
+    if let Some(deny) = t.deny {
+        return explicitly_denied(&who, ctx, deny);
     }
     if let Some(at) = t.key_direct {
         return Decision::allow(format!("allowed by {at}"));
@@ -196,15 +223,28 @@ pub fn authorize(
     if let Some(grant) = grants.iter().find(|g| grant_allows(g, t.identity.is_some(), ctx)) {
         return Decision::allow(format!("allowed by grant {}", grant.grant_id));
     }
-    let detail = match (&t.key_delegates, &t.identity) {
-        (None, Some(at)) => format!(
-            "{at} allows it, but the key policy neither allows the caller nor delegates {} to the account ({})",
-            ctx.action,
-            ctx.caller.account_root_arn()
+    let (detail, refusal) = match (&t.key_delegates, &t.identity) {
+        (None, Some(at)) => (
+            format!(
+                "{at} allows it, but the key policy neither allows the caller nor delegates {} to the account ({})",
+                ctx.action,
+                ctx.caller.account_root_arn()
+            ),
+            Refusal::KeyPolicyCloses,
         ),
-        _ => "no statement in the key policy, the caller's identity policies or the key's grants allows it".to_owned(),
+        (delegates, _) => (
+            "no statement in the key policy, the caller's identity policies or the key's grants allows it".to_owned(),
+            Refusal::NothingAllows { key_delegates: delegates.is_some() },
+        ),
     };
-    Decision::deny(format!("{who} is not authorized to perform {} on {}: {detail}", ctx.action, ctx.resource))
+    Decision::deny(format!("{who} is not authorized to perform {} on {}: {detail}", ctx.action, ctx.resource), refusal)
+}
+
+fn explicitly_denied(who: &str, ctx: &RequestContext, deny: DenyAt) -> Decision {
+    Decision::deny(
+        format!("{who} is not authorized to perform {}: explicitly denied by {}", ctx.action, deny.at),
+        Refusal::ExplicitDeny { identity_policy: deny.identity_policy },
+    )
 }
 
 /// Decides a request on no particular key (`kms:CreateKey`, `kms:ListKeys`,
@@ -213,15 +253,15 @@ pub fn authorize(
 pub fn authorize_without_key(identity_policies: &[&Policy], ctx: &RequestContext) -> Decision {
     let t = tally(None, identity_policies, ctx);
     let who = ctx.caller.describe();
-    if let Some(at) = t.deny {
-        return Decision::deny(format!("{who} is not authorized to perform {}: explicitly denied by {at}", ctx.action));
+    if let Some(deny) = t.deny {
+        return explicitly_denied(&who, ctx, deny);
     }
     match t.identity {
         Some(at) => Decision::allow(format!("allowed by {at}")),
-        None => Decision::deny(format!(
-            "{who} is not authorized to perform {}: no identity policy of the caller allows it",
-            ctx.action
-        )),
+        None => Decision::deny(
+            format!("{who} is not authorized to perform {}: no identity policy of the caller allows it", ctx.action),
+            Refusal::NoIdentityPolicy,
+        ),
     }
 }
 

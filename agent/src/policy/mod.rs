@@ -41,7 +41,7 @@ pub mod lockout;
 #[cfg(test)]
 mod matrix;
 
-pub use decide::{authorize, authorize_without_key, Decision, GrantConstraints, GrantView};
+pub use decide::{authorize, authorize_without_key, Decision, GrantConstraints, GrantView, Refusal};
 pub use defaults::{default_identity_policies, default_key_policy, key_administrator_policy, KEY_ADMIN_GROUP};
 pub use document::{Policy, PolicyError, PolicyErrorKind, PolicyKind};
 pub use eval::{keys, Caller, RequestContext};
