@@ -131,8 +131,8 @@ fn status_groups(status: &str) -> Vec<u32> {
         .unwrap_or_default()
 }
 
-/// The systemd system service of a process, from its `/proc/PID/cgroup`: the first
-/// `.service` below `/system.slice/` in the unified hierarchy (`0::`) or, on hybrid
+/// The systemd system unit of a process, from its `/proc/PID/cgroup`: the first `.service`
+/// (or `.mount`) below `/system.slice/` in the unified hierarchy (`0::`) or, on hybrid
 /// systems, the `name=systemd` one.
 pub fn system_unit(cgroup: &str) -> Option<String> {
     let paths = cgroup.lines().filter_map(|line| {
@@ -143,7 +143,9 @@ pub fn system_unit(cgroup: &str) -> Option<String> {
     });
     for path in paths {
         let Some(rest) = path.strip_prefix("/system.slice/") else { continue };
-        let unit = rest.split('/').find(|c| c.ends_with(".service"))?;
+        // A service, or a mount unit: an fstab `fuse.kmsfs` mount's kmsfs runs in the cgroup of
+        // its `.mount` unit, and is that unit as a service is itself.
+        let unit = rest.split('/').find(|c| c.ends_with(".service") || c.ends_with(".mount"))?;
         let valid = unit.len() <= 255
             && unit.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@' | b':' | b'\\'));
         if valid {
@@ -169,6 +171,7 @@ mod tests {
             Some("kmsd-test.service".into())
         );
         assert_eq!(system_unit("0::/system.slice/app.service/worker\n"), Some("app.service".into()));
+        assert_eq!(system_unit("0::/system.slice/srv-web.mount\n"), Some("srv-web.mount".into()));
     }
 
     #[test]

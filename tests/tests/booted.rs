@@ -182,12 +182,10 @@ fn socket_activation_mounts_at_boot_identities_and_reboot() {
     ));
     c.ok("systemctl enable reader.service reader-data.service intruder.service");
     // The administrator is done and gives up the use of keys: from here on, every use is a
-    // service's own (but for the fstab mount's, below).
-    // kmsd gives a caller in a mount unit no role yet (agent/src/identity.rs knows
-    // `.service` units only), so the fstab mount, which runs as root in srv-web.mount, has
-    // root's rights: root keeps exactly what a mount needs of alias/data, and no more.
+    // unit's own — the fstab mount's too, as role/srv-web.mount (its kmsfs runs in that
+    // mount unit's cgroup).
     let loaded = c.journal("kmsd.service").matches("identity policies").count();
-    c.write("/etc/kmsd/policies/users/root.json", MOUNT_POLICY);
+    c.ok("rm /etc/kmsd/policies/users/root.json");
     c.ok("systemctl reload kmsd.service");
     eventually("kmsd reloads its policies", || c.journal("kmsd.service").matches("identity policies").count() > loaded);
     let refused = c.sh("printf x | kmsctl encrypt -k alias/data >/dev/null");
@@ -212,6 +210,7 @@ fn socket_activation_mounts_at_boot_identities_and_reboot() {
     let audit = c.ok("journalctl -b --no-pager -o cat --output-fields=KMSD_AUDIT_RECORD SYSLOG_IDENTIFIER=kmsd-audit \
          KMSD_AUDIT_EVENT_NAME=Decrypt");
     assert!(audit.contains("role/kmsfs@srv-data.service"), "no Decrypt by the kmsfs@ mount's role:\n{audit}");
+    assert!(audit.contains("role/srv-web.mount"), "no Decrypt by the fstab mount's role:\n{audit}");
     // Each reader saw its files when it started: the units ran once, at boot, after their
     // mounts (were they not ordered, cat would have found an empty directory).
     assert_eq!(c.is_active("reader.service"), "active", "{}", c.journal("reader.service"));
