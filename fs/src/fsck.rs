@@ -3,7 +3,7 @@
 
 use std::ffi::OsStr;
 use std::fs::{self, File};
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -13,6 +13,7 @@ use kmsfs_common::format::header::{self, DataKey, FileHeader, HEADER_SIZE};
 
 use crate::content::{Content, ContentError};
 use crate::keys::AgentPool;
+use crate::rewrap::Progress;
 use crate::volume::{DirId, OpenOptions, Volume};
 
 /// What fsck found.
@@ -29,44 +30,63 @@ impl Report {
     }
 }
 
-/// Checks the volume in `cipherdir`, printing each problem as found (and progress when
-/// stderr is a terminal).
+/// Checks the volume in `cipherdir`, printing each problem as found (and a progress bar
+/// when stderr is a terminal).
 pub fn run(cipherdir: &Path, socket: Option<&Path>) -> Result<Report, String> {
     // A snapshot's headers are wrapped for its receiver: said as mount says it, not as the
     // first header failing.
     crate::snapshot::refuse_unimported(cipherdir)?;
     let client = kmsfs_common::client::AgentClient::connect_or_start(socket).map_err(|e| e.to_string())?;
     let volume = Volume::open(cipherdir, AgentPool::new(client.socket_path()), OpenOptions::default())?;
-    let mut checker = Checker { volume, report: Report::default(), progress: std::io::stderr().is_terminal() };
+    let on = std::io::stderr().is_terminal();
+    // The bar's total: the backing files and their bytes, counted first (a walk of metadata
+    // only) when there is a bar to show.
+    let total = if on { backing_files(volume.root()) } else { (0, 0) };
+    let mut checker =
+        Checker { volume, report: Report::default(), progress: Progress::new(on), total, checked_bytes: 0 };
     let root = checker.volume.root().to_path_buf();
     let root_id = checker.volume.root_dir_id();
     checker.dir(&root, root_id, Path::new("/"));
-    if checker.progress {
-        eprintln!();
-    }
+    checker.progress.clear();
     Ok(checker.report)
+}
+
+/// The regular files under `dir` that are not the format's own, and their bytes.
+fn backing_files(dir: &Path) -> (u64, u64) {
+    let (mut files, mut bytes) = (0, 0);
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let Ok(meta) = entry.metadata() else { continue };
+        if meta.is_dir() {
+            let (f, b) = backing_files(&entry.path());
+            files += f;
+            bytes += b;
+        } else if meta.is_file() && !kmsfs_common::format::names::is_reserved_name(&entry.file_name().to_string_lossy())
+        {
+            files += 1;
+            bytes += meta.len();
+        }
+    }
+    (files, bytes)
 }
 
 struct Checker {
     volume: Volume,
     report: Report,
-    progress: bool,
+    progress: Progress,
+    /// Backing files and bytes to check, for the bar.
+    total: (u64, u64),
+    checked_bytes: u64,
 }
 
 impl Checker {
     fn problem(&mut self, message: String) {
-        if self.progress {
-            eprint!("\r\x1b[K");
-        }
-        println!("{message}");
+        self.progress.suspend(|| println!("{message}"));
         self.report.problems.push(message);
     }
 
     fn tick(&self) {
-        if self.progress {
-            eprint!("\rchecked {} files, {} directories", self.report.files, self.report.dirs);
-            let _ = std::io::stderr().flush();
-        }
+        let (files, bytes) = self.total;
+        self.progress.show("fsck", self.report.files, files, Some((self.checked_bytes, bytes)));
     }
 
     fn dir(&mut self, dir: &Path, dir_id: DirId, shown: &Path) {
@@ -110,7 +130,8 @@ impl Checker {
 
     fn file(&mut self, path: &Path, shown: &Path) {
         self.report.files += 1;
-        if self.report.files.is_multiple_of(256) {
+        if self.total.0 > 0 {
+            self.checked_bytes += fs::symlink_metadata(path).map_or(0, |m| m.len());
             self.tick();
         }
         let file = match File::open(path) {

@@ -99,8 +99,15 @@ enum Cmd {
         #[command(subcommand)]
         command: SnapshotCmd,
     },
-    /// Show a mount's data-key cache and open files.
-    Status { mountpoint: PathBuf },
+    /// Show a mount's volume, key, transport, open files and data-key cache: a summary on a
+    /// terminal, JSON otherwise.
+    Status {
+        mountpoint: PathBuf,
+        /// `table`: the summary for people; `json`: the status document (default: table on
+        /// a terminal, JSON in a pipe).
+        #[arg(long, value_parser = ["json", "table"])]
+        output: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -190,7 +197,10 @@ fn main() -> ExitCode {
             return rewrap(&cipherdir, to_key.as_deref(), socket.as_deref(), threads)
         }
         Some(Cmd::Snapshot { command }) => return snapshot(command),
-        Some(Cmd::Status { mountpoint }) => status(&mountpoint),
+        Some(Cmd::Status { mountpoint, output }) => {
+            let table = output.map_or_else(|| std::io::stdout().is_terminal(), |o| o == "table");
+            status(&mountpoint, table)
+        }
         None if cli.mount_helper.len() == 2 => {
             let mount = MountArgs {
                 cipherdir: cli.mount_helper[0].clone(),
@@ -496,12 +506,81 @@ fn stop_on_signals(mountpoint: PathBuf) {
     });
 }
 
-fn status(mountpoint: &Path) -> Result<(), String> {
+fn status(mountpoint: &Path, table: bool) -> Result<(), String> {
     let status = xattr::get(mountpoint, STATUS_XATTR)
         .map_err(|e| format!("{} is not a kmsfs mount ({e})", mountpoint.display()))?
         .ok_or_else(|| format!("{} is not a kmsfs mount", mountpoint.display()))?;
-    println!("{}", String::from_utf8_lossy(&status));
+    match serde_json::from_slice::<serde_json::Value>(&status) {
+        Ok(document) if table => print!("{}", status_summary(mountpoint, &document)),
+        _ => println!("{}", String::from_utf8_lossy(&status)),
+    }
     Ok(())
+}
+
+/// The status document for people: one line per aspect, the counters of the data-key cache
+/// and pool with their hit rates. Members it does not know are listed at the end as they are.
+fn status_summary(mountpoint: &Path, status: &serde_json::Value) -> String {
+    use serde_json::Value;
+    let number = |v: &Value, name: &str| v.get(name).and_then(Value::as_u64).unwrap_or(0);
+    let text =
+        |name: &str| status.get(name).map_or_else(String::new, |v| v.as_str().map_or(v.to_string(), str::to_string));
+    let rate = |v: &Value| {
+        let (hits, misses) = (number(v, "Hits"), number(v, "Misses"));
+        match hits + misses {
+            0 => "no lookups yet".to_string(),
+            all => format!("{hits} hits, {misses} misses ({:.0}% hits)", hits as f64 * 100.0 / all as f64),
+        }
+    };
+    let transport = match text("Transport").as_str() {
+        "io_uring" => format!("FUSE over io_uring ({} requests served)", number(status, "RingRequests")),
+        other => other.to_string(),
+    };
+    let cache = status.get("DataKeyCache").cloned().unwrap_or_default();
+    let pool = status.get("DataKeyPool").cloned().unwrap_or_default();
+    let mut rows = vec![
+        ("volume", text("Backing")),
+        ("KMS key", text("KeyId")),
+        ("transport", transport),
+        ("open files", number(status, "OpenFiles").to_string()),
+        ("known inodes", number(status, "KnownInodes").to_string()),
+        (
+            "data-key cache",
+            format!(
+                "{} of {} keys; {}; {} evicted, {} revoked",
+                number(&cache, "Entries"),
+                number(&cache, "Capacity"),
+                rate(&cache),
+                number(&cache, "Evictions"),
+                number(&cache, "Revocations")
+            ),
+        ),
+        (
+            "new-file key pool",
+            format!(
+                "{} ready of {} wanted; {}; {} discarded",
+                number(&pool, "Ready"),
+                number(&pool, "Target"),
+                rate(&pool),
+                number(&pool, "Discarded")
+            ),
+        ),
+    ];
+    const SHOWN: [&str; 8] =
+        ["Backing", "KeyId", "Transport", "RingRequests", "OpenFiles", "KnownInodes", "DataKeyCache", "DataKeyPool"];
+    let others: Vec<(String, String)> = status
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(name, _)| !SHOWN.contains(&name.as_str()))
+        .map(|(name, value)| (name.clone(), value.as_str().map_or(value.to_string(), str::to_string)))
+        .collect();
+    rows.extend(others.iter().map(|(name, value)| (name.as_str(), value.clone())));
+    let width = rows.iter().map(|(name, _)| name.len()).max().unwrap_or(0);
+    let mut out = format!("kmsfs mount {}\n", mountpoint.display());
+    for (name, value) in rows {
+        out.push_str(&format!("  {name:<width$}  {value}\n"));
+    }
+    out
 }
 
 /// Whether `cipherdir` is a volume (not a snapshot still to import) whose key the agent at

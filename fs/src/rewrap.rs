@@ -54,14 +54,15 @@
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::fs::{self, File};
-use std::io::{self, IsTerminal, Write};
+use std::io::{self, IsTerminal};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use kmsfs_common::blob::CiphertextBlob;
 use kmsfs_common::context::EncryptionContext;
 use kmsfs_common::files::write_atomically;
@@ -185,12 +186,13 @@ pub(crate) fn run_with(
         stop: AtomicBool::new(false),
         progress: &progress,
     };
-    let walked = Instant::now();
+    // The bar from the start, however short the run.
+    progress.show(label, 0, files.len() as u64, None);
     std::thread::scope(|s| {
         let workers: Vec<_> = (0..threads.max(1)).map(|_| s.spawn(|| run.work())).collect();
         while !workers.iter().all(|w| w.is_finished()) {
             std::thread::sleep(Duration::from_millis(50));
-            progress.show(label, run.done(), files.len() as u64, None, walked);
+            progress.show(label, run.done(), files.len() as u64, None);
         }
     });
     progress.clear();
@@ -514,86 +516,72 @@ fn write_slot(file: &File, header: &FileHeader, data_key: &DataKey) -> io::Resul
     file.sync_data()
 }
 
-/// The progress line on a terminal (stderr): nothing otherwise.
+/// The progress bar of a long run, drawn by indicatif on stderr when it is a terminal (and
+/// nothing otherwise, so that pipes and logs get only the summary). The bar appears at the
+/// first [`Progress::show`], so that its clock (rate, ETA) starts when the work does.
 pub(crate) struct Progress {
     on: bool,
-    out: Mutex<()>,
+    bar: OnceLock<ProgressBar>,
 }
 
 impl Progress {
     pub(crate) fn new(on: bool) -> Progress {
-        Progress { on, out: Mutex::new(()) }
+        Progress { on, bar: OnceLock::new() }
     }
 
-    /// `label`: files done of all, with `bytes` done of all if given, and the rate since
-    /// `started` (when the first file was begun). The ETA goes by bytes when they are known.
-    pub(crate) fn show(&self, label: &str, done: u64, total: u64, bytes: Option<(u64, u64)>, started: Instant) {
+    /// `label`: `done` files of `total`; with `bytes` (done, total), the bar, rate and ETA go
+    /// by bytes and the files are counted beside them.
+    pub(crate) fn show(&self, label: &'static str, done: u64, total: u64, bytes: Option<(u64, u64)>) {
         if !self.on {
             return;
         }
-        let secs = started.elapsed().as_secs_f64().max(0.001);
-        let rate = done as f64 / secs;
-        let (amount, left) = match bytes {
+        let bar = self.bar.get_or_init(|| new_bar(label, bytes.is_some()));
+        match bytes {
             Some((done_bytes, total_bytes)) => {
-                let byte_rate = done_bytes as f64 / secs;
-                let left = (done_bytes > 0).then(|| total_bytes.saturating_sub(done_bytes) as f64 / byte_rate);
-                (
-                    format!(
-                        ", {} of {}, {}/s",
-                        format_bytes(done_bytes),
-                        format_bytes(total_bytes),
-                        format_bytes(byte_rate as u64)
-                    ),
-                    left,
-                )
+                bar.set_length(total_bytes);
+                bar.set_position(done_bytes);
+                bar.set_message(format!("{done}/{total} files"));
             }
-            None => (String::new(), (rate > 0.0).then(|| total.saturating_sub(done) as f64 / rate)),
-        };
-        let eta = left.map_or_else(|| "?".to_string(), format_secs);
-        let _out = self.out.lock().unwrap_or_else(|p| p.into_inner());
-        eprint!("\r\x1b[K{label}: {done}/{total} files{amount}, {rate:.0} files/s, ETA {eta}");
-        let _ = io::stderr().flush();
+            None => {
+                bar.set_length(total);
+                bar.set_position(done);
+            }
+        }
     }
 
-    /// Prints a line above the progress line.
+    /// Runs `write` (which prints a line) with the bar out of the way, then draws it again.
+    pub(crate) fn suspend<R>(&self, write: impl FnOnce() -> R) -> R {
+        match self.bar.get() {
+            Some(bar) => bar.suspend(write),
+            None => write(),
+        }
+    }
+
+    /// Prints a line to stderr above the bar.
     pub(crate) fn print(&self, line: &str) {
-        let _out = self.out.lock().unwrap_or_else(|p| p.into_inner());
-        if self.on {
-            eprint!("\r\x1b[K");
-        }
-        eprintln!("{line}");
+        self.suspend(|| eprintln!("{line}"));
     }
 
+    /// Removes the bar, for the summary that follows.
     pub(crate) fn clear(&self) {
-        if self.on {
-            eprint!("\r\x1b[K");
+        if let Some(bar) = self.bar.get() {
+            bar.finish_and_clear();
         }
     }
 }
 
-/// A byte count in binary units, for people.
-pub(crate) fn format_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
+/// A bar for `label`, counting bytes or files.
+fn new_bar(label: &'static str, by_bytes: bool) -> ProgressBar {
+    let template = if by_bytes {
+        "{prefix} [{wide_bar}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec}, {msg}, ETA {eta}"
     } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
-
-pub(crate) fn format_secs(secs: f64) -> String {
-    let secs = secs.round() as u64;
-    if secs >= 60 {
-        format!("{}m{:02}s", secs / 60, secs % 60)
-    } else {
-        format!("{secs}s")
-    }
+        "{prefix} [{wide_bar}] {pos}/{len} files, ETA {eta}"
+    };
+    let style = ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar());
+    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+    bar.set_style(style.progress_chars("=> "));
+    bar.set_prefix(label);
+    bar
 }
 
 #[cfg(test)]
@@ -613,19 +601,5 @@ mod tests {
         assert!(!is_temporary(".kmsfs.volume.tmp"));
         assert!(!is_temporary(".bashrc.tmp12"));
         assert!(!is_temporary("kmsfs.volume"));
-    }
-
-    #[test]
-    fn durations_read_as_minutes_and_seconds() {
-        assert_eq!(format_secs(5.4), "5s");
-        assert_eq!(format_secs(125.0), "2m05s");
-    }
-
-    #[test]
-    fn byte_counts_read_in_binary_units() {
-        assert_eq!(format_bytes(0), "0 B");
-        assert_eq!(format_bytes(1023), "1023 B");
-        assert_eq!(format_bytes(1536), "1.5 KiB");
-        assert_eq!(format_bytes(1 << 30), "1.0 GiB");
     }
 }

@@ -532,14 +532,15 @@ pub fn export(args: &ExportArgs<'_>) -> Result<ExportSummary, String> {
         stop: AtomicBool::new(false),
         progress: &progress,
     };
-    let copying = Instant::now();
+    // The bar from the start, however short the export.
+    progress.show("export", 0, plan.files.len() as u64, Some((0, total_bytes)));
     let checkpointed = std::thread::scope(|s| {
         let workers: Vec<_> = (0..args.threads.max(1)).map(|_| s.spawn(|| copy.work())).collect();
         let mut last = Instant::now();
         while !workers.iter().all(|w| w.is_finished()) {
             std::thread::sleep(Duration::from_millis(50));
             let (done, bytes) = (copy.done.load(Ordering::Relaxed), copy.done_bytes.load(Ordering::Relaxed));
-            progress.show("export", done, plan.files.len() as u64, Some((bytes, total_bytes)), copying);
+            progress.show("export", done, plan.files.len() as u64, Some((bytes, total_bytes)));
             if last.elapsed() >= args.checkpoint {
                 if let Err(e) = journal.checkpoint(&dest_root) {
                     copy.stop.store(true, Ordering::Relaxed);

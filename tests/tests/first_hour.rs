@@ -550,3 +550,197 @@ fn a_user_without_fusermount3_is_told_to_install_it() {
     assert!(said.contains(&format!("{} is not setuid root", copy.display())), "{said}");
     assert!(said.contains("chmod u+s"), "{said}");
 }
+
+// ---- tables for people ----
+
+/// Every line of a table is as wide as its first, and the second names the operation.
+fn assert_table(out: &Output, operation: &str) -> String {
+    assert!(out.status.success(), "{}", stderr(out));
+    let table = String::from_utf8(out.stdout.clone()).unwrap();
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines.len() > 3, "{table}");
+    let width = lines[0].chars().count();
+    assert!(lines[0].chars().all(|c| c == '-'), "{table}");
+    assert!(lines.iter().all(|l| l.chars().count() == width), "ragged table:\n{table}");
+    assert!(lines[1].starts_with('|') && lines[1].trim_matches(['|', ' ']) == operation, "{table}");
+    table
+}
+
+/// The value in the `name | value` row of a table.
+fn row<'a>(table: &'a str, name: &str) -> Option<&'a str> {
+    table.lines().find_map(|line| {
+        let cells: Vec<&str> = line.split('|').map(str::trim).filter(|c| !c.is_empty()).collect();
+        (cells.len() == 2 && cells[0] == name).then(|| cells[1])
+    })
+}
+
+#[test]
+fn kmsctl_prints_tables_for_people_and_json_by_default() {
+    let agent = TestAgent::start();
+    let key = create_key(&agent);
+    agent.ok("CreateAlias", json!({"AliasName": "alias/first-hour", "TargetKeyId": key}));
+    let arn = agent.ok("DescribeKey", json!({"KeyId": key}))["KeyMetadata"]["Arn"].as_str().unwrap().to_string();
+    let grantee = format!("arn:aws:iam::{}:user/nobody", arn.split(':').nth(4).unwrap());
+    agent.ok("CreateGrant", json!({"KeyId": key, "GranteePrincipal": grantee, "Operations": ["Decrypt", "Encrypt"]}));
+    let table = |args: &[&str]| agent.kmsctl().arg("--output").arg("table").args(args).output().unwrap();
+
+    let keys = assert_table(&table(&["list-keys"]), "ListKeys");
+    let header = keys.lines().find(|l| l.contains("KeyArn")).unwrap_or_else(|| panic!("{keys}"));
+    assert!(header.contains("KeyId"), "a list is a header and a row per key:\n{keys}");
+    assert!(keys.lines().any(|l| l.contains(&arn) && l.contains(&key)), "{keys}");
+
+    let described = assert_table(&table(&["describe-key", "--key-id", "alias/first-hour"]), "DescribeKey");
+    assert_eq!(row(&described, "KeyState"), Some("Enabled"), "{described}");
+    assert_eq!(row(&described, "Arn"), Some(arn.as_str()), "{described}");
+    assert!(described.contains("EncryptionAlgorithms") && described.contains("SYMMETRIC_DEFAULT"), "{described}");
+
+    let aliases = assert_table(&table(&["list-aliases", "--key-id", &key]), "ListAliases");
+    assert_eq!(row(&aliases, "AliasName"), Some("alias/first-hour"), "{aliases}");
+    assert_eq!(row(&aliases, "TargetKeyId"), Some(key.as_str()), "{aliases}");
+
+    let grants = assert_table(&table(&["list-grants", "--key-id", &key]), "ListGrants");
+    assert_eq!(row(&grants, "GranteePrincipal"), Some(grantee.as_str()), "{grants}");
+    let after: Vec<&str> = grants.lines().skip_while(|l| !l.contains("Operations")).collect();
+    assert!(after.len() > 3 && after[2].contains("Decrypt") && after[3].contains("Encrypt"), "{grants}");
+
+    // Machine-readable forms stay as they were.
+    let json_out = agent.kmsctl().args(["describe-key", "--key-id", &key]).output().unwrap();
+    let parsed: Value = serde_json::from_slice(&json_out.stdout).unwrap();
+    assert_eq!(parsed["KeyMetadata"]["Arn"], arn);
+    let text = agent.kmsctl().args(["--output", "text", "list-aliases", "--key-id", &key]).output().unwrap();
+    assert!(String::from_utf8_lossy(&text.stdout).starts_with("ALIASES\t"), "{text:?}");
+}
+
+/// `command` (a shell command line) on a pseudo-terminal (util-linux `script`): everything
+/// it wrote, stdout and stderr together, as a terminal would have shown it.
+fn on_a_terminal(command: &str, socket: &Path) -> String {
+    let out = Command::new("script")
+        .args(["--quiet", "--return", "--command", &format!("stty cols 120; {command}"), "/dev/null"])
+        .env("KMSD_SOCKET", socket)
+        .stdin(Stdio::null())
+        .output()
+        .expect("script(1) from util-linux");
+    assert!(out.status.success(), "{command}: {}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn kmsfs_status_is_a_summary_on_a_terminal_and_json_in_a_pipe() {
+    let m = TestMount::new();
+    std::fs::write(m.path("a"), b"a file").unwrap();
+    let piped = m.kmsfs().arg("status").arg(m.mnt()).output().unwrap();
+    let status: Value = serde_json::from_slice(&piped.stdout).expect("JSON in a pipe");
+    let key = status["KeyId"].as_str().unwrap().to_string();
+
+    let shown = on_a_terminal(&format!("{} status {}", bin("kmsfs").display(), m.mnt().display()), &m.agent.socket());
+    assert!(serde_json::from_str::<Value>(&shown).is_err(), "JSON on a terminal:\n{shown}");
+    assert!(shown.starts_with(&format!("kmsfs mount {}", m.mnt().display())), "{shown}");
+    let field = |name: &str| {
+        shown
+            .lines()
+            .find_map(|l| l.trim_start().strip_prefix(name).map(str::trim))
+            .unwrap_or_else(|| panic!("{shown}"))
+    };
+    assert_eq!(field("volume"), m.cipher().canonicalize().unwrap().display().to_string());
+    assert_eq!(field("KMS key"), key);
+    assert!(field("data-key cache").contains("keys;") && field("data-key cache").contains("hits"), "{shown}");
+    assert_eq!(field("open files"), "0");
+
+    let forced = m.kmsfs().args(["status", "--output", "table"]).arg(m.mnt()).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&forced.stdout).replace("\r\n", "\n"), shown.replace("\r\n", "\n"));
+    let forced = m.kmsfs().args(["status", "--output", "json"]).arg(m.mnt()).output().unwrap();
+    assert!(serde_json::from_slice::<Value>(&forced.stdout).is_ok());
+}
+
+// ---- progress ----
+
+/// Noise a progress display would leave in a pipe.
+fn assert_quiet(out: &Output, what: &str) {
+    let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(out));
+    assert!(
+        !all.contains('\r') && !all.contains('\u{1b}') && !all.contains(" ETA "),
+        "{what} is noisy in a pipe:\n{all:?}"
+    );
+}
+
+#[test]
+fn long_operations_show_a_bar_on_a_terminal_and_stay_quiet_in_a_pipe() {
+    let mut m = TestMount::new();
+    for i in 0..200 {
+        std::fs::write(m.path(&format!("f{i}")), vec![i as u8; 20_000]).unwrap();
+    }
+    m.unmount();
+    let kmsfs = bin("kmsfs");
+    let (cipher, socket) = (m.cipher(), m.agent.socket());
+
+    let out = m.kmsfs().arg("fsck").arg(&cipher).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_quiet(&out, "fsck");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("clean (200 files"), "{out:?}");
+    let shown = on_a_terminal(&format!("{} fsck {}", kmsfs.display(), cipher.display()), &socket);
+    assert!(shown.contains("fsck [") && shown.contains("/200 files, ETA"), "no bar:\n{shown:?}");
+    assert!(shown.contains("clean (200 files"), "the summary stays:\n{shown:?}");
+
+    let out = m.kmsfs().arg("rewrap").arg(&cipher).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_quiet(&out, "rewrap");
+    let shown = on_a_terminal(&format!("{} rewrap {} --threads 1", kmsfs.display(), cipher.display()), &socket);
+    assert!(shown.contains("rewrap [") && shown.contains("/200 files, ETA"), "no bar:\n{shown:?}");
+    assert!(shown.contains("200 files under arn:aws:kms:"), "{shown:?}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let (piped, shown_dest) = (dir.path().join("piped"), dir.path().join("shown"));
+    let out =
+        m.kmsfs().args(["snapshot", "export"]).arg(&cipher).arg(&piped).args(["--to-key", &m.key_id]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_quiet(&out, "snapshot export");
+    let command = format!(
+        "{} snapshot export {} {} --to-key {}",
+        kmsfs.display(),
+        cipher.display(),
+        shown_dest.display(),
+        m.key_id
+    );
+    let shown = on_a_terminal(&command, &socket);
+    assert!(shown.contains("export [") && shown.contains("/200 files, ETA"), "no bar:\n{shown:?}");
+    assert!(shown.contains("200 files ("), "{shown:?}");
+
+    let out = m.kmsfs().args(["snapshot", "import"]).arg(&piped).args(["--key", &m.key_id]).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_quiet(&out, "snapshot import");
+    let command =
+        format!("{} snapshot import {} --key {} --threads 1", kmsfs.display(), shown_dest.display(), m.key_id);
+    let shown = on_a_terminal(&command, &socket);
+    assert!(shown.contains("/200 files, ETA"), "no bar:\n{shown:?}");
+    assert!(shown.contains("imported: mount it with"), "{shown:?}");
+}
+
+#[test]
+fn fsck_of_a_snapshot_not_imported_says_to_import_it() {
+    let mut m = TestMount::new();
+    std::fs::write(m.path("f"), b"for another host").unwrap();
+    m.unmount();
+    let rsa = m.agent.ok("CreateKey", json!({"KeySpec": "RSA_3072", "KeyUsage": "ENCRYPT_DECRYPT"}));
+    let rsa = rsa["KeyMetadata"]["Arn"].as_str().unwrap().to_string();
+    let public = m.agent.ok("GetPublicKey", json!({"KeyId": rsa}));
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("receiver.der"), kmsfs_tests::unb64(&public["PublicKey"])).unwrap();
+    let dest = dir.path().join("snapshot");
+    let out = m
+        .kmsfs()
+        .args(["snapshot", "export"])
+        .arg(m.cipher())
+        .arg(&dest)
+        .args(["--to-key", &rsa, "--public-key"])
+        .arg(dir.path().join("receiver.der"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let fsck = m.kmsfs().arg("fsck").arg(&dest).output().unwrap();
+    assert_eq!(fsck.status.code(), Some(2), "{fsck:?}");
+    let said = stderr(&fsck);
+    assert!(said.contains("is a snapshot not imported yet"), "{said}");
+    assert!(said.contains(&format!("run kmsfs snapshot import {} --key KEY", dest.display())), "{said}");
+    let mount = m.kmsfs().arg("mount").arg(&dest).arg(m.mnt()).output().unwrap();
+    assert!(stderr(&mount).contains("is a snapshot not imported yet"), "{}", stderr(&mount));
+}

@@ -166,6 +166,8 @@ pub enum OutputFormat {
     Json,
     /// Tab-separated lines, as `aws --output text`.
     Text,
+    /// Boxed tables for people, as `aws --output table`.
+    Table,
     /// get-public-key only: the public key as a PEM `PUBLIC KEY` block (what openssl reads).
     Pem,
 }

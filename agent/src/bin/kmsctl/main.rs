@@ -15,6 +15,7 @@ mod generate;
 mod model;
 mod output;
 mod password;
+mod table;
 
 use std::io::{self, IsTerminal, Read, Write};
 use std::process::ExitCode;

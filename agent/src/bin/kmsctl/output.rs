@@ -60,6 +60,7 @@ pub fn render(action: &str, response: &Value, format: OutputFormat) -> String {
             text(&mut out, &response, None, None);
             out
         }
+        OutputFormat::Table => crate::table::render(action, &response),
     }
 }
 
