@@ -212,7 +212,8 @@ impl Authz {
             ),
             Refusal::KeyPolicyCloses => format!(" To allow it, {key_policy}{}", grant.unwrap_or_default()),
             Refusal::NothingAllows { key_delegates: true } => format!(
-                " To allow it, add a statement allowing {action} on {key} to {}; {reload}{}",
+                " To allow it, add a statement allowing {action} on {key} (or on every key: Resource \"*\") to {}; \
+                 {reload}{}",
                 self.identity_policy_files(caller),
                 grant.unwrap_or_default()
             ),
@@ -283,8 +284,19 @@ impl Authz {
     pub fn check_lockout(&self, proposed: &Policy, ctx: &RequestContext) -> Result<(), KmsError> {
         let policies = self.policies_for(&ctx.caller);
         let refs: Vec<&Policy> = policies.iter().map(Arc::as_ref).collect();
-        crate::policy::check_lockout(proposed, &refs, ctx, false)
-            .map_err(|e| KmsError::new(ErrorKind::MalformedPolicyDocumentException, e.to_string()))
+        crate::policy::check_lockout(proposed, &refs, ctx, false).map_err(|e| {
+            // What would let the caller keep managing the key, as for a denial of PutKeyPolicy.
+            let put = ctx.for_action("kms:PutKeyPolicy");
+            let advice =
+                authorize(proposed, &refs, &[], &put).refusal.map(|r| self.advice(&r, &put)).unwrap_or_default();
+            KmsError::new(
+                ErrorKind::MalformedPolicyDocumentException,
+                format!(
+                    "{e}.{advice}; or, if the key is meant to be managed by others only, set \
+                     BypassPolicyLockoutSafetyCheck (kmsctl --bypass-policy-lockout-safety-check)"
+                ),
+            )
+        })
     }
 }
 

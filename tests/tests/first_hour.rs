@@ -302,7 +302,18 @@ fn a_user_without_any_policy_is_told_which_file_would_give_one() {
     assert_eq!(file, agent.config_dir().join("policies/users/nobody.json"), "{said}");
     assert!(said.contains("groups/nogroup.json beside it"), "{said}");
     // The key's default policy delegates to the account, whose identity policy must then
-    // also keep kms:PutKeyPolicy for the creator (AWS's policy lockout safety check).
+    // also keep kms:PutKeyPolicy for the creator (AWS's policy lockout safety check): said
+    // as a denial is.
+    agent.set_policy(
+        "users/nobody.json",
+        Some(r#"{"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "kms:CreateKey", "Resource": "*"}]}"#),
+    );
+    let out = home.run(&bin("kmsctl"), &["--socket", socket.to_str().unwrap(), "create-key"], &[]);
+    let said = stderr(&out);
+    assert!(said.contains("(MalformedPolicyDocumentException) when calling the CreateKey operation: The new key policy will not allow you to update the key policy in the future."), "{said}");
+    assert!(said.contains("add a statement allowing kms:PutKeyPolicy on arn:aws:kms:"), "{said}");
+    assert!(said.contains(&agent.config_dir().join("policies/users/nobody.json").display().to_string()), "{said}");
+    assert!(said.contains("--bypass-policy-lockout-safety-check"), "{said}");
     agent.set_policy(
         "users/nobody.json",
         Some(r#"{"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": ["kms:CreateKey", "kms:PutKeyPolicy"], "Resource": "*"}]}"#),
