@@ -100,7 +100,10 @@ impl Checker {
         for entry in entries {
             let stored = entry.file_name();
             let Some(name) = self.volume.plain_name(dir, &dir_id, &stored) else {
-                if !kmsfs_common::format::names::is_reserved_name(&stored.to_string_lossy()) {
+                // The format's own files, and what a write of one killed midway left behind
+                // (`.kmsfs.volume.tmp<pid>`, say: the file it replaces is intact).
+                let text = stored.to_string_lossy();
+                if !kmsfs_common::format::names::is_reserved_name(&text) && !crate::rewrap::is_temporary(&text) {
                     self.problem(format!(
                         "{}: entry {} has a name that does not authenticate",
                         shown.display(),
