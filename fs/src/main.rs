@@ -381,6 +381,11 @@ fn mount_foreground(mount: &MountArgs, _daemon: bool) -> Result<(), String> {
         fuser::MountOption::FSName(volume.root().display().to_string()),
         fuser::MountOption::Subtype("kmsfs".into()),
     ];
+    if nix::unistd::geteuid().is_root() {
+        // fuser gives the subtype to fusermount3 only; root mounts directly, and the kernel
+        // takes it as a mount option, so the mount shows as fuse.kmsfs (not plain fuse).
+        config.mount_options.push(fuser::MountOption::CUSTOM("subtype=kmsfs".into()));
+    }
     for option in &mount.options {
         match option.as_str() {
             "" | "rw" | "defaults" => {}

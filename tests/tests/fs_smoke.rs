@@ -17,6 +17,12 @@ fn write_read_and_nothing_in_the_clear() {
     }
     m.remount();
     assert_eq!(std::fs::read(m.path("plans.txt")).unwrap(), secret);
+    // It shows as what it is: type fuse.kmsfs, its backing directory as the source.
+    let mnt = m.mnt().canonicalize().unwrap().display().to_string();
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = info.lines().find(|l| l.split(' ').nth(4) == Some(mnt.as_str())).expect("in mountinfo");
+    let fs = line.split_once(" - ").unwrap().1;
+    assert!(fs.starts_with("fuse.kmsfs "), "{line}");
 }
 
 /// A mount made by root reads ahead a whole 1 MiB request (the kernel's default for a
