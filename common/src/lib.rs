@@ -12,6 +12,8 @@ pub mod context;
 pub mod error;
 pub mod files;
 pub mod format;
+#[cfg(feature = "generate")]
+pub mod generate;
 pub mod ids;
 pub mod paths;
 #[cfg(any(test, feature = "testing"))]

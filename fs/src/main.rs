@@ -167,12 +167,10 @@ fn usable_agent(cipherdir: &Path, socket: Option<&Path>) -> Result<AgentPool, St
     Ok(AgentPool::new(client.socket_path()))
 }
 
-/// `kmsfs --generate KIND`: man pages and completions for packaging.
-mod generate;
 mod preflight;
 
 fn main() -> ExitCode {
-    if let Some(code) = generate::run_if_asked("kmsfs", Cli::command, "1") {
+    if let Some(code) = kmsfs_common::generate::run_if_asked("kmsfs", Cli::command, "1") {
         return code;
     }
     let cli = Cli::parse();

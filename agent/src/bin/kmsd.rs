@@ -237,12 +237,8 @@ fn credential_name(path: &std::path::Path) -> Option<String> {
     in_credentials.then(|| path.file_name()?.to_str().map(str::to_string)).flatten()
 }
 
-/// `kmsd --generate KIND`: man pages (section 8) and completions for packaging.
-#[path = "kmsctl/generate.rs"]
-mod generate;
-
 fn main() -> ExitCode {
-    if let Some(code) = generate::run_if_asked("kmsd", Args::command, "8") {
+    if let Some(code) = kmsfs_common::generate::run_if_asked("kmsd", Args::command, "8") {
         return code;
     }
     tracing_subscriber::fmt()

@@ -11,7 +11,6 @@ mod args;
 mod audit;
 mod cli;
 mod commands;
-mod generate;
 mod model;
 mod output;
 mod password;
@@ -86,7 +85,7 @@ impl Failure {
 }
 
 fn main() -> ExitCode {
-    if let Some(code) = generate::run_if_asked("kmsctl", Cli::command, "1") {
+    if let Some(code) = kmsfs_common::generate::run_if_asked("kmsctl", Cli::command, "1") {
         return code;
     }
     let cli = match Cli::try_parse() {

@@ -6,8 +6,8 @@
 //! `--help` does not list it). `man` writes `BIN.SECTION` and one page per subcommand
 //! (`BIN-SUB.SECTION`, `BIN-SUB-SUBSUB.SECTION`) into DIR and prints each path written;
 //! `complete-bash`, `complete-zsh` and `complete-fish` print the script to stdout.
-//! kmsfs's copy of agent/src/bin/kmsctl/generate.rs (which kmsd and kmsctl share): the crates
-//! share no code but `common`, which has no business with command lines.
+//! The three binaries share it through `kmsfs-common`'s `generate` feature, which only they
+//! turn on: the library itself has no business with command lines.
 
 use std::ffi::OsString;
 use std::io::Write;
