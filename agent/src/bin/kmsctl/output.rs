@@ -218,12 +218,14 @@ fn text_list(out: &mut String, items: &[Value], identifier: Option<&str>) {
     }
 }
 
-fn is_scalar(value: &Value) -> bool {
+/// Whether `value` is neither an object nor a list.
+pub(crate) fn is_scalar(value: &Value) -> bool {
     !(value.is_object() || value.is_array())
 }
 
-/// A scalar as Python's `str()` prints it, which is what the aws CLI's text output shows.
-fn scalar_text(value: &Value) -> String {
+/// A scalar as Python's `str()` prints it, which is what the aws CLI's text and table
+/// outputs show.
+pub(crate) fn scalar_text(value: &Value) -> String {
     match value {
         Value::String(s) => s.clone(),
         Value::Bool(true) => "True".into(),

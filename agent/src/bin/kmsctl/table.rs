@@ -12,6 +12,8 @@
 
 use serde_json::{Map, Value};
 
+use crate::output::{is_scalar, scalar_text as cell};
+
 /// The widest a structure's single row may be before it is turned into name/value rows.
 const MAX_ROW: usize = 120;
 
@@ -28,21 +30,6 @@ pub fn render(operation: &str, response: &Value) -> String {
     let mut sections = Vec::new();
     build(&mut sections, Some(operation), response, 0);
     layout(&sections)
-}
-
-fn is_scalar(value: &Value) -> bool {
-    !(value.is_object() || value.is_array())
-}
-
-/// A scalar as the aws CLI prints it (Python's `str()`).
-fn cell(value: &Value) -> String {
-    match value {
-        Value::String(s) => s.clone(),
-        Value::Bool(true) => "True".into(),
-        Value::Bool(false) => "False".into(),
-        Value::Null => "None".into(),
-        other => other.to_string(),
-    }
 }
 
 fn is_empty(value: &Value) -> bool {
