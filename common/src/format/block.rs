@@ -29,7 +29,7 @@ use super::error::FormatError;
 use super::header::{DataKey, HEADER_SIZE};
 use super::kdf;
 use super::volume::{BlockSize, CipherSuite};
-use super::{hex, parse_hex16};
+use super::{hex, parse_hex};
 
 /// Length of a block tag, for both cipher suites.
 pub const TAG_LEN: usize = 16;
@@ -62,7 +62,7 @@ impl FileId {
     }
 
     pub fn parse_hex(s: &str) -> Option<FileId> {
-        parse_hex16(s).map(FileId)
+        parse_hex(s).map(FileId)
     }
 }
 

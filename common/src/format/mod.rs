@@ -50,11 +50,11 @@ pub fn hex(bytes: &[u8]) -> String {
     out
 }
 
-/// Parses exactly 32 lowercase hex digits into 16 bytes; uppercase is refused so that
-/// every ID has one spelling.
-pub(crate) fn parse_hex16(s: &str) -> Option<[u8; 16]> {
+/// Parses exactly `2 * N` lowercase hex digits into `N` bytes; uppercase is refused so that
+/// every ID (and digest) has one spelling.
+pub(crate) fn parse_hex<const N: usize>(s: &str) -> Option<[u8; N]> {
     let bytes = s.as_bytes();
-    if bytes.len() != 32 {
+    if bytes.len() != 2 * N {
         return None;
     }
     let digit = |c: u8| match c {
@@ -62,11 +62,37 @@ pub(crate) fn parse_hex16(s: &str) -> Option<[u8; 16]> {
         b'a'..=b'f' => Some(c - b'a' + 10),
         _ => None,
     };
-    let mut out = [0u8; 16];
+    let mut out = [0u8; N];
     for (i, pair) in bytes.chunks_exact(2).enumerate() {
         out[i] = (digit(pair[0])? << 4) | digit(pair[1])?;
     }
     Some(out)
+}
+
+/// The first steps of parsing one of the format's versioned JSON files (`kmsfs.volume`,
+/// `kmsfs.snapshot`): at most `max_len` bytes, a JSON object, and its `version_field` equal
+/// to `version` — read before anything else, so that a newer file says so instead of failing
+/// on a new field. `invalid` makes the file's own error.
+pub(crate) fn versioned_json(
+    bytes: &[u8],
+    max_len: usize,
+    version_field: &str,
+    version: u16,
+    invalid: fn(String) -> FormatError,
+) -> Result<serde_json::Value, FormatError> {
+    if bytes.len() > max_len {
+        return Err(invalid(format!("{} bytes, at most {max_len}", bytes.len())));
+    }
+    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| invalid(format!("not JSON: {e}")))?;
+    let object = value.as_object().ok_or_else(|| invalid("not a JSON object".into()))?;
+    match object.get(version_field).map(|v| v.as_u64()) {
+        None => Err(invalid(format!("{version_field} is missing"))),
+        Some(None) => Err(invalid(format!("{version_field} is not a non-negative integer"))),
+        Some(Some(v)) if v != u64::from(version) => {
+            Err(FormatError::UnsupportedVersion(u16::try_from(v).unwrap_or(u16::MAX)))
+        }
+        Some(Some(_)) => Ok(value),
+    }
 }
 
 #[cfg(test)]
@@ -78,11 +104,11 @@ mod tests {
         let bytes: [u8; 16] = core::array::from_fn(|i| (i * 17) as u8);
         let s = hex(&bytes);
         assert_eq!(s, "00112233445566778899aabbccddeeff");
-        assert_eq!(parse_hex16(&s), Some(bytes));
-        assert_eq!(parse_hex16(&s.to_uppercase()), None);
-        assert_eq!(parse_hex16(&s[..31]), None);
-        assert_eq!(parse_hex16("zz112233445566778899aabbccddeeff"), None);
-        assert_eq!(parse_hex16("é0112233445566778899aabbccddeef"), None);
+        assert_eq!(parse_hex::<16>(&s), Some(bytes));
+        assert_eq!(parse_hex::<16>(&s.to_uppercase()), None);
+        assert_eq!(parse_hex::<16>(&s[..31]), None);
+        assert_eq!(parse_hex::<16>("zz112233445566778899aabbccddeeff"), None);
+        assert_eq!(parse_hex::<16>("é0112233445566778899aabbccddeef"), None);
     }
 
     /// Known answers, checked against an independent implementation of `FORMAT.md` (Python's

@@ -30,7 +30,7 @@ use super::block::FileId;
 use super::error::FormatError;
 use super::header::DataKey;
 use super::kdf;
-use super::{hex, parse_hex16};
+use super::{hex, parse_hex};
 use crate::aead::{KeyBytes, XaesKey, KEY_LEN, TAG_LEN, XAES_NONCE_LEN};
 
 /// Longest name a user may create, in bytes (Linux's NAME_MAX).
@@ -106,7 +106,7 @@ impl DirId {
     }
 
     pub fn parse_hex(s: &str) -> Option<DirId> {
-        parse_hex16(s).map(DirId)
+        parse_hex(s).map(DirId)
     }
 }
 

@@ -139,40 +139,13 @@ fn validate_time(field: &str, value: &str) -> Result<(), FormatError> {
     Ok(())
 }
 
-fn parse_hex32(s: &str) -> Option<[u8; 32]> {
-    let bytes = s.as_bytes();
-    if bytes.len() != 64 {
-        return None;
-    }
-    let digit = |c: u8| match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        _ => None,
-    };
-    let mut out = [0u8; 32];
-    for (i, pair) in bytes.chunks_exact(2).enumerate() {
-        out[i] = (digit(pair[0])? << 4) | digit(pair[1])?;
-    }
-    Some(out)
-}
-
 impl SnapshotManifest {
     /// Parses and validates `kmsfs.snapshot`. As with `kmsfs.volume`, the version is read
     /// first and unknown fields are refused.
     pub fn parse(bytes: &[u8]) -> Result<SnapshotManifest, FormatError> {
-        if bytes.len() > MAX_MANIFEST_LEN {
-            return Err(invalid(format!("{} bytes, at most {MAX_MANIFEST_LEN}", bytes.len())));
-        }
-        let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| invalid(format!("not JSON: {e}")))?;
-        let object = value.as_object().ok_or_else(|| invalid("not a JSON object"))?;
-        match object.get("snapshot_version").map(|v| v.as_u64()) {
-            None => return Err(invalid("snapshot_version is missing")),
-            Some(None) => return Err(invalid("snapshot_version is not a non-negative integer")),
-            Some(Some(v)) if v != u64::from(SNAPSHOT_VERSION) => {
-                return Err(FormatError::UnsupportedVersion(u16::try_from(v).unwrap_or(u16::MAX)))
-            }
-            Some(Some(_)) => {}
-        }
+        let value = super::versioned_json(bytes, MAX_MANIFEST_LEN, "snapshot_version", SNAPSHOT_VERSION, |m| {
+            FormatError::InvalidManifest(m)
+        })?;
         let raw: RawManifest = serde_json::from_value(value).map_err(|e| invalid(e.to_string()))?;
         let state = match raw.state.as_str() {
             "exporting" => SnapshotState::Exporting,
@@ -185,7 +158,7 @@ impl SnapshotManifest {
         let wrapping = match (raw.encryption_algorithm.as_str(), raw.public_key_sha256.as_deref()) {
             (SYMMETRIC_DEFAULT, None) => SnapshotWrapping::Kms,
             (RSAES_OAEP_SHA_256, Some(digest)) => SnapshotWrapping::RsaesOaepSha256 {
-                public_key_sha256: parse_hex32(digest)
+                public_key_sha256: super::parse_hex::<32>(digest)
                     .ok_or_else(|| invalid("public_key_sha256 must be 64 lowercase hex digits"))?,
             },
             (SYMMETRIC_DEFAULT, Some(_)) => return Err(invalid("public_key_sha256 is only for RSAES_OAEP_SHA_256")),

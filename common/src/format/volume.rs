@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::block::{FileId, Layout};
 use super::error::FormatError;
 use super::names::DirId;
-use super::{hex, parse_hex16};
+use super::{hex, parse_hex};
 use crate::context::EncryptionContext;
 
 /// The on-disk format version this code writes and reads.
@@ -166,7 +166,7 @@ impl VolumeId {
     }
 
     pub fn parse_hex(s: &str) -> Option<VolumeId> {
-        parse_hex16(s).map(VolumeId)
+        parse_hex(s).map(VolumeId)
     }
 }
 
@@ -215,20 +215,9 @@ impl VolumeConfig {
     /// Parses and validates `kmsfs.volume`. Unknown fields are refused: a volume written by a
     /// newer version carries a newer `format_version`, and a typo must not be silently ignored.
     pub fn parse(bytes: &[u8]) -> Result<VolumeConfig, FormatError> {
-        if bytes.len() > MAX_VOLUME_FILE_LEN {
-            return Err(invalid(format!("{} bytes, at most {MAX_VOLUME_FILE_LEN}", bytes.len())));
-        }
-        let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| invalid(format!("not JSON: {e}")))?;
-        let object = value.as_object().ok_or_else(|| invalid("not a JSON object"))?;
-        // The version first, so that a newer volume says so instead of failing on a new field.
-        match object.get("format_version").map(|v| v.as_u64()) {
-            None => return Err(invalid("format_version is missing")),
-            Some(None) => return Err(invalid("format_version is not a non-negative integer")),
-            Some(Some(v)) if v != u64::from(FORMAT_VERSION) => {
-                return Err(FormatError::UnsupportedVersion(u16::try_from(v).unwrap_or(u16::MAX)))
-            }
-            Some(Some(_)) => {}
-        }
+        let value = super::versioned_json(bytes, MAX_VOLUME_FILE_LEN, "format_version", FORMAT_VERSION, |m| {
+            FormatError::InvalidConfig(m)
+        })?;
         let raw: RawConfig = serde_json::from_value(value).map_err(|e| invalid(e.to_string()))?;
 
         let volume_id =
