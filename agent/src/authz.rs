@@ -195,12 +195,13 @@ impl Authz {
              {key} --policy-name default --output text`, edited, then `kmsctl put-key-policy`)",
             caller.user_arn()
         );
-        let grant = GRANT_OPERATIONS.contains(&operation).then(|| {
-            format!(
+        let grant =
+            crate::service::model::model().enumeration("GrantOperation").iter().any(|o| o == operation).then(|| {
+                format!(
                 "; or grant it: `kmsctl create-grant --key-id {key} --grantee-principal {} --operations {operation}`",
                 caller.user_arn()
             )
-        });
+            });
         match refusal {
             Refusal::ExplicitDeny { identity_policy: Some(name) } => {
                 format!(" To allow it, remove or narrow that statement in {}; {reload}", self.policy_file(name))
@@ -256,27 +257,6 @@ impl Authz {
         files.join(", or ")
     }
 }
-
-/// The operations a grant can allow (AWS's `GrantOperation`).
-const GRANT_OPERATIONS: [&str; 17] = [
-    "Decrypt",
-    "Encrypt",
-    "GenerateDataKey",
-    "GenerateDataKeyWithoutPlaintext",
-    "ReEncryptFrom",
-    "ReEncryptTo",
-    "Sign",
-    "Verify",
-    "GetPublicKey",
-    "CreateGrant",
-    "RetireGrant",
-    "DescribeKey",
-    "GenerateDataKeyPair",
-    "GenerateDataKeyPairWithoutPlaintext",
-    "GenerateMac",
-    "VerifyMac",
-    "DeriveSharedSecret",
-];
 
 impl Authz {
     /// The policy lockout safety check: would `ctx`'s caller still be allowed

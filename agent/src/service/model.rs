@@ -102,6 +102,12 @@ impl Model {
         self.raw.operations.contains_key(action)
     }
 
+    /// The values of the model's string enumeration `shape` (`GrantOperation`, say); empty if
+    /// there is no such shape.
+    pub fn enumeration(&self, shape: &str) -> &[String] {
+        self.raw.shapes.get(shape).and_then(|s| s.enumeration.as_deref()).unwrap_or_default()
+    }
+
     /// Checks `request` against the input shape of `action`.
     pub fn validate(&self, action: &str, request: &Value) -> Result<(), KmsError> {
         let op = self.raw.operations.get(action).ok_or_else(|| {
@@ -327,6 +333,13 @@ mod tests {
         assert_eq!(err("DescribeKey", json!([])).kind, ErrorKind::SerializationException);
         assert_eq!(err("Encrypt", json!({"KeyId": "k", "Plaintext": "%%%"})).kind, ErrorKind::SerializationException);
         assert!(model().validate("DescribeKey", &json!({"KeyId": "k", "Extra": 1})).is_ok());
+    }
+
+    #[test]
+    fn enumerations_are_the_models() {
+        let operations = model().enumeration("GrantOperation");
+        assert!(operations.iter().any(|o| o == "Decrypt") && operations.iter().any(|o| o == "DeriveSharedSecret"));
+        assert!(model().enumeration("NoSuchShape").is_empty());
     }
 
     #[test]
