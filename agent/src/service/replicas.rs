@@ -63,9 +63,10 @@ const TOKEN_LIFETIME_MS: i64 = 10 * 60_000;
 const WRAPPING: WrappingAlgorithm = WrappingAlgorithm::RsaAesKeyWrapSha256;
 const WRAPPING_SPEC: WrappingKeySpec = WrappingKeySpec::Rsa3072;
 
+/// A base64 member of a peer's message, decoded as the agent decodes requests' blobs.
 fn unb64(text: &str) -> Option<Vec<u8>> {
     use base64::Engine;
-    base64::engine::general_purpose::STANDARD.decode(text).ok()
+    super::model::BASE64.decode(text).ok()
 }
 
 fn unsupported(message: String) -> KmsError {
